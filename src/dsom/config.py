@@ -1,0 +1,228 @@
+"""Configuration: every option with its default and documentation in one place (LibKGE style).
+
+A configuration is a tree of dataclasses. Sources are applied in this order, later ones winning:
+built-in defaults < the dataset's preset (registered datasets may suggest sizes, see
+``dsom.data.registry``) < a YAML file (``-c``) < command-line shortcuts and ``--set key=value``.
+The fully expanded result is written to ``config.yaml`` in every run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dsom.errors import ConfigError
+
+
+def opt(default: Any, doc: str, choices: tuple[Any, ...] | None = None) -> Any:
+    """A documented option."""
+    meta = {"doc": doc, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt("synthetic", "registered dataset name (resolved under $DSOM_DATA) or a folder path")
+    layout: str = opt("auto", "input layout of a dataset folder",
+                      ("auto", "canonical", "mygo", "openke", "kbc"))
+    synthetic: dict = opt({}, "overrides for the synthetic generator (see dsom.data.synthetic.SYNTHETIC_DEFAULTS)")
+
+
+@dataclass
+class ModelConfig:
+    rank: int = opt(2000, "ComplEx rank d (complex dimensions; each row holds 2d reals). Paper: 2000")
+    init_scale: float = opt(1e-3, "embeddings are initialised N(0,1) * init_scale (kbc: 1e-3)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = opt(200, "maximum number of epochs (MoSE: 200)")
+    batch_size: int = opt(1000, "training queries per step (reciprocal triples; MoSE learn.py: 1000)")
+    optimizer: str = opt("adagrad", "optimizer", ("adagrad", "adam", "sgd"))
+    lr: float = opt(0.1, "learning rate (MoSE: Adagrad 0.1)")
+    regularizer: str = opt("n3", "embedding regularizer on head, relation and true-tail factors", ("n3", "f2", "none"))
+    reg: float = opt(0.01, "regularizer weight lambda (MoSE: 0.01)")
+    precision: str = opt("bf16", "matrix-product precision for training (losses are always fp32)", ("bf16", "fp32"))
+    seed: int = opt(2022, "seed for initialisation and shuffling (MoSE: 2022)")
+    valid_every: int = opt(3, "validate every k epochs (MoSE: 3); 0 disables validation")
+    valid_max_triples: int = opt(0, "validate on at most this many valid triples (0 = all)")
+    patience: int = opt(10, "early stopping: stop when epoch - best_epoch > patience (MoSE: 10); 0 disables")
+    selection_metric: str = opt("hits@10", "validation metric for model selection and early stopping (MoSE: hits@10)",
+                                ("mrr", "hits@1", "hits@3", "hits@10"))
+    selection_policy: str = opt("realistic", "tie policy of the selection metric", ("realistic", "pessimistic", "optimistic"))
+    scheduler: str = opt("plateau", "ReduceLROnPlateau on the selection metric in mode 'max' "
+                         "(MoSE used mode 'min' by mistake)", ("plateau", "none"))
+    scheduler_patience: int = opt(10, "validations without improvement before the LR is multiplied by scheduler_factor")
+    scheduler_factor: float = opt(0.5, "LR multiplier of the plateau scheduler")
+    scheduler_threshold: float = opt(1e-3, "relative improvement that counts for the plateau scheduler")
+    restore_best: bool = opt(True, "after training, restore the weights of the best validation epoch")
+    checkpoint_every: int = opt(1, "write the resumable 'last' checkpoint every k epochs")
+    device: str = opt("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    threads: int = opt(0, "torch intra-op threads (0 = torch default)")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = opt(1000, "queries per evaluation batch")
+    memory_budget_mb: float = opt(1024.0, "budget for B x E score temporaries; entities are chunked beyond it")
+    precision: str = opt("fp32", "scoring precision for evaluation (fp32 avoids bf16 ties)", ("fp32", "bf16"))
+    splits: list = opt(["valid", "test"], "splits evaluated at the end of a run")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    modalities: list = opt(["structure"], "teacher modalities; 'structure' is always present")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SHORTCUTS = {
+    "rank": "model.rank",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "seed": "train.seed",
+    "precision": "train.precision",
+}
+
+
+def _all_keys(obj: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += _all_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    typ = type(default)
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    value = True
+                elif value.lower() in ("false", "0", "no", "off"):
+                    value = False
+            if not isinstance(value, bool):
+                raise ValueError
+        elif typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            value = int(value)
+        elif typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+        elif typ is str:
+            value = str(value)
+        elif typ is list:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ValueError
+        elif typ is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}': expected {typ.__name__}, got {value!r}") from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def set_value(cfg: Config, key: str, value: Any) -> None:
+    """Set a dotted key (``train.lr``) with type checking; unknown keys get close-match suggestions."""
+    key = SHORTCUTS.get(key, key)
+    parts = key.split(".")
+    node: Any = cfg
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            close = difflib.get_close_matches(key, _all_keys(cfg), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; run 'dsom config' to list keys"
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+        if i == len(parts) - 1:
+            f = fields[part]
+            if dataclasses.is_dataclass(getattr(node, part)):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"config key '{key}' is a section; set its keys, e.g. '{key}.<name>=...'")
+                for k, v in value.items():
+                    set_value(cfg, f"{key}.{k}", v)
+            else:
+                setattr(node, part, _coerce(key, f, value))
+        else:
+            node = getattr(node, part)
+            if not dataclasses.is_dataclass(node):
+                raise ConfigError(f"config key '{key}': '{'.'.join(parts[:i + 1])}' is not a section")
+
+
+def apply_dict(cfg: Config, values: dict[str, Any], prefix: str = "") -> None:
+    for k, v in values.items():
+        set_value(cfg, prefix + k, v)
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``'train.lr=0.05'`` -> ``('train.lr', 0.05)`` (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a config file must be a mapping of sections to keys")
+    return data
+
+
+def describe(cfg: Config | None = None) -> str:
+    """All keys with current value and documentation, as ``key: value  # doc`` lines."""
+    cfg = cfg or Config()
+    lines = []
+
+    def walk(node: Any, prefix: str) -> None:
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                doc = f.metadata.get("doc", "")
+                choices = f.metadata.get("choices")
+                if choices:
+                    doc += f" [{' | '.join(map(str, choices))}]"
+                lines.append(f"{prefix}{f.name}: {yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}  # {doc}")
+
+    walk(cfg, "")
+    return "\n".join(lines)

@@ -1,0 +1,96 @@
+"""ComplEx scoring shared by every teacher and the student (SPEC §2.2).
+
+Layout: every embedding row holds ``2d`` reals, the real half first and the imaginary half second
+(``[re | im]``). For a query ``(h, r)`` with head row ``[a; b]`` and relation row ``[c; g]`` the query
+vector is ``q = [a*c - b*g ; a*g + b*c]`` and the logit of candidate ``e`` is ``<q, e_row>``, i.e.
+``Re(<h * r, conj(e)>)``. 1-vs-all scoring is one ``(B, 2d) x (2d, E)`` matrix product.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PRECISIONS = ("bf16", "fp32")
+
+
+def complex_query(head: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
+    """Complex product of head and relation rows. Shapes ``(..., 2d)`` broadcast to ``(..., 2d)``."""
+    d = head.shape[-1] // 2
+    a, b = head[..., :d], head[..., d:]
+    c, g = relation[..., :d], relation[..., d:]
+    return torch.cat([a * c - b * g, a * g + b * c], dim=-1)
+
+
+def matmul_scores(query: torch.Tensor, candidates: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """Scores of every query against every candidate row: ``(B, 2d) x (N, 2d) -> (B, N)`` float32.
+
+    ``precision="bf16"`` multiplies in bfloat16 and returns float32 (the CPU/GPU fast path, DESIGN §6);
+    gradients flow to the float32 inputs through the casts.
+    """
+    if precision == "bf16":
+        return (query.to(torch.bfloat16) @ candidates.to(torch.bfloat16).T).float()
+    if precision == "fp32":
+        return query.float() @ candidates.float().T
+    raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+
+
+def complex_modulus(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise complex modulus of ``[re | im]`` rows: ``(..., 2d) -> (..., d)``."""
+    d = x.shape[-1] // 2
+    return torch.sqrt(x[..., :d] ** 2 + x[..., d:] ** 2)
+
+
+class ComplEx(nn.Module):
+    """Entity and relation tables plus the ComplEx interaction.
+
+    Args:
+        num_entities: E.
+        num_relations: number of relation ids *including reciprocals* (2R).
+        rank: d, the number of complex dimensions; rows hold ``2d`` reals.
+        init_scale: embeddings start as ``N(0, 1) * init_scale`` (kbc: 1e-3).
+    """
+
+    def __init__(self, num_entities: int, num_relations: int, rank: int, init_scale: float = 1e-3,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.num_entities = num_entities
+        self.num_relations = num_relations
+        self.rank = rank
+        self.entity = nn.Parameter(torch.randn(num_entities, 2 * rank, generator=generator) * init_scale)
+        self.relation = nn.Parameter(torch.randn(num_relations, 2 * rank, generator=generator) * init_scale)
+
+    def query(self, head: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
+        """Query vectors ``(B, 2d)`` for id tensors ``head, relation`` of shape ``(B,)``."""
+        return complex_query(self.entity[head], self.relation[relation])
+
+    def score_all(self, head: torch.Tensor, relation: torch.Tensor, precision: str = "fp32",
+                  start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """1-vs-all logits ``(B, stop - start)`` float32 for candidate ids ``[start, stop)``."""
+        cand = self.entity if (start == 0 and stop is None) else self.entity[start:stop]
+        return matmul_scores(self.query(head, relation), cand, precision)
+
+    def score_triples(self, head: torch.Tensor, relation: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B,)`` of individual triples (float32, no matmul)."""
+        return (self.query(head, relation) * self.entity[tail]).sum(-1)
+
+    def factors(self, head: torch.Tensor, relation: torch.Tensor,
+                tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """N3 factors: complex moduli of the head, relation and true-tail rows, each ``(B, d)``."""
+        return (complex_modulus(self.entity[head]), complex_modulus(self.relation[relation]),
+                complex_modulus(self.entity[tail]))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def n3_penalty(factors: tuple[torch.Tensor, ...], weight: float) -> torch.Tensor:
+    """kbc N3: ``weight * sum_f sum |f|^3 / B`` (SPEC §2.3)."""
+    batch = factors[0].shape[0]
+    return weight * sum(f.abs().pow(3).sum() for f in factors) / batch
+
+
+def f2_penalty(factors: tuple[torch.Tensor, ...], weight: float) -> torch.Tensor:
+    """kbc F2: ``weight * sum_f sum f^2 / B``."""
+    batch = factors[0].shape[0]
+    return weight * sum(f.pow(2).sum() for f in factors) / batch

@@ -1,0 +1,252 @@
+"""Training loop for a ComplEx scorer with the kbc/MoSE objective (SPEC §2.3–2.4).
+
+Loss per batch of reciprocal training queries: mean cross-entropy over all E entities (1-vs-all, true
+tail as the class, no label filtering) + N3 (or F2) on the head, relation and true-tail factors.
+Adagrad 0.1 by default. Validation every ``valid_every`` epochs on the *valid* split; the best epoch by
+``selection_metric`` is checkpointed and restored at the end; early stopping when
+``epoch - best_epoch > patience``; ReduceLROnPlateau in mode 'max' (MoSE's mode 'min' was a bug).
+
+Determinism and resume: the model is initialised from ``seed`` and epoch ``k`` is shuffled with a
+generator seeded from ``(seed, k)``, so shuffling does not depend on RNG state. The resumable
+checkpoint (``checkpoints/last``) is written at epoch boundaries together with the optimizer,
+scheduler and trainer state; a run interrupted anywhere and resumed redoes the unfinished epoch
+and ends with the same weights and metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dsom.config import Config
+from dsom.data.graph import KGDataset
+from dsom.errors import DsomError
+from dsom.evaluate import evaluate
+from dsom.models.complex import ComplEx, f2_penalty, n3_penalty
+from dsom.train.checkpoint import load_checkpoint, save_checkpoint
+from dsom.train.tracker import JsonlTracker
+
+BatchHook = Callable[[int, int], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DsomError(f"train.device={name!r} but CUDA is not available; use train.device=cpu or auto")
+    return dev
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffling of epoch ``epoch`` (1-based): a function of (seed, epoch) only."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    return torch.randperm(n, generator=g)
+
+
+def make_optimizer(params: Any, cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=t.lr)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr)
+    return torch.optim.SGD(params, lr=t.lr)
+
+
+@dataclass
+class TrainState:
+    """What, besides weights and optimizer, a resumed run needs."""
+
+    epoch: int = 0  # completed epochs
+    best_epoch: int = 0  # 0 = no validation yet
+    best_value: float = -math.inf
+    train_seconds: float = 0.0
+    epoch_seconds: list[float] = field(default_factory=list)
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)  # validation records
+
+
+class ComplExTrainer:
+    """Trains one :class:`ComplEx` on a dataset; writes checkpoints and ``metrics.jsonl`` into ``run_dir``."""
+
+    def __init__(self, dataset: KGDataset, cfg: Config, run_dir: str | Path, stage: str = "pretrain",
+                 progress: bool = True, batch_hook: BatchHook | None = None) -> None:
+        self.ds = dataset
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.stage = stage
+        self.progress = progress
+        self.batch_hook = batch_hook
+        self.device = resolve_device(cfg.train.device)
+        self.tracker = JsonlTracker(self.run_dir / "metrics.jsonl")
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        gen = torch.Generator().manual_seed(cfg.train.seed)
+        self.model = ComplEx(dataset.num_entities, 2 * dataset.num_relations, cfg.model.rank,
+                             cfg.model.init_scale, generator=gen).to(self.device)
+        self.optimizer = make_optimizer(self.model.parameters(), cfg)
+        self.scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="max", factor=cfg.train.scheduler_factor, patience=cfg.train.scheduler_patience,
+            threshold=cfg.train.scheduler_threshold) if cfg.train.scheduler == "plateau" else None)
+        self.state = TrainState()
+        self.train_queries = torch.from_numpy(dataset.queries("train")).to(self.device)
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def _meta(self) -> dict[str, Any]:
+        return {"stage": self.stage, "epoch": self.state.epoch, "config": self.cfg.to_dict(),
+                "best_epoch": self.state.best_epoch, "best_value": self.state.best_value}
+
+    def _save_last(self) -> None:
+        train_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else {},
+            "trainer": _state_to_tensors(self.state),
+        }
+        save_checkpoint(self.ckpt_dir / "last", self.model, self.ds, self._meta(), train_state)
+
+    def resume(self) -> bool:
+        """Load ``checkpoints/last`` if it exists; returns whether something was resumed."""
+        last = self.ckpt_dir / "last"
+        if not (last / "model.safetensors").exists() and not (self.ckpt_dir / "last.old" / "model.safetensors").exists():
+            return False
+        ck = load_checkpoint(last, device=self.device)
+        fp = ck.meta.get("dataset", {}).get("fingerprint")
+        if fp != self.ds.fingerprint():
+            raise DsomError(f"{last}: checkpoint was trained on a different vocabulary than dataset '{self.ds.name}'")
+        if ck.model.entity.shape != self.model.entity.shape:
+            raise DsomError(f"{last}: checkpoint shape {tuple(ck.model.entity.shape)} does not match the "
+                            f"configuration {tuple(self.model.entity.shape)}; resume with the same config")
+        with torch.no_grad():
+            self.model.entity.copy_(ck.model.entity)
+            self.model.relation.copy_(ck.model.relation)
+        ts = ck.train_state()
+        if ts is None:
+            raise DsomError(f"{last}: not a resumable checkpoint (train_state.pt missing)")
+        self.optimizer.load_state_dict(ts["optimizer"])
+        if self.scheduler and ts["scheduler"]:
+            self.scheduler.load_state_dict(ts["scheduler"])
+        self.state = _state_from_tensors(ts["trainer"])
+        self.tracker.truncate_after(self.stage, self.state.epoch)
+        return True
+
+    # ---------------------------------------------------------------------------------------- train
+    def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
+        scores = self.model.score_all(h, r, precision=self.cfg.train.precision)
+        ce = F.cross_entropy(scores, t)
+        total = ce
+        terms = {"ce": ce.detach()}
+        if self.cfg.train.regularizer != "none" and self.cfg.train.reg > 0:
+            factors = self.model.factors(h, r, t)
+            pen = (n3_penalty if self.cfg.train.regularizer == "n3" else f2_penalty)(factors, self.cfg.train.reg)
+            total = total + pen
+            terms["reg"] = pen.detach()
+        return total, terms
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        q = self.train_queries
+        perm = epoch_permutation(len(q), self.cfg.train.seed, epoch).to(self.device)
+        bs = self.cfg.train.batch_size
+        sums: dict[str, torch.Tensor] = {}
+        check_every_batch = self.device.type == "cpu"  # on GPU, avoid a host sync per batch
+        n_batches = 0
+        bar = tqdm(range(0, len(q), bs), desc=f"{self.stage} epoch {epoch}", disable=not self.progress, leave=False)
+        for b, start in enumerate(bar):
+            batch = q[perm[start:start + bs]]
+            loss, terms = self.loss(batch)
+            if check_every_batch and not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at epoch {epoch}, batch {b}; "
+                                         "lower train.lr or use train.precision=fp32")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            for k, v in terms.items():
+                sums[k] = sums[k] + v if k in sums else v
+            n_batches += 1
+            if self.progress and b % 10 == 0:
+                bar.set_postfix(loss=f"{float(loss):.4f}")
+            if self.batch_hook is not None:
+                self.batch_hook(epoch, b)
+        out = {k: float(v) / max(n_batches, 1) for k, v in sums.items()}
+        if not all(math.isfinite(v) for v in out.values()):
+            raise FloatingPointError(f"non-finite loss in epoch {epoch}: {out}; lower train.lr or use train.precision=fp32")
+        return out
+
+    def validate(self) -> dict[str, Any]:
+        self.model.eval()
+        ev = self.cfg.eval
+        limit = self.cfg.train.valid_max_triples or None
+        return evaluate(self.model, self.ds, "valid", batch_size=ev.batch_size, memory_budget_mb=ev.memory_budget_mb,
+                        precision=ev.precision, device=self.device, max_triples=limit)
+
+    def fit(self, resume: bool = False) -> TrainState:
+        t = self.cfg.train
+        if resume:
+            self.resume()
+        else:
+            self.tracker.log_params({"stage": self.stage, "parameters": self.model.num_parameters(),
+                                     "train_queries": int(len(self.train_queries)), "device": str(self.device)})
+        can_validate = t.valid_every > 0 and len(self.ds.valid) > 0
+        while self.state.epoch < t.epochs and not self.state.stopped_early:
+            epoch = self.state.epoch + 1
+            t0 = time.perf_counter()
+            losses = self.train_epoch(epoch)
+            seconds = time.perf_counter() - t0
+            self.state.epoch = epoch
+            self.state.train_seconds += seconds
+            self.state.epoch_seconds.append(seconds)
+            record: dict[str, Any] = {"stage": self.stage, "epoch": epoch, "seconds": round(seconds, 4),
+                                      "lr": self.optimizer.param_groups[0]["lr"], **{f"loss/{k}": v for k, v in losses.items()}}
+            if can_validate and epoch % t.valid_every == 0:
+                metrics = self.validate()
+                value = metrics[t.selection_policy][t.selection_metric]
+                record["valid"] = {p: metrics[p] for p in ("realistic", "pessimistic", "optimistic")}
+                improved = value > self.state.best_value
+                if improved:
+                    self.state.best_value = value
+                    self.state.best_epoch = epoch
+                    save_checkpoint(self.ckpt_dir / "best", self.model, self.ds, {**self._meta(), "valid": metrics})
+                if self.scheduler is not None:
+                    self.scheduler.step(value)
+                self.state.history.append({"epoch": epoch, "value": value, "improved": improved})
+                if t.patience > 0 and epoch - self.state.best_epoch > t.patience:
+                    self.state.stopped_early = True
+                    record["early_stop"] = True
+            self.tracker.log(record)
+            if epoch % max(t.checkpoint_every, 1) == 0 or epoch == t.epochs or self.state.stopped_early:
+                self._save_last()
+        if t.restore_best and self.state.best_epoch > 0:
+            best = load_checkpoint(self.ckpt_dir / "best", device=self.device)
+            with torch.no_grad():
+                self.model.entity.copy_(best.model.entity)
+                self.model.relation.copy_(best.model.relation)
+        else:
+            # No validation: the final weights are the selected ones.
+            save_checkpoint(self.ckpt_dir / "best", self.model, self.ds, self._meta())
+        return self.state
+
+
+def _state_to_tensors(state: TrainState) -> dict[str, Any]:
+    """TrainState as plain containers (safe for ``torch.load(weights_only=True)``)."""
+    d = asdict(state)
+    d["best_value"] = float(d["best_value"]) if math.isfinite(d["best_value"]) else None
+    return d
+
+
+def _state_from_tensors(d: dict[str, Any]) -> TrainState:
+    d = dict(d)
+    d["best_value"] = -math.inf if d.get("best_value") is None else float(d["best_value"])
+    return TrainState(**d)
+
+
+__all__ = ["ComplExTrainer", "TrainState", "epoch_permutation", "resolve_device"]
