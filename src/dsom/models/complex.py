@@ -14,6 +14,32 @@ from torch import nn
 PRECISIONS = ("bf16", "fp32")
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively (AMX or AVX512-BF16). On AVX2-only CPUs a bf16
+    product is emulated and runs several times *slower* than fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """Map ``auto`` to ``bf16`` where bf16 products are fast (CUDA with bf16, AMX/AVX512-BF16 CPUs), else ``fp32``."""
+    if precision != "auto":
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose auto, bf16 or fp32")
+        return precision
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
 def complex_query(head: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
     """Complex product of head and relation rows. Shapes ``(..., 2d)`` broadcast to ``(..., 2d)``."""
     d = head.shape[-1] // 2

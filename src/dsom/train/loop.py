@@ -30,7 +30,7 @@ from dsom.config import Config
 from dsom.data.graph import KGDataset
 from dsom.errors import DsomError
 from dsom.evaluate import evaluate
-from dsom.models.complex import ComplEx, f2_penalty, n3_penalty
+from dsom.models.complex import ComplEx, f2_penalty, n3_penalty, resolve_precision
 from dsom.train.checkpoint import load_checkpoint, save_checkpoint
 from dsom.train.tracker import JsonlTracker
 
@@ -97,6 +97,7 @@ class ComplExTrainer:
         self.scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="max", factor=cfg.train.scheduler_factor, patience=cfg.train.scheduler_patience,
             threshold=cfg.train.scheduler_threshold) if cfg.train.scheduler == "plateau" else None)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
         self.state = TrainState()
         self.train_queries = torch.from_numpy(dataset.queries("train")).to(self.device)
 
@@ -141,7 +142,7 @@ class ComplExTrainer:
     # ---------------------------------------------------------------------------------------- train
     def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
-        scores = self.model.score_all(h, r, precision=self.cfg.train.precision)
+        scores = self.model.score_all(h, r, precision=self.precision)
         ce = F.cross_entropy(scores, t)
         total = ce
         terms = {"ce": ce.detach()}
@@ -195,7 +196,8 @@ class ComplExTrainer:
             self.resume()
         else:
             self.tracker.log_params({"stage": self.stage, "parameters": self.model.num_parameters(),
-                                     "train_queries": int(len(self.train_queries)), "device": str(self.device)})
+                                     "train_queries": int(len(self.train_queries)), "device": str(self.device),
+                                     "precision": self.precision})
         can_validate = t.valid_every > 0 and len(self.ds.valid) > 0
         while self.state.epoch < t.epochs and not self.state.stopped_early:
             epoch = self.state.epoch + 1

@@ -1,0 +1,258 @@
+"""The ``dsom`` command line (DESIGN §2).
+
+Exit status: 0 success; 2 bad input or configuration (one line, no traceback unless ``--debug``);
+1 internal error; 130 interrupted (resume with ``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from dsom.errors import DsomError
+
+
+def _common_training(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", nargs="?", default=None,
+                   help="registered dataset name (under $DSOM_DATA) or a folder; default: synthetic")
+    p.add_argument("-o", "--output", help="run directory (default: runs/<dataset>-<timestamp>)")
+    p.add_argument("-c", "--config", help="YAML configuration file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any configuration key, e.g. --set train.lr=0.05 (repeatable; see 'dsom config')")
+    p.add_argument("--modalities", help="comma-separated teacher modalities (default: structure)")
+    p.add_argument("--rank", type=int, help="shortcut for model.rank")
+    p.add_argument("--epochs", type=int, help="shortcut for train.epochs")
+    p.add_argument("--batch-size", type=int, help="shortcut for train.batch_size")
+    p.add_argument("--seed", type=int, help="shortcut for train.seed")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="shortcut for train.precision")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output")
+    p.add_argument("--force", action="store_true", help="start over in an --output that holds an earlier run")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsom", description="DSoM: reinforced multimodal distillation for MKG completion")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="the whole pipeline on a dataset (default: the embedded synthetic graph)")
+    _common_training(p)
+    p = sub.add_parser("pretrain", help="train the modality teachers (stage 1)")
+    _common_training(p)
+
+    p = sub.add_parser("evaluate", help="filtered ranking metrics of a saved model")
+    p.add_argument("checkpoint", help="checkpoint folder or run directory")
+    p.add_argument("--dataset", help="dataset name or folder (default: the one recorded in the checkpoint)")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.add_argument("--json", help="write the metrics to this JSON file")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--memory-budget-mb", type=float, default=1024.0)
+    p.add_argument("-q", "--quiet", action="store_true")
+
+    p = sub.add_parser("predict", help="top-k answers to (head, relation, ?) or (?, relation, tail)")
+    p.add_argument("checkpoint", help="checkpoint folder or run directory")
+    p.add_argument("--head", help="head entity (label, name or #id): predict tails")
+    p.add_argument("--tail", help="tail entity (label, name or #id): predict heads")
+    p.add_argument("--relation", required=True, help="relation (label, name or #id)")
+    p.add_argument("-k", type=int, default=10, help="number of answers")
+    p.add_argument("--dataset", help="dataset for filtering known answers (default: the checkpoint's)")
+    p.add_argument("--no-filter", action="store_true", help="keep answers that are already known triples")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("data", help="dataset tools")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("info", help="statistics and validation of a dataset folder")
+    q.add_argument("path", help="dataset folder or registered name")
+    q.add_argument("--layout", default="auto", choices=["auto", "canonical", "mygo", "openke", "kbc"])
+    q.add_argument("--json", help="also write the statistics to this JSON file")
+
+    p = sub.add_parser("config", help="list every configuration key with its default and meaning")
+    p.add_argument("dataset", nargs="?", default=None, help="show the defaults for this dataset (with its preset)")
+
+    sub.add_parser("version", help="package, Python, torch, threads, CPU/GPU (paste into bug reports)")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    from dsom.config import parse_assignment
+
+    out: list[tuple[str, Any]] = []
+    for name, key in (("rank", "model.rank"), ("epochs", "train.epochs"), ("batch_size", "train.batch_size"),
+                      ("seed", "train.seed"), ("precision", "train.precision")):
+        if getattr(args, name, None) is not None:
+            out.append((key, getattr(args, name)))
+    if getattr(args, "modalities", None):
+        out.append(("modalities", args.modalities))
+    out += [parse_assignment(s) for s in args.set]
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dsom import pipeline
+    from dsom.config import Config, apply_dict, load_yaml
+
+    if args.resume:
+        if not args.output:
+            raise DsomError("--resume needs -o/--output pointing at the run to continue")
+        saved = Path(args.output) / "config.yaml"
+        if not saved.exists():
+            raise DsomError(f"--resume: {saved} not found; nothing to resume")
+        cfg = Config()
+        apply_dict(cfg, load_yaml(saved))
+        for key, value in _overrides(args):
+            apply_dict(cfg, {key: value})
+        pipeline.check_config(cfg)
+    else:
+        cfg = pipeline.build_config(args.dataset, args.config, _overrides(args))
+    out, results = pipeline.run(cfg, args.output, resume=args.resume, force=args.force, progress=not args.quiet)
+    print(format_results(results))
+    print(f"run directory: {out}")
+    return 0
+
+
+def format_results(results: dict[str, Any]) -> str:
+    lines = [f"dataset {results['dataset']['name']}: {results['dataset']['entities']} entities, "
+             f"{results['dataset']['relations']} relations"]
+    header = f"{'model':<22} {'split':<6} {'policy':<12} {'MRR':>7} {'MR':>9} {'H@1':>7} {'H@3':>7} {'H@10':>7}"
+    lines.append(header)
+    for model, splits in results["models"].items():
+        for split in ("valid", "test"):
+            if split not in splits:
+                continue
+            for policy in ("realistic", "pessimistic", "optimistic"):
+                m = splits[split][policy]
+                lines.append(f"{model:<22} {split:<6} {policy:<12} {m['mrr']:7.4f} {m['mr']:9.1f} "
+                             f"{m['hits@1']:7.4f} {m['hits@3']:7.4f} {m['hits@10']:7.4f}")
+    t = results.get("timing", {})
+    if t.get("pretrain_epoch_s") is not None:
+        lines.append(f"pretrain: {t['pretrain_s']:.1f} s ({t['pretrain_epoch_s']:.2f} s/epoch)")
+    return "\n".join(lines)
+
+
+def _dataset_for_checkpoint(meta: dict[str, Any], override: str | None):
+    from dsom.data import registry
+
+    if override:
+        return registry.load(override)
+    info = meta.get("dataset", {})
+    cfg = meta.get("config", {}).get("data", {})
+    if info.get("name") == registry.SYNTHETIC:
+        return registry.load(registry.SYNTHETIC, synthetic=cfg.get("synthetic", {}))
+    for candidate in (info.get("path"), info.get("name")):
+        if candidate:
+            try:
+                return registry.load(candidate, info.get("layout") or "auto")
+            except DsomError:
+                continue
+    raise DsomError(f"cannot find the dataset '{info.get('name')}' this checkpoint was trained on; pass --dataset")
+
+
+def _check_vocab(meta: dict[str, Any], ds: Any) -> None:
+    fp = meta.get("dataset", {}).get("fingerprint")
+    if fp and fp != ds.fingerprint():
+        raise DsomError(f"dataset '{ds.name}' has a different vocabulary than the checkpoint "
+                        f"(entities {ds.fingerprint()['entities']} vs {fp.get('entities')}); pass the right --dataset")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dsom.evaluate import evaluate
+    from dsom.train.checkpoint import load_checkpoint
+    from dsom.train.loop import resolve_device
+
+    device = resolve_device("auto")
+    ck = load_checkpoint(args.checkpoint, device=device)
+    ds = _dataset_for_checkpoint(ck.meta, args.dataset)
+    _check_vocab(ck.meta, ds)
+    m = evaluate(ck.model, ds, args.split, batch_size=args.batch_size, memory_budget_mb=args.memory_budget_mb,
+                 device=device, progress=not args.quiet)
+    print(f"{ds.name} {args.split}: {m['queries']} queries (head + tail), filtered")
+    print(f"{'direction':<8} {'policy':<12} {'MRR':>7} {'MR':>9} {'H@1':>7} {'H@3':>7} {'H@10':>7}")
+    for direction, block in (("both", m), ("head", m["head"]), ("tail", m["tail"])):
+        for policy in ("realistic", "pessimistic", "optimistic"):
+            x = block[policy]
+            print(f"{direction:<8} {policy:<12} {x['mrr']:7.4f} {x['mr']:9.1f} {x['hits@1']:7.4f} "
+                  f"{x['hits@3']:7.4f} {x['hits@10']:7.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(m, indent=2), encoding="utf-8")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from dsom.predict import predict
+    from dsom.train.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(args.checkpoint)
+    filter_index = None
+    if not args.no_filter:
+        ds = _dataset_for_checkpoint(ck.meta, args.dataset)
+        _check_vocab(ck.meta, ds)
+        filter_index = ds.filter_index
+    answers = predict(ck.model, ck.entities, ck.relations, args.relation, head=args.head, tail=args.tail, k=args.k,
+                      filter_index=filter_index, filter_known=not args.no_filter)
+    if args.json:
+        print(json.dumps([a.__dict__ for a in answers], indent=2))
+        return 0
+    print(f"{'rank':>4}  {'score':>9}  {'label':<40} name")
+    for a in answers:
+        flag = " (known)" if a.known else ""
+        print(f"{a.rank:>4}  {a.score:9.4f}  {a.label:<40} {a.name}{flag}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from dsom.data import registry
+    from dsom.data.info import dataset_info, format_info
+
+    ds = registry.load(args.path, args.layout)
+    info = dataset_info(ds)
+    print(format_info(info))
+    if args.json:
+        Path(args.json).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from dsom.config import describe
+    from dsom.pipeline import build_config
+
+    print(describe(build_config(args.dataset)))
+    return 0
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    from dsom.version import environment, format_table
+
+    print(format_table(environment()))
+    return 0
+
+
+COMMANDS = {"run": cmd_train, "pretrain": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+            "data": cmd_data, "config": cmd_config, "version": cmd_version}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except DsomError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"dsom: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dsom: interrupted; continue a training run with --resume -o RUN_DIR", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last-resort handler for the CLI
+        if args.debug:
+            traceback.print_exc()
+        print(f"dsom: internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
