@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from dsom.models.complex import ComplEx, complex_modulus, matmul_scores, n3_penalty
+
+
+def _model(E=30, R2=6, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = ComplEx(E, R2, d, init_scale=1.0, generator=g)
+    return m
+
+
+def test_single_triple_scores_equal_the_1n_column():
+    m = _model()
+    h = torch.tensor([0, 3, 7, 7, 29])
+    r = torch.tensor([0, 5, 2, 2, 1])
+    t = torch.tensor([1, 4, 7, 8, 0])
+    full = m.score_all(h, r, precision="fp32")
+    single = m.score_triples(h, r, t)
+    assert full.shape == (5, 30)
+    torch.testing.assert_close(full[torch.arange(5), t], single, rtol=1e-5, atol=1e-5)
+
+
+def test_scores_match_torch_complex_arithmetic():
+    """Independent computation: Re(<h, r, conj(t)>) with torch's complex dtype."""
+    m = _model()
+    d = m.rank
+    ent = torch.complex(m.entity[:, :d], m.entity[:, d:]).detach()
+    rel = torch.complex(m.relation[:, :d], m.relation[:, d:]).detach()
+    h, r = torch.tensor([2, 5]), torch.tensor([1, 4])
+    expected = torch.real((ent[h] * rel[r]) @ ent.conj().T)
+    torch.testing.assert_close(m.score_all(h, r).detach(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_chunked_candidates_equal_slices_of_full_scores():
+    m = _model()
+    h, r = torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2])
+    full = m.score_all(h, r)
+    torch.testing.assert_close(m.score_all(h, r, start=10, stop=17), full[:, 10:17])
+
+
+def test_bf16_scores_are_close_to_fp32_and_float32_typed():
+    m = _model(d=32)
+    h, r = torch.arange(10), torch.arange(10) % 6
+    a = m.score_all(h, r, precision="fp32")
+    b = m.score_all(h, r, precision="bf16")
+    assert b.dtype == torch.float32
+    assert not torch.equal(a, b)  # really computed in lower precision
+    torch.testing.assert_close(b, a, rtol=0.05, atol=0.05 * a.abs().max().item())
+
+
+def test_bf16_gradients_reach_fp32_parameters():
+    m = _model()
+    loss = m.score_all(torch.tensor([0, 1]), torch.tensor([0, 1]), precision="bf16").sum()
+    loss.backward()
+    assert m.entity.grad is not None and m.entity.grad.dtype == torch.float32
+    assert m.entity.grad.abs().sum() > 0
+
+
+def test_n3_factors_and_penalty_closed_form():
+    m = _model()
+    h, r, t = torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5])
+    fh, fr, ft = m.factors(h, r, t)
+    d = m.rank
+    expect_h = torch.sqrt(m.entity[h, :d] ** 2 + m.entity[h, d:] ** 2)
+    torch.testing.assert_close(fh, expect_h)
+    torch.testing.assert_close(complex_modulus(m.relation[r]), fr)
+    pen = n3_penalty((fh, fr, ft), 0.01)
+    manual = 0.01 * (fh.pow(3).sum() + fr.pow(3).sum() + ft.pow(3).sum()) / 2
+    torch.testing.assert_close(pen, manual)
+
+
+def test_unknown_precision_is_rejected():
+    with pytest.raises(ValueError):
+        matmul_scores(torch.zeros(1, 2), torch.zeros(3, 2), precision="fp8")
