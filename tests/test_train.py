@@ -1,0 +1,118 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dsom.config import Config, set_value
+from dsom.evaluate import evaluate
+from dsom.train.checkpoint import load_checkpoint
+from dsom.train.loop import ComplExTrainer, epoch_permutation
+
+from toy import clustered_graph
+
+
+def _cfg(**kw):
+    cfg = Config()
+    base = {"model.rank": 16, "train.epochs": 6, "train.batch_size": 128, "train.valid_every": 2,
+            "train.precision": "fp32", "train.seed": 11}
+    base.update(kw)
+    for k, v in base.items():
+        set_value(cfg, k, v)
+    return cfg
+
+
+def test_training_learns_a_learnable_graph(tmp_path):
+    ds = clustered_graph()
+    cfg = _cfg(**{"train.epochs": 12})
+    tr = ComplExTrainer(ds, cfg, tmp_path, progress=False)
+    before = evaluate(tr.model, ds, "test")["realistic"]["mrr"]
+    tr.fit()
+    after = evaluate(tr.model, ds, "test")["realistic"]["mrr"]
+    # 20 entities per cluster, so a model that learned the cluster map scores far above chance (~0.03).
+    assert before < 0.1
+    assert after > 0.15
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r.get("stage") == "pretrain" and "epoch" in r]
+    assert [r["epoch"] for r in epochs] == list(range(1, 13))
+    assert epochs[-1]["loss/ce"] < epochs[0]["loss/ce"]
+    assert "valid" in epochs[1] and "valid" not in epochs[0]
+
+
+def test_epoch_permutation_depends_only_on_seed_and_epoch():
+    a = epoch_permutation(100, 5, 3)
+    assert torch.equal(a, epoch_permutation(100, 5, 3))
+    assert not torch.equal(a, epoch_permutation(100, 5, 4))
+    assert sorted(a.tolist()) == list(range(100))
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_at", [(1, 0), (3, 2), (4, 1)])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, stop_at):
+    ds = clustered_graph(num_entities=90)
+    cfg = _cfg(**{"train.batch_size": 100})
+    ref = ComplExTrainer(ds, cfg, tmp_path / "ref", progress=False)
+    ref_state = ref.fit()
+
+    def hook(epoch, batch):
+        if (epoch, batch) == stop_at:
+            raise Interrupt
+
+    run = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        ComplExTrainer(ds, cfg, run, progress=False, batch_hook=hook).fit()
+    resumed = ComplExTrainer(ds, cfg, run, progress=False)
+    state = resumed.fit(resume=True)
+    assert torch.equal(resumed.model.entity, ref.model.entity)
+    assert torch.equal(resumed.model.relation, ref.model.relation)
+    assert state.best_epoch == ref_state.best_epoch
+    assert evaluate(resumed.model, ds, "test") == evaluate(ref.model, ds, "test")
+    # metrics.jsonl has each epoch exactly once after the resume
+    epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()
+              if "epoch" in json.loads(x)]
+    assert epochs == list(range(1, 7))
+
+
+def test_early_stopping_restores_the_best_epoch(tmp_path):
+    ds = clustered_graph(num_entities=90)
+    # A huge learning rate with Adagrad makes validation stop improving quickly.
+    cfg = _cfg(**{"train.epochs": 40, "train.valid_every": 1, "train.patience": 2, "train.lr": 0.5})
+    tr = ComplExTrainer(ds, cfg, tmp_path, progress=False)
+    state = tr.fit()
+    assert state.stopped_early
+    assert state.epoch - state.best_epoch == 3
+    best = load_checkpoint(tmp_path / "checkpoints" / "best")
+    assert torch.equal(best.model.entity, tr.model.entity)
+    assert best.meta["epoch"] == state.best_epoch
+
+
+def test_checkpoint_contract(tmp_path):
+    ds = clustered_graph(num_entities=50)
+    cfg = _cfg(**{"train.epochs": 2})
+    tr = ComplExTrainer(ds, cfg, tmp_path, progress=False)
+    tr.fit()
+    d = tmp_path / "checkpoints" / "best"
+    tensors = load_file(str(d / "model.safetensors"))
+    assert set(tensors) == {"entity", "relation"}
+    assert tensors["entity"].shape == (50, 32)
+    assert tensors["relation"].shape == (2 * ds.num_relations, 32)
+    lines = (d / "entities.tsv").read_text().splitlines()
+    assert lines[0] == "entity\tname" and lines[1].split("\t")[0] == "e0" and len(lines) == 51
+    meta = json.loads((d / "meta.json").read_text())
+    assert meta["model"]["rank"] == 16 and meta["dataset"]["fingerprint"] == ds.fingerprint()
+    state = torch.load(tmp_path / "checkpoints" / "last" / "train_state.pt", weights_only=True)
+    assert state["trainer"]["epoch"] == 2
+
+
+def test_bf16_training_runs_and_stays_close_to_fp32(tmp_path):
+    ds = clustered_graph()
+    res = {}
+    for prec in ("fp32", "bf16"):
+        tr = ComplExTrainer(ds, _cfg(**{"train.precision": prec, "train.epochs": 12}), tmp_path / prec, progress=False)
+        tr.fit()
+        res[prec] = evaluate(tr.model, ds, "test")["realistic"]["mrr"]
+    assert res["bf16"] > 0.15
+    assert abs(res["bf16"] - res["fp32"]) < 0.1
