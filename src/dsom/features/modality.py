@@ -20,12 +20,14 @@ class ModalityTable:
         features: ``(E, F)`` float32 matrix; rows with ``present == False`` hold imputed values.
         present: ``(E,)`` bool, True where the row comes from real data.
         source: free-form description of where the features came from (encoder, file, hash).
+        columns: optional name of each feature column (for example numeric attribute names).
     """
 
     name: str
     features: np.ndarray
     present: np.ndarray
     source: str = ""
+    columns: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.features = np.asarray(self.features, dtype=np.float32)
@@ -35,6 +37,9 @@ class ModalityTable:
         if self.present.shape != (self.features.shape[0],):
             raise DataError(
                 f"modality '{self.name}': present mask has shape {self.present.shape}, expected ({self.features.shape[0]},)")
+        if self.columns is not None and len(self.columns) != self.features.shape[1]:
+            raise DataError(f"modality '{self.name}': {len(self.columns)} column names for {self.features.shape[1]} "
+                            "feature columns")
         if not np.isfinite(self.features).all():
             raise DataError(f"modality '{self.name}': features contain NaN or Inf")
 

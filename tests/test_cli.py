@@ -1,0 +1,102 @@
+"""End-to-end CLI tests on small generated data (exit codes, outputs, contracts of DESIGN §2 and §5)."""
+
+import json
+
+import pytest
+from toy import clustered_graph, write_canonical
+
+from dsom.cli import main
+
+FAST = ["--rank", "8", "--epochs", "3", "--batch-size", "256", "--set", "train.valid_every=1", "-q"]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    d = tmp_path / "toykg"
+    write_canonical(clustered_graph(num_entities=80), d)
+    return d
+
+
+def test_run_writes_the_run_directory(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(folder), "-o", str(out), *FAST]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["dataset"]["entities"] == 80 and res["modalities"] == ["structure"]
+    test = res["models"]["teacher/structure"]["test"]
+    assert set(test) == {"realistic", "pessimistic", "optimistic"}
+    assert set(test["realistic"]) == {"mrr", "mr", "hits@1", "hits@3", "hits@10"}
+    assert 0 < test["realistic"]["mrr"] <= 1
+    assert "test_head" in res["models"]["teacher/structure"]
+    assert res["timing"]["pretrain_epoch_s"] > 0 and res["versions"]["torch"]
+    cfg = (out / "config.yaml").read_text()
+    assert "rank: 8" in cfg and "lr: 0.1" in cfg  # fully expanded
+    assert (out / "checkpoints" / "best" / "model.safetensors").exists()
+    assert "teacher/structure" in capsys.readouterr().out
+    # refusing to clobber the finished run
+    assert main(["run", str(folder), "-o", str(out), *FAST]) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+
+
+def test_evaluate_json_and_predict(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(folder), "-o", str(out), *FAST]) == 0
+    capsys.readouterr()
+    js = tmp_path / "m.json"
+    assert main(["evaluate", str(out / "checkpoints" / "best"), "--dataset", str(folder), "--json", str(js), "-q"]) == 0
+    m = json.loads(js.read_text())
+    assert set(m) >= {"realistic", "pessimistic", "optimistic", "head", "tail"}
+    res = json.loads((out / "results.json").read_text())
+    assert m["realistic"] == res["models"]["teacher/structure"]["test"]["realistic"]
+    # the checkpoint remembers its dataset path
+    assert main(["evaluate", str(out), "--split", "valid", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(out), "--head", "e0", "--relation", "r1", "-k", "5", "--json"]) == 0
+    answers = json.loads(capsys.readouterr().out)
+    assert len(answers) == 5 and [a["rank"] for a in answers] == [1, 2, 3, 4, 5]
+    assert all(not a["known"] for a in answers)
+    scores = [a["score"] for a in answers]
+    assert scores == sorted(scores, reverse=True)
+    assert main(["predict", str(out), "--tail", "e3", "--relation", "r0", "-k", "3"]) == 0
+    assert main(["predict", str(out), "--head", "e00", "--relation", "r1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown entity 'e00'" in err and "close matches" in err
+
+
+def test_resume_continues_an_interrupted_run(folder, tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", str(folder), "-o", str(out), *FAST]) == 0
+    ref = json.loads((out / "results.json").read_text())
+    # Pretend the run died after epoch 3 of 5: extend the budget and resume.
+    (out / "results.json").unlink()
+    assert main(["run", "-o", str(out), "--resume", "--epochs", "5", "-q"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["selection"]["epochs_run"] == 5
+    assert ref["selection"]["epochs_run"] == 3
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["run", "no-such-dataset"], "neither a folder nor a registered name"),
+    (["run", "--set", "train.lrr=1"], "did you mean train.lr"),
+    (["run", "--set", "train.lr=abc"], "expected float"),
+    (["run", "--modalities", "structure,smell"], "smell"),
+    (["evaluate", "/nonexistent/ckpt"], "no checkpoint"),
+])
+def test_bad_input_exits_2_with_one_line(argv, needle, capsys, tmp_path):
+    assert main([*argv, "-o", str(tmp_path / "x")] if argv[0] == "run" else argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_version_and_config(capsys):
+    assert main(["version"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "python" in out
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "train.lr: 0.1" in out and "model.rank" in out
+
+
+def test_data_info_on_a_folder(folder, capsys):
+    assert main(["data", "info", str(folder)]) == 0
+    assert "80" in capsys.readouterr().out
