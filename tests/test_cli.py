@@ -100,3 +100,12 @@ def test_version_and_config(capsys):
 def test_data_info_on_a_folder(folder, capsys):
     assert main(["data", "info", str(folder)]) == 0
     assert "80" in capsys.readouterr().out
+
+
+def test_config_doc_is_in_sync():
+    from pathlib import Path
+
+    from dsom.config import markdown
+
+    doc = Path(__file__).parents[1] / "docs" / "config.md"
+    assert doc.read_text(encoding="utf-8") == markdown(), "regenerate: python -m dsom.config > docs/config.md"

@@ -228,3 +228,22 @@ def describe(cfg: Config | None = None) -> str:
 
     walk(cfg, "")
     return "\n".join(lines)
+
+
+def markdown() -> str:
+    """``docs/config.md``: every key with its built-in default and meaning."""
+    lines = ["# Configuration keys", "",
+             "Generated from `dsom.config` (`python -m dsom.config > docs/config.md`); a test keeps it in sync.",
+             "Set any key with `--set key=value` or in a YAML file given with `-c` (sections as mappings).",
+             "Built-in defaults are shown; the `synthetic` dataset's preset overrides a few "
+             "(`dsom config synthetic`).", "",
+             "| key | default | meaning |", "|---|---|---|"]
+    for line in describe(Config()).splitlines():
+        key_value, doc = line.split("  # ", 1)
+        key, value = key_value.split(": ", 1)
+        lines.append(f"| `{key}` | `{value}` | {doc.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")
