@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import traceback
 from pathlib import Path
@@ -237,6 +238,7 @@ COMMANDS = {"run": cmd_train, "pretrain": cmd_train, "evaluate": cmd_evaluate, "
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="dsom: %(levelname)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
     except DsomError as exc:

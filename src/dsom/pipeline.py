@@ -66,6 +66,16 @@ def load_dataset(cfg: Config) -> KGDataset:
     return registry.load(cfg.data.dataset, cfg.data.layout, cfg.data.synthetic)
 
 
+def dataset_warnings(ds: KGDataset) -> list[str]:
+    """The warnings of ``dsom data info`` (split contamination, unseen entities, leakage)."""
+    from dsom.data.info import dataset_info
+
+    try:
+        return list(dataset_info(ds).get("warnings", []))
+    except Exception as exc:  # noqa: BLE001 - statistics must never stop a run
+        return [f"could not compute dataset statistics: {exc}"]
+
+
 def default_output(cfg: Config) -> Path:
     name = Path(cfg.data.dataset).name or "dataset"
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -116,6 +126,9 @@ def run(cfg: Config, output: str | Path | None = None, resume: bool = False, for
     out = Path(output) if output else default_output(cfg)
     prepare_run_dir(out, resume, force)
     ds = load_dataset(cfg)
+    warnings_ = dataset_warnings(ds)
+    for w in warnings_:
+        log.warning("dataset %s: %s", ds.name, w)
     (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     t0 = time.perf_counter()
     trainer = ComplExTrainer(ds, cfg, out, stage="pretrain", progress=progress)
@@ -124,6 +137,7 @@ def run(cfg: Config, output: str | Path | None = None, resume: bool = False, for
     trainer.model.eval()
     results: dict[str, Any] = {
         "dataset": ds.summary(),
+        "dataset_warnings": warnings_,
         "modalities": list(cfg.modalities),
         "models": {"teacher/structure": model_results(trainer.model, ds, cfg, trainer.device, progress)},
         "selection": {"metric": f"valid {cfg.train.selection_policy} {cfg.train.selection_metric}",

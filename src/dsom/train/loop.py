@@ -225,6 +225,8 @@ class ComplExTrainer:
                     self.state.stopped_early = True
                     record["early_stop"] = True
             self.tracker.log(record)
+            if self.progress:
+                tqdm.write(_epoch_line(record, t))
             if epoch % max(t.checkpoint_every, 1) == 0 or epoch == t.epochs or self.state.stopped_early:
                 self._save_last()
         if t.restore_best and self.state.best_epoch > 0:
@@ -236,6 +238,16 @@ class ComplExTrainer:
             # No validation: the final weights are the selected ones.
             save_checkpoint(self.ckpt_dir / "best", self.model, self.ds, self._meta())
         return self.state
+
+
+def _epoch_line(record: dict[str, Any], t: Any) -> str:
+    line = (f"{record['stage']} epoch {record['epoch']}/{t.epochs}: loss {record.get('loss/ce', float('nan')):.4f}"
+            f" ({record['seconds']:.1f} s)")
+    if "valid" in record:
+        line += f"; valid {t.selection_policy} {t.selection_metric} {record['valid'][t.selection_policy][t.selection_metric]:.4f}"
+    if record.get("early_stop"):
+        line += "; early stop"
+    return line
 
 
 def _state_to_tensors(state: TrainState) -> dict[str, Any]:
