@@ -109,3 +109,26 @@ def test_config_doc_is_in_sync():
 
     doc = Path(__file__).parents[1] / "docs" / "config.md"
     assert doc.read_text(encoding="utf-8") == markdown(), "regenerate: python -m dsom.config > docs/config.md"
+
+
+def test_malformed_dataset_exits_2_naming_file_and_line(folder, tmp_path, capsys):
+    bad = folder / "valid.tsv"
+    lines = bad.read_text().splitlines()
+    lines[2] = "e1\tr0"  # wrong column count on line 3
+    bad.write_text("\n".join(lines) + "\n")
+    assert main(["data", "info", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "valid.tsv:3" in err and len(err.splitlines()) == 1
+    assert main(["run", str(folder), "-o", str(tmp_path / "r"), *FAST]) == 2
+    assert not (tmp_path / "r" / "results.json").exists()
+
+
+def test_synthetic_options_via_set(tmp_path):
+    out = tmp_path / "syn"
+    argv = ["run", "-o", str(out), "--set", "data.synthetic.num_entities=300", "--set", "data.synthetic.num_train=3000",
+            "--set", "data.synthetic.num_valid=200", "--set", "data.synthetic.num_test=200", *FAST]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["dataset"]["name"] == "synthetic" and res["dataset"]["entities"] == 300
+    # the checkpoint regenerates the same synthetic graph for evaluation
+    assert main(["evaluate", str(out), "-q"]) == 0

@@ -172,7 +172,11 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
             else:
                 setattr(node, part, _coerce(key, f, value))
         else:
-            node = getattr(node, part)
+            child = getattr(node, part)
+            if isinstance(child, dict):  # free-form mapping, e.g. data.synthetic.<option>
+                child[".".join(parts[i + 1:])] = value
+                return
+            node = child
             if not dataclasses.is_dataclass(node):
                 raise ConfigError(f"config key '{key}': '{'.'.join(parts[:i + 1])}' is not a section")
 
