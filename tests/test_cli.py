@@ -3,9 +3,10 @@
 import json
 
 import pytest
-from toy import clustered_graph, write_canonical
 
 from dsom.cli import main
+
+from toy import clustered_graph, write_canonical
 
 FAST = ["--rank", "8", "--epochs", "3", "--batch-size", "256", "--set", "train.valid_every=1", "-q"]
 

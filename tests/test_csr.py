@@ -1,8 +1,9 @@
 import numpy as np
 import torch
-from toy import random_graph
 
 from dsom.data.csr import CSRIndex
+
+from toy import random_graph
 
 
 def _brute_sets(queries):

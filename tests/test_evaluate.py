@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
 import torch
-from toy import random_graph
 
 from dsom.evaluate import evaluate, rank_queries
 from dsom.models.complex import ComplEx
 from dsom.ranks import RankCounts, count_better, metrics_from_ranks
+
+from toy import random_graph
 
 
 class TableScorer:

@@ -8,10 +8,11 @@ Re(<t, conj(r), conj(h)>) = Re(<h, r, conj(t)>).
 
 import pytest
 import torch
-from toy import clustered_graph, random_graph
 
 from dsom.evaluate import evaluate
 from dsom.models.complex import ComplEx
+
+from toy import clustered_graph, random_graph
 
 pykeen = pytest.importorskip("pykeen", reason="install the [pykeen] extra for the differential test")
 

@@ -3,12 +3,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from toy import clustered_graph
 
 from dsom.config import Config, set_value
 from dsom.evaluate import evaluate
 from dsom.train.checkpoint import load_checkpoint
 from dsom.train.loop import ComplExTrainer, epoch_permutation
+
+from toy import clustered_graph
 
 
 def _cfg(**kw):
