@@ -71,3 +71,28 @@ class ModalityTable:
                 mean = feats[present].mean(axis=0) if present.any() else np.zeros(feats.shape[1], np.float32)
                 feats[missing] = mean
         return cls(name=name, features=feats, present=present, source=source)
+
+
+def apply_missing_rate(table: ModalityTable, rate: float, seed: int = 0, imputation: str = "normal") -> ModalityTable:
+    """Hide rows so that a fraction ``rate`` of all entities is missing (the Figure-4 study, SPEC §7).
+
+    Entities already missing count toward the rate: with ``m`` rows missing and a target of
+    ``round(rate * E)``, ``max(0, target - m)`` present rows chosen uniformly with ``seed`` are marked
+    missing and re-imputed with fresh values; all other rows are unchanged.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise DataError(f"missing_rate must be in [0, 1], got {rate}")
+    E = table.num_entities
+    target = int(round(rate * E))
+    present = table.present.copy()
+    extra = target - int((~present).sum())
+    if extra <= 0:
+        return table
+    rng = np.random.default_rng(seed)
+    hide = rng.choice(np.flatnonzero(present), size=extra, replace=False)
+    present[hide] = False
+    fresh = ModalityTable.from_partial(table.name, table.features, present, imputation=imputation, seed=seed + 1)
+    features = table.features.copy()
+    features[hide] = fresh.features[hide]
+    return ModalityTable(table.name, features, present, source=f"{table.source}; missing_rate={rate} seed={seed}",
+                         columns=table.columns)
