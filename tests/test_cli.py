@@ -133,3 +133,20 @@ def test_synthetic_options_via_set(tmp_path):
     assert res["dataset"]["name"] == "synthetic" and res["dataset"]["entities"] == 300
     # the checkpoint regenerates the same synthetic graph for evaluation
     assert main(["evaluate", str(out), "-q"]) == 0
+
+
+def test_features_numeric_builds_then_reuses_the_cache(tmp_path, capsys, monkeypatch):
+    from toy import random_graph
+
+    ds = random_graph(num_entities=20, num_relations=2, num_triples=60, valid=5, test=5)
+    folder = tmp_path / "kg"
+    write_canonical(ds, folder)
+    (folder / "numeric.tsv").write_text("entity\tattribute\tvalue\ne1\theight\t2.0\ne2\theight\t4.0\ne2\tyear\t1990\n")
+    monkeypatch.setenv("DSOM_CACHE", str(tmp_path / "cache"))
+    assert main(["features", str(folder), "--numeric"]) == 0
+    first = capsys.readouterr().out
+    assert "20 x 2, present 2/20" in first and "(built)" in first
+    assert main(["features", str(folder), "--numeric"]) == 0
+    assert "(cached)" in capsys.readouterr().out
+    assert list((tmp_path / "cache").rglob("numeric-*.npz"))
+    assert main(["features", str(folder)]) == 2

@@ -71,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--layout", default="auto", choices=["auto", "canonical", "mygo", "openke", "kbc"])
     q.add_argument("--json", help="also write the statistics to this JSON file")
 
+    p = sub.add_parser("features", help="build and cache feature tables (text, numeric) of a dataset")
+    p.add_argument("dataset", help="registered dataset name or folder")
+    p.add_argument("--text", action="store_true", help="encode 'name: description' with a text model")
+    p.add_argument("--text-model", help="transformers model folder or hub id (default: offline all-MiniLM-L6-v2)")
+    p.add_argument("--text-pooling", default="mean", choices=["mean", "second-to-last", "cls"],
+                   help="mean of the last layer (sentence-transformers) or of the second-to-last (MoSE/BERT)")
+    p.add_argument("--text-batch-size", type=int, default=64)
+    p.add_argument("--numeric", action="store_true", help="normalised numeric literals from numeric.tsv")
+    p.add_argument("--imputation", default="normal", choices=["normal", "zeros", "mean"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the imputation")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument("-q", "--quiet", action="store_true")
+
     p = sub.add_parser("config", help="list every configuration key with its default and meaning")
     p.add_argument("dataset", nargs="?", default=None, help="show the defaults for this dataset (with its preset)")
 
@@ -216,6 +229,43 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_features(args: argparse.Namespace) -> int:
+    import time
+
+    from dsom.data import registry
+    from dsom.features.cache import FeatureCache, digest
+
+    if not (args.text or args.numeric):
+        raise DsomError("choose at least one of --text, --numeric")
+    ds = registry.load(args.dataset)
+    cache = FeatureCache()
+    rows = []
+    if args.numeric:
+        from dsom.features.numeric import build_numeric
+
+        if ds.root is None or not (ds.root / "numeric.tsv").exists():
+            raise DsomError(f"dataset '{ds.name}' has no numeric.tsv")
+        t0 = time.perf_counter()
+        src = (ds.root / "numeric.tsv").read_bytes()
+        key = digest(["numeric", args.imputation, str(args.seed), src, *ds.entities.labels])
+        table, hit = cache.get_or_build(ds.name, "numeric", key, lambda: build_numeric(
+            ds, imputation=args.imputation, seed=args.seed), force=args.force)
+        rows.append((table, hit, time.perf_counter() - t0))
+    if args.text:
+        from dsom.features.text import build_text
+
+        t0 = time.perf_counter()
+        table = build_text(ds, args.text_model, args.text_pooling, args.text_batch_size, imputation=args.imputation,
+                           seed=args.seed, cache=cache, force=args.force, progress=not args.quiet)
+        rows.append((table, None, time.perf_counter() - t0))
+    for table, hit, seconds in rows:
+        state = "" if hit is None else (" (cached)" if hit else " (built)")
+        print(f"{ds.name} {table.name}: {table.num_entities} x {table.dim}, present {int(table.present.sum())}"
+              f"/{table.num_entities}, {seconds:.1f} s{state}; {table.source}")
+    print(f"cache: {cache.root}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from dsom.config import describe
     from dsom.pipeline import build_config
@@ -232,7 +282,7 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_train, "pretrain": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
-            "data": cmd_data, "config": cmd_config, "version": cmd_version}
+            "data": cmd_data, "features": cmd_features, "config": cmd_config, "version": cmd_version}
 
 
 def main(argv: list[str] | None = None) -> int:
