@@ -9,6 +9,10 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Tests never reach a model hub: models come from local folders or packages.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 
 def shared_data_path() -> Path:
     """The real benchmark folder: ``$DSOM_DATA`` if set, else ``../shared/data`` next to the repository."""
