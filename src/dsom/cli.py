@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--layout", default="auto", choices=["auto", "canonical", "mygo", "openke", "kbc"])
     q.add_argument("--json", help="also write the statistics to this JSON file")
 
-    p = sub.add_parser("features", help="build and cache feature tables (text, numeric) of a dataset")
+    p = sub.add_parser("features", help="build and cache feature tables (text, numeric, image) of a dataset")
     p.add_argument("dataset", help="registered dataset name or folder")
     p.add_argument("--text", action="store_true", help="encode 'name: description' with a text model")
     p.add_argument("--text-model", help="transformers model folder or hub id (default: offline all-MiniLM-L6-v2)")
@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mean of the last layer (sentence-transformers) or of the second-to-last (MoSE/BERT)")
     p.add_argument("--text-batch-size", type=int, default=64)
     p.add_argument("--numeric", action="store_true", help="normalised numeric literals from numeric.tsv")
+    p.add_argument("--image", action="store_true", help="images of images.tsv through a vision model")
+    p.add_argument("--image-model", default="google/vit-base-patch16-224",
+                   help="transformers vision model folder or hub id (paper: google/vit-base-patch16-224)")
+    p.add_argument("--image-agg", default="mean", choices=["mean", "first"], help="several images per entity")
     p.add_argument("--imputation", default="normal", choices=["normal", "zeros", "mean"])
     p.add_argument("--seed", type=int, default=0, help="seed of the imputation")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
@@ -235,8 +239,8 @@ def cmd_features(args: argparse.Namespace) -> int:
     from dsom.data import registry
     from dsom.features.cache import FeatureCache, digest
 
-    if not (args.text or args.numeric):
-        raise DsomError("choose at least one of --text, --numeric")
+    if not (args.text or args.numeric or args.image):
+        raise DsomError("choose at least one of --text, --numeric, --image")
     ds = registry.load(args.dataset)
     cache = FeatureCache()
     rows = []
@@ -257,6 +261,13 @@ def cmd_features(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         table = build_text(ds, args.text_model, args.text_pooling, args.text_batch_size, imputation=args.imputation,
                            seed=args.seed, cache=cache, force=args.force, progress=not args.quiet)
+        rows.append((table, None, time.perf_counter() - t0))
+    if args.image:
+        from dsom.features.image import build_image
+
+        t0 = time.perf_counter()
+        table = build_image(ds, args.image_model, args.image_agg, imputation=args.imputation, seed=args.seed,
+                            cache=cache, force=args.force, progress=not args.quiet)
         rows.append((table, None, time.perf_counter() - t0))
     for table, hit, seconds in rows:
         state = "" if hit is None else (" (cached)" if hit else " (built)")

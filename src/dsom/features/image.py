@@ -1,0 +1,137 @@
+"""Image modality: images listed in ``images.tsv`` through a ``transformers`` vision model (SPEC §1.3).
+
+The paper's recipe: ``google/vit-base-patch16-224`` with its image processor (224x224, mean/std 0.5),
+feature = the CLS token of ``last_hidden_state`` (after the final layer norm; *not* ``pooler_output``,
+whose weights that checkpoint does not have). Several images of one entity are averaged (``agg="mean"``)
+or only the first is used (``agg="first"``). Images that are missing or unreadable are skipped and
+counted; an entity with no readable image is marked not present and imputed. Needs the ``[features]``
+extra (``transformers``, ``pillow``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dsom.data.graph import KGDataset
+from dsom.data.readers import DataWarning, read_lines
+from dsom.errors import DataError, DsomError
+from dsom.features.cache import FeatureCache, digest
+from dsom.features.modality import ModalityTable
+
+__all__ = ["PAPER_IMAGE_MODEL", "ImageList", "build_image", "encode_images", "read_images_tsv"]
+
+PAPER_IMAGE_MODEL = "google/vit-base-patch16-224"
+
+
+@dataclass
+class ImageList:
+    """Image paths per entity id (file order kept) and the rows that named unknown entities."""
+
+    paths: dict[int, list[Path]]
+    unknown_rows: int
+
+
+def read_images_tsv(ds: KGDataset, path: str | Path | None = None) -> ImageList:
+    """Parse ``images.tsv`` (header ``entity<TAB>path``; paths relative to the dataset folder)."""
+    if path is None:
+        if ds.root is None:
+            raise DsomError(f"dataset '{ds.name}' has no folder, so no images.tsv")
+        path = ds.root / "images.tsv"
+    p = Path(path)
+    if not p.exists():
+        raise DsomError(f"{p} not found: the image modality needs an images.tsv (entity<TAB>path)")
+    lines = read_lines(p)
+    if not lines or lines[0].split("\t")[:2] != ["entity", "path"]:
+        raise DataError("expected the header 'entity<TAB>path'", p, 1)
+    index = ds.entities.index
+    out: dict[int, list[Path]] = {}
+    unknown = 0
+    for n, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2:
+            raise DataError(f"expected 2 tab-separated columns, found {len(parts)}", p, n)
+        if parts[0] not in index:
+            unknown += 1
+            continue
+        out.setdefault(index[parts[0]], []).append(p.parent / parts[1])
+    if unknown:
+        warnings.warn(f"{p}: {unknown} rows name entities not in the dataset; skipped", DataWarning, stacklevel=2)
+    return ImageList(out, unknown)
+
+
+def _load(model: str):
+    try:
+        from transformers import AutoImageProcessor, AutoModel
+    except ImportError:
+        raise DsomError("image features need the [features] extra: pip install 'dsom[features]'") from None
+    try:
+        processor = AutoImageProcessor.from_pretrained(model)
+        net = AutoModel.from_pretrained(model)
+    except OSError as exc:
+        raise DsomError(f"cannot load image model '{model}': {str(exc).splitlines()[0]} (pass a local model "
+                        "folder with --image-model)") from None
+    return processor, net.eval()
+
+
+@torch.no_grad()
+def encode_images(images: ImageList, num_entities: int, model: str, agg: str = "mean", batch_size: int = 16,
+                  progress: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(features (E, hidden), present (E,), unreadable count)``; CLS token of the last hidden state."""
+    from PIL import Image, UnidentifiedImageError
+
+    if agg not in ("mean", "first"):
+        raise DsomError(f"unknown image aggregation '{agg}'; choose mean or first")
+    processor, net = _load(model)
+    hidden = net.config.hidden_size
+    sums = np.zeros((num_entities, hidden), dtype=np.float64)
+    counts = np.zeros(num_entities, dtype=np.int64)
+    jobs = [(e, p) for e, ps in sorted(images.paths.items()) for p in (ps[:1] if agg == "first" else ps)]
+    bad = 0
+    for s in tqdm(range(0, len(jobs), batch_size), desc="encode images", disable=not progress, leave=False):
+        ents, pics = [], []
+        for e, p in jobs[s:s + batch_size]:
+            try:
+                with Image.open(p) as im:
+                    pics.append(im.convert("RGB"))
+                ents.append(e)
+            except (OSError, UnidentifiedImageError, ValueError):
+                bad += 1
+        if not pics:
+            continue
+        inputs = processor(images=pics, return_tensors="pt")
+        cls = net(**inputs).last_hidden_state[:, 0].double().numpy()
+        np.add.at(sums, np.array(ents), cls)
+        np.add.at(counts, np.array(ents), 1)
+    present = counts > 0
+    feats = np.zeros((num_entities, hidden), dtype=np.float32)
+    feats[present] = (sums[present] / counts[present, None]).astype(np.float32)
+    if bad:
+        warnings.warn(f"{bad} images were missing or unreadable and were skipped", DataWarning, stacklevel=2)
+    return feats, present, bad
+
+
+def build_image(ds: KGDataset, model: str = PAPER_IMAGE_MODEL, agg: str = "mean", batch_size: int = 16,
+                imputation: str = "normal", seed: int = 0, cache: FeatureCache | None = None, force: bool = False,
+                progress: bool = True) -> ModalityTable:
+    """The ``image`` modality of ``ds``, cached by (model, aggregation, image list and file sizes)."""
+    images = read_images_tsv(ds)
+    listing = [f"{e}\t{p}\t{p.stat().st_size if p.exists() else -1}" for e, ps in sorted(images.paths.items())
+               for p in ps]
+    key = digest([Path(model).name if Path(model).exists() else model, agg, imputation, str(seed), *listing])
+
+    def build() -> ModalityTable:
+        feats, present, bad = encode_images(images, ds.num_entities, model, agg, batch_size, progress)
+        return ModalityTable.from_partial("image", feats, present, imputation=imputation, seed=seed,
+                                          source=f"image model {model}, CLS of last hidden state, {agg} over images, "
+                                                 f"{bad} unreadable")
+
+    table, _ = (cache or FeatureCache()).get_or_build(ds.name, "image", key, build, force=force)
+    return table
