@@ -1,0 +1,115 @@
+"""Modality-split ComplEx teachers (MoSE ``ComplExMDR`` in split mode, SPEC §2).
+
+One module holds one ComplEx teacher per modality:
+
+* ``structure``: a free entity table ``E x 2d``;
+* every feature modality m: fixed features ``X_m`` (``E x F_m``, a buffer) times a trainable projection
+  ``W_m`` (``F_m x 2d``, Xavier-uniform) divided by ``scale`` (MoSE ``learn.py``: 20);
+* a separate relation table ``2R x 2d`` per teacher.
+
+Nothing is shared between teachers (MoSE's ``alpha = 1``). All teachers are scored together: the
+``(M, E, 2d)`` stack of entity tables and the ``(M, B, 2d)`` queries go through one batched product,
+giving ``(M, B, E)`` logits (SPEC §9.1). Trainable parameters: ``2d * (E + M * 2R + sum_m F_m)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from dsom.models.complex import complex_modulus, complex_query
+
+STRUCTURE = "structure"
+
+
+class ModalityTeachers(nn.Module):
+    """Args:
+    num_entities: E.
+    num_relations: relation ids including reciprocals (2R).
+    rank: d.
+    features: feature matrices by modality name (row i = entity i); ``structure`` is always added first.
+    init_scale: N(0,1) scale of the structural and relation tables (kbc: 1e-3).
+    scale: divisor of the projected feature tables (MoSE: 20).
+    """
+
+    def __init__(self, num_entities: int, num_relations: int, rank: int, features: Mapping[str, torch.Tensor],
+                 init_scale: float = 1e-3, scale: float = 20.0, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if STRUCTURE in features:
+            raise ValueError("'structure' has no feature matrix; it is always the first teacher")
+        self.num_entities, self.num_relations, self.rank, self.scale = num_entities, num_relations, rank, scale
+        self.modalities = [STRUCTURE, *features]
+        self.structure = nn.Parameter(torch.randn(num_entities, 2 * rank, generator=generator) * init_scale)
+        self.relations = nn.Parameter(
+            torch.randn(len(self.modalities), num_relations, 2 * rank, generator=generator) * init_scale)
+        self.projections = nn.ParameterList()
+        for i, (name, x) in enumerate(features.items()):
+            x = torch.as_tensor(x, dtype=torch.float32)
+            if x.shape[0] != num_entities:
+                raise ValueError(f"features of '{name}' have {x.shape[0]} rows, expected {num_entities}")
+            self.register_buffer(f"features_{i}", x)
+            w = torch.empty(x.shape[1], 2 * rank)
+            bound = (6.0 / (x.shape[1] + 2 * rank)) ** 0.5  # Xavier uniform, drawn from the generator
+            w.uniform_(-bound, bound, generator=generator)
+            self.projections.append(nn.Parameter(w))
+
+    @property
+    def num_teachers(self) -> int:
+        return len(self.modalities)
+
+    def feature_matrix(self, i: int) -> torch.Tensor:
+        return getattr(self, f"features_{i}")
+
+    def entity_tables(self) -> torch.Tensor:
+        """``(M, E, 2d)``: the structural table, then ``X_m W_m / scale`` per feature modality."""
+        tables = [self.structure]
+        for i, w in enumerate(self.projections):
+            tables.append(self.feature_matrix(i) @ w / self.scale)
+        return torch.stack(tables)
+
+    def queries(self, tables: torch.Tensor, head: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
+        """``(M, B, 2d)`` query vectors of every teacher for ids ``(B,)``."""
+        return complex_query(tables[:, head], self.relations[:, relation])
+
+    def score_all(self, head: torch.Tensor, relation: torch.Tensor, precision: str = "fp32",
+                  tables: torch.Tensor | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """``(M, B, stop - start)`` float32 logits of every teacher, one batched product."""
+        tables = self.entity_tables() if tables is None else tables
+        q = self.queries(tables, head, relation)
+        cand = tables[:, start:stop]
+        if precision == "bf16":
+            return torch.bmm(q.to(torch.bfloat16), cand.to(torch.bfloat16).transpose(1, 2)).float()
+        return torch.bmm(q, cand.transpose(1, 2))
+
+    def factors(self, tables: torch.Tensor, head: torch.Tensor, relation: torch.Tensor,
+                tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """N3 factors per teacher: moduli of head, relation and true-tail rows, each ``(M, B, d)``."""
+        return (complex_modulus(tables[:, head]), complex_modulus(self.relations[:, relation]),
+                complex_modulus(tables[:, tail]))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @staticmethod
+    def parameter_count(num_entities: int, num_relations: int, rank: int, feature_dims: list[int]) -> int:
+        """``2d * (E + M * 2R + sum F_m)`` with ``M = 1 + len(feature_dims)`` (SPEC §10)."""
+        return 2 * rank * (num_entities + (1 + len(feature_dims)) * num_relations + sum(feature_dims))
+
+
+class TeacherView:
+    """A :class:`~dsom.evaluate.Scorer` over frozen teacher tables: one teacher, or the mean of several
+    (``indices=None``: Teacher Avg. / MoSE-AI, the mean of all teachers' logits)."""
+
+    def __init__(self, teachers: ModalityTeachers, indices: list[int] | None = None) -> None:
+        with torch.no_grad():
+            self.tables = teachers.entity_tables().detach()
+        self.teachers = teachers
+        self.indices = list(range(teachers.num_teachers)) if indices is None else indices
+
+    @torch.no_grad()
+    def score_all(self, head: torch.Tensor, relation: torch.Tensor, precision: str = "fp32",
+                  start: int = 0, stop: int | None = None) -> torch.Tensor:
+        scores = self.teachers.score_all(head, relation, precision, tables=self.tables, start=start, stop=stop)
+        return scores[self.indices].mean(0)
