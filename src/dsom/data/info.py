@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from dsom.data.graph import SPLITS, KGDataset
-from dsom.data.readers import read_lines
 from dsom.errors import DataError
 
 __all__ = ["dataset_info", "format_info"]
@@ -80,27 +79,12 @@ def _numeric_info(ds: KGDataset, path: Path) -> dict[str, Any]:
 
 
 def _images_info(ds: KGDataset, path: Path) -> dict[str, Any]:
-    lines = read_lines(path)
-    if not lines or lines[0].split("\t")[0].strip() != "entity":
-        raise DataError("first line must be the header 'entity<TAB>path'", path, 1)
-    index = ds.entities.index
-    ents: set[int] = set()
-    rows = unknown = missing = 0
-    for i, ln in enumerate(lines[1:], start=2):
-        if not ln.strip():
-            continue
-        cells = ln.split("\t")
-        if len(cells) != 2:
-            raise DataError(f"expected 2 tab-separated fields (entity, path), got {len(cells)}", path, i)
-        rows += 1
-        e = index.get(cells[0])
-        if e is None:
-            unknown += 1
-        else:
-            ents.add(e)
-        if not (path.parent / cells[1]).is_file():
-            missing += 1
-    return {"path": str(path), "rows": rows, "entities": len(ents), "unknown_rows": unknown, "missing_files": missing}
+    from dsom.features.image import read_images_tsv
+
+    images = read_images_tsv(ds, path, warn=False)
+    listed = [p for ps in images.paths.values() for p in ps]
+    return {"path": str(path), "rows": len(listed) + images.unknown_rows, "entities": len(images.paths),
+            "unknown_rows": images.unknown_rows, "missing_files": sum(not p.is_file() for p in listed)}
 
 
 def dataset_info(ds: KGDataset) -> dict[str, Any]:

@@ -38,7 +38,7 @@ class ImageList:
     unknown_rows: int
 
 
-def read_images_tsv(ds: KGDataset, path: str | Path | None = None) -> ImageList:
+def read_images_tsv(ds: KGDataset, path: str | Path | None = None, warn: bool = True) -> ImageList:
     """Parse ``images.tsv`` (header ``entity<TAB>path``; paths relative to the dataset folder)."""
     if path is None:
         if ds.root is None:
@@ -63,7 +63,7 @@ def read_images_tsv(ds: KGDataset, path: str | Path | None = None) -> ImageList:
             unknown += 1
             continue
         out.setdefault(index[parts[0]], []).append(p.parent / parts[1])
-    if unknown:
+    if unknown and warn:
         warnings.warn(f"{p}: {unknown} rows name entities not in the dataset; skipped", DataWarning, stacklevel=2)
     return ImageList(out, unknown)
 
