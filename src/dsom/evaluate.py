@@ -39,7 +39,11 @@ def plan_chunks(batch_size: int, num_entities: int, memory_budget_mb: float) -> 
 def rank_queries(scorer: Scorer, queries: np.ndarray | torch.Tensor, filter_index: CSRIndex, *,
                  batch_size: int = 1000, memory_budget_mb: float = 1024, precision: str = "fp32",
                  device: torch.device | str = "cpu", progress: bool = False) -> RankCounts:
-    """Rank counts for reciprocal queries ``(n, 3)`` = (entity, relation, answer) against all entities."""
+    """Rank counts for reciprocal queries ``(n, 3)`` = (entity, relation, answer) against all entities.
+
+    ``scorer.score_all`` returns ``(B, N)`` scores, or ``(K, B, N)`` for K models scored together (for
+    example every teacher at once); the counts then have shape ``(n,)`` or ``(K, n)``.
+    """
     q = torch.as_tensor(np.asarray(queries), dtype=torch.int64).to(device)
     num_entities = filter_index.num_entities
     batch, chunk = plan_chunks(batch_size, num_entities, memory_budget_mb)
@@ -50,37 +54,70 @@ def rank_queries(scorer: Scorer, queries: np.ndarray | torch.Tensor, filter_inde
         rows, cols = filter_index.pairs(e, r)
         if chunk >= num_entities:
             scores = scorer.score_all(e, r, precision=precision)
-            target_scores = scores.gather(1, t.unsqueeze(1)).squeeze(1)
-            exclude = torch.zeros_like(scores, dtype=torch.bool)
+            target_scores = _gather_targets(scores, t)
+            exclude = torch.zeros(scores.shape[-2:], dtype=torch.bool, device=scores.device)
             exclude[rows, cols] = True
             exclude[torch.arange(len(t), device=t.device), t] = True
             c = count_better(scores, target_scores, exclude)
         else:
             # Pass 1 reads each target's score from the same chunked product used for counting.
-            target_scores = torch.empty(len(t), dtype=torch.float32, device=t.device)
+            target_scores = None
             for lo in range(0, num_entities, chunk):
                 hi = min(lo + chunk, num_entities)
                 inside = (t >= lo) & (t < hi)
                 if inside.any():
                     idx = inside.nonzero().squeeze(1)
                     sc = scorer.score_all(e[idx], r[idx], precision=precision, start=lo, stop=hi)
-                    target_scores[idx] = sc.gather(1, (t[idx] - lo).unsqueeze(1)).squeeze(1)
-            c = RankCounts(torch.zeros_like(t), torch.zeros_like(t))
+                    if target_scores is None:
+                        target_scores = torch.empty((*sc.shape[:-2], len(t)), dtype=torch.float32, device=sc.device)
+                    target_scores[..., idx] = _gather_targets(sc, t[idx] - lo)
+            c = None
             for lo in range(0, num_entities, chunk):
                 hi = min(lo + chunk, num_entities)
                 sc = scorer.score_all(e, r, precision=precision, start=lo, stop=hi)
-                exclude = torch.zeros_like(sc, dtype=torch.bool)
+                exclude = torch.zeros(sc.shape[-2:], dtype=torch.bool, device=sc.device)
                 sel = (cols >= lo) & (cols < hi)
                 exclude[rows[sel], cols[sel] - lo] = True
                 tin = (t >= lo) & (t < hi)
                 exclude[tin.nonzero().squeeze(1), t[tin] - lo] = True
-                c = c + count_better(sc, target_scores, exclude)
+                part = count_better(sc, target_scores, exclude)
+                c = part if c is None else c + part
         greater.append(c.greater)
         equal.append(c.equal)
     if not greater:
         empty = torch.zeros(0, dtype=torch.int64)
         return RankCounts(empty, empty)
-    return RankCounts(torch.cat(greater).cpu(), torch.cat(equal).cpu())
+    return RankCounts(torch.cat(greater, -1).cpu(), torch.cat(equal, -1).cpu())
+
+
+def _gather_targets(scores: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``scores[..., i, t[i]]`` for ``(..., B, N)`` scores."""
+    idx = t.view(*([1] * (scores.dim() - 2)), -1, 1).expand(*scores.shape[:-1], 1)
+    return scores.gather(-1, idx).squeeze(-1)
+
+
+def split_metrics(counts: RankCounts, num_triples: int) -> dict[str, Any]:
+    """The result dict of :func:`evaluate` from the counts of ``2n`` queries (tail queries first)."""
+    n = num_triples
+    out: dict[str, Any] = dict(all_metrics(counts))
+    out["head"] = all_metrics(RankCounts(counts.greater[n:], counts.equal[n:]))
+    out["tail"] = all_metrics(RankCounts(counts.greater[:n], counts.equal[:n]))
+    out["queries"] = int(counts.greater.shape[-1])
+    return out
+
+
+def split_counts(scorer: Scorer, dataset: KGDataset, split: str = "test", *, batch_size: int = 1000,
+                 memory_budget_mb: float = 1024, precision: str = "fp32", device: torch.device | str = "cpu",
+                 progress: bool = False, max_triples: int | None = None) -> tuple[RankCounts, int]:
+    """Rank counts of every query of a split (tail queries, then head queries) and the number of triples."""
+    triples = dataset.splits[split]
+    if max_triples is not None and len(triples) > max_triples:
+        triples = triples[:max_triples]
+    queries = dataset.reciprocal(triples)
+    fi = dataset.filter_index.to(device)
+    counts = rank_queries(scorer, queries, fi, batch_size=batch_size, memory_budget_mb=memory_budget_mb,
+                          precision=precision, device=device, progress=progress)
+    return counts, len(triples)
 
 
 def evaluate(scorer: Scorer, dataset: KGDataset, split: str = "test", *, batch_size: int = 1000,
@@ -92,18 +129,6 @@ def evaluate(scorer: Scorer, dataset: KGDataset, split: str = "test", *, batch_s
     "tail": {policy: {...}}, "queries": n}`` with metric names ``mrr, mr, hits@1, hits@3, hits@10``.
     Evaluation scores in fp32 by default: bf16 products tie often and distort ranks (DESIGN §6).
     """
-    triples = dataset.splits[split]
-    if max_triples is not None and len(triples) > max_triples:
-        triples = triples[:max_triples]
-    queries = dataset.reciprocal(triples)
-    fi = dataset.filter_index.to(device)
-    counts = rank_queries(scorer, queries, fi, batch_size=batch_size, memory_budget_mb=memory_budget_mb,
-                          precision=precision, device=device, progress=progress)
-    n = len(triples)
-    tail = RankCounts(counts.greater[:n], counts.equal[:n])
-    head = RankCounts(counts.greater[n:], counts.equal[n:])
-    out: dict[str, Any] = dict(all_metrics(counts))
-    out["head"] = all_metrics(head)
-    out["tail"] = all_metrics(tail)
-    out["queries"] = int(len(queries))
-    return out
+    counts, n = split_counts(scorer, dataset, split, batch_size=batch_size, memory_budget_mb=memory_budget_mb,
+                             precision=precision, device=device, progress=progress, max_triples=max_triples)
+    return split_metrics(counts, n)

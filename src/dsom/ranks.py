@@ -52,18 +52,23 @@ def count_better(scores: torch.Tensor, target_scores: torch.Tensor, exclude: tor
     """Compare a block of candidate scores with each query's target score.
 
     Args:
-        scores: ``(B, N)`` float32 scores of N candidates.
-        target_scores: ``(B,)`` the target's score (read from the same computation).
-        exclude: ``(B, N)`` bool, True for candidates that must not be counted (other known answers
-            and the target itself).
+        scores: ``(..., B, N)`` float32 scores of N candidates (leading dims: several scorers at once).
+        target_scores: ``(..., B)`` the target's score (read from the same computation).
+        exclude: ``(B, N)`` bool (broadcast over leading dims), True for candidates that must not be
+            counted (other known answers and the target itself).
     """
     if torch.isnan(scores).any() or torch.isnan(target_scores).any():
         raise FloatingPointError("model produced NaN scores; ranks are undefined (check the learning rate/precision)")
-    t = target_scores.unsqueeze(1)
+    t = target_scores.unsqueeze(-1)
     keep = ~exclude
-    greater = ((scores > t) & keep).sum(1)
-    equal = ((scores == t) & keep).sum(1)
+    greater = ((scores > t) & keep).sum(-1)
+    equal = ((scores == t) & keep).sum(-1)
     return RankCounts(greater, equal)
+
+
+def min_rank_counts(counts: list[RankCounts], policy: str) -> torch.Tensor:
+    """Per-query minimum rank over several models under one tie policy (MoSE's "oracle", SPEC §2.4)."""
+    return torch.stack([c.ranks(policy) for c in counts]).min(0).values
 
 
 def metrics_from_ranks(ranks: torch.Tensor) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -110,6 +111,30 @@ class KGDataset:
     def neighbour_index(self) -> CSRIndex:
         """Known answers over train only, both directions (the NDKD neighbour sets, SPEC §5.6)."""
         return CSRIndex.from_queries(self.queries("train"), self.num_entities, 2 * self.num_relations)
+
+    def with_split(self, split: str, triples: np.ndarray) -> KGDataset:
+        """A copy with one split replaced. Filtering keeps using every triple of the original files."""
+        splits = dict(self.splits)
+        splits[split] = np.asarray(triples, dtype=np.int64).reshape(-1, 3)
+        out = dataclasses.replace(self, splits=splits)
+        out.__dict__["filter_index"] = self.filter_index
+        if split != "train" and "neighbour_index" in self.__dict__:
+            out.__dict__["neighbour_index"] = self.neighbour_index
+        return out
+
+    def clean_valid(self) -> tuple[KGDataset, int]:
+        """Drop valid triples that also occur in train or test, and repeated valid triples (DB15K's valid
+        split mostly repeats train and test); returns the new dataset and the number of triples dropped."""
+        def keys(a: np.ndarray) -> np.ndarray:
+            return (a[:, 0] * self.num_relations + a[:, 1]) * self.num_entities + a[:, 2]
+
+        seen = np.concatenate([keys(self.train), keys(self.test)])
+        valid = self.valid
+        k = keys(valid)
+        first = np.zeros(len(valid), dtype=bool)
+        first[np.unique(k, return_index=True)[1]] = True
+        keep = ~np.isin(k, seen) & first
+        return self.with_split("valid", valid[keep]), int((~keep).sum())
 
     def fingerprint(self) -> dict[str, str]:
         return {"entities": self.entities.digest(), "relations": self.relations.digest()}

@@ -181,8 +181,9 @@ def dataset_info(ds: KGDataset) -> dict[str, Any]:
                         f"{st['distinct']:,} distinct triples (one triple repeated up to {st['max_repeats']} times).")
     if overlaps["valid&test"]:
         warn.append(f"valid shares {overlaps['valid&test']:,} distinct triples with test: anything trained or tuned "
-                    "on valid (meta-learners, policies, early stopping) sees test triples; remove them from valid "
-                    "first and say so in any result.")
+                    "on valid (meta-learners, policies, early stopping) sees test triples; use "
+                    "--set data.valid=clean to drop them (and valid triples repeated from train) and say so in any "
+                    "result.")
     if overlaps["valid&train"]:
         d = splits["valid"]["distinct"]
         warn.append(f"{overlaps['valid&train']:,} of {d:,} distinct valid triples ({overlaps['valid&train'] / d:.1%}) "

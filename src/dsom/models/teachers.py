@@ -98,18 +98,98 @@ class ModalityTeachers(nn.Module):
         return 2 * rank * (num_entities + (1 + len(feature_dims)) * num_relations + sum(feature_dims))
 
 
+    @torch.no_grad()
+    def freeze(self) -> FrozenTeachers:
+        """Materialise ``X_m W_m / scale`` once: the frozen teachers used by stage 2 and the ensembles."""
+        return FrozenTeachers(list(self.modalities), self.entity_tables().detach().clone(),
+                              self.relations.detach().clone())
+
+
+TEACHERS_FORMAT = "dsom-teachers/1"
+
+
+class FrozenTeachers:
+    """Materialised, frozen teachers: ``tables (M, E, 2d)`` and ``relations (M, 2R, 2d)``.
+
+    Scoring never touches features or projections, so stage 2 costs one batched product per batch.
+    """
+
+    def __init__(self, modalities: list[str], tables: torch.Tensor, relations: torch.Tensor) -> None:
+        if tables.dim() != 3 or relations.dim() != 3 or tables.shape[0] != relations.shape[0] != len(modalities):
+            raise ValueError(f"inconsistent teacher tensors: tables {tuple(tables.shape)}, "
+                             f"relations {tuple(relations.shape)}, modalities {modalities}")
+        self.modalities = list(modalities)
+        self.tables = tables
+        self.relations = relations
+
+    @property
+    def num_teachers(self) -> int:
+        return len(self.modalities)
+
+    @property
+    def num_entities(self) -> int:
+        return self.tables.shape[1]
+
+    @property
+    def rank(self) -> int:
+        return self.tables.shape[2] // 2
+
+    def to(self, device: torch.device | str) -> FrozenTeachers:
+        return FrozenTeachers(self.modalities, self.tables.to(device), self.relations.to(device))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"tables": self.tables, "relations": self.relations}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], modalities: list[str]) -> FrozenTeachers:
+        return cls(modalities, tensors["tables"], tensors["relations"])
+
+    @torch.no_grad()
+    def score_all(self, head: torch.Tensor, relation: torch.Tensor, precision: str = "fp32",
+                  start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """``(M, B, stop - start)`` float32 logits of every teacher, one batched product."""
+        q = complex_query(self.tables[:, head], self.relations[:, relation])
+        cand = self.tables[:, start:stop]
+        if precision == "bf16":
+            return torch.bmm(q.to(torch.bfloat16), cand.to(torch.bfloat16).transpose(1, 2)).float()
+        return torch.bmm(q, cand.transpose(1, 2))
+
+    def index(self, modality: str) -> int:
+        if modality not in self.modalities:
+            raise ValueError(f"no teacher '{modality}' (teachers: {', '.join(self.modalities)})")
+        return self.modalities.index(modality)
+
+    def view(self, modalities: list[str] | None = None) -> TeacherView:
+        """Scorer of one teacher or of the mean logits of several (``None``: all = Teacher Avg.)."""
+        idx = None if modalities is None else [self.index(m) for m in modalities]
+        return TeacherView(self, idx)
+
+
 class TeacherView:
-    """A :class:`~dsom.evaluate.Scorer` over frozen teacher tables: one teacher, or the mean of several
+    """A :class:`~dsom.evaluate.Scorer` over frozen teachers: one teacher, or the mean of several
     (``indices=None``: Teacher Avg. / MoSE-AI, the mean of all teachers' logits)."""
 
-    def __init__(self, teachers: ModalityTeachers, indices: list[int] | None = None) -> None:
-        with torch.no_grad():
-            self.tables = teachers.entity_tables().detach()
+    def __init__(self, teachers: FrozenTeachers | ModalityTeachers, indices: list[int] | None = None) -> None:
+        if isinstance(teachers, ModalityTeachers):
+            teachers = teachers.freeze()
         self.teachers = teachers
         self.indices = list(range(teachers.num_teachers)) if indices is None else indices
 
     @torch.no_grad()
     def score_all(self, head: torch.Tensor, relation: torch.Tensor, precision: str = "fp32",
                   start: int = 0, stop: int | None = None) -> torch.Tensor:
-        scores = self.teachers.score_all(head, relation, precision, tables=self.tables, start=start, stop=stop)
+        scores = self.teachers.score_all(head, relation, precision, start=start, stop=stop)
         return scores[self.indices].mean(0)
+
+
+class AllViews:
+    """Scorer returning ``(M + 1, B, N)``: every teacher, then their mean (ranks all of them in one pass)."""
+
+    def __init__(self, teachers: FrozenTeachers) -> None:
+        self.teachers = teachers
+
+    @torch.no_grad()
+    def score_all(self, head: torch.Tensor, relation: torch.Tensor, precision: str = "fp32",
+                  start: int = 0, stop: int | None = None) -> torch.Tensor:
+        s = self.teachers.score_all(head, relation, precision, start=start, stop=stop)
+        return torch.cat([s, s.mean(0, keepdim=True)])

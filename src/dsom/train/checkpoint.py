@@ -52,25 +52,21 @@ def _read_vocab(path: Path) -> Vocabulary:
     return Vocabulary(labels, names)
 
 
-def save_checkpoint(directory: str | Path, model: ComplEx, dataset: KGDataset, meta: dict[str, Any],
-                    train_state: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint folder atomically (write ``<dir>.tmp``, then swap)."""
+def write_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor], dataset: KGDataset,
+                     meta: dict[str, Any], train_state: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint folder atomically (write ``<dir>.tmp``, then swap). ``meta`` must hold
+    ``format`` and ``model``."""
     final = Path(directory)
     tmp = final.with_name(final.name + ".tmp")
     old = final.with_name(final.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = {"entity": model.entity.detach().float().cpu().contiguous(),
-               "relation": model.relation.detach().float().cpu().contiguous()}
-    save_file(tensors, str(tmp / "model.safetensors"))
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
     _write_vocab(tmp / "entities.tsv", dataset.entities, "entity")
     _write_vocab(tmp / "relations.tsv", dataset.relations, "relation")
     full_meta = {
-        "format": FORMAT,
         "dsom_version": __version__,
         "torch_version": torch.__version__,
-        "model": {"type": "complex", "rank": model.rank, "num_entities": model.num_entities,
-                  "num_relations": model.num_relations, "original_relations": dataset.num_relations},
         "dataset": {"name": dataset.name, "path": str(dataset.root) if dataset.root else None,
                     "layout": dataset.layout, "fingerprint": dataset.fingerprint()},
         **meta,
@@ -86,26 +82,44 @@ def save_checkpoint(directory: str | Path, model: ComplEx, dataset: KGDataset, m
     return final
 
 
+def save_checkpoint(directory: str | Path, model: ComplEx, dataset: KGDataset, meta: dict[str, Any],
+                    train_state: dict[str, Any] | None = None) -> Path:
+    """Write a ComplEx checkpoint folder (format ``dsom-complex/1``)."""
+    return write_checkpoint(directory, {"entity": model.entity, "relation": model.relation}, dataset, {
+        "format": FORMAT,
+        "model": {"type": "complex", "rank": model.rank, "num_entities": model.num_entities,
+                  "num_relations": model.num_relations, "original_relations": dataset.num_relations},
+        **meta}, train_state)
+
+
 @dataclass
 class LoadedCheckpoint:
-    model: ComplEx
+    """``model`` is a scorer: a :class:`ComplEx`, or for a teachers checkpoint the Teacher-Avg view of
+    ``teachers`` (a :class:`~dsom.models.teachers.FrozenTeachers`)."""
+
+    model: Any
     meta: dict[str, Any]
     entities: Vocabulary
     relations: Vocabulary
     path: Path
+    teachers: Any = None
 
     def train_state(self) -> dict[str, Any] | None:
         p = self.path / "train_state.pt"
         return torch.load(p, weights_only=True) if p.exists() else None
 
 
+RUN_CHECKPOINTS = ("student/best", "teachers/final", "best", "last")
+
+
 def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """Accept a checkpoint folder, a run directory (uses ``checkpoints/best``) or a ``model.safetensors`` file."""
+    """Accept a checkpoint folder, a run directory (its student, else its teachers, else ``checkpoints/best``)
+    or a ``model.safetensors`` file."""
     p = Path(path)
     if p.is_file() and p.name == "model.safetensors":
         p = p.parent
     if (p / "checkpoints").is_dir():
-        for name in ("best", "last"):
+        for name in RUN_CHECKPOINTS:
             if (p / "checkpoints" / name / "model.safetensors").exists():
                 return p / "checkpoints" / name
     if not (p / "model.safetensors").exists():
@@ -114,23 +128,40 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         if (old / "model.safetensors").exists():
             return old
         raise DsomError(f"no checkpoint at {p}: expected a folder with model.safetensors and meta.json "
-                        "(or a run directory with checkpoints/best)")
+                        "(or a run directory with checkpoints/)")
     return p
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
+    """``(folder, meta, tensors)`` of any checkpoint folder."""
     d = resolve_checkpoint_dir(path)
     try:
         meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
         tensors = load_file(str(d / "model.safetensors"))
     except (OSError, ValueError) as exc:
         raise DsomError(f"cannot read checkpoint {d}: {exc}") from None
-    if meta.get("format") != FORMAT:
-        raise DsomError(f"{d / 'meta.json'}: unsupported checkpoint format {meta.get('format')!r} (expected {FORMAT})")
-    ent, rel = tensors["entity"], tensors["relation"]
-    model = ComplEx(ent.shape[0], rel.shape[0], ent.shape[1] // 2)
-    with torch.no_grad():
-        model.entity.copy_(ent)
-        model.relation.copy_(rel)
-    model.to(device)
-    return LoadedCheckpoint(model, meta, _read_vocab(d / "entities.tsv"), _read_vocab(d / "relations.tsv"), d)
+    return d, meta, tensors
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Load a ComplEx (student / structural) or a materialised teachers checkpoint as a scorer."""
+    from dsom.models.teachers import TEACHERS_FORMAT, FrozenTeachers
+
+    d, meta, tensors = read_checkpoint(path)
+    fmt = meta.get("format")
+    teachers = None
+    if fmt == FORMAT:
+        ent, rel = tensors["entity"], tensors["relation"]
+        model: Any = ComplEx(ent.shape[0], rel.shape[0], ent.shape[1] // 2)
+        with torch.no_grad():
+            model.entity.copy_(ent)
+            model.relation.copy_(rel)
+        model.to(device)
+    elif fmt == TEACHERS_FORMAT:
+        teachers = FrozenTeachers.from_tensors(tensors, meta["model"]["modalities"]).to(device)
+        model = teachers.view()
+    else:
+        raise DsomError(f"{d / 'meta.json'}: unsupported checkpoint format {fmt!r} "
+                        f"(expected {FORMAT} or {TEACHERS_FORMAT})")
+    return LoadedCheckpoint(model, meta, _read_vocab(d / "entities.tsv"), _read_vocab(d / "relations.tsv"), d,
+                            teachers)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from dsom.config import Config
@@ -31,7 +32,9 @@ from dsom.data.graph import KGDataset
 from dsom.errors import DsomError
 from dsom.evaluate import evaluate
 from dsom.models.complex import ComplEx, f2_penalty, n3_penalty, resolve_precision
-from dsom.train.checkpoint import load_checkpoint, save_checkpoint
+from dsom.ranks import TIE_POLICIES
+from dsom.train.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from dsom.train.checkpoint import read_checkpoint, resolve_checkpoint_dir, write_checkpoint
 from dsom.train.tracker import JsonlTracker
 
 BatchHook = Callable[[int, int], None]
@@ -74,11 +77,15 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)  # validation records
 
 
-class ComplExTrainer:
-    """Trains one :class:`ComplEx` on a dataset; writes checkpoints and ``metrics.jsonl`` into ``run_dir``."""
+class Trainer:
+    """The epoch loop shared by every stage: shuffling, optimizer, validation, selection, early stopping,
+    checkpoints and resume. Subclasses build ``self.model`` and define :meth:`loss`, :meth:`validate`
+    and the checkpoint tensors."""
+
+    checkpoint_format = ""
 
     def __init__(self, dataset: KGDataset, cfg: Config, run_dir: str | Path, stage: str = "pretrain",
-                 progress: bool = True, batch_hook: BatchHook | None = None) -> None:
+                 progress: bool = True, batch_hook: BatchHook | None = None, checkpoint_subdir: str = "") -> None:
         self.ds = dataset
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -87,13 +94,11 @@ class ComplExTrainer:
         self.batch_hook = batch_hook
         self.device = resolve_device(cfg.train.device)
         self.tracker = JsonlTracker(self.run_dir / "metrics.jsonl")
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = self.run_dir / "checkpoints" / checkpoint_subdir
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
-        gen = torch.Generator().manual_seed(cfg.train.seed)
-        self.model = ComplEx(dataset.num_entities, 2 * dataset.num_relations, cfg.model.rank,
-                             cfg.model.init_scale, generator=gen).to(self.device)
-        self.optimizer = make_optimizer(self.model.parameters(), cfg)
+        self.model = self.build_model(torch.Generator().manual_seed(cfg.train.seed)).to(self.device)
+        self.optimizer = make_optimizer(self.trainable_parameters(), cfg)
         self.scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="max", factor=cfg.train.scheduler_factor, patience=cfg.train.scheduler_patience,
             threshold=cfg.train.scheduler_threshold) if cfg.train.scheduler == "plateau" else None)
@@ -101,10 +106,58 @@ class ComplExTrainer:
         self.state = TrainState()
         self.train_queries = torch.from_numpy(dataset.queries("train")).to(self.device)
 
+    # ------------------------------------------------------------------------------- subclass hooks
+    def build_model(self, generator: torch.Generator) -> nn.Module:
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
+
+    def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its logged terms for a batch of reciprocal queries ``(B, 3)``."""
+        raise NotImplementedError
+
+    def validate(self) -> tuple[dict[str, Any], float]:
+        """Validation record to log and the selection value (higher is better)."""
+        raise NotImplementedError
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.model.state_dict().items() if k in dict(self.model.named_parameters())}
+
+    def model_meta(self) -> dict[str, Any]:
+        return {}
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
     # ----------------------------------------------------------------------------------- checkpoints
     def _meta(self) -> dict[str, Any]:
-        return {"stage": self.stage, "epoch": self.state.epoch, "config": self.cfg.to_dict(),
+        return {"format": self.checkpoint_format, "model": self.model_meta(), "stage": self.stage,
+                "epoch": self.state.epoch, "config": self.cfg.to_dict(),
                 "best_epoch": self.state.best_epoch, "best_value": self.state.best_value}
+
+    def _save(self, name: str, extra: dict[str, Any] | None = None,
+              train_state: dict[str, Any] | None = None) -> None:
+        write_checkpoint(self.ckpt_dir / name, self.checkpoint_tensors(), self.ds, {**self._meta(), **(extra or {})},
+                         train_state)
+
+    def _load_tensors(self, directory: Path) -> None:
+        d, meta, tensors = read_checkpoint(directory)
+        fp = meta.get("dataset", {}).get("fingerprint")
+        if fp != self.ds.fingerprint():
+            raise DsomError(f"{d}: checkpoint was trained on a different vocabulary than dataset '{self.ds.name}'")
+        own = self.checkpoint_tensors()
+        if meta.get("format") != self.checkpoint_format or set(tensors) != set(own):
+            raise DsomError(f"{d}: checkpoint holds {meta.get('format')!r} tensors {sorted(tensors)}, not a "
+                            f"{self.checkpoint_format} checkpoint of this configuration; resume with the same config")
+        for k, v in tensors.items():
+            if v.shape != own[k].shape:
+                raise DsomError(f"{d}: tensor '{k}' has shape {tuple(v.shape)}, the configuration needs "
+                                f"{tuple(own[k].shape)}; resume with the same config")
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for k, v in tensors.items():
+                params[k].copy_(v.to(self.device))
 
     def _save_last(self) -> None:
         train_state = {
@@ -112,26 +165,18 @@ class ComplExTrainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler else {},
             "trainer": _state_to_tensors(self.state),
         }
-        save_checkpoint(self.ckpt_dir / "last", self.model, self.ds, self._meta(), train_state)
+        self._save("last", train_state=train_state)
 
     def resume(self) -> bool:
         """Load ``checkpoints/last`` if it exists; returns whether something was resumed."""
         last = self.ckpt_dir / "last"
         if not (last / "model.safetensors").exists() and not (self.ckpt_dir / "last.old" / "model.safetensors").exists():
             return False
-        ck = load_checkpoint(last, device=self.device)
-        fp = ck.meta.get("dataset", {}).get("fingerprint")
-        if fp != self.ds.fingerprint():
-            raise DsomError(f"{last}: checkpoint was trained on a different vocabulary than dataset '{self.ds.name}'")
-        if ck.model.entity.shape != self.model.entity.shape:
-            raise DsomError(f"{last}: checkpoint shape {tuple(ck.model.entity.shape)} does not match the "
-                            f"configuration {tuple(self.model.entity.shape)}; resume with the same config")
-        with torch.no_grad():
-            self.model.entity.copy_(ck.model.entity)
-            self.model.relation.copy_(ck.model.relation)
-        ts = ck.train_state()
-        if ts is None:
-            raise DsomError(f"{last}: not a resumable checkpoint (train_state.pt missing)")
+        self._load_tensors(last)
+        d = resolve_checkpoint_dir(last)
+        if not (d / "train_state.pt").exists():
+            raise DsomError(f"{d}: not a resumable checkpoint (train_state.pt missing)")
+        ts = torch.load(d / "train_state.pt", weights_only=True)
         self.optimizer.load_state_dict(ts["optimizer"])
         if self.scheduler and ts["scheduler"]:
             self.scheduler.load_state_dict(ts["scheduler"])
@@ -140,19 +185,6 @@ class ComplExTrainer:
         return True
 
     # ---------------------------------------------------------------------------------------- train
-    def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
-        scores = self.model.score_all(h, r, precision=self.precision)
-        ce = F.cross_entropy(scores, t)
-        total = ce
-        terms = {"ce": ce.detach()}
-        if self.cfg.train.regularizer != "none" and self.cfg.train.reg > 0:
-            factors = self.model.factors(h, r, t)
-            pen = (n3_penalty if self.cfg.train.regularizer == "n3" else f2_penalty)(factors, self.cfg.train.reg)
-            total = total + pen
-            terms["reg"] = pen.detach()
-        return total, terms
-
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         q = self.train_queries
@@ -183,19 +215,12 @@ class ComplExTrainer:
             raise FloatingPointError(f"non-finite loss in epoch {epoch}: {out}; lower train.lr or use train.precision=fp32")
         return out
 
-    def validate(self) -> dict[str, Any]:
-        self.model.eval()
-        ev = self.cfg.eval
-        limit = self.cfg.train.valid_max_triples or None
-        return evaluate(self.model, self.ds, "valid", batch_size=ev.batch_size, memory_budget_mb=ev.memory_budget_mb,
-                        precision=ev.precision, device=self.device, max_triples=limit)
-
     def fit(self, resume: bool = False) -> TrainState:
         t = self.cfg.train
         if resume:
             self.resume()
         else:
-            self.tracker.log_params({"stage": self.stage, "parameters": self.model.num_parameters(),
+            self.tracker.log_params({"stage": self.stage, "parameters": self.num_parameters(),
                                      "train_queries": int(len(self.train_queries)), "device": str(self.device),
                                      "precision": self.precision})
         can_validate = t.valid_every > 0 and len(self.ds.valid) > 0
@@ -210,14 +235,14 @@ class ComplExTrainer:
             record: dict[str, Any] = {"stage": self.stage, "epoch": epoch, "seconds": round(seconds, 4),
                                       "lr": self.optimizer.param_groups[0]["lr"], **{f"loss/{k}": v for k, v in losses.items()}}
             if can_validate and epoch % t.valid_every == 0:
-                metrics = self.validate()
-                value = metrics[t.selection_policy][t.selection_metric]
-                record["valid"] = {p: metrics[p] for p in ("realistic", "pessimistic", "optimistic")}
+                valid, value = self.validate()
+                record["valid"] = valid
+                record["selection_value"] = value
                 improved = value > self.state.best_value
                 if improved:
                     self.state.best_value = value
                     self.state.best_epoch = epoch
-                    save_checkpoint(self.ckpt_dir / "best", self.model, self.ds, {**self._meta(), "valid": metrics})
+                    self._save("best", {"valid": valid})
                 if self.scheduler is not None:
                     self.scheduler.step(value)
                 self.state.history.append({"epoch": epoch, "value": value, "improved": improved})
@@ -230,21 +255,55 @@ class ComplExTrainer:
             if epoch % max(t.checkpoint_every, 1) == 0 or epoch == t.epochs or self.state.stopped_early:
                 self._save_last()
         if t.restore_best and self.state.best_epoch > 0:
-            best = load_checkpoint(self.ckpt_dir / "best", device=self.device)
-            with torch.no_grad():
-                self.model.entity.copy_(best.model.entity)
-                self.model.relation.copy_(best.model.relation)
+            self._load_tensors(self.ckpt_dir / "best")
         else:
             # No validation: the final weights are the selected ones.
-            save_checkpoint(self.ckpt_dir / "best", self.model, self.ds, self._meta())
+            self._save("best")
         return self.state
+
+
+class ComplExTrainer(Trainer):
+    """Trains one :class:`ComplEx` (a structural teacher alone, or the baseline of the same size)."""
+
+    checkpoint_format = CHECKPOINT_FORMAT
+
+    def build_model(self, generator: torch.Generator) -> ComplEx:
+        return ComplEx(self.ds.num_entities, 2 * self.ds.num_relations, self.cfg.model.rank,
+                       self.cfg.model.init_scale, generator=generator)
+
+    def model_meta(self) -> dict[str, Any]:
+        m = self.model
+        return {"type": "complex", "rank": m.rank, "num_entities": m.num_entities,
+                "num_relations": m.num_relations, "original_relations": self.ds.num_relations}
+
+    def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
+        ce = F.cross_entropy(self.model.score_all(h, r, precision=self.precision), t)
+        total = ce
+        terms = {"ce": ce.detach()}
+        if self.cfg.train.regularizer != "none" and self.cfg.train.reg > 0:
+            factors = self.model.factors(h, r, t)
+            pen = (n3_penalty if self.cfg.train.regularizer == "n3" else f2_penalty)(factors, self.cfg.train.reg)
+            total = total + pen
+            terms["reg"] = pen.detach()
+        return total, terms
+
+    def validate(self) -> tuple[dict[str, Any], float]:
+        self.model.eval()
+        ev, t = self.cfg.eval, self.cfg.train
+        metrics = evaluate(self.model, self.ds, "valid", batch_size=ev.batch_size,
+                           memory_budget_mb=ev.memory_budget_mb, precision=ev.precision, device=self.device,
+                           max_triples=t.valid_max_triples or None)
+        return ({p: metrics[p] for p in TIE_POLICIES}, metrics[t.selection_policy][t.selection_metric])
+
+
 
 
 def _epoch_line(record: dict[str, Any], t: Any) -> str:
     line = (f"{record['stage']} epoch {record['epoch']}/{t.epochs}: loss {record.get('loss/ce', float('nan')):.4f}"
             f" ({record['seconds']:.1f} s)")
-    if "valid" in record:
-        line += f"; valid {t.selection_policy} {t.selection_metric} {record['valid'][t.selection_policy][t.selection_metric]:.4f}"
+    if "selection_value" in record:
+        line += f"; valid {t.selection_policy} {t.selection_metric} {record['selection_value']:.4f}"
     if record.get("early_stop"):
         line += "; early stop"
     return line
@@ -263,4 +322,4 @@ def _state_from_tensors(d: dict[str, Any]) -> TrainState:
     return TrainState(**d)
 
 
-__all__ = ["ComplExTrainer", "TrainState", "epoch_permutation", "resolve_device"]
+__all__ = ["ComplExTrainer", "Trainer", "TrainState", "epoch_permutation", "resolve_device"]
