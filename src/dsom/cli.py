@@ -280,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="dsom: %(levelname)s: %(message)s")
+    from dsom.perf import tune_allocator
+
+    tune_allocator()
     try:
         return COMMANDS[args.command](args)
     except DsomError as exc:

@@ -173,7 +173,7 @@ def train_meta_learner(teachers: FrozenTeachers, ds: KGDataset, ec: EnsembleConf
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss)
+                total += loss.item()
                 steps += 1
         net.eval()
         rec: dict[str, Any] = {"epoch": epoch, "loss": total / max(steps, 1)}
