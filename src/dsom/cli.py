@@ -42,8 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the whole pipeline on a dataset (default: the embedded synthetic graph)")
     _common_training(p)
-    p = sub.add_parser("pretrain", help="train the modality teachers (stage 1)")
+    p.add_argument("--ablation", choices=["table2", "table4", "table6", "dim"],
+                   help="also train the variants of a paper table on the same teachers and report them")
+    p = sub.add_parser("pretrain", help="train the modality teachers and their ensembles (stage 1)")
     _common_training(p)
+    p = sub.add_parser("distill", help="train the DSoM student on the teachers of an earlier run (stage 2)")
+    _common_training(p)
+    p.add_argument("--teachers", required=True, help="run directory (or checkpoints/teachers/final) of the teachers")
+    p.add_argument("--ablation", choices=["table2", "table4", "table6", "dim"],
+                   help="also train the variants of a paper table on the same teachers and report them")
+    p = sub.add_parser("report", help="write report/summary.md and plots of a finished run")
+    p.add_argument("run_dir")
 
     p = sub.add_parser("evaluate", help="filtered ranking metrics of a saved model")
     p.add_argument("checkpoint", help="checkpoint folder or run directory")
@@ -126,7 +135,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         pipeline.check_config(cfg)
     else:
         cfg = pipeline.build_config(args.dataset, args.config, _overrides(args))
-    out, results = pipeline.run(cfg, args.output, resume=args.resume, force=args.force, progress=not args.quiet)
+    stages = "pretrain" if args.command == "pretrain" else "all"
+    out, results = pipeline.run(cfg, args.output, resume=args.resume, force=args.force, progress=not args.quiet,
+                                stages=stages, ablation=getattr(args, "ablation", None),
+                                teachers_from=getattr(args, "teachers", None))
     print(format_results(results))
     print(f"run directory: {out}")
     return 0
@@ -148,6 +160,15 @@ def format_results(results: dict[str, Any]) -> str:
     t = results.get("timing", {})
     if t.get("pretrain_epoch_s") is not None:
         lines.append(f"pretrain: {t['pretrain_s']:.1f} s ({t['pretrain_epoch_s']:.2f} s/epoch)")
+    if t.get("distill_epoch_s") is not None:
+        lines.append(f"distill: {t['distill_s']:.1f} s ({t['distill_epoch_s']:.2f} s/epoch)")
+    policy = results.get("policy")
+    if policy:
+        shares = ", ".join(f"{k} {v:.2f}" for k, v in sorted(policy["actions"].items(), key=lambda kv: -kv[1])[:4])
+        lines.append(f"policy arg-max actions on train: {shares}")
+        if "planted_agreement" in policy:
+            lines.append(f"planted-truth agreement {policy['planted_agreement']:.3f} (all teachers "
+                         f"{policy['planted_agreement_all_teachers']:.3f}, random {policy['planted_agreement_random']:.3f})")
     return "\n".join(lines)
 
 
@@ -272,7 +293,16 @@ def cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_train, "pretrain": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+def cmd_report(args: argparse.Namespace) -> int:
+    from dsom.report import write_report
+
+    path = write_report(args.run_dir)
+    print(path.read_text(encoding="utf-8"))
+    print(f"report: {path.parent}")
+    return 0
+
+
+COMMANDS = {"run": cmd_train, "pretrain": cmd_train, "distill": cmd_train, "report": cmd_report, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "data": cmd_data, "features": cmd_features, "config": cmd_config, "version": cmd_version}
 
 

@@ -119,6 +119,38 @@ class EnsembleConfig:
 
 
 @dataclass
+class DistillConfig:
+    selector: str = opt("rl", "how each triple's teacher subset is chosen: rl (the policy, DSoM), avg (all teachers: the "
+                        "'w/ NDKD' row), single:<modality>, conf, best_teacher, best_strategy (Table 2), mulde (a "
+                        "sketch of MulDE's Senior, SPEC §6), none (plain ComplEx, no teacher)")
+    kd: str = opt("ndkd", "distillation loss: ndkd, nekd (beta=0), nnkd (alpha=0), dkd (N = {target}), vanilla, none",
+                  ("ndkd", "nekd", "nnkd", "dkd", "vanilla", "none"))
+    gamma: float = opt(2.0, "weight of the distillation loss (paper: 2.0)")
+    tau: float = opt(4.0, "distillation temperature (paper: 4.0)")
+    alpha: float = opt(1.0, "weight of the neighbour binary term NEKD (paper: 1.0)")
+    beta: float = opt(1.0, "weight of the non-neighbour term NNKD (paper: 1.0)")
+    tau_squared: bool = opt(True, "multiply the KD terms by tau^2 as the DKD reference does (SPEC A9)")
+    neighbour_mode: str = opt("mean", "NEKD binary probability: mean over neighbours (paper) or their sum (exact KD "
+                              "decomposition)", ("mean", "sum"))
+    kd_warmup_epochs: int = opt(0, "linear warm-up of the KD weight over this many epochs (DKD uses 20; 0 = off)")
+    policy_hidden: int = opt(1024, "hidden width of the policy MLP (paper: 1024)")
+    policy_state: str = opt("logits", "policy input: raw teacher logits (paper), softmax probabilities or per-row "
+                            "standardised logits", ("logits", "probs", "standardised"))
+    policy_lr: float = opt(0.0, "learning rate of the policy (0 = train.lr; the policy shares the Adagrad optimizer)")
+    reward_positive: float = opt(1.0, "reward when the chosen teachers beat the student on the triple (paper: +1)")
+    reward_negative: float = opt(-10.0, "reward otherwise (paper: -10)")
+    baseline: str = opt("avg_action", "REINFORCE baseline: the reward of the all-teacher mean (paper) or the batch "
+                        "mean reward", ("avg_action", "batch_mean"))
+    student_rank: int = opt(0, "student ComplEx rank (0 = model.rank; the dim study varies only this)")
+    epochs: int = opt(0, "student epochs (0 = train.epochs); validation, early stopping and LR as in train.*")
+    mulde_attention_temperature: float = opt(1.0, "MulDE sketch: temperature of the contrast attention")
+    variants: list = opt([], "extra student variants trained on the same teachers (names in docs/training.md, e.g. "
+                         "plain, ndkd_avg, vanilla_kd, dkd, nekd, nnkd, conf, best_teacher, best_strategy, mulde, "
+                         "single:text, rank:64) and evaluation-time baselines rc_on_val, rc_on_val_leaky")
+    rc_val_epochs: int = opt(20, "epochs of the 'RC on val.' policy trained on valid queries")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -126,6 +158,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     modalities: list = opt(["structure"], "teacher modalities; 'structure' is always present. Built in: text, "
                            "image, numeric; any other name needs features.files.<name>")
 

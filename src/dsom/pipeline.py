@@ -56,6 +56,12 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"modalities: {', '.join(unknown)} has no built-in source (built in: "
                           f"{', '.join(BUILT_IN_MODALITIES)}); give a feature file with "
                           f"--set features.files.{unknown[0]}=PATH")
+    from dsom.distill.distiller import check_selector
+
+    try:
+        check_selector(cfg.distill.selector, list(mods))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if not 0.0 <= cfg.features.missing_rate <= 1.0:
         raise ConfigError("config key 'features.missing_rate' must be in [0, 1]")
     bad = [m for m in cfg.ensemble.models if m not in ("teacher_avg", "mose_bi", "mose_mi")]
@@ -224,9 +230,132 @@ def ensemble_results(frozen: Any, ds: KGDataset, cfg: Config, device: torch.devi
     return models, info
 
 
+STUDENT_VARIANTS: dict[str, dict[str, Any]] = {
+    "plain": {"distill.selector": "none"},  # a plain ComplEx trained alone for the same epochs
+    "ndkd_avg": {"distill.selector": "avg"},  # Table 4 "w/ NDKD": all-teacher mean, no policy
+    "nekd": {"distill.kd": "nekd"},  # Table 4 "w/ RC & L_NEKD"
+    "nnkd": {"distill.kd": "nnkd"},  # Table 4 "w/ RC & L_NNKD"
+    "vanilla_kd": {"distill.kd": "vanilla"},  # Table 4 "w/ RC & Vanilla KD"
+    "dkd": {"distill.kd": "dkd"},  # Table 4 "w/ RC & DKD"
+    "conf": {"distill.selector": "conf"},  # Table 2 ConfTeacher
+    "best_teacher": {"distill.selector": "best_teacher"},  # Table 2 BestTeacher
+    "best_strategy": {"distill.selector": "best_strategy"},  # Table 2 BestStrategy
+    "mulde": {"distill.selector": "mulde"},  # Table 2 MulDE (SPEC sketch)
+}
+EVAL_BASELINES = ("rc_on_val",)
+ABLATIONS = {
+    "table2": ["conf", "best_teacher", "best_strategy", "mulde"],
+    "table4": ["ndkd_avg", "nekd", "nnkd", "vanilla_kd", "dkd", "rc_on_val"],
+    "table6": ["single:{m}"],
+    "dim": ["rank:{d}"],
+}
+PAPER_DIMS = (1000, 512, 256, 128, 64)
+
+
+def variant_overrides(name: str) -> dict[str, Any]:
+    """Config overrides of a named student variant (``single:<m>``, ``rank:<d>`` or a key of STUDENT_VARIANTS)."""
+    if name in STUDENT_VARIANTS:
+        return STUDENT_VARIANTS[name]
+    if name.startswith("single:"):
+        return {"distill.selector": name}
+    if name.startswith("rank:") and name[5:].isdigit() and int(name[5:]) > 0:
+        return {"distill.student_rank": int(name[5:])}
+    raise ConfigError(f"distill.variants: unknown variant '{name}' (choose from {', '.join(STUDENT_VARIANTS)}, "
+                      f"single:<modality>, rank:<d>, {', '.join(EVAL_BASELINES)})")
+
+
+def resolve_variants(cfg: Config, ablation: str | None = None) -> list[str]:
+    """``distill.variants`` plus the variants of an ablation table, without duplicates."""
+    names = list(cfg.distill.variants)
+    if ablation:
+        if ablation not in ABLATIONS:
+            raise ConfigError(f"--ablation {ablation}: choose one of {', '.join(ABLATIONS)}")
+        student_rank = cfg.distill.student_rank or cfg.model.rank
+        for v in ABLATIONS[ablation]:
+            if "{m}" in v:
+                names += [v.format(m=m) for m in cfg.modalities]
+            elif "{d}" in v:
+                names += [v.format(d=d) for d in PAPER_DIMS if d < student_rank]
+            else:
+                names.append(v)
+    out = []
+    for n in names:
+        if n not in out:
+            if n not in EVAL_BASELINES:
+                variant_overrides(n)
+            out.append(n)
+    return out
+
+
+def distill_stage(frozen: Any, ds: KGDataset, cfg: Config, out: Path, device: torch.device, resume: bool,
+                  progress: bool, variants: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train the DSoM student and every requested variant on the same frozen teachers."""
+    from dsom.train.student import StudentTrainer, student_config
+
+    models: dict[str, Any] = {}
+    info: dict[str, Any] = {"students": {}}
+    overlap = _valid_test_overlap(ds)
+    for name in ["student", *variants]:
+        if name in EVAL_BASELINES:
+            from dsom.distill.rc_valid import train_rc_on_valid
+
+            if frozen.num_teachers < 2 or len(ds.valid) == 0:
+                info[name] = {"skipped": "needs at least two teachers and valid triples"}
+                continue
+            t0 = time.perf_counter()
+            scorer, rc = train_rc_on_valid(frozen, ds, cfg, device, progress)
+            key = name if overlap == 0 else f"{name}/leaks_test"
+            models[key] = model_results(scorer, ds, cfg, device, progress, memory_scale=frozen.num_teachers + 1)
+            info[key] = {**rc, "seconds": round(time.perf_counter() - t0, 3), "valid_test_overlap": overlap}
+            continue
+        key = "student" if name == "student" else f"student/{name}"
+        vcfg = student_config(cfg, variant_overrides(name) if name != "student" else {})
+        if frozen.num_teachers < 2 and vcfg.distill.selector in ("rl", "mulde", "conf", "best_teacher",
+                                                                  "best_strategy"):
+            vcfg.distill.selector = "avg"  # a single teacher: there is nothing to select
+        t0 = time.perf_counter()
+        trainer = StudentTrainer(ds, vcfg, out, frozen, name=name.replace(":", "-"), progress=progress)
+        state = trainer.fit(resume=resume)
+        trainer.save_final()
+        models[key] = model_results(trainer.model.student, ds, vcfg, trainer.device, progress)
+        entry: dict[str, Any] = {
+            "selector": vcfg.distill.selector, "kd": vcfg.distill.kd, "rank": trainer.model.student.rank,
+            "parameters": trainer.num_parameters(), "extra_parameters": trainer.extra_parameters(),
+            "epochs_run": state.epoch, "best_epoch": state.best_epoch or state.epoch,
+            "stopped_early": state.stopped_early, "train_s": round(state.train_seconds, 3),
+            "epoch_s": round(state.train_seconds / max(len(state.epoch_seconds), 1), 3),
+            "wall_s": round(time.perf_counter() - t0, 3)}
+        analysis = trainer.policy_analysis()
+        if analysis is not None:
+            if name == "student":
+                info["policy"] = analysis
+            else:
+                entry["policy"] = {k: v for k, v in analysis.items() if k != "per_relation"}
+        info["students"][key] = entry
+        trainer.tracker.end_run(True)
+    return models, info
+
+
+def _valid_test_overlap(ds: KGDataset) -> int:
+    import numpy as np
+
+    if len(ds.valid) == 0 or len(ds.test) == 0:
+        return 0
+
+    def keys(a: Any) -> Any:
+        return (a[:, 0] * ds.num_relations + a[:, 1]) * ds.num_entities + a[:, 2]
+
+    return int(np.isin(np.unique(keys(ds.valid)), keys(ds.test)).sum())
+
+
 def run(cfg: Config, output: str | Path | None = None, resume: bool = False, force: bool = False,
-        progress: bool = True) -> tuple[Path, dict[str, Any]]:
-    """Features -> teachers -> ensembles -> evaluation; writes ``results.json`` last."""
+        progress: bool = True, stages: str = "all", ablation: str | None = None,
+        teachers_from: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """Features -> teachers -> ensembles -> student(s) -> evaluation; writes ``results.json`` last.
+
+    ``stages="pretrain"`` stops after the teachers and ensembles; ``teachers_from`` reuses the materialised
+    teachers of an earlier run (``dsom distill``) instead of training them.
+    """
     from dsom.train.teachers import TeacherTrainer
 
     out = Path(output) if output else default_output(cfg)
@@ -236,6 +365,9 @@ def run(cfg: Config, output: str | Path | None = None, resume: bool = False, for
     for w in warnings_:
         log.warning("dataset %s: %s", ds.name, w)
     (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    variants = resolve_variants(cfg, ablation)
+    if teachers_from is not None:
+        return _distill_only(cfg, ds, out, warnings_, teachers_from, resume, progress, variants)
     tables, feature_info = build_features(ds, cfg, progress)
     t0 = time.perf_counter()
     trainer = TeacherTrainer(ds, cfg, out, tables, progress=progress)
@@ -248,6 +380,11 @@ def run(cfg: Config, output: str | Path | None = None, resume: bool = False, for
         models.pop("teacher_avg", None)
     ens_models, ens_info = ensemble_results(frozen, ds, cfg, trainer.device, progress)
     models.update(ens_models)
+    distill_info: dict[str, Any] = {}
+    if stages == "all":
+        d_models, distill_info = distill_stage(frozen, ds, cfg, out, trainer.device, resume, progress, variants)
+        models = {**{k: v for k, v in d_models.items() if k == "student"}, **models,
+                  **{k: v for k, v in d_models.items() if k != "student"}}
     results: dict[str, Any] = {
         "dataset": ds.summary(),
         "dataset_warnings": warnings_,
@@ -271,6 +408,65 @@ def run(cfg: Config, output: str | Path | None = None, resume: bool = False, for
         "device": str(trainer.device),
         "precision": {"train": trainer.precision, "eval": cfg.eval.precision},
     }
+    _add_distill(results, distill_info)
     write_json_atomic(out / "results.json", results)
     trainer.tracker.end_run(True)
+    _write_report(out, results)
+    return out, results
+
+
+def _add_distill(results: dict[str, Any], info: dict[str, Any]) -> None:
+    if not info:
+        return
+    students = info.get("students", {})
+    if "student" in students:
+        s = students["student"]
+        results["parameters"]["student"] = s["parameters"]
+        results["parameters"]["policy_and_selector"] = s["extra_parameters"]
+        results["timing"]["distill_s"] = s["train_s"]
+        results["timing"]["distill_epoch_s"] = s["epoch_s"]
+    if "policy" in info:
+        results["policy"] = info["policy"]
+    results["distill"] = {k: v for k, v in info.items() if k != "policy"}
+
+
+def _write_report(out: Path, results: dict[str, Any]) -> None:
+    try:
+        from dsom.report import write_report
+
+        write_report(out, results)
+    except Exception as exc:  # noqa: BLE001 - a report must never fail a finished run
+        log.warning("could not write the report: %s", exc)
+
+
+def _distill_only(cfg: Config, ds: KGDataset, out: Path, warnings_: list[str], teachers_from: str | Path,
+                  resume: bool, progress: bool, variants: list[str]) -> tuple[Path, dict[str, Any]]:
+    from dsom.train.loop import resolve_device
+    from dsom.train.teachers import load_frozen_teachers
+
+    device = resolve_device(cfg.train.device)
+    frozen, meta = load_frozen_teachers(teachers_from, device)
+    fp = meta.get("dataset", {}).get("fingerprint")
+    if fp and fp != ds.fingerprint():
+        raise DsomError(f"{teachers_from}: the teachers were trained on a different vocabulary than '{ds.name}'")
+    cfg.modalities = list(frozen.modalities)
+    (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    models: dict[str, Any] = {}
+    for m in frozen.modalities:
+        models[f"teacher/{m}"] = model_results(frozen.view([m]), ds, cfg, device, progress)
+    models["teacher_avg"] = model_results(frozen.view(), ds, cfg, device, progress)
+    d_models, info = distill_stage(frozen, ds, cfg, out, device, resume, progress, variants)
+    results: dict[str, Any] = {
+        "dataset": ds.summary(), "dataset_warnings": warnings_,
+        "valid_split": {"mode": cfg.data.valid, "dropped": ds.extras.get("valid_dropped", 0)},
+        "modalities": list(frozen.modalities), "teachers_from": str(teachers_from),
+        "models": {**{k: v for k, v in d_models.items() if k == "student"}, **models,
+                   **{k: v for k, v in d_models.items() if k != "student"}},
+        "parameters": {},
+        "timing": {"pretrain_s": None, "pretrain_epoch_s": None, "distill_s": None, "distill_epoch_s": None},
+        "versions": {"dsom": __version__, "torch": torch.__version__}, "device": str(device),
+    }
+    _add_distill(results, info)
+    write_json_atomic(out / "results.json", results)
+    _write_report(out, results)
     return out, results

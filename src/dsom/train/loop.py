@@ -127,6 +127,13 @@ class Trainer:
     def model_meta(self) -> dict[str, Any]:
         return {}
 
+    def after_step(self, epoch: int, batch: int) -> None:
+        """Called after every optimizer step (per-step logging)."""
+
+    def epoch_extras(self, epoch: int) -> dict[str, Any]:
+        """Extra fields for the epoch's ``metrics.jsonl`` record."""
+        return {}
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())
 
@@ -196,6 +203,7 @@ class Trainer:
         bar = tqdm(range(0, len(q), bs), desc=f"{self.stage} epoch {epoch}", disable=not self.progress, leave=False)
         for b, start in enumerate(bar):
             batch = q[perm[start:start + bs]]
+            self.current_epoch, self.current_batch = epoch, b
             loss, terms = self.loss(batch)
             if check_every_batch and not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch}, batch {b}; "
@@ -208,6 +216,7 @@ class Trainer:
             n_batches += 1
             if self.progress and b % 10 == 0:
                 bar.set_postfix(loss=f"{float(loss):.4f}")
+            self.after_step(epoch, b)
             if self.batch_hook is not None:
                 self.batch_hook(epoch, b)
         out = {k: float(v) / max(n_batches, 1) for k, v in sums.items()}
@@ -233,7 +242,8 @@ class Trainer:
             self.state.train_seconds += seconds
             self.state.epoch_seconds.append(seconds)
             record: dict[str, Any] = {"stage": self.stage, "epoch": epoch, "seconds": round(seconds, 4),
-                                      "lr": self.optimizer.param_groups[0]["lr"], **{f"loss/{k}": v for k, v in losses.items()}}
+                                      "lr": self.optimizer.param_groups[0]["lr"], **{f"loss/{k}": v for k, v in losses.items()},
+                                      **self.epoch_extras(epoch)}
             if can_validate and epoch % t.valid_every == 0:
                 valid, value = self.validate()
                 record["valid"] = valid

@@ -1,0 +1,1 @@
+"""DSoM stage 2: teacher selection (policy and heuristics), distillation losses, the distiller."""

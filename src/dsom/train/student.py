@@ -1,0 +1,190 @@
+"""Stage 2: train the unimodal ComplEx student with CE + L_RC + gamma L_NDKD (SPEC §5) or a variant.
+
+The trainer reuses the epoch loop of :class:`~dsom.train.loop.Trainer` (shuffling, Adagrad, validation on
+valid, early stopping, resume). The policy's action sampling draws from a generator seeded by
+``(seed, epoch, batch)``, so a resumed run samples exactly what an uninterrupted one would. Per step it
+logs the batch means of delta, R and R_hat; per epoch the sampled-action histogram. After training,
+:meth:`StudentTrainer.policy_analysis` takes the arg-max action of every training query (Fig. 3).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dsom.config import Config
+from dsom.data.graph import KGDataset
+from dsom.distill.actions import action_names, num_actions
+from dsom.distill.distiller import Distiller
+from dsom.evaluate import evaluate
+from dsom.models.teachers import FrozenTeachers
+from dsom.ranks import TIE_POLICIES
+from dsom.train.checkpoint import save_checkpoint
+from dsom.train.loop import BatchHook, Trainer
+
+TRAIN_FORMAT = "dsom-student-train/1"
+
+
+def student_config(cfg: Config, overrides: Mapping[str, Any] | None = None) -> Config:
+    """The configuration a student run uses: ``distill.epochs`` replaces ``train.epochs`` when set."""
+    from dsom.config import apply_dict
+
+    out = copy.deepcopy(cfg)
+    apply_dict(out, dict(overrides or {}))
+    if out.distill.epochs > 0:
+        out.train.epochs = out.distill.epochs
+    return out
+
+
+class StudentTrainer(Trainer):
+    checkpoint_format = TRAIN_FORMAT
+
+    def __init__(self, dataset: KGDataset, cfg: Config, run_dir: str | Path, teachers: FrozenTeachers,
+                 name: str = "student", progress: bool = True, batch_hook: BatchHook | None = None) -> None:
+        self.teachers = teachers
+        self.name = name
+        self._actions = torch.zeros(num_actions(teachers.num_teachers), dtype=torch.int64)
+        self._stats: dict[str, torch.Tensor] = {}
+        cfg = student_config(cfg)
+        super().__init__(dataset, cfg, run_dir, stage="distill" if name == "student" else f"distill:{name}",
+                         progress=progress, batch_hook=batch_hook, checkpoint_subdir=name)
+        self.neighbours = dataset.neighbour_index.to(self.device)
+
+    def build_model(self, generator: torch.Generator) -> Distiller:
+        rank = self.cfg.distill.student_rank or self.cfg.model.rank
+        return Distiller(self.teachers.to(self.device), 2 * self.ds.num_relations, rank, self.cfg.distill,
+                         self.cfg.model.init_scale, generator=generator)
+
+    def trainable_parameters(self) -> list[Any]:
+        model: Distiller = self.model
+        lr = self.cfg.distill.policy_lr
+        if lr > 0 and model.policy is not None:
+            policy = set(id(p) for p in model.policy.parameters())
+            rest = [p for p in model.parameters() if id(p) not in policy]
+            return [{"params": rest}, {"params": list(model.policy.parameters()), "lr": lr}]
+        return list(model.parameters())
+
+    def num_parameters(self) -> int:
+        """Student parameters only (the paper's 53.6M on DB15K excludes the policy, SPEC A20)."""
+        return self.model.student.num_parameters()
+
+    def extra_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters()) - self.num_parameters()
+
+    def model_meta(self) -> dict[str, Any]:
+        s = self.model.student
+        return {"type": "distiller", "name": self.name, "rank": s.rank, "num_entities": s.num_entities,
+                "num_relations": s.num_relations, "original_relations": self.ds.num_relations,
+                "teachers": self.teachers.modalities, "selector": self.cfg.distill.selector, "kd": self.cfg.distill.kd}
+
+    def _neighbour_mask(self, batch: torch.Tensor) -> torch.Tensor:
+        e, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
+        mask = torch.zeros(len(batch), self.ds.num_entities, dtype=torch.bool, device=batch.device)
+        rows, cols = self.neighbours.pairs(e, r)
+        mask[rows, cols] = True
+        mask[torch.arange(len(batch), device=batch.device), t] = True
+        return mask
+
+    def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        dc, tr = self.cfg.distill, self.cfg.train
+        kd_weight = None
+        if dc.kd_warmup_epochs > 0:
+            kd_weight = dc.gamma * min(1.0, self.current_epoch / dc.kd_warmup_epochs)
+        gen = torch.Generator(device=self.device).manual_seed(
+            tr.seed * 1_000_003 + self.current_epoch * 100_003 + self.current_batch)
+        needs_mask = dc.selector != "none" and dc.kd in ("ndkd", "nekd", "nnkd")
+        losses, stats = self.model(batch, self._neighbour_mask(batch) if needs_mask else None,
+                                   precision=self.precision, regularizer=tr.regularizer, reg=tr.reg,
+                                   kd_weight=kd_weight, generator=gen)
+        self._stats = stats
+        total = sum(losses.values())
+        return total, {k: v.detach() for k, v in losses.items()}
+
+    def after_step(self, epoch: int, batch: int) -> None:
+        st = self._stats
+        if "actions" in st:
+            self._actions += st["actions"].cpu()
+        if "delta" in st:
+            self.tracker.log({"stage": self.stage, "epoch": epoch, "step": batch, "delta": float(st["delta"]),
+                              "reward": float(st["reward"]), "reward_baseline": float(st["reward_baseline"])})
+
+    def epoch_extras(self, epoch: int) -> dict[str, Any]:
+        if self.model.policy is None or int(self._actions.sum()) == 0:
+            return {}
+        names = action_names(self.teachers.modalities)
+        out = {"actions": dict(zip(names, self._actions.tolist()))}
+        self._actions.zero_()
+        return out
+
+    def validate(self) -> tuple[dict[str, Any], float]:
+        self.model.eval()
+        ev, t = self.cfg.eval, self.cfg.train
+        m = evaluate(self.model.student, self.ds, "valid", batch_size=ev.batch_size,
+                     memory_budget_mb=ev.memory_budget_mb, precision=ev.precision, device=self.device,
+                     max_triples=t.valid_max_triples or None)
+        return {p: m[p] for p in TIE_POLICIES}, m[t.selection_policy][t.selection_metric]
+
+    def save_final(self) -> Path:
+        """The selected student as a plain ComplEx checkpoint (``checkpoints/<name>/final``)."""
+        meta = {"stage": self.stage, "epoch": self.state.best_epoch or self.state.epoch, "config": self.cfg.to_dict(),
+                "distill": self.model_meta()}
+        return save_checkpoint(self.ckpt_dir / "final", self.model.student, self.ds, meta)
+
+    @torch.no_grad()
+    def policy_analysis(self) -> dict[str, Any] | None:
+        """Arg-max action shares over all training queries, overall and per relation (Fig. 3), and on the
+        synthetic dataset the agreement with the planted helpful/misleading teachers."""
+        model: Distiller = self.model
+        if model.policy is None:
+            return None
+        model.eval()
+        q = torch.from_numpy(self.ds.queries("train")).to(self.device)
+        actions = model.greedy_actions(q, self.cfg.eval.batch_size).cpu()
+        names = action_names(self.teachers.modalities)
+        A = len(names)
+        overall = torch.bincount(actions, minlength=A).double() / max(len(actions), 1)
+        out: dict[str, Any] = {"actions": {n: round(float(x), 6) for n, x in zip(names, overall)}}
+        rel = q[:, 1].cpu()
+        R = self.ds.num_relations
+        per: dict[str, Any] = {}
+        for r in torch.unique(rel).tolist():
+            sel = actions[rel == r]
+            label = self.ds.relations.labels[r % R] + (" (inverse)" if r >= R else "")
+            share = torch.bincount(sel, minlength=A).double() / len(sel)
+            per[label] = {"queries": int(len(sel)),
+                          **{n: round(float(x), 6) for n, x in zip(names, share) if x > 0}}
+        out["per_relation"] = per
+        truth = self.ds.extras.get("synthetic")
+        if truth is not None and list(truth.teachers[:len(self.teachers.modalities)]) == self.teachers.modalities[
+                :len(truth.teachers)]:
+            out.update(planted_agreement(actions.numpy(), truth, self.teachers.modalities))
+        return out
+
+
+def planted_agreement(actions: np.ndarray, truth: Any, modalities: list[str]) -> dict[str, Any]:
+    """Share of training queries whose action contains every planted-helpful teacher and no planted-misleading
+    one (docs/training.md), with the same share for always choosing all teachers and for a uniform random action."""
+    cols = [list(truth.teachers).index(m) for m in modalities]
+    helpful = truth.helpful_subset("train", "both")[:, cols]
+    misleading = truth.misleading_subset("train", "both")[:, cols]
+    M = len(modalities)
+    members = ((np.arange(1, 2**M)[:, None] >> np.arange(M)) & 1).astype(bool)  # (A, M)
+
+    def agree(chosen: np.ndarray) -> np.ndarray:
+        return (~(helpful & ~chosen)).all(1) & ~(misleading & chosen).any(1)
+
+    per_action = np.stack([agree(np.broadcast_to(members[a], helpful.shape)) for a in range(len(members))], 1)
+    return {"planted_agreement": float(per_action[np.arange(len(actions)), actions].mean()),
+            "planted_agreement_all_teachers": float(per_action[:, -1].mean()),
+            "planted_agreement_random": float(per_action.mean()),
+            "planted_agreement_best_possible": float(per_action.any(1).mean())}
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
