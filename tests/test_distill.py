@@ -1,0 +1,252 @@
+"""Stage 2: losses against independent computations, the action space, rewards, REINFORCE, the distiller."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsom.config import Config, DistillConfig, set_value
+from dsom.distill.actions import action_names, num_actions, subset_matrix
+from dsom.distill.distiller import Distiller
+from dsom.distill.losses import dkd, ndkd, nekd, nnkd, target_mask, vanilla_kd
+from dsom.distill.policy import Policy, reinforce_loss, triple_rewards
+from dsom.models.teachers import FrozenTeachers
+from dsom.train.loop import ComplExTrainer
+from dsom.train.student import StudentTrainer, planted_agreement
+
+from toy import clustered_graph
+
+
+def _kl(p, q):
+    p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
+    keep = p > 0
+    return float((p[keep] * (np.log(p[keep]) - np.log(q[keep]))).sum())
+
+
+def _softmax(z):
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def test_dkd_equals_an_independent_tckd_nckd():
+    g = torch.Generator().manual_seed(0)
+    zt, zs = torch.randn(5, 9, generator=g) * 3, torch.randn(5, 9, generator=g) * 3
+    t = torch.tensor([0, 3, 8, 2, 2])
+    tau = 4.0
+    got = dkd(zt, zs, t, tau)
+    for i in range(5):
+        pt, ps = _softmax(zt[i].numpy() / tau), _softmax(zs[i].numpy() / tau)
+        k = int(t[i])
+        tckd = _kl([pt[k], 1 - pt[k]], [ps[k], 1 - ps[k]])
+        rest = [j for j in range(9) if j != k]
+        nckd = _kl(pt[rest] / pt[rest].sum(), ps[rest] / ps[rest].sum())
+        assert math.isclose(float(got[i]), tau**2 * (tckd + nckd), rel_tol=1e-4, abs_tol=1e-6)
+
+
+def test_ndkd_mean_variant_matches_the_definition():
+    g = torch.Generator().manual_seed(1)
+    zt, zs = torch.randn(3, 12, generator=g) * 2, torch.randn(3, 12, generator=g) * 2
+    mask = torch.zeros(3, 12, dtype=torch.bool)
+    mask[0, [1, 4, 5]] = True
+    mask[1, [0]] = True
+    mask[2, :11] = True
+    tau = 2.0
+    got = ndkd(zt, zs, mask, tau, alpha=0.7, beta=1.3)
+    for i in range(3):
+        pt, ps = _softmax(zt[i].numpy() / tau), _softmax(zs[i].numpy() / tau)
+        n = mask[i].numpy()
+        mt, ms = pt[n].mean(), ps[n].mean()
+        ne = _kl([mt, 1 - mt], [ms, 1 - ms])
+        nn_ = _kl(pt[~n] / pt[~n].sum(), ps[~n] / ps[~n].sum())
+        assert math.isclose(float(got[i]), tau**2 * (0.7 * ne + 1.3 * nn_), rel_tol=1e-4, abs_tol=1e-6)
+
+
+def test_sum_variant_decomposes_vanilla_kd_exactly():
+    g = torch.Generator().manual_seed(2)
+    zt, zs = torch.randn(4, 10, generator=g) * 3, torch.randn(4, 10, generator=g) * 3
+    mask = torch.rand(4, 10, generator=g) < 0.3
+    mask[:, 0] = True
+    tau = 1.0
+    full = vanilla_kd(zt, zs, tau, tau_squared=False)
+    binary = nekd(zt, zs, mask, tau, mode="sum")
+    pn = (F.softmax(zt / tau, -1) * mask).sum(-1)
+    rest = nnkd(zt, zs, mask, tau)
+    # the KL within the neighbour set, computed independently (it vanishes when N = {t})
+    inside = torch.tensor([_kl(_softmax(zt[i][mask[i]].numpy() / tau), _softmax(zs[i][mask[i]].numpy() / tau))
+                           for i in range(4)], dtype=torch.float32)
+    torch.testing.assert_close(full, binary + pn * inside + (1 - pn) * rest, rtol=1e-4, atol=1e-6)
+    # SPEC §5.6's two-term identity holds for N = {t}
+    one = target_mask(torch.tensor([0, 1, 2, 3]), 10)
+    pt = (F.softmax(zt / tau, -1) * one).sum(-1)
+    torch.testing.assert_close(full, nekd(zt, zs, one, tau, mode="sum") + (1 - pt) * nnkd(zt, zs, one, tau),
+                               rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["single", "all", "huge", "bf16"])
+def test_losses_stay_finite_with_finite_gradients(case):
+    g = torch.Generator().manual_seed(3)
+    E = 16
+    zt = torch.randn(4, E, generator=g)
+    zs = torch.randn(4, E, generator=g)
+    t = torch.tensor([0, 5, 9, 15])
+    mask = target_mask(t, E)
+    if case == "all":
+        mask[:] = True
+    if case == "huge":
+        zt, zs = zt * 1e6, zs * 1e6
+    if case == "bf16":
+        zt, zs = zt.bfloat16().float() * 50, zs.bfloat16().float() * 50
+    zs.requires_grad_(True)
+    for mode in ("mean", "sum"):
+        loss = ndkd(zt, zs, mask, 4.0, mode=mode).sum() + dkd(zt, zs, t).sum() + vanilla_kd(zt, zs).sum()
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(zs.grad).all()
+        zs.grad = None
+    if case == "all":  # no non-neighbours: both binary and renormalised terms are 0
+        assert float(ndkd(zt, zs.detach(), mask).abs().max()) < 1e-4
+
+
+def test_action_space_and_names():
+    C = subset_matrix(3)
+    assert C.shape == (7, 3) and num_actions(4) == 15
+    torch.testing.assert_close(C.sum(1), torch.ones(7))
+    assert action_names(["S", "V", "D"]) == ["S", "V", "S+V", "D", "S+D", "V+D", "S+V+D"]
+    assert subset_matrix(5).shape == (31, 5)
+
+
+def test_rewards_and_baseline_on_hand_made_logits():
+    target = torch.tensor([0, 1])
+    student_ce = torch.tensor([1.0, 0.5])
+    # row 0: teacher CE ~0.01 < 1.0 -> +1; row 1: teacher CE large -> -10
+    teacher = torch.tensor([[10.0, 0.0, 0.0], [5.0, 0.0, 5.0]])
+    r = triple_rewards(teacher, student_ce, target)
+    assert r.tolist() == [1.0, -10.0]
+
+
+def test_reinforce_raises_the_log_probability_of_a_positive_delta_action():
+    torch.manual_seed(0)
+    pol = Policy(6, 3, hidden=8)
+    s = torch.randn(4, 6)
+    a = torch.tensor([2, 2, 2, 2])
+    before = F.log_softmax(pol(s), -1)[:, 2].mean()
+    opt = torch.optim.SGD(pol.parameters(), lr=0.1)
+    loss = reinforce_loss(pol(s), a, torch.full((4,), 11.0))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert F.log_softmax(pol(s), -1)[:, 2].mean() > before
+    # a negative delta lowers it
+    before = F.log_softmax(pol(s), -1)[:, 2].mean()
+    loss = reinforce_loss(pol(s), a, torch.full((4,), -11.0))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert F.log_softmax(pol(s), -1)[:, 2].mean() < before
+
+
+def _cfg(**kw):
+    cfg = Config()
+    base = {"model.rank": 8, "train.epochs": 3, "train.batch_size": 100, "train.valid_every": 0,
+            "train.precision": "fp32", "train.seed": 5}
+    base.update(kw)
+    for k, v in base.items():
+        set_value(cfg, k, v)
+    return cfg
+
+
+def _frozen(ds, M=3, d=8):
+    g = torch.Generator().manual_seed(7)
+    return FrozenTeachers([f"m{i}" for i in range(M)], torch.randn(M, ds.num_entities, 2 * d, generator=g) * 0.3,
+                          torch.randn(M, 2 * ds.num_relations, 2 * d, generator=g) * 0.3)
+
+
+def test_gamma_zero_with_the_full_set_reduces_to_plain_training(tmp_path):
+    ds = clustered_graph(num_entities=60)
+    plain = ComplExTrainer(ds, _cfg(), tmp_path / "plain", progress=False)
+    plain.fit()
+    cfg = _cfg(**{"distill.selector": "avg", "distill.gamma": 0.0})
+    st = StudentTrainer(ds, cfg, tmp_path / "st", _frozen(ds), progress=False)
+    st.fit()
+    torch.testing.assert_close(st.model.student.entity, plain.model.entity)
+    torch.testing.assert_close(st.model.student.relation, plain.model.relation)
+
+
+def test_distiller_gradients_are_disjoint_and_teachers_stay_frozen():
+    ds = clustered_graph(num_entities=40)
+    frozen = _frozen(ds)
+    tables = frozen.tables.clone()
+    d = Distiller(frozen, 2 * ds.num_relations, 8, DistillConfig(), generator=torch.Generator().manual_seed(0))
+    batch = torch.from_numpy(ds.queries("train")[:32])
+    losses, stats = d(batch, target_mask(batch[:, 2], ds.num_entities), generator=torch.Generator().manual_seed(1))
+    assert set(losses) == {"ce", "reg", "rc", "kd"} and int(stats["actions"].sum()) == 32
+    assert float(stats["delta"]) * 32 / 11 == pytest.approx(round(float(stats["delta"]) * 32 / 11), abs=1e-4)
+    losses["rc"].backward(retain_graph=True)
+    assert d.student.entity.grad is None and all(p.grad is not None for p in d.policy.parameters())
+    d.zero_grad(set_to_none=True)
+    (losses["ce"] + losses["kd"]).backward()
+    assert all(p.grad is None for p in d.policy.parameters()) and d.student.entity.grad is not None
+    assert torch.equal(frozen.tables, tables)
+    assert not any(p is frozen.tables for p in d.parameters())
+
+
+def test_delta_is_zero_when_the_sampled_action_is_the_full_set():
+    ds = clustered_graph(num_entities=40)
+    d = Distiller(_frozen(ds), 2 * ds.num_relations, 8, DistillConfig(), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # force the policy to pick the full set
+        d.policy.net[2].bias.copy_(torch.tensor([-1e4] * 6 + [1e4]))
+    batch = torch.from_numpy(ds.queries("train")[:50])
+    _, stats = d(batch, None, generator=torch.Generator().manual_seed(1))
+    assert int(stats["actions"][-1]) == 50 and float(stats["delta"]) == 0.0
+
+
+@pytest.mark.parametrize("selector", ["conf", "best_teacher", "best_strategy", "single:m1", "mulde", "none"])
+def test_every_selector_trains(tmp_path, selector):
+    ds = clustered_graph(num_entities=50)
+    cfg = _cfg(**{"distill.selector": selector, "train.epochs": 1})
+    st = StudentTrainer(ds, cfg, tmp_path, _frozen(ds), progress=False)
+    st.fit()
+    assert torch.isfinite(st.model.student.entity).all()
+
+
+def test_heuristic_selectors_against_brute_force():
+    ds = clustered_graph(num_entities=30)
+    frozen = _frozen(ds)
+    batch = torch.from_numpy(ds.queries("train")[:20])
+    scores = frozen.score_all(batch[:, 0], batch[:, 1])
+    for sel in ("conf", "best_teacher", "best_strategy"):
+        d = Distiller(frozen, 2 * ds.num_relations, 4, DistillConfig(selector=sel))
+        w = d.heuristic_weights(scores, batch[:, 2])
+        for i in range(20):
+            t = int(batch[i, 2])
+            if sel == "conf":
+                m = int(np.argmax([float(scores[k, i].softmax(-1).max()) for k in range(3)]))
+                expect = torch.eye(3)[m]
+            elif sel == "best_teacher":
+                m = int(np.argmin([float(F.cross_entropy(scores[k, i:i + 1], batch[i:i + 1, 2])) for k in range(3)]))
+                expect = torch.eye(3)[m]
+            else:
+                C = subset_matrix(3)
+                ces = [float(F.cross_entropy((C[a] @ scores[:, i]).unsqueeze(0), torch.tensor([t]))) for a in range(7)]
+                expect = C[int(np.argmin(ces))]
+            torch.testing.assert_close(w[i], expect)
+
+
+def test_planted_agreement_definition():
+    class Truth:
+        teachers = ("structure", "text")
+
+        def helpful_subset(self, split, direction):
+            return np.array([[True, False], [False, False], [True, True]])
+
+        def misleading_subset(self, split, direction):
+            return np.array([[False, True], [False, True], [False, False]])
+
+    # actions: 0 = {structure}, 1 = {text}, 2 = {structure, text}
+    out = planted_agreement(np.array([0, 0, 2]), Truth(), ["structure", "text"])
+    assert out["planted_agreement"] == 1.0
+    out = planted_agreement(np.array([2, 1, 0]), Truth(), ["structure", "text"])
+    assert out["planted_agreement"] == 0.0
+    assert math.isclose(out["planted_agreement_all_teachers"], 1 / 3)
