@@ -250,3 +250,58 @@ def test_planted_agreement_definition():
     out = planted_agreement(np.array([2, 1, 0]), Truth(), ["structure", "text"])
     assert out["planted_agreement"] == 0.0
     assert math.isclose(out["planted_agreement_all_teachers"], 1 / 3)
+
+
+TINY = ["--rank", "8", "--epochs", "2", "--set", "data.synthetic.num_train=3000", "--set",
+        "data.synthetic.num_entities=400", "--set", "ensemble.mi_epochs=1", "--set", "distill.policy_hidden=16",
+        "--set", "train.valid_every=1", "-q"]
+
+
+def test_run_on_synthetic_reports_student_policy_and_planted_agreement(tmp_path, capsys):
+    import json
+
+    from dsom.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "-o", str(out), *TINY]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert {"student", "teacher_avg", "mose_bi", "mose_mi", "teacher/structure", "teacher/image"} <= set(res["models"])
+    actions = res["policy"]["actions"]
+    assert len(actions) == 15 and "structure+text+numeric+image" in actions
+    assert math.isclose(sum(actions.values()), 1.0, abs_tol=1e-4)
+    assert 0.0 <= res["policy"]["planted_agreement"] <= res["policy"]["planted_agreement_best_possible"] <= 1.0
+    assert res["parameters"]["student"] == 2 * 8 * (400 + 2 * 24)
+    assert (out / "report" / "summary.md").exists()
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
+    assert steps and all({"delta", "reward", "reward_baseline"} <= set(s) for s in steps)
+    # stage 2 alone on the saved teachers, and the report command
+    out2 = tmp_path / "distill"
+    assert main(["distill", "-o", str(out2), "--teachers", str(out), "--ablation", "table6", *TINY]) == 0
+    res2 = json.loads((out2 / "results.json").read_text())
+    assert {"student", "student/single:text", "student/single:structure"} <= set(res2["models"])
+    capsys.readouterr()
+    assert main(["report", str(out2)]) == 0
+    assert "student/single:image" in capsys.readouterr().out
+
+
+class Stop(Exception):
+    pass
+
+
+def test_student_resume_is_bit_identical(tmp_path):
+    ds = clustered_graph(num_entities=60)
+    cfg = _cfg(**{"train.epochs": 3, "distill.policy_hidden": 8})
+    frozen = _frozen(ds)
+    ref = StudentTrainer(ds, cfg, tmp_path / "ref", frozen, progress=False)
+    ref.fit()
+
+    def hook(epoch, batch):
+        if (epoch, batch) == (2, 1):
+            raise Stop
+
+    with pytest.raises(Stop):
+        StudentTrainer(ds, cfg, tmp_path / "run", frozen, progress=False, batch_hook=hook).fit()
+    res = StudentTrainer(ds, cfg, tmp_path / "run", frozen, progress=False)
+    res.fit(resume=True)
+    for a, b in zip(res.model.parameters(), ref.model.parameters()):
+        assert torch.equal(a, b)

@@ -201,7 +201,7 @@ def test_run_with_feature_modalities_writes_every_model(tmp_path, capsys):
     feats = np.random.default_rng(0).normal(size=(ds.num_entities, 6)).astype(np.float32)
     np.save(tmp_path / "f.npy", feats)
     out = tmp_path / "run"
-    argv = ["run", str(folder), "-o", str(out), "--rank", "4", "--epochs", "3", "--modalities", "structure,vis",
+    argv = ["pretrain", str(folder), "-o", str(out), "--rank", "4", "--epochs", "3", "--modalities", "structure,vis",
             "--set", f"features.files.vis={tmp_path / 'f.npy'}", "--set", "ensemble.mi_epochs=2", "-q"]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())

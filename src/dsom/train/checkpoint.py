@@ -109,7 +109,7 @@ class LoadedCheckpoint:
         return torch.load(p, weights_only=True) if p.exists() else None
 
 
-RUN_CHECKPOINTS = ("student/best", "teachers/final", "best", "last")
+RUN_CHECKPOINTS = ("student/final", "teachers/final", "best", "last")
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
