@@ -73,3 +73,11 @@ def test_n3_factors_and_penalty_closed_form():
 def test_unknown_precision_is_rejected():
     with pytest.raises(ValueError):
         matmul_scores(torch.zeros(1, 2), torch.zeros(3, 2), precision="fp8")
+
+
+def test_n3_gradient_is_finite_for_exactly_zero_rows():
+    from dsom.models.complex import complex_modulus
+
+    x = torch.zeros(2, 6, requires_grad=True)
+    (complex_modulus(x) ** 3).sum().backward()
+    assert torch.isfinite(x.grad).all()

@@ -62,9 +62,13 @@ def matmul_scores(query: torch.Tensor, candidates: torch.Tensor, precision: str 
 
 
 def complex_modulus(x: torch.Tensor) -> torch.Tensor:
-    """Element-wise complex modulus of ``[re | im]`` rows: ``(..., 2d) -> (..., d)``."""
+    """Element-wise complex modulus of ``[re | im]`` rows: ``(..., 2d) -> (..., d)``.
+
+    The square is clamped at 1e-30 before the root so an exactly-zero entry (a feature row of zeros times
+    its projection) has a zero gradient instead of ``0 * inf = NaN``; values change by at most 1e-15.
+    """
     d = x.shape[-1] // 2
-    return torch.sqrt(x[..., :d] ** 2 + x[..., d:] ** 2)
+    return torch.sqrt((x[..., :d] ** 2 + x[..., d:] ** 2).clamp_min(1e-30))
 
 
 class ComplEx(nn.Module):

@@ -215,7 +215,7 @@ class Trainer:
                 sums[k] = sums[k] + v if k in sums else v
             n_batches += 1
             if self.progress and b % 10 == 0:
-                bar.set_postfix(loss=f"{float(loss):.4f}")
+                bar.set_postfix(loss=f"{loss.item():.4f}")
             self.after_step(epoch, b)
             if self.batch_hook is not None:
                 self.batch_hook(epoch, b)
