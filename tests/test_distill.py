@@ -282,6 +282,9 @@ def test_run_on_synthetic_reports_student_policy_and_planted_agreement(tmp_path,
     capsys.readouterr()
     assert main(["report", str(out2)]) == 0
     assert "student/single:image" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    pytest.importorskip("matplotlib")
+    assert {"reward.png", "losses.png", "actions_per_relation.png"} <= {p.name for p in (out / "report").iterdir()}
 
 
 class Stop(Exception):
@@ -305,3 +308,20 @@ def test_student_resume_is_bit_identical(tmp_path):
     res.fit(resume=True)
     for a, b in zip(res.model.parameters(), ref.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_missing_study_runs_every_rate(tmp_path):
+    import json
+
+    from dsom.cli import main
+
+    out = tmp_path / "miss"
+    argv = ["run", "-o", str(out), "--rank", "4", "--epochs", "1", "--set", "data.synthetic.num_train=1500",
+            "--set", "data.synthetic.num_entities=300", "--set", "ensemble.models=[teacher_avg]",
+            "--set", "distill.policy_hidden=8", "--ablation", "missing", "-q"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["missing_study"]) == ["0.0", "0.2", "0.4", "0.6", "0.8"]
+    sub = json.loads((out / "missing-0.8" / "results.json").read_text())
+    assert all(sub["features"][m]["present"] <= round(0.2 * 300) for m in ("text", "numeric", "image"))
+    assert res["missing_study"]["0.8"]["student"] == sub["models"]["student"]["test"]

@@ -102,8 +102,10 @@ def build_features(ds: KGDataset, cfg: Config, progress: bool = True,
 
             table, seconds, cached = ds.modalities[m], 0.0, None
             if cfg.features.missing_rate > 0:
-                table = apply_missing_rate(table, cfg.features.missing_rate, cfg.features.missing_seed,
-                                           cfg.features.imputation)
+                from dsom.features.build import BUILT_IN_OFFSET
+
+                table = apply_missing_rate(table, cfg.features.missing_rate,
+                                           cfg.features.missing_seed + BUILT_IN_OFFSET.get(m, 7), cfg.features.imputation)
         else:
             built = build_modality(ds, m, cfg.features, force=force, progress=progress)
             table, seconds, cached = built.table, built.seconds, built.cached
@@ -411,6 +413,35 @@ def run(cfg: Config, output: str | Path | None = None, resume: bool = False, for
     _add_distill(results, distill_info)
     write_json_atomic(out / "results.json", results)
     trainer.tracker.end_run(True)
+    _write_report(out, results)
+    return out, results
+
+
+MISSING_RATES = (0.2, 0.4, 0.6, 0.8)
+
+
+def missing_study(cfg: Config, output: str | Path | None, resume: bool = False, force: bool = False,
+                  progress: bool = True, rates: tuple[float, ...] = MISSING_RATES) -> tuple[Path, dict[str, Any]]:
+    """The Figure-4 study (SPEC §7): the full pipeline at missing rate 0 (the main run, in ``output``) and at
+    every rate in ``rates`` (sub-runs ``output/missing-<rate>``, teachers retrained each time). The main
+    ``results.json`` gains ``missing_study``: test metrics of every teacher, Teacher Avg. and the student per rate."""
+    import copy
+
+    out, results = run(cfg, output, resume=resume, force=force, progress=progress)
+    study: dict[str, Any] = {}
+
+    def row(res: dict[str, Any]) -> dict[str, Any]:
+        return {k: v["test"] for k, v in res["models"].items()
+                if "test" in v and (k in ("student", "teacher_avg") or k.startswith("teacher/"))}
+
+    study["0.0"] = row(results)
+    for rate in rates:
+        sub_cfg = copy.deepcopy(cfg)
+        sub_cfg.features.missing_rate = rate
+        _, sub = run(sub_cfg, out / f"missing-{rate}", resume=resume, force=force, progress=progress)
+        study[str(rate)] = row(sub)
+    results["missing_study"] = study
+    write_json_atomic(out / "results.json", results)
     _write_report(out, results)
     return out, results
 

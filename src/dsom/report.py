@@ -47,6 +47,14 @@ def summary_markdown(results: dict[str, Any]) -> str:
                           f"{policy['planted_agreement_all_teachers']:.4f}; uniform random action: "
                           f"{policy['planted_agreement_random']:.4f}; best possible: "
                           f"{policy['planted_agreement_best_possible']:.4f})."]
+    study = results.get("missing_study")
+    if study:
+        lines += ["", "## Missing-modality study (test MRR, realistic)", ""]
+        names = list(next(iter(study.values())))
+        lines += ["| missing rate | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for rate, row in study.items():
+            lines.append(f"| {rate} | " + " | ".join(f"{row[n]['realistic']['mrr']:.4f}" if n in row else "-"
+                                                      for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
