@@ -325,3 +325,15 @@ def test_missing_study_runs_every_rate(tmp_path):
     sub = json.loads((out / "missing-0.8" / "results.json").read_text())
     assert all(sub["features"][m]["present"] <= round(0.2 * 300) for m in ("text", "numeric", "image"))
     assert res["missing_study"]["0.8"]["student"] == sub["models"]["student"]["test"]
+
+
+def test_separate_adam_policy_optimizer_updates_the_policy(tmp_path):
+    ds = clustered_graph(num_entities=50)
+    cfg = _cfg(**{"distill.policy_optimizer": "adam", "distill.policy_hidden": 8, "train.epochs": 1})
+    st = StudentTrainer(ds, cfg, tmp_path, _frozen(ds), progress=False)
+    before = [p.detach().clone() for p in st.model.policy.parameters()]
+    assert all(id(p) not in {id(q) for g in st.optimizer.param_groups for q in g["params"]}
+               for p in st.model.policy.parameters())
+    st.fit()
+    assert any(not torch.equal(a, b) for a, b in zip(before, st.model.policy.parameters()))
+    assert "policy_optimizer" in st.extra_train_state()

@@ -136,7 +136,10 @@ class DistillConfig:
     policy_hidden: int = opt(1024, "hidden width of the policy MLP (paper: 1024)")
     policy_state: str = opt("logits", "policy input: raw teacher logits (paper), softmax probabilities or per-row "
                             "standardised logits", ("logits", "probs", "standardised"))
-    policy_lr: float = opt(0.0, "learning rate of the policy (0 = train.lr; the policy shares the Adagrad optimizer)")
+    policy_optimizer: str = opt("shared", "'shared': one Adagrad over student and policy (SPEC A13); 'adam': the policy "
+                                "gets its own Adam (lr policy_lr, default 1e-4), the fallback if it collapses early",
+                                ("shared", "adam"))
+    policy_lr: float = opt(0.0, "learning rate of the policy (0 = train.lr when shared, 1e-4 with adam)")
     reward_positive: float = opt(1.0, "reward when the chosen teachers beat the student on the triple (paper: +1)")
     reward_negative: float = opt(-10.0, "reward otherwise (paper: -10)")
     baseline: str = opt("avg_action", "REINFORCE baseline: the reward of the all-teacher mean (paper) or the batch "

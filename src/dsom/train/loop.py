@@ -171,8 +171,16 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else {},
             "trainer": _state_to_tensors(self.state),
+            "extra": self.extra_train_state(),
         }
         self._save("last", train_state=train_state)
+
+    def extra_train_state(self) -> dict[str, Any]:
+        """Subclass state to save with ``checkpoints/last`` (e.g. a second optimizer)."""
+        return {}
+
+    def load_extra_train_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_train_state` saved."""
 
     def resume(self) -> bool:
         """Load ``checkpoints/last`` if it exists; returns whether something was resumed."""
@@ -188,6 +196,7 @@ class Trainer:
         if self.scheduler and ts["scheduler"]:
             self.scheduler.load_state_dict(ts["scheduler"])
         self.state = _state_from_tensors(ts["trainer"])
+        self.load_extra_train_state(ts.get("extra", {}))
         self.tracker.truncate_after(self.stage, self.state.epoch)
         return True
 

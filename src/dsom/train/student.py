@@ -55,6 +55,10 @@ class StudentTrainer(Trainer):
         super().__init__(dataset, cfg, run_dir, stage="distill" if name == "student" else f"distill:{name}",
                          progress=progress, batch_hook=batch_hook, checkpoint_subdir=name)
         self.neighbours = dataset.neighbour_index.to(self.device)
+        self.policy_optimizer: torch.optim.Optimizer | None = None
+        if self.cfg.distill.policy_optimizer == "adam" and self.model.policy is not None:
+            self.policy_optimizer = torch.optim.Adam(self.model.policy.parameters(),
+                                                     lr=self.cfg.distill.policy_lr or 1e-4)
 
     def build_model(self, generator: torch.Generator) -> Distiller:
         rank = self.cfg.distill.student_rank or self.cfg.model.rank
@@ -64,6 +68,9 @@ class StudentTrainer(Trainer):
     def trainable_parameters(self) -> list[Any]:
         model: Distiller = self.model
         lr = self.cfg.distill.policy_lr
+        if self.cfg.distill.policy_optimizer == "adam" and model.policy is not None:
+            policy = set(id(p) for p in model.policy.parameters())
+            return [p for p in model.parameters() if id(p) not in policy]  # the policy has its own optimizer
         if lr > 0 and model.policy is not None:
             policy = set(id(p) for p in model.policy.parameters())
             rest = [p for p in model.parameters() if id(p) not in policy]
@@ -106,7 +113,17 @@ class StudentTrainer(Trainer):
         total = sum(losses.values())
         return total, {k: v.detach() for k, v in losses.items()}
 
+    def extra_train_state(self) -> dict[str, Any]:
+        return {"policy_optimizer": self.policy_optimizer.state_dict()} if self.policy_optimizer else {}
+
+    def load_extra_train_state(self, state: dict[str, Any]) -> None:
+        if self.policy_optimizer is not None and "policy_optimizer" in state:
+            self.policy_optimizer.load_state_dict(state["policy_optimizer"])
+
     def after_step(self, epoch: int, batch: int) -> None:
+        if self.policy_optimizer is not None:
+            self.policy_optimizer.step()
+            self.policy_optimizer.zero_grad(set_to_none=True)
         st = self._stats
         if "actions" in st:
             self._actions += st["actions"].cpu()
