@@ -196,6 +196,27 @@ def teacher_results(trainer: Any, ds: KGDataset, cfg: Config) -> tuple[dict[str,
     return {k: split_results(v) for k, v in models.items()}, oracle
 
 
+def frozen_teacher_results(frozen: Any, ds: KGDataset, cfg: Config, device: torch.device,
+                           progress: bool) -> dict[str, Any]:
+    """Every teacher and Teacher Avg. of materialised teachers, ranked in one pass per split."""
+    from dsom.evaluate import split_counts
+    from dsom.models.teachers import AllViews
+    from dsom.train.teachers import view_metrics
+
+    per: dict[str, dict[str, Any]] = {}
+    for split in cfg.eval.splits:
+        if len(ds.splits[split]) == 0:
+            continue
+        counts, n = split_counts(AllViews(frozen), ds, split, batch_size=cfg.eval.batch_size,
+                                 memory_budget_mb=cfg.eval.memory_budget_mb / (frozen.num_teachers + 1),
+                                 precision=cfg.eval.precision, device=device, progress=progress)
+        views = view_metrics(counts, n, frozen.modalities)
+        views.pop("teacher_oracle")
+        for key, m in views.items():
+            per.setdefault(key, {})[split] = m
+    return {k: split_results(v) for k, v in per.items()}
+
+
 def ensemble_results(frozen: Any, ds: KGDataset, cfg: Config, device: torch.device,
                      progress: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """MoSE-BI and MoSE-MI (SPEC §3), trained on valid; needs at least two teachers and valid triples."""
@@ -482,10 +503,7 @@ def _distill_only(cfg: Config, ds: KGDataset, out: Path, warnings_: list[str], t
         raise DsomError(f"{teachers_from}: the teachers were trained on a different vocabulary than '{ds.name}'")
     cfg.modalities = list(frozen.modalities)
     (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    models: dict[str, Any] = {}
-    for m in frozen.modalities:
-        models[f"teacher/{m}"] = model_results(frozen.view([m]), ds, cfg, device, progress)
-    models["teacher_avg"] = model_results(frozen.view(), ds, cfg, device, progress)
+    models = frozen_teacher_results(frozen, ds, cfg, device, progress)
     d_models, info = distill_stage(frozen, ds, cfg, out, device, resume, progress, variants)
     results: dict[str, Any] = {
         "dataset": ds.summary(), "dataset_warnings": warnings_,
