@@ -15,7 +15,8 @@ SYNTHETIC = "synthetic"
 # Suggested sizes for datasets whose paper defaults would be needlessly slow; applied below user settings.
 PRESETS: dict[str, dict[str, Any]] = {
     SYNTHETIC: {"model.rank": 32, "train.epochs": 24, "train.valid_every": 3, "train.batch_size": 1000,
-                "modalities": ["structure", "text", "numeric", "image"], "distill.policy_hidden": 128},
+                "modalities": ["structure", "text", "numeric", "image"], "distill.policy_hidden": 128,
+                "distill.epochs": 8},
 }
 
 
