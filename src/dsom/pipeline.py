@@ -181,29 +181,16 @@ def model_results(scorer: Any, ds: KGDataset, cfg: Config, device: torch.device,
     return split_results(out)
 
 
-def teacher_results(trainer: Any, ds: KGDataset, cfg: Config) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every teacher and Teacher Avg. on the configured splits (one ranking pass per split), plus the
-    oracle as a diagnostic."""
-    models: dict[str, dict[str, Any]] = {}
-    oracle: dict[str, Any] = {}
-    for split in cfg.eval.splits:
-        if len(ds.splits[split]) == 0:
-            continue
-        views = trainer.all_view_metrics(split)
-        oracle[split] = views.pop("teacher_oracle")
-        for key, m in views.items():
-            models.setdefault(key, {})[split] = m
-    return {k: split_results(v) for k, v in models.items()}, oracle
-
-
 def frozen_teacher_results(frozen: Any, ds: KGDataset, cfg: Config, device: torch.device,
-                           progress: bool) -> dict[str, Any]:
-    """Every teacher and Teacher Avg. of materialised teachers, ranked in one pass per split."""
+                           progress: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every teacher and Teacher Avg. of materialised teachers, ranked in one pass per split, plus the
+    oracle (per-query best teacher) as a diagnostic."""
     from dsom.evaluate import split_counts
     from dsom.models.teachers import AllViews
     from dsom.train.teachers import view_metrics
 
     per: dict[str, dict[str, Any]] = {}
+    oracle: dict[str, Any] = {}
     for split in cfg.eval.splits:
         if len(ds.splits[split]) == 0:
             continue
@@ -211,10 +198,10 @@ def frozen_teacher_results(frozen: Any, ds: KGDataset, cfg: Config, device: torc
                                  memory_budget_mb=cfg.eval.memory_budget_mb / (frozen.num_teachers + 1),
                                  precision=cfg.eval.precision, device=device, progress=progress)
         views = view_metrics(counts, n, frozen.modalities)
-        views.pop("teacher_oracle")
+        oracle[split] = views.pop("teacher_oracle")
         for key, m in views.items():
             per.setdefault(key, {})[split] = m
-    return {k: split_results(v) for k, v in per.items()}
+    return {k: split_results(v) for k, v in per.items()}, oracle
 
 
 def ensemble_results(frozen: Any, ds: KGDataset, cfg: Config, device: torch.device,
@@ -398,7 +385,7 @@ def run(cfg: Config, output: str | Path | None = None, resume: bool = False, for
     frozen = trainer.save_final()
     pretrain_s = time.perf_counter() - t0
     trainer.model.eval()
-    models, oracle = teacher_results(trainer, ds, cfg)
+    models, oracle = frozen_teacher_results(frozen, ds, cfg, trainer.device, progress)
     if "teacher_avg" not in cfg.ensemble.models:
         models.pop("teacher_avg", None)
     ens_models, ens_info = ensemble_results(frozen, ds, cfg, trainer.device, progress)
@@ -503,7 +490,7 @@ def _distill_only(cfg: Config, ds: KGDataset, out: Path, warnings_: list[str], t
         raise DsomError(f"{teachers_from}: the teachers were trained on a different vocabulary than '{ds.name}'")
     cfg.modalities = list(frozen.modalities)
     (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    models = frozen_teacher_results(frozen, ds, cfg, device, progress)
+    models, _ = frozen_teacher_results(frozen, ds, cfg, device, progress)
     d_models, info = distill_stage(frozen, ds, cfg, out, device, resume, progress, variants)
     results: dict[str, Any] = {
         "dataset": ds.summary(), "dataset_warnings": warnings_,

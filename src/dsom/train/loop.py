@@ -15,6 +15,7 @@ and ends with the same weights and metrics as an uninterrupted run.
 
 from __future__ import annotations
 
+import abc
 import math
 import time
 from collections.abc import Callable
@@ -77,7 +78,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)  # validation records
 
 
-class Trainer:
+class Trainer(abc.ABC):
     """The epoch loop shared by every stage: shuffling, optimizer, validation, selection, early stopping,
     checkpoints and resume. Subclasses build ``self.model`` and define :meth:`loss`, :meth:`validate`
     and the checkpoint tensors."""
@@ -107,16 +108,19 @@ class Trainer:
         self.train_queries = torch.from_numpy(dataset.queries("train")).to(self.device)
 
     # ------------------------------------------------------------------------------- subclass hooks
+    @abc.abstractmethod
     def build_model(self, generator: torch.Generator) -> nn.Module:
         raise NotImplementedError
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.model.parameters())
 
+    @abc.abstractmethod
     def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and its logged terms for a batch of reciprocal queries ``(B, 3)``."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def validate(self) -> tuple[dict[str, Any], float]:
         """Validation record to log and the selection value (higher is better)."""
         raise NotImplementedError
@@ -129,6 +133,7 @@ class Trainer:
 
     def after_step(self, epoch: int, batch: int) -> None:
         """Called after every optimizer step (per-step logging)."""
+        return None
 
     def epoch_extras(self, epoch: int) -> dict[str, Any]:
         """Extra fields for the epoch's ``metrics.jsonl`` record."""
@@ -181,6 +186,7 @@ class Trainer:
 
     def load_extra_train_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`extra_train_state` saved."""
+        return None
 
     def resume(self) -> bool:
         """Load ``checkpoints/last`` if it exists; returns whether something was resumed."""
