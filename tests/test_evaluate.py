@@ -137,3 +137,44 @@ def test_rankcounts_policies():
     assert c.optimistic.tolist() == [1, 3]
     assert c.pessimistic.tolist() == [4, 3]
     assert c.realistic.tolist() == [2.5, 3]
+
+
+class CountingScorer(TableScorer):
+    """A TableScorer that also returns a second view (-scores) and records how many rows it scored."""
+
+    def __init__(self, table, r2):
+        super().__init__(table, r2)
+        self.rows_scored = 0
+
+    def score_all(self, head, relation, precision="fp32", start=0, stop=None):
+        s = super().score_all(head, relation, precision, start, stop)
+        self.rows_scored += len(head) * (s.shape[-1] / self.table.shape[1])
+        return torch.stack([s, -s])
+
+
+@pytest.mark.parametrize("budget_mb", [1024, 3 * 9 * 12 / 2**20])
+@pytest.mark.parametrize("batch", [1, 3, 64])
+def test_queries_sharing_a_pair_are_scored_once_and_ranked_like_a_loop(batch, budget_mb):
+    # Train queries of a dense graph: many (entity, relation) pairs have several answers.
+    ds = random_graph(num_entities=30, num_relations=2, num_triples=400, seed=5)
+    table = torch.round(torch.randn(30 * 4, 30, generator=torch.Generator().manual_seed(1)) * 2) / 2
+    q = ds.queries("train")
+    pairs = len(np.unique(q[:, 0] * 4 + q[:, 1]))
+    assert pairs < len(q) / 2  # the sharing case is exercised
+    rng = np.random.default_rng(0)
+    q = q[rng.permutation(len(q))]
+    sc = CountingScorer(table, 4)
+    counts = rank_queries(sc, q, ds.filter_index, batch_size=batch, memory_budget_mb=budget_mb)
+    assert counts.greater.shape == (2, len(q))
+    known: dict = {}
+    for s in ("train", "valid", "test"):
+        for e, r, a in ds.queries(s):
+            known.setdefault((int(e), int(r)), set()).add(int(a))
+    for view, sign in ((0, 1.0), (1, -1.0)):
+        for i, (e, r, t) in enumerate(q):
+            row = sign * table[e * 4 + r]
+            keep = [c for c in range(30) if c != t and c not in known[(int(e), int(r))]]
+            assert int(counts.greater[view, i]) == int((row[keep] > row[t]).sum())
+            assert int(counts.equal[view, i]) == int((row[keep] == row[t]).sum())
+    if budget_mb == 1024:
+        assert sc.rows_scored == pairs  # each distinct pair once

@@ -43,51 +43,103 @@ def rank_queries(scorer: Scorer, queries: np.ndarray | torch.Tensor, filter_inde
 
     ``scorer.score_all`` returns ``(B, N)`` scores, or ``(K, B, N)`` for K models scored together (for
     example every teacher at once); the counts then have shape ``(n,)`` or ``(K, n)``.
+
+    Queries that share ``(entity, relation)`` share one score row: each distinct pair is scored once and
+    every answer of it is ranked against that row (on DB15K's test split 19,804 queries have 14,303
+    distinct pairs). Counts come back in the order of ``queries``.
     """
     q = torch.as_tensor(np.asarray(queries), dtype=torch.int64).to(device)
-    num_entities = filter_index.num_entities
-    batch, chunk = plan_chunks(batch_size, num_entities, memory_budget_mb)
-    greater, equal = [], []
-    starts = range(0, len(q), batch)
-    for s in tqdm(starts, desc="evaluate", disable=not progress, leave=False):
-        e, r, t = q[s:s + batch, 0], q[s:s + batch, 1], q[s:s + batch, 2]
-        rows, cols = filter_index.pairs(e, r)
-        if chunk >= num_entities:
-            scores = scorer.score_all(e, r, precision=precision)
-            target_scores = _gather_targets(scores, t)
-            exclude = torch.zeros(scores.shape[-2:], dtype=torch.bool, device=scores.device)
-            exclude[rows, cols] = True
-            exclude[torch.arange(len(t), device=t.device), t] = True
-            c = count_better(scores, target_scores, exclude)
-        else:
-            # Pass 1 reads each target's score from the same chunked product used for counting.
-            target_scores = None
-            for lo in range(0, num_entities, chunk):
-                hi = min(lo + chunk, num_entities)
-                inside = (t >= lo) & (t < hi)
-                if inside.any():
-                    idx = inside.nonzero().squeeze(1)
-                    sc = scorer.score_all(e[idx], r[idx], precision=precision, start=lo, stop=hi)
-                    if target_scores is None:
-                        target_scores = torch.empty((*sc.shape[:-2], len(t)), dtype=torch.float32, device=sc.device)
-                    target_scores[..., idx] = _gather_targets(sc, t[idx] - lo)
-            c = None
-            for lo in range(0, num_entities, chunk):
-                hi = min(lo + chunk, num_entities)
-                sc = scorer.score_all(e, r, precision=precision, start=lo, stop=hi)
-                exclude = torch.zeros(sc.shape[-2:], dtype=torch.bool, device=sc.device)
-                sel = (cols >= lo) & (cols < hi)
-                exclude[rows[sel], cols[sel] - lo] = True
-                tin = (t >= lo) & (t < hi)
-                exclude[tin.nonzero().squeeze(1), t[tin] - lo] = True
-                part = count_better(sc, target_scores, exclude)
-                c = part if c is None else c + part
-        greater.append(c.greater)
-        equal.append(c.equal)
-    if not greater:
+    if len(q) == 0:
         empty = torch.zeros(0, dtype=torch.int64)
         return RankCounts(empty, empty)
-    return RankCounts(torch.cat(greater, -1).cpu(), torch.cat(equal, -1).cpu())
+    num_entities = filter_index.num_entities
+    batch, chunk = plan_chunks(batch_size, num_entities, memory_budget_mb)
+    key = q[:, 0] * filter_index.num_relations + q[:, 1]
+    order = torch.argsort(key, stable=True)
+    qs = q[order]
+    _, counts = torch.unique_consecutive(key[order], return_counts=True)
+    first = torch.cumsum(counts, 0) - counts
+    pair_e, pair_r = qs[first, 0], qs[first, 1]
+    pair_of_query = torch.repeat_interleave(torch.arange(len(counts), device=q.device), counts)
+    cum = torch.cumsum(counts, 0).cpu().numpy()
+    greater, equal = [], []
+    bar = tqdm(total=len(q), desc="evaluate", disable=not progress, leave=False)
+    u0 = 0
+    while u0 < len(cum):
+        q0 = int(cum[u0 - 1]) if u0 else 0
+        u1 = max(u0 + 1, min(u0 + batch, int(np.searchsorted(cum, q0 + batch, side="right"))))
+        q1 = int(cum[u1 - 1])
+        c = _rank_block(scorer, pair_e[u0:u1], pair_r[u0:u1], pair_of_query[q0:q1] - u0, qs[q0:q1, 2],
+                        filter_index, batch, chunk, precision)
+        greater.append(c.greater)
+        equal.append(c.equal)
+        bar.update(q1 - q0)
+        u0 = u1
+    bar.close()
+    g, e = torch.cat(greater, -1), torch.cat(equal, -1)
+    g_out, e_out = torch.empty_like(g), torch.empty_like(e)
+    g_out[..., order] = g
+    e_out[..., order] = e
+    return RankCounts(g_out.cpu(), e_out.cpu())
+
+
+def _rank_block(scorer: Scorer, e: torch.Tensor, r: torch.Tensor, row: torch.Tensor, t: torch.Tensor,
+                filter_index: CSRIndex, batch: int, chunk: int, precision: str) -> RankCounts:
+    """Counts of the queries ``(row, t)`` over the distinct pairs ``(e, r)``: query i asks pair ``row[i]``."""
+    num_entities = filter_index.num_entities
+    rows, cols = filter_index.pairs(e, r)
+    if chunk >= num_entities:
+        scores = scorer.score_all(e, r, precision=precision)
+        known = torch.zeros(scores.shape[-2:], dtype=torch.bool, device=scores.device)
+        known[rows, cols] = True
+        return _count_queries(scores, known, row, t, batch)
+    # Pass 1 reads each target's score from the same chunked product used for counting.
+    target_scores: torch.Tensor | None = None
+    for lo in range(0, num_entities, chunk):
+        hi = min(lo + chunk, num_entities)
+        inside = ((t >= lo) & (t < hi)).nonzero().squeeze(1)
+        if len(inside):
+            sc = scorer.score_all(e[row[inside]], r[row[inside]], precision=precision, start=lo, stop=hi)
+            if target_scores is None:
+                target_scores = torch.empty((*sc.shape[:-2], len(t)), dtype=torch.float32, device=sc.device)
+            target_scores[..., inside] = _gather_targets(sc, t[inside] - lo)
+    assert target_scores is not None
+    total: RankCounts | None = None
+    for lo in range(0, num_entities, chunk):
+        hi = min(lo + chunk, num_entities)
+        sc = scorer.score_all(e, r, precision=precision, start=lo, stop=hi)
+        known = torch.zeros(sc.shape[-2:], dtype=torch.bool, device=sc.device)
+        sel = (cols >= lo) & (cols < hi)
+        known[rows[sel], cols[sel] - lo] = True
+        part = _count_queries(sc, known, row, t - lo, batch, target_scores)
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+def _count_queries(scores: torch.Tensor, known: torch.Tensor, row: torch.Tensor, t: torch.Tensor, batch: int,
+                   target_scores: torch.Tensor | None = None) -> RankCounts:
+    """Counts of queries ``(row[i], t[i])`` against a block of pair scores ``(..., U, N)``.
+
+    ``known (U, N)`` marks each pair's filtered answers; each query's own target (``t`` relative to the block,
+    possibly outside it) is excluded too. ``target_scores`` (``(..., Q)``) defaults to reading the block.
+    Queries are compared in slices of ``batch`` so the expanded rows never exceed ``batch x N``.
+    """
+    n_cand = scores.shape[-1]
+    greater, equal = [], []
+    # Every pair asked once, in order (the usual case): compare the block in place, no expanded copy.
+    direct = len(row) == scores.shape[-2] <= batch and bool((row == torch.arange(len(row), device=row.device)).all())
+    for s in range(0, len(row), batch):
+        rw, tt = row[s:s + batch], t[s:s + batch]
+        sc = scores if direct else scores.index_select(-2, rw)
+        exclude = known if direct else known.index_select(0, rw)
+        inside = ((tt >= 0) & (tt < n_cand)).nonzero().squeeze(1)
+        exclude[inside, tt[inside]] = True
+        ts = _gather_targets(sc, tt) if target_scores is None else target_scores[..., s:s + batch]
+        c = count_better(sc, ts, exclude)
+        greater.append(c.greater)
+        equal.append(c.equal)
+    return RankCounts(torch.cat(greater, -1), torch.cat(equal, -1))
 
 
 def _gather_targets(scores: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

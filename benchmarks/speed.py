@@ -1,0 +1,392 @@
+"""Speed benchmark: dsom vs PyKEEN and vs this machine's matmul roofline, in one process and run.
+
+Phases (each timed on the same data, with its peak resident memory and its FLOP count):
+
+* ``peak``: the machine's fp32 and bf16 matrix-product throughput at the scoring shape ``(B, 2d) x (2d, E)``;
+* ``dsom_complex``: one structural ComplEx, 1-vs-all cross-entropy + N3, reciprocal queries (stage-1 style);
+* ``pykeen_complex``: PyKEEN's ComplEx trained by its LCWA loop (cross-entropy, Adagrad) at the same rank
+  and batch size, inverse triples on;
+* ``dsom_teachers``: stage 1, every teacher of ``--modalities`` trained jointly (feature tables are random
+  with the real dimensions: text 384, numeric 113, image 768; timing does not depend on their values);
+* ``dsom_distill``: stage 2, the DSoM student (policy + NDKD) against frozen teachers of rank ``--rank``;
+* ``dsom_eval`` / ``pykeen_eval``: filtered evaluation of the test split (head and tail queries).
+
+With ``--batches N`` each training phase times N batches after one warm-up batch and scales the time to
+an epoch by its own number of batches per epoch (dsom: reciprocal training triples / B; PyKEEN LCWA:
+unique (h, r) pairs including inverses / B). Roofline time = FLOPs / the faster of the measured fp32 and
+bf16 peaks; the roofline fraction is roofline time / measured time (1.0 = at the peak).
+
+    DSOM_DATA=../shared/data python benchmarks/speed.py DB15K --rank 500 --batches 10 --json speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from dsom.config import Config, set_value
+from dsom.data import registry
+from dsom.data.graph import KGDataset
+from dsom.evaluate import evaluate
+from dsom.features.modality import ModalityTable
+from dsom.models.complex import ComplEx, resolve_precision
+from dsom.models.teachers import FrozenTeachers
+from dsom.perf import tune_allocator
+from dsom.train.loop import ComplExTrainer, Trainer
+from dsom.train.student import StudentTrainer
+from dsom.train.teachers import TeacherTrainer
+
+FEATURE_DIMS = {"text": 384, "numeric": 113, "image": 768}
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    try:  # Linux: writing 5 resets VmHWM, the peak resident set
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def peak_mb(device: torch.device) -> dict[str, float]:
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM"):
+                    out["peak_rss_mb"] = int(line.split()[1]) / 1024
+    except OSError:
+        import resource
+
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, m: int, k: int, n: int, device: torch.device, seconds: float = 1.0) -> float:
+    """Best sustained TFLOP/s in ``dtype`` over the three products of a 1-vs-all step: scores
+    ``(m, k) x (k, n)``, the query gradient ``(m, n) x (n, k)`` and the table gradient ``(n, m) x (m, k)``."""
+    q = torch.randn(m, k, device=device).to(dtype)
+    table = torch.randn(n, k, device=device).to(dtype)
+    grad = torch.randn(m, n, device=device).to(dtype)
+    best = 0.0
+    for fn in (lambda: q @ table.T, lambda: grad @ table, lambda: grad.T @ q):
+        fn()
+        sync(device)
+        reps, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            reps += 1
+            sync(device)
+            if time.perf_counter() - t0 > seconds:
+                break
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e12)
+    return best
+
+
+def time_trainer_steps(tr: Trainer, batches: int, batch_size: int, device: torch.device) -> tuple[float, int]:
+    """Seconds for ``batches`` optimizer steps of a dsom trainer (after one warm-up step) and the batches timed."""
+    q = tr.train_queries
+    perm = torch.randperm(len(q), generator=torch.Generator().manual_seed(0)).to(q.device)
+    n_epoch = -(-len(q) // batch_size)
+    batches = min(batches, n_epoch) if batches > 0 else n_epoch
+    elapsed = 0.0
+    for b in range(batches + 1):
+        lo = (b % n_epoch) * batch_size
+        batch = q[perm[lo:lo + batch_size]]
+        sync(device)
+        t0 = time.perf_counter()
+        tr.current_epoch, tr.current_batch = 1, b
+        loss, _ = tr.loss(batch)
+        tr.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        tr.optimizer.step()
+        tr.after_step(1, b)
+        sync(device)
+        if b > 0:
+            elapsed += time.perf_counter() - t0
+    return elapsed, batches
+
+
+# ------------------------------------------------------------------------------------------- phases
+def base_config(args: argparse.Namespace, device: torch.device) -> Config:
+    cfg = Config()
+    for k, v in {"model.rank": args.rank, "train.batch_size": args.batch_size, "train.precision": args.precision,
+                 "train.device": str(device), "train.valid_every": 0}.items():
+        set_value(cfg, k, v)
+    return cfg
+
+
+def phase_dsom_complex(ds: KGDataset, args: argparse.Namespace, device: torch.device, tmp: str) -> dict[str, Any]:
+    tr = ComplExTrainer(ds, base_config(args, device), tmp, progress=False)
+    seconds, timed = time_trainer_steps(tr, args.batches, args.batch_size, device)
+    n_epoch = -(-len(tr.train_queries) // args.batch_size)
+    flop = 3 * 2 * args.batch_size * 2 * args.rank * ds.num_entities
+    return {"epoch_s": seconds / timed * n_epoch, "batches_timed": timed, "batches_per_epoch": n_epoch,
+            "queries_per_s": timed * args.batch_size / seconds, "flop_per_epoch": flop * n_epoch,
+            "precision": tr.precision}
+
+
+def phase_dsom_teachers(ds: KGDataset, args: argparse.Namespace, device: torch.device, tmp: str) -> dict[str, Any]:
+    cfg = base_config(args, device)
+    mods = args.modalities.split(",")
+    set_value(cfg, "modalities", mods)
+    rng = np.random.default_rng(0)
+    feats = {m: ModalityTable(m, rng.standard_normal((ds.num_entities, FEATURE_DIMS[m]), dtype=np.float32),
+                              np.ones(ds.num_entities, bool)) for m in mods if m != "structure"}
+    tr = TeacherTrainer(ds, cfg, tmp, feats, progress=False)
+    seconds, timed = time_trainer_steps(tr, args.batches, args.batch_size, device)
+    n_epoch = -(-len(tr.train_queries) // args.batch_size)
+    M = len(mods)
+    two_d = 2 * args.rank
+    flop = 3 * 2 * args.batch_size * two_d * ds.num_entities * M
+    flop += sum(4 * ds.num_entities * FEATURE_DIMS[m] * two_d for m in mods if m != "structure")  # X W fwd + dW
+    return {"epoch_s": seconds / timed * n_epoch, "batches_timed": timed, "batches_per_epoch": n_epoch,
+            "queries_per_s": timed * args.batch_size / seconds, "flop_per_epoch": flop * n_epoch,
+            "teachers": M, "precision": tr.precision}
+
+
+def phase_dsom_distill(ds: KGDataset, args: argparse.Namespace, device: torch.device, tmp: str) -> dict[str, Any]:
+    cfg = base_config(args, device)
+    M = len(args.modalities.split(","))
+    set_value(cfg, "distill.policy_hidden", args.policy_hidden)
+    g = torch.Generator().manual_seed(0)
+    E, R2, two_d = ds.num_entities, 2 * ds.num_relations, 2 * args.rank
+    frozen = FrozenTeachers(args.modalities.split(","), torch.randn(M, E, two_d, generator=g) * 0.1,
+                            torch.randn(M, R2, two_d, generator=g) * 0.1)
+    tr = StudentTrainer(ds, cfg, tmp, frozen, progress=False)
+    tr.tracker.log = lambda record: None  # type: ignore[method-assign]  # no per-step file writes in the timing
+    seconds, timed = time_trainer_steps(tr, args.batches, args.batch_size, device)
+    n_epoch = -(-len(tr.train_queries) // args.batch_size)
+    B, H = args.batch_size, args.policy_hidden
+    flop = 2 * B * two_d * E * M  # teachers, forward only
+    flop += 3 * 2 * B * two_d * E  # student forward + 2 backward products
+    flop += 2 * 2 * B * M * E * H  # policy layer 1 forward + weight gradient (its input needs no gradient)
+    return {"epoch_s": seconds / timed * n_epoch, "batches_timed": timed, "batches_per_epoch": n_epoch,
+            "queries_per_s": timed * B / seconds, "flop_per_epoch": flop * n_epoch, "teachers": M,
+            "policy_hidden": H, "precision": tr.precision}
+
+
+def phase_dsom_eval(ds: KGDataset, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    model = ComplEx(ds.num_entities, 2 * ds.num_relations, args.rank, 0.1,
+                    generator=torch.Generator().manual_seed(0)).to(device)
+    sync(device)
+    t0 = time.perf_counter()
+    m = evaluate(model, ds, "test", batch_size=args.batch_size, device=device)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    n = 2 * len(ds.test)
+    return {"seconds": seconds, "queries": n, "queries_per_s": n / seconds,
+            "flop": 2 * n * 2 * args.rank * ds.num_entities, "mrr_random_model": m["realistic"]["mrr"]}
+
+
+def _pykeen_factory(ds: KGDataset, triples: np.ndarray) -> Any:
+    from pykeen.triples import TriplesFactory
+
+    return TriplesFactory(mapped_triples=torch.from_numpy(np.ascontiguousarray(triples)),
+                          entity_to_id={label: i for i, label in enumerate(ds.entities.labels)},
+                          relation_to_id={label: i for i, label in enumerate(ds.relations.labels)},
+                          create_inverse_triples=True)
+
+
+def lcwa_instances(triples: np.ndarray, num_relations: int) -> int:
+    """Unique (h, r) pairs of the triples plus unique (t, r^-1) pairs: PyKEEN's LCWA instances with inverses."""
+    fwd = np.unique(triples[:, 0].astype(np.int64) * (2 * num_relations) + triples[:, 1])
+    inv = np.unique(triples[:, 2].astype(np.int64) * (2 * num_relations) + triples[:, 1] + num_relations)
+    return len(fwd) + len(inv)
+
+
+def phase_pykeen_complex(ds: KGDataset, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    from pykeen.models import ComplEx as PKComplEx
+    from pykeen.training import LCWATrainingLoop
+
+    train = ds.train
+    total = lcwa_instances(train, ds.num_relations)
+    n_epoch = -(-total // args.batch_size)
+    if args.batches > 0 and args.batches < n_epoch:
+        # The smallest prefix of a fixed shuffle of train whose LCWA instances fill the requested batches.
+        order = np.random.default_rng(0).permutation(len(train))
+        want = args.batches * args.batch_size
+        lo, hi = 1, len(train)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if lcwa_instances(train[order[:mid]], ds.num_relations) >= want:
+                hi = mid
+            else:
+                lo = mid + 1
+        subset = train[order[:lo]]
+    else:
+        subset = train
+    tf = _pykeen_factory(ds, subset)
+    instances = lcwa_instances(subset, ds.num_relations)
+
+    def make(factory: Any) -> tuple[Any, Any]:
+        model = PKComplEx(triples_factory=factory, embedding_dim=args.rank, loss="crossentropy",
+                          random_seed=0).to(device)
+        return model, LCWATrainingLoop(model=model, triples_factory=factory, optimizer="adagrad",
+                                       optimizer_kwargs={"lr": 0.1})
+
+    warm = _pykeen_factory(ds, subset[: max(1, len(subset) // 20)])
+    make(warm)[1].train(triples_factory=warm, num_epochs=1, batch_size=args.batch_size, use_tqdm=False)  # warm-up
+    model, loop = make(tf)
+    sync(device)
+    t0 = time.perf_counter()
+    loop.train(triples_factory=tf, num_epochs=1, batch_size=args.batch_size, use_tqdm=False)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    timed = -(-instances // args.batch_size)
+    flop = 3 * 2 * args.batch_size * 2 * args.rank * ds.num_entities
+    return {"epoch_s": seconds / instances * total, "batches_timed": timed, "batches_per_epoch": n_epoch,
+            "queries_per_s": instances / seconds, "flop_per_epoch": flop * n_epoch, "lcwa_instances": total,
+            "pykeen_model": model, "factory": tf}
+
+
+def phase_pykeen_eval(ds: KGDataset, args: argparse.Namespace, device: torch.device, model: Any) -> dict[str, Any]:
+    from pykeen.evaluation import RankBasedEvaluator
+
+    sync(device)
+    t0 = time.perf_counter()
+    res = RankBasedEvaluator(filtered=True).evaluate(
+        model, mapped_triples=torch.from_numpy(ds.test), batch_size=args.batch_size,
+        additional_filter_triples=[torch.from_numpy(ds.train), torch.from_numpy(ds.valid)], use_tqdm=False)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    n = 2 * len(ds.test)
+    return {"seconds": seconds, "queries": n, "queries_per_s": n / seconds,
+            "flop": 2 * n * 2 * args.rank * ds.num_entities,
+            "mrr_random_model": float(res.get_metric("both.realistic.inverse_harmonic_mean_rank"))}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def run_phase(name: str, fn: Callable[[], dict[str, Any]], device: torch.device, results: dict[str, Any]) -> None:
+    print(f"[{name}] running ...", file=sys.stderr, flush=True)
+    reset_peak(device)
+    out = fn()
+    out.update(peak_mb(device))
+    results[name] = out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", nargs="?", default="DB15K")
+    p.add_argument("--rank", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--batches", type=int, default=0, help="time N batches per training phase (0 = a full epoch)")
+    p.add_argument("--modalities", default="structure,text,numeric")
+    p.add_argument("--policy-hidden", type=int, default=1024)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip", default="", help="comma-separated phases to skip (pykeen, teachers, distill, eval)")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    tune_allocator()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    skip = set(filter(None, args.skip.split(",")))
+    ds = registry.load(args.dataset)
+    tmp = f"/tmp/dsom-speed-{os.getpid()}"
+    res: dict[str, Any] = {}
+    shape = (args.batch_size, 2 * args.rank, ds.num_entities)
+    peaks = {"fp32": matmul_peak(torch.float32, *shape, device), "bf16": matmul_peak(torch.bfloat16, *shape, device)}
+    best_prec = max(peaks, key=peaks.get)
+    peak = peaks[best_prec] * 1e12
+    res["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                      "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
+                      "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                      "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+                      "peak_tflops": {k: round(v, 4) for k, v in peaks.items()}, "roofline_precision": best_prec,
+                      "training_precision": resolve_precision(args.precision, device)}
+    res["setup"] = {"dataset": ds.name, "entities": ds.num_entities, "relations": ds.num_relations,
+                    "train_triples": len(ds.train), "test_triples": len(ds.test), "rank": args.rank,
+                    "batch_size": args.batch_size, "batches": args.batches, "modalities": args.modalities,
+                    "policy_hidden": args.policy_hidden}
+    run_phase("dsom_complex", lambda: phase_dsom_complex(ds, args, device, tmp), device, res)
+    pk_model = None
+    if "pykeen" not in skip:
+        def pk() -> dict[str, Any]:
+            nonlocal pk_model
+            out = phase_pykeen_complex(ds, args, device)
+            pk_model = out.pop("pykeen_model")
+            out.pop("factory")
+            return out
+        run_phase("pykeen_complex", pk, device, res)
+    if "teachers" not in skip:
+        run_phase("dsom_teachers", lambda: phase_dsom_teachers(ds, args, device, tmp), device, res)
+    if "distill" not in skip:
+        run_phase("dsom_distill", lambda: phase_dsom_distill(ds, args, device, tmp), device, res)
+    if "eval" not in skip:
+        run_phase("dsom_eval", lambda: phase_dsom_eval(ds, args, device), device, res)
+        if pk_model is not None:
+            run_phase("pykeen_eval", lambda: phase_pykeen_eval(ds, args, device, pk_model), device, res)
+
+    for name, r in res.items():
+        if "flop_per_epoch" in r:
+            r["roofline_s"] = r["flop_per_epoch"] / peak
+            r["roofline_fraction"] = r["roofline_s"] / r["epoch_s"]
+        elif "flop" in r:
+            r["roofline_s"] = r["flop"] / peak
+            r["roofline_fraction"] = r["roofline_s"] / r["seconds"]
+    summary: dict[str, Any] = {}
+    if "pykeen_complex" in res:
+        summary["dsom_vs_pykeen_train"] = res["pykeen_complex"]["epoch_s"] / res["dsom_complex"]["epoch_s"]
+    if "pykeen_eval" in res:
+        summary["dsom_vs_pykeen_eval"] = res["pykeen_eval"]["seconds"] / res["dsom_eval"]["seconds"]
+    summary["complex_roofline_fraction"] = res["dsom_complex"]["roofline_fraction"]
+    if "dsom_teachers" in res:
+        summary["stage1_roofline_fraction"] = res["dsom_teachers"]["roofline_fraction"]
+    if "dsom_distill" in res:
+        summary["stage2_roofline_fraction"] = res["dsom_distill"]["roofline_fraction"]
+    res = {**summary, **res}
+    print_table(res)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=2)
+    return res
+
+
+def print_table(res: dict[str, Any]) -> None:
+    m, s = res["machine"], res["setup"]
+    print(f"machine: {m['processor']}, {m['threads']} threads, {m['device']}"
+          f"{' (' + m['gpu'] + ')' if m['gpu'] else ''}, torch {m['torch']}, capability {m['cpu_capability']}")
+    print(f"matmul peak at ({s['batch_size']}x{2 * s['rank']})x({2 * s['rank']}x{s['entities']}): "
+          f"fp32 {m['peak_tflops']['fp32']:.3f} TFLOP/s, bf16 {m['peak_tflops']['bf16']:.3f} TFLOP/s; "
+          f"roofline uses {m['roofline_precision']}; training precision {m['training_precision']}")
+    print(f"{s['dataset']}: E={s['entities']}, rank {s['rank']}, batch {s['batch_size']}, "
+          f"{'full epoch' if not s['batches'] else str(s['batches']) + ' batches scaled to an epoch'}")
+    print(f"{'phase':<16} {'s/epoch':>9} {'queries/s':>10} {'TFLOP':>8} {'roofline s':>10} {'fraction':>8} "
+          f"{'peak RSS MB':>11}")
+    for name, r in res.items():
+        if not isinstance(r, dict) or "queries_per_s" not in r:
+            continue
+        secs = r.get("epoch_s", r.get("seconds"))
+        flop = r.get("flop_per_epoch", r.get("flop", math.nan))
+        print(f"{name:<16} {secs:9.1f} {r['queries_per_s']:10.0f} {flop / 1e12:8.2f} {r['roofline_s']:10.1f} "
+              f"{r['roofline_fraction']:8.3f} {r['peak_rss_mb']:11.0f}"
+              + (f"  GPU {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else ""))
+    for k in ("dsom_vs_pykeen_train", "dsom_vs_pykeen_eval", "complex_roofline_fraction", "stage1_roofline_fraction",
+              "stage2_roofline_fraction"):
+        if k in res:
+            print(f"{k}: {res[k]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
