@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if pk_model is not None:
             run_phase("pykeen_eval", lambda: phase_pykeen_eval(ds, args, device, pk_model), device, res)
 
-    for name, r in res.items():
+    for r in res.values():
         if "flop_per_epoch" in r:
             r["roofline_s"] = r["flop_per_epoch"] / peak
             r["roofline_fraction"] = r["roofline_s"] / r["epoch_s"]
