@@ -32,6 +32,7 @@ from dsom.config import Config
 from dsom.data.graph import KGDataset
 from dsom.errors import DsomError
 from dsom.evaluate import evaluate
+from dsom.models.chunked import chunked_cross_entropy, entity_chunk
 from dsom.models.complex import ComplEx, f2_penalty, n3_penalty, resolve_precision
 from dsom.ranks import TIE_POLICIES
 from dsom.train.checkpoint import FORMAT as CHECKPOINT_FORMAT
@@ -303,7 +304,12 @@ class ComplExTrainer(Trainer):
 
     def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
-        ce = F.cross_entropy(self.model.score_all(h, r, precision=self.precision), t)
+        model: ComplEx = self.model
+        chunk = entity_chunk(len(batch), model.num_entities, self.cfg.train.block_mb)
+        if chunk < model.num_entities:
+            ce = chunked_cross_entropy(model.query(h, r), model.entity, t, chunk, self.precision).mean()
+        else:
+            ce = F.cross_entropy(model.score_all(h, r, precision=self.precision), t)
         total = ce
         terms = {"ce": ce.detach()}
         if self.cfg.train.regularizer != "none" and self.cfg.train.reg > 0:

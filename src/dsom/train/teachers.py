@@ -20,6 +20,7 @@ from dsom.config import Config
 from dsom.data.graph import KGDataset
 from dsom.evaluate import split_counts, split_metrics
 from dsom.features.modality import ModalityTable
+from dsom.models.chunked import chunked_cross_entropy, entity_chunk
 from dsom.models.teachers import TEACHERS_FORMAT, AllViews, FrozenTeachers, ModalityTeachers
 from dsom.ranks import TIE_POLICIES, RankCounts, metrics_from_ranks, min_rank_counts
 from dsom.train.checkpoint import write_checkpoint
@@ -70,9 +71,13 @@ class TeacherTrainer(Trainer):
         h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
         model: ModalityTeachers = self.model
         tables = model.entity_tables()
-        scores = model.score_all(h, r, precision=self.precision, tables=tables)  # (M, B, E)
-        M, B, E = scores.shape
-        ce = F.cross_entropy(scores.reshape(M * B, E), t.repeat(M), reduction="none").view(M, B).mean(1)
+        M, B, E = len(model.modalities), len(batch), model.num_entities
+        chunk = entity_chunk(B, E, self.cfg.train.block_mb)
+        if chunk < E:
+            ce = chunked_cross_entropy(model.queries(tables, h, r), tables, t, chunk, self.precision).mean(1)
+        else:
+            scores = model.score_all(h, r, precision=self.precision, tables=tables)  # (M, B, E)
+            ce = F.cross_entropy(scores.reshape(M * B, E), t.repeat(M), reduction="none").view(M, B).mean(1)
         total = ce.sum()
         terms = {"ce": total.detach(), **{f"ce/{m}": ce[k].detach() for k, m in enumerate(model.modalities)}}
         tr = self.cfg.train

@@ -1,0 +1,121 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsom.models.chunked import chunked_cross_entropy, entity_chunk
+
+
+def _reference(q, table, t):
+    return F.cross_entropy((q @ table.transpose(-1, -2)).reshape(-1, table.shape[-2]),
+                           t.repeat(q.numel() // q.shape[-1] // len(t)), reduction="none").view(q.shape[:-1])
+
+
+@pytest.mark.parametrize("lead", [(), (3,)])
+@pytest.mark.parametrize("chunk", [1, 7, 40, 1000])
+def test_chunked_ce_matches_full_cross_entropy_values_and_gradients(lead, chunk):
+    g = torch.Generator().manual_seed(0)
+    E, B, D = 40, 9, 6
+    q = (torch.randn(*lead, B, D, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    table = (torch.randn(*lead, E, D, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    t = torch.tensor([0, 39, 5, 5, 12, 7, 39, 1, 20])  # repeated targets exercise the index_add
+    w = torch.rand(*lead, B, generator=g, dtype=torch.float64)  # a non-uniform incoming gradient
+    ref = _reference(q, table, t)
+    (ref * w).sum().backward()
+    gq, gt = q.grad.clone(), table.grad.clone()
+    q.grad = table.grad = None
+    out = chunked_cross_entropy(q, table, t, chunk)
+    (out * w).sum().backward()
+    # the chunked path computes in float32
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q.grad, gq, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(table.grad, gt, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_ce_gradcheck_in_double_free_of_float32_rounding():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(11, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 10, 3, 3])
+    # float32 internals: compare the analytical gradient with finite differences at a loose tolerance
+    assert torch.autograd.gradcheck(lambda a, b: chunked_cross_entropy(a, b, t, 4), (q, table), eps=1e-3,
+                                    atol=2e-3, rtol=2e-3)
+
+
+def test_chunked_ce_bf16_close_to_fp32():
+    g = torch.Generator().manual_seed(2)
+    q, table = torch.randn(16, 32, generator=g), torch.randn(300, 32, generator=g) * 0.3
+    t = torch.randint(0, 300, (16,), generator=g)
+    a = chunked_cross_entropy(q, table, t, 64, "bf16")
+    b = F.cross_entropy(q @ table.T, t, reduction="none")
+    torch.testing.assert_close(a, b, rtol=0.02, atol=0.05)
+    assert not torch.equal(a, b)  # it really multiplied in bf16
+
+
+def test_chunked_ce_never_allocates_a_full_block():
+    # E x B logits would be 4 MB; with chunks of 100 nothing near that size is needed. Count it via a hook on
+    # matmul output sizes by checking every intermediate through the autograd graph is small.
+    E, B, D, chunk = 20000, 50, 8, 100
+    q = torch.randn(B, D, requires_grad=True)
+    table = torch.randn(E, D, requires_grad=True)
+    t = torch.randint(0, E, (B,))
+    largest = 0
+
+    def pack(x):
+        nonlocal largest
+        largest = max(largest, x.numel())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = chunked_cross_entropy(q, table, t, chunk).mean()
+    loss.backward()
+    assert largest <= E * D  # only the inputs are saved, never a B x E block
+    assert B * E > E * D
+
+
+def test_entity_chunk_sizes():
+    assert entity_chunk(1000, 12842, 512) == 12842  # DB15K fits in one block
+    assert entity_chunk(1000, 1_000_000, 256) == 67108
+    assert entity_chunk(1000, 1_000_000, 0) == 1_000_000
+    assert entity_chunk(10**9, 50, 1) == 1
+    with pytest.raises(ValueError):
+        chunked_cross_entropy(torch.zeros(2, 2), torch.zeros(3, 2), torch.zeros(2, dtype=torch.long), 0)
+
+
+def _grads(trainer, batch):
+    loss, _ = trainer.loss(batch)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["complex", "teachers"])
+def test_trainers_give_the_same_loss_and_gradients_with_entity_chunks(tmp_path, kind):
+    import numpy as np
+
+    from dsom.config import Config, set_value
+    from dsom.features.modality import ModalityTable
+    from dsom.train.loop import ComplExTrainer
+    from dsom.train.teachers import TeacherTrainer
+
+    from toy import random_graph
+
+    ds = random_graph(num_entities=60)
+    results = []
+    for block_mb in (0.0, 17 * 4 * 50 / 2**20):  # 17 entities per chunk for 50 queries: 4 chunks
+        assert entity_chunk(50, 60, block_mb) == (60 if block_mb == 0 else 17)
+        cfg = Config()
+        for k, v in {"model.rank": 6, "train.precision": "fp32", "train.block_mb": block_mb,
+                     "modalities": ["structure", "text"]}.items():
+            set_value(cfg, k, v)
+        if kind == "complex":
+            tr = ComplExTrainer(ds, cfg, tmp_path, progress=False)
+        else:
+            rng = np.random.default_rng(0)
+            feats = {"text": ModalityTable("text", rng.normal(size=(60, 5)).astype(np.float32), np.ones(60, bool))}
+            tr = TeacherTrainer(ds, cfg, tmp_path, feats, progress=False)
+        results.append(_grads(tr, torch.from_numpy(ds.queries("train")[:50])))
+    (l0, g0), (l1, g1) = results
+    assert l0 == pytest.approx(l1, rel=1e-5)
+    assert g0.keys() == g1.keys() and len(g0) >= 2
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-7)
