@@ -29,7 +29,7 @@ def _common_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="shortcut for train.epochs")
     p.add_argument("--batch-size", type=int, help="shortcut for train.batch_size")
     p.add_argument("--seed", type=int, help="shortcut for train.seed")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="shortcut for train.precision")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32", "bf16sim"], help="shortcut for train.precision")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output")
     p.add_argument("--force", action="store_true", help="start over in an --output that holds an earlier run")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

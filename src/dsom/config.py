@@ -53,8 +53,9 @@ class TrainConfig:
     regularizer: str = opt("n3", "embedding regularizer on head, relation and true-tail factors", ("n3", "f2", "none"))
     reg: float = opt(0.01, "regularizer weight lambda (MoSE: 0.01)")
     precision: str = opt("auto", "matrix-product precision for training; losses are always fp32. 'auto' = bf16 on "
-                         "CUDA and on CPUs with AMX/AVX512-BF16, fp32 elsewhere (bf16 is slow on AVX2-only CPUs)",
-                         ("auto", "bf16", "fp32"))
+                         "CUDA and on CPUs with AMX/AVX512-BF16, fp32 elsewhere (bf16 is slow on AVX2-only CPUs). 'bf16sim' "
+                         "reproduces bf16 numerics with fp32 kernels (to check bf16 accuracy where bf16 is slow)",
+                         ("auto", "bf16", "fp32", "bf16sim"))
     seed: int = opt(2022, "seed for initialisation and shuffling (MoSE: 2022)")
     valid_every: int = opt(3, "validate every k epochs (MoSE: 3); 0 disables validation")
     valid_max_triples: int = opt(0, "validate on at most this many valid triples (0 = all)")

@@ -20,16 +20,20 @@ from typing import Any
 
 import torch
 
+from dsom.models.complex import bf16_round
+
 
 def _mm(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
-    """Batched ``a @ b`` in the requested precision, float32 result."""
+    """Batched ``a @ b`` in the requested precision, float32 result (called without autograd)."""
     if precision == "bf16":
         return torch.matmul(a.to(torch.bfloat16), b.to(torch.bfloat16)).float()
+    if precision == "bf16sim":
+        return bf16_round(torch.matmul(bf16_round(a), bf16_round(b)))
     return torch.matmul(a.float(), b.float())
 
 
 def _rounded(x: torch.Tensor, precision: str) -> torch.Tensor:
-    return x.to(torch.bfloat16).float() if precision == "bf16" else x.float()
+    return bf16_round(x) if precision in ("bf16", "bf16sim") else x.float()
 
 
 class _ChunkedCE(torch.autograd.Function):
@@ -82,7 +86,7 @@ def chunked_cross_entropy(query: torch.Tensor, table: torch.Tensor, target: torc
         table: ``(E, D)`` or ``(K, E, D)`` candidate rows.
         target: ``(B,)`` target ids in ``[0, E)``.
         chunk: entities per block (``>= 1``).
-        precision: ``fp32`` or ``bf16`` products.
+        precision: ``fp32``, ``bf16`` or ``bf16sim`` products (:func:`~dsom.models.complex.precise_matmul`).
 
     Returns:
         ``(B,)`` or ``(K, B)`` float32 losses, equal to ``F.cross_entropy(query @ table.T, target,

@@ -8,10 +8,12 @@ vector is ``q = [a*c - b*g ; a*g + b*c]`` and the logit of candidate ``e`` is ``
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("bf16", "fp32", "bf16sim")
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -48,17 +50,51 @@ def complex_query(head: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
     return torch.cat([a * c - b * g, a * g + b * c], dim=-1)
 
 
-def matmul_scores(query: torch.Tensor, candidates: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-    """Scores of every query against every candidate row: ``(B, 2d) x (N, 2d) -> (B, N)`` float32.
+def bf16_round(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the nearest bfloat16 value (round-to-nearest-even), kept in float32."""
+    return x.to(torch.bfloat16).float()
 
-    ``precision="bf16"`` multiplies in bfloat16 and returns float32 (the CPU/GPU fast path, DESIGN §6);
-    gradients flow to the float32 inputs through the casts.
+
+class _Bf16SimMatmul(torch.autograd.Function):
+    """``a @ b`` with the numerics of a bf16 GEMM (bf16 operands, fp32 accumulation, bf16 result) computed
+    by fp32 kernels, in the forward and in both backward products. Products of two bf16 numbers are exact
+    in fp32, so this equals a hardware bf16 GEMM up to the order of the fp32 accumulation."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ar, br = bf16_round(a), bf16_round(b)
+        ctx.save_for_backward(ar, br)
+        return bf16_round(torch.matmul(ar, br))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ar, br = ctx.saved_tensors
+        g = bf16_round(grad)
+        return bf16_round(torch.matmul(g, br.transpose(-1, -2))), bf16_round(torch.matmul(ar.transpose(-1, -2), g))
+
+
+def precise_matmul(a: torch.Tensor, b: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """``a @ b`` (batched like :func:`torch.matmul`) as float32 in a training precision.
+
+    * ``fp32``: float32 products.
+    * ``bf16``: bfloat16 operands and result (the fast path on CUDA and AMX CPUs, DESIGN §6); gradients flow
+      to the float32 inputs through the casts.
+    * ``bf16sim``: the bf16 numerics simulated with float32 kernels (:class:`_Bf16SimMatmul`), for checking
+      bf16 accuracy on CPUs whose bf16 products are emulated and slow.
     """
-    if precision == "bf16":
-        return (query.to(torch.bfloat16) @ candidates.to(torch.bfloat16).T).float()
     if precision == "fp32":
-        return query.float() @ candidates.float().T
+        return torch.matmul(a.float(), b.float())
+    if precision == "bf16":
+        return torch.matmul(a.to(torch.bfloat16), b.to(torch.bfloat16)).float()
+    if precision == "bf16sim":
+        return _Bf16SimMatmul.apply(a.float(), b.float())
     raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+
+
+def matmul_scores(query: torch.Tensor, candidates: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """Scores of every query against every candidate row: ``(..., B, 2d) x (..., N, 2d) -> (..., B, N)`` float32
+    in the given precision (:func:`precise_matmul`)."""
+    return precise_matmul(query, candidates.transpose(-1, -2), precision)
 
 
 def complex_modulus(x: torch.Tensor) -> torch.Tensor:

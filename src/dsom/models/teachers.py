@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from dsom.models.complex import complex_modulus, complex_query
+from dsom.models.complex import complex_modulus, complex_query, matmul_scores
 
 STRUCTURE = "structure"
 
@@ -79,9 +79,7 @@ class ModalityTeachers(nn.Module):
         tables = self.entity_tables() if tables is None else tables
         q = self.queries(tables, head, relation)
         cand = tables[:, start:stop]
-        if precision == "bf16":
-            return torch.bmm(q.to(torch.bfloat16), cand.to(torch.bfloat16).transpose(1, 2)).float()
-        return torch.bmm(q, cand.transpose(1, 2))
+        return matmul_scores(q, cand, precision)
 
     def factors(self, tables: torch.Tensor, head: torch.Tensor, relation: torch.Tensor,
                 tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,9 +148,7 @@ class FrozenTeachers:
         """``(M, B, stop - start)`` float32 logits of every teacher, one batched product."""
         q = complex_query(self.tables[:, head], self.relations[:, relation])
         cand = self.tables[:, start:stop]
-        if precision == "bf16":
-            return torch.bmm(q.to(torch.bfloat16), cand.to(torch.bfloat16).transpose(1, 2)).float()
-        return torch.bmm(q, cand.transpose(1, 2))
+        return matmul_scores(q, cand, precision)
 
     def index(self, modality: str) -> int:
         if modality not in self.modalities:
