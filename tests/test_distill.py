@@ -337,3 +337,45 @@ def test_separate_adam_policy_optimizer_updates_the_policy(tmp_path):
     st.fit()
     assert any(not torch.equal(a, b) for a, b in zip(before, st.model.policy.parameters()))
     assert "policy_optimizer" in st.extra_train_state()
+
+
+@pytest.mark.parametrize("mode", ["mean", "sum"])
+def test_ndkd_and_vanilla_gradients_match_a_float64_probability_space_reference(mode):
+    g = torch.Generator().manual_seed(7)
+    B, E, tau = 4, 15, 2.0
+    zt = torch.randn(B, E, generator=g, dtype=torch.float64) * 3
+    zs = (torch.randn(B, E, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    mask = torch.rand(B, E, generator=g) < 0.3
+    mask[:, 0] = True
+    mask[3, :] = True  # no non-neighbours: only the binary term, and it is 0
+
+    def reference(zs_):
+        pt, ps = torch.softmax(zt / tau, -1), torch.softmax(zs_ / tau, -1)
+        out = []
+        for i in range(B):
+            n = mask[i]
+            bt, bs = pt[i][n].sum(), ps[i][n].sum()
+            if mode == "mean":
+                bt, bs = bt / n.sum(), bs / n.sum()
+            ne = bt * torch.log(bt / bs) + ((1 - bt) * torch.log((1 - bt) / (1 - bs)) if (1 - bt) > 1e-12 else 0)
+            if (~n).any():
+                qt, qs = pt[i][~n] / pt[i][~n].sum(), ps[i][~n] / ps[i][~n].sum()
+                nn_ = (qt * torch.log(qt / qs)).sum()
+            else:
+                nn_ = torch.zeros((), dtype=torch.float64)
+            out.append(tau**2 * (0.6 * ne + 1.4 * nn_))
+        return torch.stack(out)
+
+    w = torch.rand(B, generator=g, dtype=torch.float64)
+    (reference(zs) * w).sum().backward()
+    ref_grad = zs.grad.clone()
+    zs.grad = None
+    got = ndkd(zt, zs, mask, tau, alpha=0.6, beta=1.4, mode=mode)
+    (got * w).sum().backward()
+    torch.testing.assert_close(got, reference(zs.detach()), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(zs.grad, ref_grad, rtol=1e-8, atol=1e-10)
+    # vanilla KD: gradient is tau (p_s - p_t) per row
+    zs.grad = None
+    (vanilla_kd(zt, zs, tau) * w).sum().backward()
+    expect = tau * (torch.softmax(zs.detach() / tau, -1) - torch.softmax(zt / tau, -1)) * w[:, None]
+    torch.testing.assert_close(zs.grad, expect, rtol=1e-9, atol=1e-10)

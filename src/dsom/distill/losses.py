@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 def masked_logsumexp(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -30,46 +29,71 @@ def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor, keep: torch.Tensor | Non
     return torch.where(valid, lp.exp() * (lp - lq), torch.zeros_like(lp)).sum(-1)
 
 
-def _log_binary(log_prob: torch.Tensor, neighbours: torch.Tensor, mode: str) -> torch.Tensor:
-    """``(B, 2)`` log of ``[b, 1 - b]`` with ``b`` the mean (``mode="mean"``) or total neighbour mass."""
-    log_pn = masked_logsumexp(log_prob, neighbours)
-    log_rest = masked_logsumexp(log_prob, ~neighbours)
+class _Split:
+    """Log-masses of one row of logits ``z`` split by a neighbour mask: ``inside`` = log sum over N,
+    ``outside`` = log sum over the rest (``-inf`` for an empty set), ``outside_finite`` = the same with
+    0 for an empty set (safe to subtract and differentiate)."""
+
+    def __init__(self, z: torch.Tensor, neighbours: torch.Tensor, has_in: torch.Tensor, has_out: torch.Tensor) -> None:
+        neg = torch.finfo(z.dtype).min
+        lin = torch.logsumexp(z.masked_fill(~neighbours, neg), -1)
+        lout = torch.logsumexp(z.masked_fill(neighbours, neg), -1)
+        self.inside = torch.where(has_in, lin, -math.inf)
+        self.outside = torch.where(has_out, lout, -math.inf)
+        self.outside_finite = torch.where(has_out, lout, 0.0)
+
+
+def _log_binary(split: _Split, n: torch.Tensor, mode: str) -> torch.Tensor:
+    """``(B, 2)`` log of ``[b, 1 - b]`` with ``b`` the mean (``mode="mean"``) or total neighbour probability."""
+    log_all = torch.logaddexp(split.inside, split.outside)
+    log_pn, log_rest = split.inside - log_all, split.outside - log_all
     if mode == "sum":
         return torch.stack([log_pn, log_rest], -1)
-    n = neighbours.sum(-1).to(log_prob.dtype)
     log_mean = log_pn - torch.log(n)
     # 1 - mean = (non-neighbour mass) + P_N (1 - 1/|N|); the second term vanishes for |N| = 1.
     shrink = torch.where(n > 1, torch.log1p(-1.0 / n.clamp(min=2)), torch.full_like(n, -math.inf))
     return torch.stack([log_mean, torch.logaddexp(log_rest, log_pn + shrink)], -1)
 
 
+def _ndkd_terms(teacher: torch.Tensor, student: torch.Tensor, neighbours: torch.Tensor, tau: float, mode: str,
+                need_binary: bool, need_rest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """NEKD and NNKD per query (no τ²), from masked log-sum-exps instead of full log-softmaxes.
+
+    The renormalised non-neighbour KL is written as ``sum_{i not in N} p~_t,i (z_t,i - z_s,i) - L_t + L_s`` with
+    ``L`` the non-neighbour log-sum-exp of ``z = logits / tau`` and ``p~_t = exp(z_t - L_t)`` on the
+    non-neighbours: one weighted sum over the student's logits instead of two normalised log-distributions.
+    """
+    zt, zs = teacher / tau, student / tau
+    n = neighbours.sum(-1).to(zs.dtype)
+    has_in, has_out = n > 0, n < zs.shape[-1]
+    st, ss = _Split(zt, neighbours, has_in, has_out), _Split(zs, neighbours, has_in, has_out)
+    zero = torch.zeros(zs.shape[0], dtype=zs.dtype, device=zs.device)
+    binary = _kl_terms(_log_binary(st, n, mode), _log_binary(ss, n, mode)) if need_binary else zero
+    rest = zero
+    if need_rest:
+        p_rest = torch.exp(zt - st.outside_finite.unsqueeze(-1)).masked_fill(neighbours, 0.0)
+        cross = (p_rest * (zt - zs)).sum(-1)
+        rest = torch.where(has_out, cross - st.outside_finite + ss.outside_finite, zero)
+    return binary, rest
+
+
 def nekd(teacher: torch.Tensor, student: torch.Tensor, neighbours: torch.Tensor, tau: float = 4.0,
          mode: str = "mean") -> torch.Tensor:
     """Neighbour binary term: KL of ``[p̄_N, 1 - p̄_N]`` (teacher ‖ student), no τ² factor."""
-    lt = F.log_softmax(teacher / tau, -1)
-    ls = F.log_softmax(student / tau, -1)
-    return _kl_terms(_log_binary(lt, neighbours, mode), _log_binary(ls, neighbours, mode))
+    return _ndkd_terms(teacher, student, neighbours, tau, mode, True, False)[0]
 
 
 def nnkd(teacher: torch.Tensor, student: torch.Tensor, neighbours: torch.Tensor, tau: float = 4.0) -> torch.Tensor:
     """KL of the distributions renormalised over the non-neighbours (teacher ‖ student), no τ² factor."""
-    zt, zs = teacher / tau, student / tau
-    keep = ~neighbours
-    lt = zt - masked_logsumexp(zt, keep).unsqueeze(-1)
-    ls = zs - masked_logsumexp(zs, keep).unsqueeze(-1)
-    return _kl_terms(lt, ls, keep)
+    return _ndkd_terms(teacher, student, neighbours, tau, "mean", False, True)[1]
 
 
 def ndkd(teacher: torch.Tensor, student: torch.Tensor, neighbours: torch.Tensor, tau: float = 4.0,
          alpha: float = 1.0, beta: float = 1.0, mode: str = "mean", tau_squared: bool = True) -> torch.Tensor:
     """``tau^2 (alpha NEKD + beta NNKD)`` per query (SPEC §5.6); ``neighbours`` must include the target."""
     scale = tau * tau if tau_squared else 1.0
-    out = torch.zeros(teacher.shape[0], dtype=teacher.dtype, device=teacher.device)
-    if alpha:
-        out = out + alpha * nekd(teacher, student, neighbours, tau, mode)
-    if beta:
-        out = out + beta * nnkd(teacher, student, neighbours, tau)
-    return scale * out
+    binary, rest = _ndkd_terms(teacher, student, neighbours, tau, mode, bool(alpha), bool(beta))
+    return scale * (alpha * binary + beta * rest)
 
 
 def target_mask(target: torch.Tensor, num_entities: int) -> torch.Tensor:
@@ -86,6 +110,10 @@ def dkd(teacher: torch.Tensor, student: torch.Tensor, target: torch.Tensor, tau:
 
 
 def vanilla_kd(teacher: torch.Tensor, student: torch.Tensor, tau: float = 4.0, tau_squared: bool = True) -> torch.Tensor:
-    """``tau^2 KL(softmax(F_tea / tau) ‖ softmax(F_stu / tau))`` per query."""
+    """``tau^2 KL(softmax(F_tea / tau) ‖ softmax(F_stu / tau))`` per query, as
+    ``sum p_t (z_t - z_s) - lse(z_t) + lse(z_s)``."""
     scale = tau * tau if tau_squared else 1.0
-    return scale * _kl_terms(F.log_softmax(teacher / tau, -1), F.log_softmax(student / tau, -1))
+    zt, zs = teacher / tau, student / tau
+    lse_t = torch.logsumexp(zt, -1)
+    p_t = torch.exp(zt - lse_t.unsqueeze(-1))
+    return scale * ((p_t * (zt - zs)).sum(-1) - lse_t + torch.logsumexp(zs, -1))
