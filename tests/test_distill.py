@@ -379,3 +379,48 @@ def test_ndkd_and_vanilla_gradients_match_a_float64_probability_space_reference(
     (vanilla_kd(zt, zs, tau) * w).sum().backward()
     expect = tau * (torch.softmax(zs.detach() / tau, -1) - torch.softmax(zt / tau, -1)) * w[:, None]
     torch.testing.assert_close(zs.grad, expect, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("kd", ["ndkd", "vanilla"])
+def test_compiled_distillation_loss_equals_eager_losses_and_gradients(kd):
+    ds = clustered_graph(num_entities=40)
+    results = []
+    for compile_ in (False, True):
+        d = Distiller(_frozen(ds), 2 * ds.num_relations, 8, DistillConfig(kd=kd),
+                      generator=torch.Generator().manual_seed(0), compile=compile_)
+        out = []
+        for n in (32, 11):  # a second batch size must not break the compiled (dynamic-shape) function
+            batch = torch.from_numpy(ds.queries("train")[:n])
+            mask = target_mask(batch[:, 2], ds.num_entities)
+            mask[:, :3] = True
+            losses, _ = d(batch, mask, generator=torch.Generator().manual_seed(1))
+            d.zero_grad(set_to_none=True)
+            losses["kd"].backward()
+            out.append((losses["kd"].detach(), d.student.entity.grad.clone()))
+        results.append(out)
+    for (k0, g0), (k1, g1) in zip(*results):
+        torch.testing.assert_close(k1, k0, rtol=1e-4, atol=1e-6)  # fp32 cancellation in KL = cross - L_t + L_s
+        torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-8)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
+    from dsom.perf import MaybeCompiled, compile_enabled
+
+    def broken_compile(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("inductor: C++ compiler not found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    f = MaybeCompiled(lambda x: x * 2, True)
+    with pytest.warns(UserWarning, match="running eagerly"):
+        assert f(torch.tensor(3.0)) == 6.0
+    assert not f.enabled and f(torch.tensor(1.0)) == 2.0
+    g = MaybeCompiled(lambda x: x["missing"], True)  # a genuine error is not swallowed
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    with pytest.raises(KeyError):
+        g({})
+    assert compile_enabled("auto", "cpu", 1000 * 12842) and not compile_enabled("auto", "cpu", 100 * 1000)
+    assert compile_enabled("auto", "cuda", 10) and not compile_enabled("off", "cuda", 10**9)
+    with pytest.raises(ValueError):
+        compile_enabled("yes", "cpu", 1)

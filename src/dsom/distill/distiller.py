@@ -26,6 +26,7 @@ from dsom.distill.losses import ndkd, target_mask, vanilla_kd
 from dsom.distill.policy import Policy, policy_state, reinforce_loss, triple_rewards
 from dsom.models.complex import ComplEx, f2_penalty, n3_penalty
 from dsom.models.teachers import FrozenTeachers
+from dsom.perf import MaybeCompiled
 
 HEURISTICS = ("avg", "conf", "best_teacher", "best_strategy")
 SELECTORS = ("rl", "mulde", "none", *HEURISTICS)
@@ -41,11 +42,21 @@ def check_selector(selector: str, modalities: list[str]) -> None:
 
 
 def _ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-query CE ``(..., B)`` of ``(..., B, E)`` logits."""
-    lead = logits.shape[:-2]
-    flat = logits.reshape(-1, logits.shape[-1])
-    t = target.repeat(int(math.prod(lead))) if lead else target
-    return F.cross_entropy(flat, t, reduction="none").view(*lead, -1)
+    """Per-query CE ``(..., B)`` of ``(..., B, E)`` logits: ``logsumexp - target logit`` (no log-softmax copy)."""
+    idx = target.view(*([1] * (logits.dim() - 2)), -1, 1).expand(*logits.shape[:-1], 1)
+    return torch.logsumexp(logits, -1) - logits.gather(-1, idx).squeeze(-1)
+
+
+def kd_rows(teacher: torch.Tensor, student: torch.Tensor, target: torch.Tensor, neighbours: torch.Tensor | None,
+            cfg: DistillConfig) -> torch.Tensor:
+    """Per-query distillation loss ``(B,)`` of the configured kind (``distill.kd``) without gamma."""
+    if cfg.kd == "vanilla":
+        return vanilla_kd(teacher, student, cfg.tau, cfg.tau_squared)
+    if cfg.kd == "dkd" or neighbours is None:
+        neighbours = target_mask(target, teacher.shape[-1])
+    alpha = 0.0 if cfg.kd == "nnkd" else cfg.alpha
+    beta = 0.0 if cfg.kd == "nekd" else cfg.beta
+    return ndkd(teacher, student, neighbours, cfg.tau, alpha, beta, cfg.neighbour_mode, cfg.tau_squared)
 
 
 class Distiller(nn.Module):
@@ -54,11 +65,13 @@ class Distiller(nn.Module):
     num_relations: relation ids including reciprocals (2R).
     rank: the student's rank d.
     config: the ``distill`` section.
+    compile: run the distillation loss through ``torch.compile`` (:class:`~dsom.perf.MaybeCompiled`).
     """
 
     def __init__(self, teachers: FrozenTeachers, num_relations: int, rank: int, config: DistillConfig,
-                 init_scale: float = 1e-3, generator: torch.Generator | None = None) -> None:
+                 init_scale: float = 1e-3, generator: torch.Generator | None = None, compile: bool = False) -> None:
         super().__init__()
+        self._kd_rows = MaybeCompiled(kd_rows, compile)
         check_selector(config.selector, teachers.modalities)
         self.cfg = config
         self.teachers = teachers
@@ -122,7 +135,8 @@ class Distiller(nn.Module):
         cfg = self.cfg
         h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
         student = self.student.score_all(h, r, precision=precision)
-        losses: dict[str, torch.Tensor] = {"ce": F.cross_entropy(student, t)}
+        ce_rows = _ce(student, t)
+        losses: dict[str, torch.Tensor] = {"ce": ce_rows.mean()}
         stats: dict[str, torch.Tensor] = {}
         if regularizer != "none" and reg > 0:
             penalty = n3_penalty if regularizer == "n3" else f2_penalty
@@ -132,7 +146,7 @@ class Distiller(nn.Module):
         gamma = cfg.gamma if kd_weight is None else kd_weight
         with torch.no_grad():
             tea_all = self.teachers.score_all(h, r, precision=precision)  # (M, B, E)
-        student_ce = F.cross_entropy(student.detach(), t, reduction="none")
+        student_ce = ce_rows.detach()
         if cfg.selector == "mulde":
             c = F.softplus(self.mulde_scale[r]).T.unsqueeze(-1)  # (M, B, 1)
             scaled = c * tea_all
@@ -163,21 +177,8 @@ class Distiller(nn.Module):
             tea = torch.einsum("bm,mbe->be", weights, tea_all)
             stats["teacher_share"] = weights.mean(0)
         if cfg.kd != "none" and gamma > 0:
-            losses["kd"] = gamma * self.kd_loss(tea, student, t, neighbours).mean()
+            losses["kd"] = gamma * self._kd_rows(tea, student, t, neighbours, cfg).mean()
         return losses, stats
-
-    def kd_loss(self, teacher: torch.Tensor, student: torch.Tensor, target: torch.Tensor,
-                neighbours: torch.Tensor | None) -> torch.Tensor:
-        cfg = self.cfg
-        if cfg.kd == "vanilla":
-            return vanilla_kd(teacher, student, cfg.tau, cfg.tau_squared)
-        if cfg.kd == "dkd" or neighbours is None:
-            mask = target_mask(target, teacher.shape[-1])
-        else:
-            mask = neighbours
-        alpha = 0.0 if cfg.kd == "nnkd" else cfg.alpha
-        beta = 0.0 if cfg.kd == "nekd" else cfg.beta
-        return ndkd(teacher, student, mask, cfg.tau, alpha, beta, cfg.neighbour_mode, cfg.tau_squared)
 
     @torch.no_grad()
     def greedy_actions(self, queries: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:

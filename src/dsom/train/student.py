@@ -24,6 +24,7 @@ from dsom.distill.actions import action_names, num_actions
 from dsom.distill.distiller import Distiller
 from dsom.evaluate import evaluate
 from dsom.models.teachers import FrozenTeachers
+from dsom.perf import compile_enabled
 from dsom.ranks import TIE_POLICIES
 from dsom.train.checkpoint import save_checkpoint
 from dsom.train.loop import BatchHook, Trainer
@@ -62,8 +63,10 @@ class StudentTrainer(Trainer):
 
     def build_model(self, generator: torch.Generator) -> Distiller:
         rank = self.cfg.distill.student_rank or self.cfg.model.rank
+        cells = self.cfg.train.batch_size * self.ds.num_entities
         return Distiller(self.teachers.to(self.device), 2 * self.ds.num_relations, rank, self.cfg.distill,
-                         self.cfg.model.init_scale, generator=generator)
+                         self.cfg.model.init_scale, generator=generator,
+                         compile=compile_enabled(self.cfg.train.compile, self.device.type, cells))
 
     def trainable_parameters(self) -> list[Any]:
         model: Distiller = self.model
