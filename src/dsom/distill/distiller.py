@@ -171,7 +171,9 @@ class Distiller(nn.Module):
             delta = reward - base
             losses["rc"] = reinforce_loss(action_logits, actions, delta)
             stats.update(delta=delta.mean(), reward=reward.mean(), reward_baseline=base.mean())
-            stats["actions"] = torch.bincount(actions, minlength=num_actions(self.num_teachers))
+            # a histogram without bincount's host sync on CUDA
+            stats["actions"] = torch.zeros(num_actions(self.num_teachers), dtype=torch.int64,
+                                           device=actions.device).scatter_add_(0, actions, torch.ones_like(actions))
         else:
             weights = self.heuristic_weights(tea_all, t)
             tea = torch.einsum("bm,mbe->be", weights, tea_all)

@@ -230,7 +230,7 @@ class Trainer(abc.ABC):
             for k, v in terms.items():
                 sums[k] = sums[k] + v if k in sums else v
             n_batches += 1
-            if self.progress and b % 10 == 0:
+            if self.progress and check_every_batch and b % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             self.after_step(epoch, b)
             if self.batch_hook is not None:

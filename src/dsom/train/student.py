@@ -51,6 +51,7 @@ class StudentTrainer(Trainer):
         self.teachers = teachers
         self.name = name
         self._actions = torch.zeros(num_actions(teachers.num_teachers), dtype=torch.int64)
+        self._step_stats: list[tuple[int, int, torch.Tensor]] = []  # (epoch, step, [delta, R, R_hat]) on device
         self._stats: dict[str, torch.Tensor] = {}
         cfg = student_config(cfg)
         super().__init__(dataset, cfg, run_dir, stage="distill" if name == "student" else f"distill:{name}",
@@ -129,16 +130,25 @@ class StudentTrainer(Trainer):
             self.policy_optimizer.zero_grad(set_to_none=True)
         st = self._stats
         if "actions" in st:
-            self._actions += st["actions"].cpu()
-        if "delta" in st:
-            self.tracker.log({"stage": self.stage, "epoch": epoch, "step": batch, "delta": float(st["delta"]),
-                              "reward": float(st["reward"]), "reward_baseline": float(st["reward_baseline"])})
+            self._actions = self._actions.to(st["actions"].device) + st["actions"]
+        if "delta" in st:  # kept on the device and written once per epoch: no host sync per step on a GPU
+            self._step_stats.append((epoch, batch, torch.stack([st["delta"], st["reward"], st["reward_baseline"]])))
+
+    def _flush_step_stats(self) -> None:
+        if not self._step_stats:
+            return
+        values = torch.stack([v for _, _, v in self._step_stats]).cpu().tolist()
+        for (epoch, step, _), (delta, reward, base) in zip(self._step_stats, values):
+            self.tracker.log({"stage": self.stage, "epoch": epoch, "step": step, "delta": delta, "reward": reward,
+                              "reward_baseline": base})
+        self._step_stats.clear()
 
     def epoch_extras(self, epoch: int) -> dict[str, Any]:
+        self._flush_step_stats()
         if self.model.policy is None or int(self._actions.sum()) == 0:
             return {}
         names = action_names(self.teachers.modalities)
-        out = {"actions": dict(zip(names, self._actions.tolist()))}
+        out = {"actions": dict(zip(names, self._actions.cpu().tolist()))}
         self._actions.zero_()
         return out
 
