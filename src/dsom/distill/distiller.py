@@ -59,6 +59,25 @@ def kd_rows(teacher: torch.Tensor, student: torch.Tensor, target: torch.Tensor, 
     return ndkd(teacher, student, neighbours, cfg.tau, alpha, beta, cfg.neighbour_mode, cfg.tau_squared)
 
 
+def step_terms(student: torch.Tensor, teacher_logits: torch.Tensor, weights: torch.Tensor, target: torch.Tensor,
+               neighbours: torch.Tensor | None, cfg: DistillConfig, rewards: bool, kd: bool) -> dict[str, torch.Tensor]:
+    """The element-wise part of a stage-2 step, after the matrix products (one function so ``torch.compile``
+    can fuse it): per-query student CE, the combined teacher ``sum_m w_m F^m``, the rewards of the chosen
+    subset and of the all-teacher baseline, and the distillation loss. ``(B,)`` tensors keyed
+    ``ce``, ``reward``, ``baseline``, ``kd``."""
+    ce = _ce(student, target)
+    out = {"ce": ce}
+    teacher = torch.einsum("bm,mbe->be", weights, teacher_logits)
+    if rewards:
+        out["reward"] = triple_rewards(teacher, ce.detach(), target, cfg.reward_positive, cfg.reward_negative)
+        if cfg.baseline == "avg_action":
+            out["baseline"] = triple_rewards(teacher_logits.mean(0), ce.detach(), target, cfg.reward_positive,
+                                             cfg.reward_negative)
+    if kd:
+        out["kd"] = kd_rows(teacher, student, target, neighbours, cfg)
+    return out
+
+
 class Distiller(nn.Module):
     """Args:
     teachers: frozen, materialised teachers (``M`` of them).
@@ -71,7 +90,7 @@ class Distiller(nn.Module):
     def __init__(self, teachers: FrozenTeachers, num_relations: int, rank: int, config: DistillConfig,
                  init_scale: float = 1e-3, generator: torch.Generator | None = None, compile: bool = False) -> None:
         super().__init__()
-        self._kd_rows = MaybeCompiled(kd_rows, compile)
+        self._step_terms = MaybeCompiled(step_terms, compile)
         check_selector(config.selector, teachers.modalities)
         self.cfg = config
         self.teachers = teachers
@@ -135,19 +154,19 @@ class Distiller(nn.Module):
         cfg = self.cfg
         h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
         student = self.student.score_all(h, r, precision=precision)
-        ce_rows = _ce(student, t)
-        losses: dict[str, torch.Tensor] = {"ce": ce_rows.mean()}
+        losses: dict[str, torch.Tensor] = {}
         stats: dict[str, torch.Tensor] = {}
         if regularizer != "none" and reg > 0:
             penalty = n3_penalty if regularizer == "n3" else f2_penalty
             losses["reg"] = penalty(self.student.factors(h, r, t), reg)
         if cfg.selector == "none":
+            losses["ce"] = F.cross_entropy(student, t)
             return losses, stats
         gamma = cfg.gamma if kd_weight is None else kd_weight
         with torch.no_grad():
             tea_all = self.teachers.score_all(h, r, precision=precision)  # (M, B, E)
-        student_ce = ce_rows.detach()
         if cfg.selector == "mulde":
+            losses["ce"] = F.cross_entropy(student, t)
             c = F.softplus(self.mulde_scale[r]).T.unsqueeze(-1)  # (M, B, 1)
             scaled = c * tea_all
             with torch.no_grad():
@@ -159,27 +178,27 @@ class Distiller(nn.Module):
             losses["kd"] = gamma * vanilla_kd(senior.detach(), student, cfg.tau, cfg.tau_squared).mean()
             stats["attention"] = attention.mean(1).detach()
             return losses, stats
-        if cfg.selector == "rl":
+        rl = cfg.selector == "rl"
+        if rl:
             actions, action_logits = self.act(tea_all, generator=generator)
             weights = self.subsets[actions]
-            tea = torch.einsum("bm,mbe->be", weights, tea_all)
-            reward = triple_rewards(tea, student_ce, t, cfg.reward_positive, cfg.reward_negative)
-            if cfg.baseline == "avg_action":
-                base = triple_rewards(tea_all.mean(0), student_ce, t, cfg.reward_positive, cfg.reward_negative)
-            else:
-                base = reward.mean().expand_as(reward)
+        else:
+            weights = self.heuristic_weights(tea_all, t)
+            stats["teacher_share"] = weights.mean(0)
+        use_kd = cfg.kd != "none" and gamma > 0
+        terms = self._step_terms(student, tea_all, weights, t, neighbours, cfg, rl, use_kd)
+        losses["ce"] = terms["ce"].mean()
+        if use_kd:
+            losses["kd"] = gamma * terms["kd"].mean()
+        if rl:
+            reward = terms["reward"]
+            base = terms["baseline"] if cfg.baseline == "avg_action" else reward.mean().expand_as(reward)
             delta = reward - base
             losses["rc"] = reinforce_loss(action_logits, actions, delta)
             stats.update(delta=delta.mean(), reward=reward.mean(), reward_baseline=base.mean())
             # a histogram without bincount's host sync on CUDA
             stats["actions"] = torch.zeros(num_actions(self.num_teachers), dtype=torch.int64,
                                            device=actions.device).scatter_add_(0, actions, torch.ones_like(actions))
-        else:
-            weights = self.heuristic_weights(tea_all, t)
-            tea = torch.einsum("bm,mbe->be", weights, tea_all)
-            stats["teacher_share"] = weights.mean(0)
-        if cfg.kd != "none" and gamma > 0:
-            losses["kd"] = gamma * self._kd_rows(tea, student, t, neighbours, cfg).mean()
         return losses, stats
 
     @torch.no_grad()
