@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from dsom.models.complex import complex_modulus, complex_query, matmul_scores
+from dsom.models.complex import complex_modulus, complex_query, stacked_scores
 
 STRUCTURE = "structure"
 
@@ -79,7 +79,7 @@ class ModalityTeachers(nn.Module):
         tables = self.entity_tables() if tables is None else tables
         q = self.queries(tables, head, relation)
         cand = tables[:, start:stop]
-        return matmul_scores(q, cand, precision)
+        return stacked_scores(q, cand, precision)
 
     def factors(self, tables: torch.Tensor, head: torch.Tensor, relation: torch.Tensor,
                 tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -148,7 +148,7 @@ class FrozenTeachers:
         """``(M, B, stop - start)`` float32 logits of every teacher, one batched product."""
         q = complex_query(self.tables[:, head], self.relations[:, relation])
         cand = self.tables[:, start:stop]
-        return matmul_scores(q, cand, precision)
+        return stacked_scores(q, cand, precision)
 
     def index(self, modality: str) -> int:
         if modality not in self.modalities:

@@ -21,6 +21,7 @@ from dsom.data.graph import KGDataset
 from dsom.evaluate import split_counts, split_metrics
 from dsom.features.modality import ModalityTable
 from dsom.models.chunked import chunked_cross_entropy, entity_chunk
+from dsom.models.complex import matmul_scores
 from dsom.models.teachers import TEACHERS_FORMAT, AllViews, FrozenTeachers, ModalityTeachers
 from dsom.ranks import TIE_POLICIES, RankCounts, metrics_from_ranks, min_rank_counts
 from dsom.train.checkpoint import write_checkpoint
@@ -75,9 +76,10 @@ class TeacherTrainer(Trainer):
         chunk = entity_chunk(B, E, self.cfg.train.block_mb)
         if chunk < E:
             ce = chunked_cross_entropy(model.queries(tables, h, r), tables, t, chunk, self.precision).mean(1)
-        else:
-            scores = model.score_all(h, r, precision=self.precision, tables=tables)  # (M, B, E)
-            ce = F.cross_entropy(scores.reshape(M * B, E), t.repeat(M), reduction="none").view(M, B).mean(1)
+        else:  # one (B, E) block per teacher: mm is faster than bmm here and no (M, B, E) stack is held
+            queries = model.queries(tables, h, r)
+            ce = torch.stack([F.cross_entropy(matmul_scores(queries[m], tables[m], self.precision), t)
+                              for m in range(M)])
         total = ce.sum()
         terms = {"ce": total.detach(), **{f"ce/{m}": ce[k].detach() for k, m in enumerate(model.modalities)}}
         tr = self.cfg.train

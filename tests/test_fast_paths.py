@@ -137,3 +137,16 @@ def test_bf16sim_reproduces_bf16_products_forward_and_backward():
         assert ((a - b).abs() <= a.abs() * 2**-7 + 1e-6).all()
         assert (a - b).abs().max() <= (a - f).abs().max()  # much closer to bf16 than fp32 is
         assert not torch.equal(b, f)
+
+
+def test_stacked_scores_loop_equals_batched_product_and_keeps_gradients():
+    from dsom.models.complex import stacked_scores
+
+    g = torch.Generator().manual_seed(8)
+    q, c = torch.randn(3, 7, 10, generator=g), torch.randn(3, 13, 10, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(stacked_scores(q, c), torch.bmm(q, c.transpose(1, 2)))
+    qg = q.clone().requires_grad_()
+    out = stacked_scores(qg, c)
+    out.sum().backward()
+    torch.testing.assert_close(qg.grad, c.sum(1, keepdim=True).expand(3, 7, 10))
