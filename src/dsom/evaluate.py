@@ -121,25 +121,42 @@ def _count_queries(scores: torch.Tensor, known: torch.Tensor, row: torch.Tensor,
                    target_scores: torch.Tensor | None = None) -> RankCounts:
     """Counts of queries ``(row[i], t[i])`` against a block of pair scores ``(..., U, N)``.
 
-    ``known (U, N)`` marks each pair's filtered answers; each query's own target (``t`` relative to the block,
-    possibly outside it) is excluded too. ``target_scores`` (``(..., Q)``) defaults to reading the block.
-    Queries are compared in slices of ``batch`` so the expanded rows never exceed ``batch x N``.
+    ``row`` is sorted and covers every pair (each pair's queries are contiguous). ``known (U, N)`` marks each
+    pair's filtered answers; each query's own target (``t`` relative to the block, possibly outside it) is not
+    counted either. ``target_scores`` (``(..., Q)``) defaults to reading the block.
+
+    The first query of every pair is compared with the block in place; the other queries of shared pairs
+    (about a quarter on DB15K) are compared on copied rows, ``batch`` at a time. The target is not masked:
+    its own comparison is subtracted afterwards, so no per-query mask is built.
     """
     n_cand = scores.shape[-1]
-    greater, equal = [], []
-    # Every pair asked once, in order (the usual case): compare the block in place, no expanded copy.
-    direct = len(row) == scores.shape[-2] <= batch and bool((row == torch.arange(len(row), device=row.device)).all())
-    for s in range(0, len(row), batch):
-        rw, tt = row[s:s + batch], t[s:s + batch]
-        sc = scores if direct else scores.index_select(-2, rw)
-        exclude = known if direct else known.index_select(0, rw)
-        inside = ((tt >= 0) & (tt < n_cand)).nonzero().squeeze(1)
-        exclude[inside, tt[inside]] = True
-        ts = _gather_targets(sc, tt) if target_scores is None else target_scores[..., s:s + batch]
-        c = count_better(sc, ts, exclude)
-        greater.append(c.greater)
-        equal.append(c.equal)
-    return RankCounts(torch.cat(greater, -1), torch.cat(equal, -1))
+    inside = (t >= 0) & (t < n_cand)
+    t_in = t.clamp(0, n_cand - 1)
+    lead = (slice(None),) * (scores.dim() - 2)
+    own = scores[lead + (row, t_in)]  # (..., Q): each query's target read from this block
+    if target_scores is None:
+        target_scores = own
+    keep = ~known
+    first = torch.ones(len(row), dtype=torch.bool, device=row.device)
+    first[1:] = row[1:] != row[:-1]
+    greater = torch.empty(target_scores.shape, dtype=torch.int64, device=scores.device)
+    equal = torch.empty_like(greater)
+    firsts = first.nonzero().squeeze(1)
+    c = count_better(scores, target_scores[..., firsts], keep, excluded=False)  # firsts are pairs 0..U-1 in order
+    if torch.isnan(target_scores).any():
+        raise FloatingPointError("model produced NaN scores; ranks are undefined (check the learning rate/precision)")
+    greater[lead + (firsts,)], equal[lead + (firsts,)] = c.greater, c.equal
+    rest = (~first).nonzero().squeeze(1)
+    for s in range(0, len(rest), batch):
+        idx = rest[s:s + batch]
+        c = count_better(scores.index_select(-2, row[idx]), target_scores[..., idx], keep.index_select(0, row[idx]),
+                         excluded=False, check_nan=False)
+        greater[lead + (idx,)], equal[lead + (idx,)] = c.greater, c.equal
+    # The target itself, where it lies in this block and is not already filtered out.
+    counted = inside & keep[row, t_in]
+    greater -= ((own > target_scores) & counted).long()
+    equal -= ((own == target_scores) & counted).long()
+    return RankCounts(greater, equal)
 
 
 def _gather_targets(scores: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

