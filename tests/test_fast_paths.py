@@ -150,3 +150,25 @@ def test_stacked_scores_loop_equals_batched_product_and_keeps_gradients():
     out = stacked_scores(qg, c)
     out.sum().backward()
     torch.testing.assert_close(qg.grad, c.sum(1, keepdim=True).expand(3, 7, 10))
+
+
+@pytest.mark.parametrize("name", ["adagrad", "adam"])
+def test_fused_optimizer_matches_the_reference_update(name):
+    from dsom.config import Config, set_value
+    from dsom.train.loop import make_optimizer
+
+    cfg = Config()
+    set_value(cfg, "train.optimizer", name)
+    g = torch.Generator().manual_seed(9)
+    a = torch.nn.Parameter(torch.randn(30, 8, generator=g))
+    b = torch.nn.Parameter(a.detach().clone())
+    fused = make_optimizer([a], cfg)
+    assert fused.defaults["fused"] is True
+    ref = (torch.optim.Adagrad if name == "adagrad" else torch.optim.Adam)([b], lr=cfg.train.lr)
+    for _ in range(10):
+        grad = torch.randn(30, 8, generator=g)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        fused.step()
+        ref.step()
+    assert not torch.equal(a, torch.zeros_like(a))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
