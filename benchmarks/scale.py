@@ -85,7 +85,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--batches", type=int, default=3)
-    p.add_argument("--block-mb", type=float, default=512.0, help="train.block_mb")
+    p.add_argument("--block-mb", type=float, default=256.0, help="train.block_mb")
     p.add_argument("--eval-budget-mb", type=float, default=1024.0, help="eval.memory_budget_mb")
     p.add_argument("--precision", default="auto")
     p.add_argument("--device", default="auto")

@@ -77,7 +77,7 @@ class TrainConfig:
     threads: int = opt(0, "torch intra-op threads (0 = torch default)")
     compile: str = opt("auto", "torch.compile the stage-2 distillation losses (fuses their B x E element-wise work; "
                        "~20 s to compile once). auto = on for CUDA and for B x E >= 4M on CPU", ("auto", "on", "off"))
-    block_mb: float = opt(512.0, "largest B x E float32 score block one teacher's training loss materialises; larger "
+    block_mb: float = opt(256.0, "largest B x E float32 score block one teacher's training loss materialises; larger "
                           "1-vs-all losses (big graphs) run over entity chunks with recomputation (4 products "
                           "instead of 3, memory O(B x chunk)). 0 = never chunk. Stage 1 and plain ComplEx only")
 

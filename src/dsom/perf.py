@@ -17,6 +17,8 @@ from typing import Any
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_MB = 512  # blocks up to this size are reused from the heap (WN18 (M, B, E) stacks: 491 MB)
+TRIM_THRESHOLD_MB = 512  # free memory kept at the top of the heap before it is returned to the system
 
 
 def tune_allocator() -> bool:
@@ -25,8 +27,9 @@ def tune_allocator() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1
-        ok = libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1) == 1 and ok
+        mmap_mb = int(os.environ.get("DSOM_MMAP_THRESHOLD_MB", MMAP_THRESHOLD_MB))
+        ok = libc.mallopt(M_MMAP_THRESHOLD, mmap_mb << 20) == 1
+        ok = libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_MB << 20) == 1 and ok
         return bool(ok)
     except (OSError, AttributeError):
         return False
