@@ -424,3 +424,15 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
     assert compile_enabled("auto", "cuda", 10) and not compile_enabled("off", "cuda", 10**9)
     with pytest.raises(ValueError):
         compile_enabled("yes", "cpu", 1)
+
+
+def test_neighbour_mask_from_the_host_copy_equals_the_device_lookup(tmp_path):
+    ds = clustered_graph(num_entities=60)
+    st = StudentTrainer(ds, _cfg(), tmp_path, _frozen(ds), progress=False)
+    batch = st.train_queries[torch.randperm(len(st.train_queries), generator=torch.Generator().manual_seed(0))[:40]]
+    device = st._neighbour_mask(batch)
+    host = st._neighbour_mask(batch, batch.clone(), host_lookup=True)
+    assert torch.equal(device, host) and int(device.sum()) > 40  # neighbours beyond the targets
+    for i, (e, r, t) in enumerate(batch.tolist()):
+        expect = set(ds.neighbour_index.answers_of(e, r).tolist()) | {t}
+        assert set(device[i].nonzero().squeeze(1).tolist()) == expect

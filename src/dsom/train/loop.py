@@ -112,7 +112,9 @@ class Trainer(abc.ABC):
             threshold=cfg.train.scheduler_threshold) if cfg.train.scheduler == "plateau" else None)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.state = TrainState()
-        self.train_queries = torch.from_numpy(dataset.queries("train")).to(self.device)
+        self.train_queries_cpu = torch.from_numpy(dataset.queries("train"))
+        self.train_queries = self.train_queries_cpu.to(self.device)
+        self.current_batch_cpu: torch.Tensor | None = None  # the batch being trained, as a CPU tensor
 
     # ------------------------------------------------------------------------------- subclass hooks
     @abc.abstractmethod
@@ -217,7 +219,8 @@ class Trainer(abc.ABC):
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         q = self.train_queries
-        perm = epoch_permutation(len(q), self.cfg.train.seed, epoch).to(self.device)
+        perm_cpu = epoch_permutation(len(q), self.cfg.train.seed, epoch)
+        perm = perm_cpu.to(self.device)
         bs = self.cfg.train.batch_size
         sums: dict[str, torch.Tensor] = {}
         check_every_batch = self.device.type == "cpu"  # on GPU, avoid a host sync per batch
@@ -225,6 +228,8 @@ class Trainer(abc.ABC):
         bar = tqdm(range(0, len(q), bs), desc=f"{self.stage} epoch {epoch}", disable=not self.progress, leave=False)
         for b, start in enumerate(bar):
             batch = q[perm[start:start + bs]]
+            # host-side copy for index lookups (neighbour sets) without a device-to-host sync
+            self.current_batch_cpu = self.train_queries_cpu[perm_cpu[start:start + bs]]
             self.current_epoch, self.current_batch = epoch, b
             loss, terms = self.loss(batch)
             if check_every_batch and not torch.isfinite(loss):
@@ -239,6 +244,7 @@ class Trainer(abc.ABC):
             if self.progress and check_every_batch and b % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             self.after_step(epoch, b)
+            self.current_batch_cpu = None
             if self.batch_hook is not None:
                 self.batch_hook(epoch, b)
         out = {k: float(v) / max(n_batches, 1) for k, v in sums.items()}

@@ -56,7 +56,8 @@ class StudentTrainer(Trainer):
         cfg = student_config(cfg)
         super().__init__(dataset, cfg, run_dir, stage="distill" if name == "student" else f"distill:{name}",
                          progress=progress, batch_hook=batch_hook, checkpoint_subdir=name)
-        self.neighbours = dataset.neighbour_index.to(self.device)
+        self.neighbours_cpu = dataset.neighbour_index
+        self.neighbours = self.neighbours_cpu.to(self.device)
         self.policy_optimizer: torch.optim.Optimizer | None = None
         if self.cfg.distill.policy_optimizer == "adam" and self.model.policy is not None:
             self.policy_optimizer = torch.optim.Adam(self.model.policy.parameters(),
@@ -94,10 +95,22 @@ class StudentTrainer(Trainer):
                 "num_relations": s.num_relations, "original_relations": self.ds.num_relations,
                 "teachers": self.teachers.modalities, "selector": self.cfg.distill.selector, "kd": self.cfg.distill.kd}
 
-    def _neighbour_mask(self, batch: torch.Tensor) -> torch.Tensor:
+    def _neighbour_mask(self, batch: torch.Tensor, batch_cpu: torch.Tensor | None = None,
+                        host_lookup: bool | None = None) -> torch.Tensor:
+        """``(B, E)`` bool mask of each query's training answers and its target, on the batch's device.
+
+        The CSR lookup has a data-dependent size; on a GPU it runs on the host copy of the batch and only the
+        (row, column) pairs are copied over asynchronously, so the step never waits for the device."""
         e, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
         mask = torch.zeros(len(batch), self.ds.num_entities, dtype=torch.bool, device=batch.device)
-        rows, cols = self.neighbours.pairs(e, r)
+        if host_lookup is None:
+            host_lookup = batch.device.type != "cpu" and batch_cpu is not None
+        if host_lookup:
+            assert batch_cpu is not None
+            rows, cols = self.neighbours_cpu.pairs(batch_cpu[:, 0], batch_cpu[:, 1])
+            rows, cols = _async_to(rows, batch.device), _async_to(cols, batch.device)
+        else:
+            rows, cols = self.neighbours.pairs(e, r)
         mask[rows, cols] = True
         mask[torch.arange(len(batch), device=batch.device), t] = True
         return mask
@@ -110,7 +123,8 @@ class StudentTrainer(Trainer):
         gen = torch.Generator(device=self.device).manual_seed(
             tr.seed * 1_000_003 + self.current_epoch * 100_003 + self.current_batch)
         needs_mask = dc.selector != "none" and dc.kd in ("ndkd", "nekd", "nnkd")
-        losses, stats = self.model(batch, self._neighbour_mask(batch) if needs_mask else None,
+        batch_cpu = self.current_batch_cpu  # set by the epoch loop for this very batch, else None
+        losses, stats = self.model(batch, self._neighbour_mask(batch, batch_cpu) if needs_mask else None,
                                    precision=self.precision, regularizer=tr.regularizer, reg=tr.reg,
                                    kd_weight=kd_weight, generator=gen)
         self._stats = stats
@@ -195,6 +209,13 @@ class StudentTrainer(Trainer):
                 :len(truth.teachers)]:
             out.update(planted_agreement(actions.numpy(), truth, self.teachers.modalities))
         return out
+
+
+def _async_to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device without blocking the host (pinned staging where CUDA exists)."""
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
 
 
 def planted_agreement(actions: np.ndarray, truth: Any, modalities: list[str]) -> dict[str, Any]:
