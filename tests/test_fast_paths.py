@@ -172,3 +172,16 @@ def test_fused_optimizer_matches_the_reference_update(name):
         ref.step()
     assert not torch.equal(a, torch.zeros_like(a))
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_scores_make_the_policy_state_without_a_copy():
+    from dsom.distill.policy import policy_state
+    from dsom.models.complex import stacked_scores
+
+    g = torch.Generator().manual_seed(10)
+    q, c = torch.randn(3, 5, 4, generator=g), torch.randn(3, 9, 4, generator=g)
+    with torch.no_grad():
+        s = stacked_scores(q, c)
+    state = policy_state(s)
+    assert state.data_ptr() == s.data_ptr()  # a view
+    torch.testing.assert_close(state, torch.cat([s[m] for m in range(3)], dim=1))

@@ -107,10 +107,11 @@ def stacked_scores(query: torch.Tensor, candidates: torch.Tensor, precision: str
     if precision != "fp32" or (torch.is_grad_enabled() and (query.requires_grad or candidates.requires_grad)):
         return matmul_scores(query, candidates, precision)
     q, c = query.float(), candidates.float()
-    out = torch.empty(q.shape[0], q.shape[1], c.shape[1], dtype=torch.float32, device=q.device)
+    # Written as (B, M, N) and returned as an (M, B, N) view: the policy's (B, M * N) state is then a free reshape.
+    out = torch.empty(q.shape[1], q.shape[0], c.shape[1], dtype=torch.float32, device=q.device)
     for m in range(q.shape[0]):
-        torch.mm(q[m], c[m].T, out=out[m])
-    return out
+        torch.mm(q[m], c[m].T, out=out[:, m])
+    return out.permute(1, 0, 2)
 
 
 def complex_modulus(x: torch.Tensor) -> torch.Tensor:
