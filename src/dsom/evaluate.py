@@ -62,7 +62,10 @@ def rank_queries(scorer: Scorer, queries: np.ndarray | torch.Tensor, filter_inde
     pair_e, pair_r = qs[first, 0], qs[first, 1]
     pair_of_query = torch.repeat_interleave(torch.arange(len(counts), device=q.device), counts)
     cum = torch.cumsum(counts, 0).cpu().numpy()
-    greater, equal = [], []
+    # Results go into preallocated tensors (in sorted order), not a list of per-batch tensors: small tensors that
+    # outlive a batch sit between the large score blocks in the heap and fragment it.
+    g_sorted: torch.Tensor | None = None
+    e_sorted: torch.Tensor | None = None
     bar = tqdm(total=len(q), desc="evaluate", disable=not progress, leave=False)
     u0 = 0
     while u0 < len(cum):
@@ -71,15 +74,19 @@ def rank_queries(scorer: Scorer, queries: np.ndarray | torch.Tensor, filter_inde
         q1 = int(cum[u1 - 1])
         c = _rank_block(scorer, pair_e[u0:u1], pair_r[u0:u1], pair_of_query[q0:q1] - u0, qs[q0:q1, 2],
                         filter_index, batch, chunk, precision)
-        greater.append(c.greater)
-        equal.append(c.equal)
+        if g_sorted is None or e_sorted is None:
+            g_sorted = torch.empty((*c.greater.shape[:-1], len(q)), dtype=torch.int64, device=c.greater.device)
+            e_sorted = torch.empty_like(g_sorted)
+        g_sorted[..., q0:q1] = c.greater
+        e_sorted[..., q0:q1] = c.equal
+        del c
         bar.update(q1 - q0)
         u0 = u1
     bar.close()
-    g, e = torch.cat(greater, -1), torch.cat(equal, -1)
-    g_out, e_out = torch.empty_like(g), torch.empty_like(e)
-    g_out[..., order] = g
-    e_out[..., order] = e
+    assert g_sorted is not None and e_sorted is not None
+    g_out, e_out = torch.empty_like(g_sorted), torch.empty_like(e_sorted)
+    g_out[..., order] = g_sorted
+    e_out[..., order] = e_sorted
     return RankCounts(g_out.cpu(), e_out.cpu())
 
 

@@ -79,3 +79,14 @@ def compile_enabled(setting: str, device_type: str, cells: int) -> bool:
     if setting != "auto":
         raise ValueError(f"train.compile={setting!r}; choose auto, on or off")
     return device_type == "cuda" or cells >= 4_000_000
+
+
+def release_memory() -> bool:
+    """Return free heap pages to the system (glibc ``malloc_trim(0)``, which also releases free pages in the
+    middle of the heap). Called at epoch ends: a safety net against fragmentation by long-lived small tensors."""
+    if os.environ.get("DSOM_NO_MALLOPT") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -203,12 +203,15 @@ class Distiller(nn.Module):
 
     @torch.no_grad()
     def greedy_actions(self, queries: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-        """Arg-max policy actions ``(n,)`` for reciprocal queries (the Fig. 3 analysis)."""
-        out = []
+        """Arg-max policy actions ``(n,)`` for reciprocal queries (the Fig. 3 analysis).
+
+        The result is preallocated: small tensors kept alive across iterations would otherwise sit between
+        the per-batch score blocks in the heap and fragment it (RSS grew by GBs on DB15K)."""
+        out = torch.empty(len(queries), dtype=torch.int64, device=queries.device)
         for s in range(0, len(queries), batch_size):
             q = queries[s:s + batch_size]
-            out.append(self.act(self.teachers.score_all(q[:, 0], q[:, 1]), greedy=True)[0])
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+            out[s:s + batch_size] = self.act(self.teachers.score_all(q[:, 0], q[:, 1]), greedy=True)[0]
+        return out
 
 
 __all__ = ["Distiller", "HEURISTICS", "SELECTORS", "check_selector", "full_action"]

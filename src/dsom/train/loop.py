@@ -34,6 +34,7 @@ from dsom.errors import DsomError
 from dsom.evaluate import evaluate
 from dsom.models.chunked import chunked_cross_entropy, entity_chunk
 from dsom.models.complex import ComplEx, f2_penalty, n3_penalty, resolve_precision
+from dsom.perf import release_memory
 from dsom.ranks import TIE_POLICIES
 from dsom.train.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from dsom.train.checkpoint import read_checkpoint, resolve_checkpoint_dir, write_checkpoint
@@ -238,8 +239,11 @@ class Trainer(abc.ABC):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            for k, v in terms.items():
-                sums[k] = sums[k] + v if k in sums else v
+            for k, v in terms.items():  # accumulated in place: no new tensor per step
+                if k in sums:
+                    sums[k] += v
+                else:
+                    sums[k] = v.detach().clone()
             n_batches += 1
             if self.progress and check_every_batch and b % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -288,6 +292,7 @@ class Trainer(abc.ABC):
                     self.state.stopped_early = True
                     record["early_stop"] = True
             self.tracker.log(record)
+            release_memory()
             if self.progress:
                 tqdm.write(_epoch_line(record, t))
             if epoch % max(t.checkpoint_every, 1) == 0 or epoch == t.epochs or self.state.stopped_early:

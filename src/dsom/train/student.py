@@ -51,7 +51,8 @@ class StudentTrainer(Trainer):
         self.teachers = teachers
         self.name = name
         self._actions = torch.zeros(num_actions(teachers.num_teachers), dtype=torch.int64)
-        self._step_stats: list[tuple[int, int, torch.Tensor]] = []  # (epoch, step, [delta, R, R_hat]) on device
+        self._step_stats: list[tuple[int, int]] = []  # (epoch, step) of the rows of _step_buffer filled this epoch
+        self._step_buffer: torch.Tensor | None = None  # (steps, 3): delta, R, R_hat per step, on the device
         self._stats: dict[str, torch.Tensor] = {}
         cfg = student_config(cfg)
         super().__init__(dataset, cfg, run_dir, stage="distill" if name == "student" else f"distill:{name}",
@@ -144,15 +145,24 @@ class StudentTrainer(Trainer):
             self.policy_optimizer.zero_grad(set_to_none=True)
         st = self._stats
         if "actions" in st:
-            self._actions = self._actions.to(st["actions"].device) + st["actions"]
+            if self._actions.device != st["actions"].device:
+                self._actions = self._actions.to(st["actions"].device)
+            self._actions += st["actions"]
         if "delta" in st:  # kept on the device and written once per epoch: no host sync per step on a GPU
-            self._step_stats.append((epoch, batch, torch.stack([st["delta"], st["reward"], st["reward_baseline"]])))
+            if self._step_buffer is None or self._step_buffer.device != st["delta"].device:
+                steps = -(-len(self.train_queries) // self.cfg.train.batch_size)
+                self._step_buffer = torch.zeros(steps, 3, device=st["delta"].device)  # preallocated: no heap churn
+            if batch < len(self._step_buffer):
+                self._step_buffer[batch] = torch.stack([st["delta"], st["reward"], st["reward_baseline"]])
+                self._step_stats.append((epoch, batch))
 
     def _flush_step_stats(self) -> None:
         if not self._step_stats:
             return
-        values = torch.stack([v for _, _, v in self._step_stats]).cpu().tolist()
-        for (epoch, step, _), (delta, reward, base) in zip(self._step_stats, values):
+        assert self._step_buffer is not None
+        values = self._step_buffer.cpu().tolist()
+        for epoch, step in self._step_stats:
+            delta, reward, base = values[step]
             self.tracker.log({"stage": self.stage, "epoch": epoch, "step": step, "delta": delta, "reward": reward,
                               "reward_baseline": base})
         self._step_stats.clear()
