@@ -22,7 +22,7 @@ from torch import nn
 
 from dsom.config import DistillConfig
 from dsom.distill.actions import full_action, num_actions, subset_matrix
-from dsom.distill.losses import ndkd, target_mask, vanilla_kd
+from dsom.distill.losses import ndkd, per_query_ce, target_mask, vanilla_kd
 from dsom.distill.policy import Policy, policy_state, reinforce_loss, triple_rewards
 from dsom.models.complex import ComplEx, f2_penalty, n3_penalty
 from dsom.models.teachers import FrozenTeachers
@@ -39,12 +39,6 @@ def check_selector(selector: str, modalities: list[str]) -> None:
                              f"(teachers: {', '.join(modalities)})")
     elif selector not in SELECTORS:
         raise ValueError(f"distill.selector={selector!r} is not one of {', '.join(SELECTORS)}, single:<modality>")
-
-
-def _ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-query CE ``(..., B)`` of ``(..., B, E)`` logits: ``logsumexp - target logit`` (no log-softmax copy)."""
-    idx = target.view(*([1] * (logits.dim() - 2)), -1, 1).expand(*logits.shape[:-1], 1)
-    return torch.logsumexp(logits, -1) - logits.gather(-1, idx).squeeze(-1)
 
 
 def kd_rows(teacher: torch.Tensor, student: torch.Tensor, target: torch.Tensor, neighbours: torch.Tensor | None,
@@ -65,7 +59,7 @@ def step_terms(student: torch.Tensor, teacher_logits: torch.Tensor, weights: tor
     can fuse it): per-query student CE, the combined teacher ``sum_m w_m F^m``, the rewards of the chosen
     subset and of the all-teacher baseline, and the distillation loss. ``(B,)`` tensors keyed
     ``ce``, ``reward``, ``baseline``, ``kd``."""
-    ce = _ce(student, target)
+    ce = per_query_ce(student, target)
     out = {"ce": ce}
     teacher = torch.einsum("bm,mbe->be", weights, teacher_logits)
     if rewards:
@@ -138,9 +132,9 @@ class Distiller(nn.Module):
             conf = teacher_logits.softmax(-1).amax(-1)  # (M, B)
             return eye[conf.argmax(0)]
         if sel == "best_teacher":
-            return eye[_ce(teacher_logits, target).argmin(0)]
+            return eye[per_query_ce(teacher_logits, target).argmin(0)]
         if sel == "best_strategy":
-            ces = torch.stack([_ce(torch.einsum("m,mbe->be", w, teacher_logits).unsqueeze(0), target)[0]
+            ces = torch.stack([per_query_ce(torch.einsum("m,mbe->be", w, teacher_logits).unsqueeze(0), target)[0]
                                for w in self.subsets])  # (A, B)
             return self.subsets[ces.argmin(0)]
         raise ValueError(sel)

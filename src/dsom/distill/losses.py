@@ -14,6 +14,13 @@ import math
 import torch
 
 
+def per_query_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy ``(..., B)`` of ``(..., B, E)`` logits against ``target (B,)``, as ``logsumexp - target logit``
+    (no log-softmax copy of the block)."""
+    idx = target.view(*([1] * (logits.dim() - 2)), -1, 1).expand(*logits.shape[:-1], 1)
+    return torch.logsumexp(logits, -1) - logits.gather(-1, idx).squeeze(-1)
+
+
 def masked_logsumexp(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``log sum_{keep} exp(x)`` per row; ``-inf`` for rows with nothing kept. Gradients stay finite."""
     neg = torch.finfo(x.dtype).min

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsom.distill.losses import per_query_ce
+
 STATES = ("logits", "probs", "standardised")
 
 
@@ -50,8 +52,7 @@ class Policy(nn.Module):
 def triple_rewards(logits: torch.Tensor, student_ce: torch.Tensor, target: torch.Tensor, positive: float = 1.0,
                    negative: float = -10.0) -> torch.Tensor:
     """Eq. (8) per triple: ``positive`` where CE(logits, t) < the student's CE, else ``negative``."""
-    x = logits.detach()
-    ce = torch.logsumexp(x, -1) - x.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    ce = per_query_ce(logits.detach(), target)
     return torch.where(ce < student_ce, torch.full_like(ce, positive), torch.full_like(ce, negative))
 
 
