@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsom.config import Config, DistillConfig, set_value
+from dsom.config import METHOD_PRESETS, Config, DistillConfig, apply_dict, set_value
 from dsom.distill.actions import action_names, num_actions, subset_matrix
 from dsom.distill.distiller import Distiller
 from dsom.distill.losses import dkd, ndkd, nekd, nnkd, target_mask, vanilla_kd
 from dsom.distill.policy import Policy, reinforce_loss, triple_rewards
+from dsom.distill.selectors import SelectionBatch
 from dsom.models.teachers import FrozenTeachers
 from dsom.train.loop import ComplExTrainer
 from dsom.train.student import StudentTrainer, planted_agreement
@@ -157,6 +158,13 @@ def _cfg(**kw):
     return cfg
 
 
+def _paper() -> DistillConfig:
+    """The distill section of ``--preset paper``."""
+    cfg = Config()
+    apply_dict(cfg, METHOD_PRESETS["paper"])
+    return cfg.distill
+
+
 def _frozen(ds, M=3, d=8):
     g = torch.Generator().manual_seed(7)
     return FrozenTeachers([f"m{i}" for i in range(M)], torch.randn(M, ds.num_entities, 2 * d, generator=g) * 0.3,
@@ -178,7 +186,7 @@ def test_distiller_gradients_are_disjoint_and_teachers_stay_frozen():
     ds = clustered_graph(num_entities=40)
     frozen = _frozen(ds)
     tables = frozen.tables.clone()
-    d = Distiller(frozen, 2 * ds.num_relations, 8, DistillConfig(), generator=torch.Generator().manual_seed(0))
+    d = Distiller(frozen, 2 * ds.num_relations, 8, _paper(), generator=torch.Generator().manual_seed(0))
     batch = torch.from_numpy(ds.queries("train")[:32])
     losses, stats = d(batch, target_mask(batch[:, 2], ds.num_entities), generator=torch.Generator().manual_seed(1))
     assert set(losses) == {"ce", "reg", "rc", "kd"} and int(stats["actions"].sum()) == 32
@@ -194,7 +202,7 @@ def test_distiller_gradients_are_disjoint_and_teachers_stay_frozen():
 
 def test_delta_is_zero_when_the_sampled_action_is_the_full_set():
     ds = clustered_graph(num_entities=40)
-    d = Distiller(_frozen(ds), 2 * ds.num_relations, 8, DistillConfig(), generator=torch.Generator().manual_seed(0))
+    d = Distiller(_frozen(ds), 2 * ds.num_relations, 8, _paper(), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # force the policy to pick the full set
         d.policy.net[2].bias.copy_(torch.tensor([-1e4] * 6 + [1e4]))
     batch = torch.from_numpy(ds.queries("train")[:50])
@@ -218,7 +226,7 @@ def test_heuristic_selectors_against_brute_force():
     scores = frozen.score_all(batch[:, 0], batch[:, 1])
     for sel in ("conf", "best_teacher", "best_strategy"):
         d = Distiller(frozen, 2 * ds.num_relations, 4, DistillConfig(selector=sel))
-        w = d.heuristic_weights(scores, batch[:, 2])
+        w = d.selector(SelectionBatch(scores, batch[:, 0], batch[:, 1], batch[:, 2])).weights
         for i in range(20):
             t = int(batch[i, 2])
             if sel == "conf":

@@ -24,6 +24,8 @@ def _common_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="YAML configuration file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="set any configuration key, e.g. --set train.lr=0.05 (repeatable; see 'dsom config')")
+    p.add_argument("--preset", choices=["dsom", "paper"],
+                   help="method preset: 'dsom' (default) or 'paper' = the paper's selection exactly (Eqs. 5-12)")
     p.add_argument("--modalities", help="comma-separated teacher modalities (default: structure)")
     p.add_argument("--rank", type=int, help="shortcut for model.rank")
     p.add_argument("--epochs", type=int, help="shortcut for train.epochs")
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the whole pipeline on a dataset (default: the embedded synthetic graph)")
     _common_training(p)
-    p.add_argument("--ablation", choices=["table2", "table4", "table6", "dim", "missing"],
+    p.add_argument("--ablation", choices=["table2", "table4", "table6", "dim", "selection", "missing"],
                    help="also train the variants of a paper table on the same teachers and report them; 'missing' "
                         "reruns the whole pipeline at missing rates 0.2-0.8 in sub-runs (Figure 4)")
     p = sub.add_parser("pretrain", help="train the modality teachers and their ensembles (stage 1)")
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="train the DSoM student on the teachers of an earlier run (stage 2)")
     _common_training(p)
     p.add_argument("--teachers", required=True, help="run directory (or checkpoints/teachers/final) of the teachers")
-    p.add_argument("--ablation", choices=["table2", "table4", "table6", "dim"],
+    p.add_argument("--ablation", choices=["table2", "table4", "table6", "dim", "selection"],
                    help="also train the variants of a paper table on the same teachers and report them")
     p = sub.add_parser("report", help="write report/summary.md and plots of a finished run")
     p.add_argument("run_dir")
@@ -135,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             apply_dict(cfg, {key: value})
         pipeline.check_config(cfg)
     else:
-        cfg = pipeline.build_config(args.dataset, args.config, _overrides(args))
+        cfg = pipeline.build_config(args.dataset, args.config, _overrides(args), preset=args.preset)
     stages = "pretrain" if args.command == "pretrain" else "all"
     if getattr(args, "ablation", None) == "missing":
         out, results = pipeline.missing_study(cfg, args.output, resume=args.resume, force=args.force,

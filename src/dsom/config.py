@@ -140,16 +140,38 @@ class DistillConfig:
                               "decomposition)", ("mean", "sum"))
     kd_warmup_epochs: int = opt(0, "linear warm-up of the KD weight over this many epochs (DKD uses 20; 0 = off)")
     policy_hidden: int = opt(1024, "hidden width of the policy MLP (paper: 1024)")
-    policy_state: str = opt("logits", "policy input: raw teacher logits (paper), softmax probabilities or per-row "
-                            "standardised logits", ("logits", "probs", "standardised"))
-    policy_optimizer: str = opt("shared", "'shared': one Adagrad over student and policy (SPEC A13); 'adam': the policy "
-                                "gets its own Adam (lr policy_lr, default 1e-4), the fallback if it collapses early",
-                                ("shared", "adam"))
-    policy_lr: float = opt(0.0, "learning rate of the policy (0 = train.lr when shared, 1e-4 with adam)")
-    reward_positive: float = opt(1.0, "reward when the chosen teachers beat the student on the triple (paper: +1)")
-    reward_negative: float = opt(-10.0, "reward otherwise (paper: -10)")
-    baseline: str = opt("avg_action", "REINFORCE baseline: the reward of the all-teacher mean (paper) or the batch "
-                        "mean reward", ("avg_action", "batch_mean"))
+    policy_state: str = opt("summary", "policy input: 'summary' = per-teacher entropy, top probability and margin plus "
+                            "pairwise agreement (dsom; size independent of E), or the paper's raw teacher logits "
+                            "('logits'), their softmax ('probs') or per-row standardised logits",
+                            ("summary", "logits", "probs", "standardised"))
+    policy_relation_dim: int = opt(16, "width of a learned relation embedding in the summary state (0 = none)")
+    policy_entity_dim: int = opt(0, "width of a learned query-entity embedding in the summary state (0 = none)")
+    policy_optimizer: str = opt("adam", "'adam': the policy has its own Adam (lr policy_lr); 'shared': one Adagrad over "
+                                "student and policy (paper reading, SPEC A13; saturates in one step, SPEC 0.3)",
+                                ("adam", "shared"))
+    policy_lr: float = opt(0.0, "learning rate of the policy (0 = 1e-3 with adam, train.lr when shared)")
+    entropy: float = opt(0.01, "weight of the policy-entropy bonus (paper: none)")
+    reward: str = opt("margin", "per-triple reward of a teacher subset: 'binary' = Eq. 8 (+reward_positive if its CE "
+                      "beats the student's, else reward_negative) or 'margin' = student CE - subset CE (nats)",
+                      ("margin", "binary"))
+    reward_positive: float = opt(1.0, "binary reward when the chosen teachers beat the student on the triple (paper: +1)")
+    reward_negative: float = opt(-10.0, "binary reward otherwise (paper: -10)")
+    baseline: str = opt("expected", "REINFORCE baseline: 'expected' = the reward expected under the current policy "
+                        "(over every subset, per query), 'avg_action' = the reward of the all-teacher mean (paper), "
+                        "'batch_mean' = the batch-mean reward", ("expected", "avg_action", "batch_mean"))
+    policy_gradient: str = opt("reinforce", "'reinforce': sampled action, advantage R(a) - baseline (paper); "
+                               "'expected': exact gradient of the expected advantage over all subsets",
+                               ("reinforce", "expected"))
+    advantage_norm: bool = opt(True, "divide the advantages of a batch by their standard deviation")
+    holdout: float = opt(0.1, "fraction of train triples the teachers never train on; the policy is rewarded only on "
+                         "them and the teacher temperatures are fitted on them (0 = the paper: rewards on "
+                         "triples the teachers fit, SPEC 0.1). The student trains on every train triple")
+    holdout_seed: int = opt(0, "seed of the held-out sample")
+    reward_rows: str = opt("holdout", "where the policy is rewarded: 'holdout' = only the held-out triples (all of "
+                           "train when holdout = 0), 'all' = every training triple (paper)", ("holdout", "all"))
+    calibrate: bool = opt(True, "divide each teacher's logits by a temperature fitted (min CE) on the held-out triples "
+                          "(on valid when holdout = 0) before subsets are combined (SPEC 0.4)")
+    calibrate_max_queries: int = opt(4096, "at most this many held-out queries for the temperature fit")
     student_rank: int = opt(0, "student ComplEx rank (0 = model.rank; the dim study varies only this)")
     epochs: int = opt(0, "student epochs (0 = train.epochs); validation, early stopping and LR as in train.*")
     mulde_attention_temperature: float = opt(1.0, "MulDE sketch: temperature of the contrast attention")
@@ -168,6 +190,8 @@ class Config:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    preset: str = opt("dsom", "method preset applied below the dataset preset, file and --set: 'dsom' = the "
+                      "defaults listed here; 'paper' = Eqs. 5-12 as written (see METHOD_PRESETS)", ("dsom", "paper"))
     modalities: list = opt(["structure"], "teacher modalities; 'structure' is always present. Built in: text, "
                            "image, numeric; any other name needs features.files.<name>")
 
@@ -177,6 +201,18 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+
+# Method presets: 'paper' reproduces the paper's selection exactly (SPEC §5.2-5.5 with the A2/A5/A13 readings):
+# raw-logit state, one shared Adagrad, +1/-10 rewards against the all-teacher reward, paid on every training
+# triple, uncalibrated teachers that saw every training triple. 'dsom' is the set of defaults above.
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "dsom": {},
+    "paper": {"distill.policy_state": "logits", "distill.policy_relation_dim": 0, "distill.policy_entity_dim": 0,
+              "distill.policy_optimizer": "shared", "distill.policy_lr": 0.0, "distill.entropy": 0.0,
+              "distill.reward": "binary", "distill.baseline": "avg_action", "distill.policy_gradient": "reinforce",
+              "distill.advantage_norm": False, "distill.holdout": 0.0, "distill.reward_rows": "all",
+              "distill.calibrate": False, "distill.tau_squared": True},
+}
 
 SHORTCUTS = {
     "rank": "model.rank",

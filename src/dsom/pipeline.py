@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from dsom import __version__
-from dsom.config import Config, apply_dict, load_yaml
+from dsom.config import METHOD_PRESETS, Config, apply_dict, load_yaml
 from dsom.data import registry
 from dsom.data.graph import KGDataset
 from dsom.errors import ConfigError, DsomError
@@ -30,11 +30,16 @@ BUILT_IN_MODALITIES = ("structure", "text", "image", "numeric")
 
 
 def build_config(dataset: str | None = None, config_file: str | None = None,
-                 overrides: list[tuple[str, Any]] | None = None) -> Config:
-    """Defaults < dataset preset < YAML file < overrides (see :mod:`dsom.config`)."""
+                 overrides: list[tuple[str, Any]] | None = None, preset: str | None = None) -> Config:
+    """Defaults < method preset (``--preset``) < dataset preset < YAML file < overrides (see :mod:`dsom.config`)."""
     cfg = Config()
     file_values = load_yaml(config_file) if config_file else {}
     name = dataset or file_values.get("data", {}).get("dataset") or cfg.data.dataset
+    chosen = preset or dict(overrides or {}).get("preset") or file_values.get("preset") or cfg.preset
+    if chosen not in METHOD_PRESETS:
+        raise ConfigError(f"--preset {chosen}: choose one of {', '.join(METHOD_PRESETS)}")
+    cfg.preset = chosen
+    apply_dict(cfg, METHOD_PRESETS[chosen])
     apply_dict(cfg, registry.preset(name))
     apply_dict(cfg, file_values)
     if dataset:
@@ -56,7 +61,7 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"modalities: {', '.join(unknown)} has no built-in source (built in: "
                           f"{', '.join(BUILT_IN_MODALITIES)}); give a feature file with "
                           f"--set features.files.{unknown[0]}=PATH")
-    from dsom.distill.distiller import check_selector
+    from dsom.distill.selectors import check_selector
 
     try:
         check_selector(cfg.distill.selector, list(mods))
@@ -73,6 +78,8 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be positive")
     if cfg.train.lr <= 0:
         raise ConfigError("config key 'train.lr' must be positive")
+    if not 0.0 <= cfg.distill.holdout < 1.0:
+        raise ConfigError(f"config key 'distill.holdout' must be in [0, 1), got {cfg.distill.holdout}")
 
 
 def load_dataset(cfg: Config) -> KGDataset:
@@ -251,6 +258,16 @@ STUDENT_VARIANTS: dict[str, dict[str, Any]] = {
     "best_teacher": {"distill.selector": "best_teacher"},  # Table 2 BestTeacher
     "best_strategy": {"distill.selector": "best_strategy"},  # Table 2 BestStrategy
     "mulde": {"distill.selector": "mulde"},  # Table 2 MulDE (SPEC sketch)
+    # the selection ablation (docs/results.md): the paper's policy on the same teachers, then each dsom fix removed
+    "paper_policy": {k: v for k, v in METHOD_PRESETS["paper"].items()
+                     if k not in ("distill.holdout", "distill.tau_squared")},
+    "rewards_on_train": {"distill.reward_rows": "all"},
+    "no_calibration": {"distill.calibrate": False},
+    "binary_reward": {"distill.reward": "binary", "distill.baseline": "avg_action", "distill.advantage_norm": False},
+    "logits_state": {"distill.policy_state": "logits", "distill.policy_relation_dim": 0},
+    "no_relation": {"distill.policy_relation_dim": 0},
+    "no_entropy": {"distill.entropy": 0.0},
+    "shared_optimizer": {"distill.policy_optimizer": "shared"},
 }
 EVAL_BASELINES = ("rc_on_val",)
 ABLATIONS = {
@@ -258,6 +275,8 @@ ABLATIONS = {
     "table4": ["ndkd_avg", "nekd", "nnkd", "vanilla_kd", "dkd", "rc_on_val"],
     "table6": ["single:{m}"],
     "dim": ["rank:{d}"],
+    "selection": ["ndkd_avg", "paper_policy", "rewards_on_train", "no_calibration", "binary_reward", "logits_state",
+                  "no_relation", "no_entropy", "shared_optimizer"],
 }
 PAPER_DIMS = (1000, 512, 256, 128, 64)
 
@@ -305,6 +324,7 @@ def distill_stage(frozen: Any, ds: KGDataset, cfg: Config, out: Path, device: to
     models: dict[str, Any] = {}
     info: dict[str, Any] = {"students": {}}
     overlap = _valid_test_overlap(ds)
+    rows, temperatures, info["selection"] = selection_inputs(frozen, ds, cfg, device)
     for name in ["student", *variants]:
         if name in EVAL_BASELINES:
             from dsom.distill.rc_valid import train_rc_on_valid
@@ -324,7 +344,8 @@ def distill_stage(frozen: Any, ds: KGDataset, cfg: Config, out: Path, device: to
                                                                   "best_strategy"):
             vcfg.distill.selector = "avg"  # a single teacher: there is nothing to select
         t0 = time.perf_counter()
-        trainer = StudentTrainer(ds, vcfg, out, frozen, name=name.replace(":", "-"), progress=progress)
+        trainer = StudentTrainer(ds, vcfg, out, frozen, name=name.replace(":", "-"), progress=progress,
+                                 reward_rows=rows, temperatures=temperatures if vcfg.distill.calibrate else None)
         state = trainer.fit(resume=resume)
         trainer.save_final()
         models[key] = model_results(trainer.model.student, ds, vcfg, trainer.device, progress)
@@ -344,6 +365,42 @@ def distill_stage(frozen: Any, ds: KGDataset, cfg: Config, out: Path, device: to
         info["students"][key] = entry
         trainer.tracker.end_run(True)
     return models, info
+
+
+def selection_inputs(frozen: Any, ds: KGDataset, cfg: Config, device: torch.device,
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
+    """The reward rows (queries of the triples held out from the teachers) and the teachers' temperatures fitted
+    on those queries (on valid when nothing is held out), with a summary for ``results.json``."""
+    from dsom.distill.holdout import fit_temperatures, reward_rows, teacher_ce
+
+    dc = cfg.distill
+    info: dict[str, Any] = {"holdout": dc.holdout, "holdout_seed": dc.holdout_seed}
+    rows = reward_rows(ds, dc.holdout, dc.holdout_seed) if dc.holdout > 0 else None
+    if rows is not None:
+        info["holdout_triples"] = int(rows.sum()) // 2
+    temperatures = None
+    if dc.calibrate and frozen.num_teachers > 0:
+        if rows is not None:
+            fit_on, where = torch.from_numpy(ds.queries("train"))[rows], "held-out train triples"
+        else:
+            fit_on, where = torch.from_numpy(ds.queries("valid")), "valid"
+        if len(fit_on) == 0:
+            log.warning("distill.calibrate: no held-out or valid queries to fit temperatures on; using 1")
+        else:
+            g = torch.Generator().manual_seed(dc.holdout_seed)
+            if len(fit_on) > dc.calibrate_max_queries:
+                fit_on = fit_on[torch.randperm(len(fit_on), generator=g)[:dc.calibrate_max_queries]]
+            fit_on = fit_on.to(device)
+            temperatures = fit_temperatures(frozen, fit_on)
+            before, after = teacher_ce(frozen, fit_on), teacher_ce(frozen, fit_on, temperatures)
+            info["calibration"] = {
+                "fitted_on": where, "queries": int(len(fit_on)),
+                **{m: {"temperature": round(float(t), 5), "ce_before": round(float(b), 5),
+                       "ce_after": round(float(a), 5)}
+                   for m, t, b, a in zip(frozen.modalities, temperatures, before, after)}}
+            log.info("teacher temperatures (fitted on %s): %s", where,
+                     ", ".join(f"{m} {float(t):.3f}" for m, t in zip(frozen.modalities, temperatures)))
+    return rows, temperatures, info
 
 
 def _valid_test_overlap(ds: KGDataset) -> int:
@@ -380,7 +437,10 @@ def run(cfg: Config, output: str | Path | None = None, resume: bool = False, for
         return _distill_only(cfg, ds, out, warnings_, teachers_from, resume, progress, variants)
     tables, feature_info = build_features(ds, cfg, progress)
     t0 = time.perf_counter()
-    trainer = TeacherTrainer(ds, cfg, out, tables, progress=progress)
+    from dsom.distill.holdout import teacher_dataset
+
+    trainer = TeacherTrainer(teacher_dataset(ds, cfg.distill.holdout, cfg.distill.holdout_seed), cfg, out, tables,
+                             progress=progress)
     state = trainer.fit(resume=resume)
     frozen = trainer.save_final()
     pretrain_s = time.perf_counter() - t0
@@ -489,6 +549,12 @@ def _distill_only(cfg: Config, ds: KGDataset, out: Path, warnings_: list[str], t
     if fp and fp != ds.fingerprint():
         raise DsomError(f"{teachers_from}: the teachers were trained on a different vocabulary than '{ds.name}'")
     cfg.modalities = list(frozen.modalities)
+    tcfg = meta.get("config", {}).get("distill", {})
+    held, seed = float(tcfg.get("holdout", 0.0)), int(tcfg.get("holdout_seed", 0))
+    if (held, seed) != (cfg.distill.holdout, cfg.distill.holdout_seed):
+        log.info("distill: the teachers of %s held out %.3g of train (seed %d); using that, not distill.holdout=%.3g",
+                 teachers_from, held, seed, cfg.distill.holdout)
+        cfg.distill.holdout, cfg.distill.holdout_seed = held, seed
     (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     models, _ = frozen_teacher_results(frozen, ds, cfg, device, progress)
     d_models, info = distill_stage(frozen, ds, cfg, out, device, resume, progress, variants)

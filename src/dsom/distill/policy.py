@@ -1,13 +1,21 @@
-"""The teacher-selection policy and its REINFORCE objective (SPEC §5.2–5.5).
+"""The teacher-selection policy networks, their states and their REINFORCE objective (SPEC §5.2–5.5).
 
-The state of a query is the concatenation of every teacher's 1-vs-all logits ``(M * E)``; the policy is
-a two-layer MLP (hidden 1024, ReLU) giving a categorical distribution over the ``2^M - 1`` teacher
-subsets. The reward of a subset on a triple is ``+1`` when the mean of its teachers' logits has a lower
-cross-entropy on the target than the current student and ``-10`` otherwise; the baseline is the same
-reward of the all-teacher mean, so ``delta = R - R_hat`` is in {-11, 0, 11}.
+Two states:
+
+* ``logits`` (the paper, SPEC A2): every teacher's raw 1-vs-all logits concatenated, ``(B, M * E)``, into a
+  two-layer MLP (:class:`Policy`). Its first layer has ``M * E * hidden`` weights and saturates in one step
+  under a shared Adagrad (SPEC §0.3). ``probs`` and ``standardised`` are normalised versions of the same input.
+* ``summary`` (the dsom default): a few scale-free statistics per teacher and teacher pair
+  (:func:`summary_features`), optionally with a learned embedding of the query's relation and entity, into the
+  same MLP shape (:class:`SummaryPolicy`). Its size does not grow with ``E``.
+
+Rewards (Eq. 8 and its alternatives) are computed per action by :func:`action_rewards`; :func:`reinforce_loss`
+is the policy-gradient loss with a constant advantage.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +23,7 @@ from torch import nn
 
 from dsom.distill.losses import per_query_ce
 
-STATES = ("logits", "probs", "standardised")
+STATES = ("logits", "probs", "standardised", "summary")
 
 
 def policy_state(teacher_logits: torch.Tensor, kind: str = "logits") -> torch.Tensor:
@@ -26,12 +34,42 @@ def policy_state(teacher_logits: torch.Tensor, kind: str = "logits") -> torch.Te
     elif kind == "standardised":
         x = (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp(min=1e-6)
     elif kind != "logits":
-        raise ValueError(f"unknown policy state {kind!r}; choose one of {STATES}")
+        raise ValueError(f"unknown full-logit policy state {kind!r}; choose one of {STATES[:3]}")
     return x.permute(1, 0, 2).reshape(x.shape[1], -1)
 
 
+def num_summary_features(num_teachers: int) -> int:
+    return 3 * num_teachers + num_teachers * (num_teachers - 1)
+
+
+@torch.no_grad()
+def summary_features(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """``(M, B, E)`` logits -> ``(B, 3M + M(M-1))`` scale-free statistics of each query's teacher distributions.
+
+    Per teacher ``m`` (with ``p_m = softmax(F^m)``): normalised entropy ``H(p_m) / log E``, the log-probability
+    of its top entity and the logit margin between its top two entities, both divided by ``log E``. Per ordered
+    pair ``(m, m')``: ``log p_m(argmax p_m') / log E``, how much teacher ``m`` believes the other's top answer
+    (the disagreement signal). Nothing here depends on the target."""
+    M, B, E = teacher_logits.shape
+    z = teacher_logits.detach().float()
+    logp = torch.log_softmax(z, -1)
+    log_e = math.log(max(E, 2))
+    entropy = -(logp.exp() * logp).sum(-1) / log_e  # (M, B)
+    top = z.topk(min(2, E), dim=-1)
+    top_logp = logp.gather(-1, top.indices[..., :1]).squeeze(-1) / log_e
+    margin = (top.values[..., 0] - top.values[..., -1]) / log_e
+    feats = [entropy, top_logp, margin]
+    if M > 1:
+        idx = top.indices[..., 0]  # (M, B): each teacher's top entity
+        # cross[m, m', b] = log p_m(top entity of m') for query b
+        cross = logp.gather(-1, idx.T.unsqueeze(0).expand(M, B, M)).permute(0, 2, 1) / log_e
+        off = ~torch.eye(M, dtype=torch.bool, device=z.device)
+        feats.append(cross[off])  # (M(M-1), B)
+    return torch.cat([f.reshape(-1, B) for f in feats]).T.contiguous()
+
+
 class Policy(nn.Module):
-    """``pi(a | s) = softmax(W2 relu(W1 s + b1) + b2)`` with PyTorch's default Linear init."""
+    """The paper's policy: ``pi(a | s) = softmax(W2 relu(W1 s + b1) + b2)`` with PyTorch's default Linear init."""
 
     def __init__(self, state_dim: int, num_actions: int, hidden: int = 1024,
                  generator: torch.Generator | None = None) -> None:
@@ -49,6 +87,41 @@ class Policy(nn.Module):
         return self.net(state)
 
 
+class SummaryPolicy(nn.Module):
+    """Policy on :func:`summary_features` plus optional relation / query-entity embeddings.
+
+    Args:
+        num_teachers: M.
+        num_actions: 2^M - 1.
+        num_relations: relation ids including reciprocals (for the relation embedding).
+        num_entities: E (for the query-entity embedding).
+        hidden: MLP width.
+        relation_dim: width of the learned relation embedding (0 = none).
+        entity_dim: width of the learned query-entity embedding (0 = none).
+    """
+
+    def __init__(self, num_teachers: int, num_actions: int, num_relations: int, num_entities: int, hidden: int = 128,
+                 relation_dim: int = 16, entity_dim: int = 0, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.relation = nn.Embedding(num_relations, relation_dim) if relation_dim > 0 else None
+        self.entity = nn.Embedding(num_entities, entity_dim) if entity_dim > 0 else None
+        width = num_summary_features(num_teachers) + relation_dim + entity_dim
+        self.mlp = Policy(width, num_actions, hidden, generator=generator)
+        with torch.no_grad():
+            for emb in (self.relation, self.entity):
+                if emb is not None:
+                    emb.weight.normal_(0.0, 0.1, generator=generator)
+
+    def forward(self, teacher_logits: torch.Tensor, head: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
+        """Action logits ``(B, A)`` from ``(M, B, E)`` teacher logits and the queries' entity and relation."""
+        parts = [summary_features(teacher_logits)]
+        if self.relation is not None:
+            parts.append(self.relation(relation))
+        if self.entity is not None:
+            parts.append(self.entity(head))
+        return self.mlp(torch.cat(parts, -1))
+
+
 def triple_rewards(logits: torch.Tensor, student_ce: torch.Tensor, target: torch.Tensor, positive: float = 1.0,
                    negative: float = -10.0) -> torch.Tensor:
     """Eq. (8) per triple: ``positive`` where CE(logits, t) < the student's CE, else ``negative``."""
@@ -56,7 +129,31 @@ def triple_rewards(logits: torch.Tensor, student_ce: torch.Tensor, target: torch
     return torch.where(ce < student_ce, torch.full_like(ce, positive), torch.full_like(ce, negative))
 
 
+@torch.no_grad()
+def action_ces(teacher_logits: torch.Tensor, subsets: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``(A, B)`` cross-entropy of every action's combined teacher ``sum_m C[a, m] F^m`` on the targets
+    (one ``(B, E)`` block at a time)."""
+    return torch.stack([per_query_ce(torch.einsum("m,mbe->be", w, teacher_logits), target) for w in subsets])
+
+
+def action_rewards(ces: torch.Tensor, student_ce: torch.Tensor, kind: str, positive: float = 1.0,
+                   negative: float = -10.0) -> torch.Tensor:
+    """``(A, B)`` rewards from per-action CEs: ``binary`` = Eq. (8) (``positive`` if the action beats the student,
+    else ``negative``); ``margin`` = ``CE_student - CE_action`` (nats; action-dependent and continuous)."""
+    if kind == "binary":
+        return torch.where(ces < student_ce, torch.full_like(ces, positive), torch.full_like(ces, negative))
+    if kind == "margin":
+        return student_ce - ces
+    raise ValueError(f"unknown reward {kind!r}; choose binary or margin")
+
+
 def reinforce_loss(action_logits: torch.Tensor, actions: torch.Tensor, advantage: torch.Tensor) -> torch.Tensor:
     """``-mean(advantage * log pi(a | s))`` with the advantage treated as a constant."""
     logp = F.log_softmax(action_logits, -1).gather(1, actions.unsqueeze(1)).squeeze(1)
     return -(advantage.detach() * logp).mean()
+
+
+def entropy(action_logits: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` entropy of the action distributions."""
+    logp = F.log_softmax(action_logits, -1)
+    return -(logp.exp() * logp).sum(-1)

@@ -18,26 +18,27 @@ from tqdm.auto import tqdm
 from dsom.config import Config
 from dsom.data.graph import KGDataset
 from dsom.distill.actions import action_names, num_actions, subset_matrix
-from dsom.distill.policy import Policy, policy_state, reinforce_loss
+from dsom.distill.policy import reinforce_loss
+from dsom.distill.selectors import SelectorContext, build_policy, policy_logits
 from dsom.models.teachers import FrozenTeachers
 
 
 class PolicyEnsemble:
     """Scorer: per query, the mean logits of the policy's arg-max teacher subset."""
 
-    def __init__(self, teachers: FrozenTeachers, policy: Policy, state: str = "logits") -> None:
+    def __init__(self, teachers: FrozenTeachers, policy: torch.nn.Module, state: str = "logits") -> None:
         self.teachers, self.policy, self.state = teachers, policy, state
         self.subsets = subset_matrix(teachers.num_teachers).to(teachers.tables.device)
 
     @torch.no_grad()
-    def actions(self, scores: torch.Tensor) -> torch.Tensor:
-        return self.policy(policy_state(scores, self.state)).argmax(-1)
+    def actions(self, scores: torch.Tensor, head: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
+        return policy_logits(self.policy, self.state, scores, head, relation).argmax(-1)
 
     @torch.no_grad()
     def score_all(self, head: torch.Tensor, relation: torch.Tensor, precision: str = "fp32",
                   start: int = 0, stop: int | None = None) -> torch.Tensor:
         full = self.teachers.score_all(head, relation, precision)  # the state needs every entity
-        w = self.subsets[self.actions(full)]
+        w = self.subsets[self.actions(full, head, relation)]
         return torch.einsum("bm,mbe->be", w, full[:, :, start:stop])
 
 
@@ -46,7 +47,8 @@ def train_rc_on_valid(teachers: FrozenTeachers, ds: KGDataset, cfg: Config, devi
     dc = cfg.distill
     g = torch.Generator().manual_seed(cfg.train.seed)
     M = teachers.num_teachers
-    policy = Policy(M * teachers.num_entities, num_actions(M), dc.policy_hidden, generator=g).to(device)
+    ctx = SelectorContext(teachers.modalities, teachers.num_entities, 2 * ds.num_relations, dc, g)
+    policy = build_policy(ctx).to(device)
     opt = torch.optim.Adagrad(policy.parameters(), lr=dc.policy_lr or cfg.train.lr)
     subsets = subset_matrix(M).to(device)
     q = torch.from_numpy(ds.queries("valid")).to(device)
@@ -59,7 +61,7 @@ def train_rc_on_valid(teachers: FrozenTeachers, ds: KGDataset, cfg: Config, devi
             b = q[perm[s:s + cfg.train.batch_size]]
             with torch.no_grad():
                 scores = teachers.score_all(b[:, 0], b[:, 1])
-            logits = policy(policy_state(scores, dc.policy_state))
+            logits = policy_logits(policy, dc.policy_state, scores, b[:, 0], b[:, 1])
             actions = torch.multinomial(logits.detach().softmax(-1).cpu(), 1, generator=g).squeeze(1).to(device)
             with torch.no_grad():
                 tea = torch.einsum("bm,mbe->be", subsets[actions], scores)

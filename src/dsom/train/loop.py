@@ -116,6 +116,7 @@ class Trainer(abc.ABC):
         self.train_queries_cpu = torch.from_numpy(dataset.queries("train"))
         self.train_queries = self.train_queries_cpu.to(self.device)
         self.current_batch_cpu: torch.Tensor | None = None  # the batch being trained, as a CPU tensor
+        self.current_batch_index: torch.Tensor | None = None  # its rows of train_queries, on the device
 
     # ------------------------------------------------------------------------------- subclass hooks
     @abc.abstractmethod
@@ -231,6 +232,7 @@ class Trainer(abc.ABC):
             batch = q[perm[start:start + bs]]
             # host-side copy for index lookups (neighbour sets) without a device-to-host sync
             self.current_batch_cpu = self.train_queries_cpu[perm_cpu[start:start + bs]]
+            self.current_batch_index = perm[start:start + bs]
             self.current_epoch, self.current_batch = epoch, b
             loss, terms = self.loss(batch)
             if check_every_batch and not torch.isfinite(loss):
@@ -248,7 +250,7 @@ class Trainer(abc.ABC):
             if self.progress and check_every_batch and b % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             self.after_step(epoch, b)
-            self.current_batch_cpu = None
+            self.current_batch_cpu = self.current_batch_index = None
             if self.batch_hook is not None:
                 self.batch_hook(epoch, b)
         out = {k: float(v) / max(n_batches, 1) for k, v in sums.items()}

@@ -20,7 +20,7 @@ from torch import nn
 
 from dsom.config import Config
 from dsom.data.graph import KGDataset
-from dsom.distill.actions import action_names, num_actions
+from dsom.distill.actions import action_names
 from dsom.distill.distiller import Distiller
 from dsom.evaluate import evaluate
 from dsom.models.teachers import FrozenTeachers
@@ -29,7 +29,7 @@ from dsom.ranks import TIE_POLICIES
 from dsom.train.checkpoint import save_checkpoint
 from dsom.train.loop import BatchHook, Trainer
 
-TRAIN_FORMAT = "dsom-student-train/1"
+TRAIN_FORMAT = "dsom-student-train/2"
 
 
 def student_config(cfg: Config, overrides: Mapping[str, Any] | None = None) -> Config:
@@ -47,10 +47,15 @@ class StudentTrainer(Trainer):
     checkpoint_format = TRAIN_FORMAT
 
     def __init__(self, dataset: KGDataset, cfg: Config, run_dir: str | Path, teachers: FrozenTeachers,
-                 name: str = "student", progress: bool = True, batch_hook: BatchHook | None = None) -> None:
+                 name: str = "student", progress: bool = True, batch_hook: BatchHook | None = None,
+                 reward_rows: torch.Tensor | None = None, temperatures: torch.Tensor | None = None) -> None:
+        """``reward_rows``: bool over the reciprocal train queries, True where the teachers never saw the triple
+        (the policy is rewarded only there; ``None`` = everywhere). ``temperatures``: ``(M,)`` teacher temperatures
+        (``None`` = 1)."""
         self.teachers = teachers
         self.name = name
-        self._actions = torch.zeros(num_actions(teachers.num_teachers), dtype=torch.int64)
+        self.temperatures = temperatures
+        self._epoch_sums: dict[str, torch.Tensor] = {}
         self._step_stats: list[tuple[int, int]] = []  # (epoch, step) of the rows of _step_buffer filled this epoch
         self._step_buffer: torch.Tensor | None = None  # (steps, 3): delta, R, R_hat per step, on the device
         self._stats: dict[str, torch.Tensor] = {}
@@ -59,28 +64,37 @@ class StudentTrainer(Trainer):
                          progress=progress, batch_hook=batch_hook, checkpoint_subdir=name)
         self.neighbours_cpu = dataset.neighbour_index
         self.neighbours = self.neighbours_cpu.to(self.device)
+        if reward_rows is not None and len(reward_rows) != len(self.train_queries):
+            raise ValueError(f"reward_rows has {len(reward_rows)} rows for {len(self.train_queries)} train queries")
+        use_rows = reward_rows is not None and self.cfg.distill.reward_rows == "holdout"
+        self.reward_rows = reward_rows.to(self.device) if use_rows else None
         self.policy_optimizer: torch.optim.Optimizer | None = None
-        if self.cfg.distill.policy_optimizer == "adam" and self.model.policy is not None:
-            self.policy_optimizer = torch.optim.Adam(self.model.policy.parameters(),
-                                                     lr=self.cfg.distill.policy_lr or 1e-4)
+        if self._own_policy_optimizer():
+            self.policy_optimizer = torch.optim.Adam(self.model.selector.parameters(),
+                                                     lr=self.cfg.distill.policy_lr or 1e-3)
+
+    def _own_policy_optimizer(self) -> bool:
+        return self.cfg.distill.policy_optimizer == "adam" and self.model.policy is not None
 
     def build_model(self, generator: torch.Generator) -> Distiller:
         rank = self.cfg.distill.student_rank or self.cfg.model.rank
         cells = self.cfg.train.batch_size * self.ds.num_entities
         return Distiller(self.teachers.to(self.device), 2 * self.ds.num_relations, rank, self.cfg.distill,
                          self.cfg.model.init_scale, generator=generator,
-                         compile=compile_enabled(self.cfg.train.compile, self.device.type, cells))
+                         compile=compile_enabled(self.cfg.train.compile, self.device.type, cells),
+                         temperatures=self.temperatures)
 
     def trainable_parameters(self) -> list[Any]:
         model: Distiller = self.model
         lr = self.cfg.distill.policy_lr
-        if self.cfg.distill.policy_optimizer == "adam" and model.policy is not None:
-            policy = set(id(p) for p in model.policy.parameters())
-            return [p for p in model.parameters() if id(p) not in policy]  # the policy has its own optimizer
-        if lr > 0 and model.policy is not None:
-            policy = set(id(p) for p in model.policy.parameters())
-            rest = [p for p in model.parameters() if id(p) not in policy]
-            return [{"params": rest}, {"params": list(model.policy.parameters()), "lr": lr}]
+        if model.policy is None:
+            return list(model.parameters())
+        selector = set(id(p) for p in model.selector.parameters())
+        rest = [p for p in model.parameters() if id(p) not in selector]
+        if self._own_policy_optimizer():
+            return rest  # the policy has its own optimizer
+        if lr > 0:
+            return [{"params": rest}, {"params": list(model.selector.parameters()), "lr": lr}]
         return list(model.parameters())
 
     def num_parameters(self) -> int:
@@ -125,9 +139,12 @@ class StudentTrainer(Trainer):
             tr.seed * 1_000_003 + self.current_epoch * 100_003 + self.current_batch)
         needs_mask = dc.selector != "none" and dc.kd in ("ndkd", "nekd", "nnkd")
         batch_cpu = self.current_batch_cpu  # set by the epoch loop for this very batch, else None
+        rows = None
+        if self.reward_rows is not None and self.current_batch_index is not None:
+            rows = self.reward_rows[self.current_batch_index]
         losses, stats = self.model(batch, self._neighbour_mask(batch, batch_cpu) if needs_mask else None,
                                    precision=self.precision, regularizer=tr.regularizer, reg=tr.reg,
-                                   kd_weight=kd_weight, generator=gen)
+                                   kd_weight=kd_weight, generator=gen, reward_rows=rows)
         self._stats = stats
         total = sum(losses.values())
         return total, {k: v.detach() for k, v in losses.items()}
@@ -144,10 +161,13 @@ class StudentTrainer(Trainer):
             self.policy_optimizer.step()
             self.policy_optimizer.zero_grad(set_to_none=True)
         st = self._stats
-        if "actions" in st:
-            if self._actions.device != st["actions"].device:
-                self._actions = self._actions.to(st["actions"].device)
-            self._actions += st["actions"]
+        for key in EPOCH_SUMS:  # summed on the device, read once per epoch
+            if key in st:
+                v = st[key].detach()
+                if key in self._epoch_sums and self._epoch_sums[key].device == v.device:
+                    self._epoch_sums[key] += v
+                else:
+                    self._epoch_sums[key] = v.clone().double() if v.is_floating_point() else v.clone()
         if "delta" in st:  # kept on the device and written once per epoch: no host sync per step on a GPU
             if self._step_buffer is None or self._step_buffer.device != st["delta"].device:
                 steps = -(-len(self.train_queries) // self.cfg.train.batch_size)
@@ -169,11 +189,19 @@ class StudentTrainer(Trainer):
 
     def epoch_extras(self, epoch: int) -> dict[str, Any]:
         self._flush_step_stats()
-        if self.model.policy is None or int(self._actions.sum()) == 0:
+        sums = {k: v.cpu() for k, v in self._epoch_sums.items()}
+        self._epoch_sums = {}
+        if self.model.policy is None or "actions" not in sums or int(sums["actions"].sum()) == 0:
             return {}
         names = action_names(self.teachers.modalities)
-        out = {"actions": dict(zip(names, self._actions.cpu().tolist()))}
-        self._actions.zero_()
+        out: dict[str, Any] = {"actions": dict(zip(names, sums["actions"].tolist()))}
+        if "entropy" in sums:
+            out["policy_entropy"] = round(float(sums["entropy"] / sums["rows"].clamp(min=1)), 6)
+        if "advantage_sum" in sums:
+            count = sums["advantage_count"]
+            out["mean_advantage"] = {n: round(float(a / c), 6) for n, a, c in
+                                     zip(names, sums["advantage_sum"], count) if c > 0}
+            out["reward_queries"] = int(count.sum())
         return out
 
     def validate(self) -> tuple[dict[str, Any], float]:
@@ -219,6 +247,9 @@ class StudentTrainer(Trainer):
                 :len(truth.teachers)]:
             out.update(planted_agreement(actions.numpy(), truth, self.teachers.modalities))
         return out
+
+
+EPOCH_SUMS = ("actions", "entropy", "rows", "advantage_sum", "advantage_count")
 
 
 def _async_to(x: torch.Tensor, device: torch.device) -> torch.Tensor:

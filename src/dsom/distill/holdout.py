@@ -1,0 +1,87 @@
+"""Held-out triples for the teacher selector (SPEC §0.1, §0.4).
+
+The teachers fit their training triples, so rewards computed there pay for memorisation (the structural
+teacher "wins" every training triple). dsom therefore keeps a seeded fraction ``distill.holdout`` of the train
+triples away from the teachers: stage 1 trains on the rest, the policy is rewarded only on the held-out triples
+(where every teacher's prediction is honest), and each teacher's temperature is fitted there. The student still
+trains on every train triple.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dsom.data.graph import KGDataset
+from dsom.distill.losses import per_query_ce
+from dsom.errors import ConfigError
+
+
+def holdout_mask(num_train: int, fraction: float, seed: int = 0) -> np.ndarray:
+    """``(num_train,)`` bool, True for the ``round(fraction * num_train)`` held-out train triples (seeded)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"config key 'distill.holdout' must be in [0, 1), got {fraction!r}")
+    mask = np.zeros(num_train, dtype=bool)
+    k = int(round(fraction * num_train))
+    if k > 0:
+        mask[np.random.default_rng(seed).choice(num_train, size=k, replace=False)] = True
+    return mask
+
+
+def teacher_dataset(ds: KGDataset, fraction: float, seed: int = 0) -> KGDataset:
+    """The dataset the teachers train on: train without the held-out triples (filtering still uses every triple)."""
+    if fraction <= 0:
+        return ds
+    return ds.with_split("train", ds.train[~holdout_mask(len(ds.train), fraction, seed)])
+
+
+def reward_rows(ds: KGDataset, fraction: float, seed: int = 0) -> torch.Tensor:
+    """``(2 n_train,)`` bool over the reciprocal train queries (:meth:`KGDataset.queries` order): the queries of
+    held-out triples, both directions."""
+    mask = holdout_mask(len(ds.train), fraction, seed)
+    return torch.from_numpy(np.concatenate([mask, mask]))
+
+
+@torch.no_grad()
+def fit_temperatures(teachers, queries: torch.Tensor, batch_size: int = 1000, iterations: int = 30) -> torch.Tensor:
+    """Per-teacher temperatures ``T_m`` minimising the mean CE of ``F^m / T_m`` on ``queries (n, 3)``.
+
+    ``CE(beta) = logsumexp(beta z) - beta z_t`` is convex in ``beta = 1 / T`` with derivative
+    ``E_p[z] - z_t`` and second derivative ``Var_p[z]``, so a damped Newton iteration converges in a few steps.
+    """
+    M = teachers.num_teachers
+    beta = torch.ones(M, dtype=torch.float64)
+    for _ in range(iterations):
+        grad = torch.zeros(M, dtype=torch.float64)
+        hess = torch.zeros(M, dtype=torch.float64)
+        for s in range(0, len(queries), batch_size):
+            q = queries[s:s + batch_size]
+            z = teachers.score_all(q[:, 0], q[:, 1]).double()  # (M, b, E)
+            p = torch.softmax(z * beta.to(z.device).view(-1, 1, 1), -1)
+            mean = (p * z).sum(-1)
+            var = (p * z * z).sum(-1) - mean**2
+            zt = z.gather(-1, q[:, 2].view(1, -1, 1).expand(M, -1, 1)).squeeze(-1)
+            grad += (mean - zt).sum(1).cpu()
+            hess += var.clamp(min=0).sum(1).cpu()
+        step = grad / hess.clamp(min=1e-12)
+        new = (beta - step).clamp(min=beta / 4, max=beta * 4).clamp(1e-3, 1e3)
+        done = bool(((new - beta).abs() <= 1e-5 * beta).all())
+        beta = new
+        if done:
+            break
+    return (1.0 / beta).float()
+
+
+@torch.no_grad()
+def teacher_ce(teachers, queries: torch.Tensor, temperatures: torch.Tensor | None = None,
+               batch_size: int = 1000) -> torch.Tensor:
+    """``(M,)`` mean CE of every teacher on ``queries`` (optionally divided by ``temperatures``)."""
+    M = teachers.num_teachers
+    total = torch.zeros(M, dtype=torch.float64)
+    for s in range(0, len(queries), batch_size):
+        q = queries[s:s + batch_size]
+        z = teachers.score_all(q[:, 0], q[:, 1])
+        if temperatures is not None:
+            z = z / temperatures.to(z.device).view(-1, 1, 1)
+        total += per_query_ce(z, q[:, 2]).double().sum(1).cpu()
+    return (total / max(len(queries), 1)).float()

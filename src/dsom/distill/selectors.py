@@ -1,0 +1,320 @@
+"""Teacher selectors: how each training query's teachers are combined for distillation (SPEC §5.2, §6).
+
+A selector is one class behind the :data:`SELECTORS` registry (the strategy pattern of mdistiller's
+distillers). Given the frozen teachers' logits of a batch it returns per-query teacher weights ``(B, M)`` (or,
+for MulDE, the combined logits themselves), its own losses and its statistics as a :class:`Selection`.
+Adding a selector is one class here plus one ``@register`` line.
+
+========================  ===============================================================================
+``rl``                    the DSoM policy (REINFORCE over the ``2^M - 1`` teacher subsets)
+``avg``                   every teacher, equal weights (Table 4 "w/ NDKD")
+``single:<modality>``     one teacher (Table 6)
+``conf``                  the most confident teacher per query (Table 2 ConfTeacher)
+``best_teacher``          the teacher with the lowest CE on the target (Table 2 BestTeacher)
+``best_strategy``         the subset with the lowest CE on the target (Table 2 BestStrategy)
+``mulde``                 a sketch of MulDE's Senior (SPEC §6), relation-wise scaling + contrast attention
+========================  ===============================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsom.config import DistillConfig
+from dsom.distill.actions import num_actions, subset_matrix
+from dsom.distill.losses import per_query_ce
+from dsom.distill.policy import (
+    Policy,
+    SummaryPolicy,
+    action_ces,
+    action_rewards,
+    entropy,
+    policy_state,
+    reinforce_loss,
+)
+
+
+@dataclass
+class SelectorContext:
+    """What a selector may know when it is built."""
+
+    modalities: list[str]
+    num_entities: int
+    num_relations: int  # including reciprocals
+    config: DistillConfig
+    generator: torch.Generator | None = None
+
+    @property
+    def num_teachers(self) -> int:
+        return len(self.modalities)
+
+
+@dataclass
+class SelectionBatch:
+    """One batch as a selector sees it. ``teacher_logits`` are the (calibrated) frozen teachers' ``(M, B, E)``
+    logits; ``student_ce`` the current student's detached CE ``(B,)`` (selectors with ``needs_student``);
+    ``reward_rows`` marks the queries the teachers never trained on (``None`` = every row); ``student_logits``
+    the detached student logits (MulDE only)."""
+
+    teacher_logits: torch.Tensor
+    head: torch.Tensor
+    relation: torch.Tensor
+    target: torch.Tensor
+    student_ce: torch.Tensor | None = None
+    student_logits: torch.Tensor | None = None
+    reward_rows: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class Selection:
+    """A selector's answer: ``weights (B, M)`` over teachers, or the combined ``teacher (B, E)`` logits;
+    ``losses`` to add to the step (already weighted); ``stats`` to log (tensors, summed over an epoch)."""
+
+    weights: torch.Tensor | None = None
+    teacher: torch.Tensor | None = None
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Selector(nn.Module):
+    """Base class. ``needs_student``: wants ``student_ce``/``student_logits``; ``kd_override``: the KD loss this
+    selector requires whatever ``distill.kd`` says (MulDE: vanilla)."""
+
+    name: ClassVar[str] = ""
+    needs_student: ClassVar[bool] = False
+    kd_override: ClassVar[str | None] = None
+
+    def __init__(self, ctx: SelectorContext, arg: str = "") -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.register_buffer("subsets", subset_matrix(ctx.num_teachers), persistent=False)
+
+    def select(self, batch: SelectionBatch) -> Selection:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, batch: SelectionBatch) -> Selection:
+        return self.select(batch)
+
+
+SELECTORS: dict[str, type[Selector]] = {}
+
+
+def register(name: str) -> Callable[[type[Selector]], type[Selector]]:
+    def deco(cls: type[Selector]) -> type[Selector]:
+        cls.name = name
+        SELECTORS[name] = cls
+        return cls
+    return deco
+
+
+def parse_selector(name: str) -> tuple[str, str]:
+    """``"single:text"`` -> ``("single", "text")``; ``"rl"`` -> ``("rl", "")``."""
+    key, _, arg = name.partition(":")
+    return key, arg
+
+
+def check_selector(name: str, modalities: list[str]) -> None:
+    """A clear ``ValueError`` for an unknown selector or a ``single:`` teacher that does not exist."""
+    key, arg = parse_selector(name)
+    if name == "none":
+        return
+    if key not in SELECTORS:
+        raise ValueError(f"distill.selector={name!r} is not one of {', '.join(sorted(SELECTORS))}, "
+                         "single:<modality>, none")
+    if key == "single" and arg not in modalities:
+        raise ValueError(f"distill.selector={name!r}: no teacher '{arg}' (teachers: {', '.join(modalities)})")
+
+
+def make_selector(name: str, ctx: SelectorContext) -> Selector | None:
+    """The selector registered under ``name`` (``None`` for ``none``: a plain student)."""
+    check_selector(name, ctx.modalities)
+    if name == "none":
+        return None
+    key, arg = parse_selector(name)
+    return SELECTORS[key](ctx, arg)
+
+
+def _one_hot(index: torch.Tensor, M: int) -> torch.Tensor:
+    return F.one_hot(index, M).float()
+
+
+# ------------------------------------------------------------------------------------------ heuristics
+@register("avg")
+class AllTeachers(Selector):
+    def select(self, batch: SelectionBatch) -> Selection:
+        M, B = batch.teacher_logits.shape[:2]
+        return Selection(torch.full((B, M), 1.0 / M, device=batch.teacher_logits.device))
+
+
+@register("single")
+class SingleTeacher(Selector):
+    def __init__(self, ctx: SelectorContext, arg: str = "") -> None:
+        super().__init__(ctx, arg)
+        self.index = ctx.modalities.index(arg)
+
+    def select(self, batch: SelectionBatch) -> Selection:
+        M, B = batch.teacher_logits.shape[:2]
+        return Selection(_one_hot(torch.full((B,), self.index, device=batch.target.device), M))
+
+
+@register("conf")
+class MostConfident(Selector):
+    """The teacher with the largest top probability (ties to the lower index)."""
+
+    def select(self, batch: SelectionBatch) -> Selection:
+        conf = batch.teacher_logits.softmax(-1).amax(-1)  # (M, B)
+        return Selection(_one_hot(conf.argmax(0), conf.shape[0]))
+
+
+@register("best_teacher")
+class BestTeacher(Selector):
+    """The teacher with the lowest CE on the query's target."""
+
+    def select(self, batch: SelectionBatch) -> Selection:
+        ce = per_query_ce(batch.teacher_logits, batch.target)
+        return Selection(_one_hot(ce.argmin(0), ce.shape[0]))
+
+
+@register("best_strategy")
+class BestStrategy(Selector):
+    """The subset whose mean logits have the lowest CE on the target."""
+
+    def select(self, batch: SelectionBatch) -> Selection:
+        ces = action_ces(batch.teacher_logits, self.subsets, batch.target)
+        return Selection(self.subsets[ces.argmin(0)])
+
+
+# ------------------------------------------------------------------------------------------ the policy
+def build_policy(ctx: SelectorContext) -> nn.Module:
+    """The policy network of ``distill.policy_state``: the paper's MLP on all logits, or :class:`SummaryPolicy`."""
+    c, M = ctx.config, ctx.num_teachers
+    if c.policy_state == "summary":
+        return SummaryPolicy(M, num_actions(M), ctx.num_relations, ctx.num_entities, c.policy_hidden,
+                             c.policy_relation_dim, c.policy_entity_dim, generator=ctx.generator)
+    return Policy(M * ctx.num_entities, num_actions(M), c.policy_hidden, generator=ctx.generator)
+
+
+def policy_logits(policy: nn.Module, kind: str, teacher_logits: torch.Tensor, head: torch.Tensor,
+                  relation: torch.Tensor) -> torch.Tensor:
+    """Action logits ``(B, A)`` of either policy network."""
+    if isinstance(policy, SummaryPolicy):
+        return policy(teacher_logits, head, relation)
+    return policy(policy_state(teacher_logits, kind))
+
+
+@register("rl")
+class PolicySelector(Selector):
+    """DSoM's reinforced selector. Per query it samples a subset from the policy; on the reward rows it pays
+    ``distill.reward`` (Eq. 8's +1/-10, or the CE margin over the student) against ``distill.baseline`` (the
+    all-teacher reward as in the paper, the batch mean, or the reward expected under the current policy) and
+    returns the REINFORCE loss ``rc`` (minus ``distill.entropy`` times the mean policy entropy)."""
+
+    needs_student = True
+
+    def __init__(self, ctx: SelectorContext, arg: str = "") -> None:
+        super().__init__(ctx, arg)
+        self.policy = build_policy(ctx)
+
+    def action_logits(self, batch: SelectionBatch) -> torch.Tensor:
+        return policy_logits(self.policy, self.ctx.config.policy_state, batch.teacher_logits, batch.head,
+                             batch.relation)
+
+    @torch.no_grad()
+    def greedy(self, teacher_logits: torch.Tensor, head: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
+        return policy_logits(self.policy, self.ctx.config.policy_state, teacher_logits, head, relation).argmax(-1)
+
+    def select(self, batch: SelectionBatch) -> Selection:
+        c = self.ctx.config
+        logits = self.action_logits(batch)
+        probs = logits.detach().float().softmax(-1)
+        actions = torch.multinomial(probs, 1, generator=batch.generator).squeeze(1)
+        A = probs.shape[1]
+        stats: dict[str, torch.Tensor] = {
+            "actions": torch.zeros(A, dtype=torch.int64, device=actions.device).scatter_add_(
+                0, actions, torch.ones_like(actions)),
+            "entropy": entropy(logits.detach().float()).sum(), "rows": torch.tensor(float(len(actions)))}
+        rows = batch.reward_rows
+        idx = torch.arange(len(actions), device=actions.device) if rows is None else rows.nonzero().squeeze(1)
+        losses: dict[str, torch.Tensor] = {}
+        if len(idx) > 0 and (batch.student_ce is not None or c.reward == "margin"):
+            losses["rc"], more = self._policy_loss(batch, logits, probs, actions, idx)
+            stats.update(more)
+        else:  # no reward row in this batch: no gradient, but keep the graph shape
+            losses["rc"] = logits.sum() * 0.0
+        return Selection(self.subsets[actions], losses=losses, stats=stats)
+
+    def _policy_loss(self, batch: SelectionBatch, logits: torch.Tensor, probs: torch.Tensor, actions: torch.Tensor,
+                     idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        c = self.ctx.config
+        tea = batch.teacher_logits[:, idx]
+        target = batch.target[idx]
+        a = actions[idx]
+        student_ce = (batch.student_ce[idx] if batch.student_ce is not None
+                      else torch.zeros(len(idx), device=tea.device))
+        full = self.subsets.shape[0] - 1
+        if c.baseline == "expected" or c.policy_gradient == "expected":
+            ces = action_ces(tea, self.subsets, target)  # (A, n)
+        else:  # only the chosen subset and the all-teacher mean are needed
+            chosen = per_query_ce(torch.einsum("bm,mbe->be", self.subsets[a], tea), target)
+            ces = torch.stack([chosen, per_query_ce(tea.mean(0), target)])
+        rewards = action_rewards(ces, student_ce, c.reward, c.reward_positive, c.reward_negative)
+        p = probs[idx]
+        if ces.shape[0] == 2:
+            reward, all_reward = rewards[0], rewards[1]
+        else:
+            reward, all_reward = rewards.gather(0, a.unsqueeze(0)).squeeze(0), rewards[full]
+        if c.baseline == "avg_action":
+            base = all_reward
+        elif c.baseline == "batch_mean":
+            base = reward.mean().expand_as(reward)
+        else:  # the reward expected under the current policy: an action-dependent advantage with mean 0
+            base = (p * rewards.T).sum(-1)
+        delta = reward - base
+        scale = delta.std().clamp(min=1e-6) if c.advantage_norm and len(delta) > 1 else torch.ones((), device=delta.device)
+        lg = logits[idx]
+        if c.policy_gradient == "expected":  # exact gradient of E_pi[R - b] (no sampling noise)
+            adv = (rewards.T - base.unsqueeze(1)) / scale
+            loss = -(lg.float().softmax(-1) * adv.detach()).sum(-1).mean()
+        else:
+            loss = reinforce_loss(lg, a, delta / scale)
+        if c.entropy > 0:
+            loss = loss - c.entropy * entropy(lg.float()).mean()
+        A = probs.shape[1]
+        stats = {"delta": delta.mean(), "reward": reward.mean(), "reward_baseline": base.mean(),
+                 "advantage_sum": torch.zeros(A, device=delta.device).index_add_(0, a, delta),
+                 "advantage_count": torch.zeros(A, device=delta.device).index_add_(0, a, torch.ones_like(delta))}
+        return loss, stats
+
+
+# ------------------------------------------------------------------------------------------ MulDE sketch
+@register("mulde")
+class MulDESenior(Selector):
+    """SPEC §6 sketch: relation-specific positive scales ``c_{r,m}`` (softplus, initialised to 1) and per-query
+    contrast attention ``softmax_m(-KL(softmax(c F^m / tau) || student) / T_a)``; the Senior is trained with its
+    own CE (loss ``senior``) and the student distils it with vanilla KD."""
+
+    needs_student = True
+    kd_override = "vanilla"
+
+    def __init__(self, ctx: SelectorContext, arg: str = "") -> None:
+        super().__init__(ctx, arg)
+        self.scale = nn.Parameter(torch.full((ctx.num_relations, ctx.num_teachers), math.log(math.e - 1.0)))
+
+    def select(self, batch: SelectionBatch) -> Selection:
+        c = self.ctx.config
+        assert batch.student_logits is not None
+        scaled = F.softplus(self.scale[batch.relation]).T.unsqueeze(-1) * batch.teacher_logits  # (M, B, E)
+        ls = F.log_softmax(batch.student_logits / c.tau, -1)
+        kl = (F.softmax(scaled / c.tau, -1) * (F.log_softmax(scaled / c.tau, -1) - ls)).sum(-1)  # (M, B)
+        attention = torch.softmax(-kl / c.mulde_attention_temperature, 0)
+        senior = (attention.unsqueeze(-1) * scaled).sum(0)
+        return Selection(teacher=senior, losses={"senior": F.cross_entropy(senior, batch.target)},
+                         stats={"attention": attention.mean(1).detach()})
