@@ -146,6 +146,10 @@ class DistillConfig:
                             ("summary", "logits", "probs", "standardised"))
     policy_relation_dim: int = opt(16, "width of a learned relation embedding in the summary state (0 = none)")
     policy_entity_dim: int = opt(0, "width of a learned query-entity embedding in the summary state (0 = none)")
+    policy_entity_stats: str = opt("query+target", "per-entity teacher reliability in the summary state (each "
+                                   "teacher's mean calibrated CE over the training queries that involve the entity, "
+                                   "standardised): of the query entity, of the query and target entities (the target "
+                                   "of a training triple is known), or none", ("query+target", "query", "none"))
     policy_optimizer: str = opt("adam", "'adam': the policy has its own Adam (lr policy_lr); 'shared': one Adagrad over "
                                 "student and policy (paper reading, SPEC A13; saturates in one step, SPEC 0.3)",
                                 ("adam", "shared"))
@@ -162,6 +166,8 @@ class DistillConfig:
     policy_gradient: str = opt("reinforce", "'reinforce': sampled action, advantage R(a) - baseline (paper); "
                                "'expected': exact gradient of the expected advantage over all subsets",
                                ("reinforce", "expected"))
+    policy_pretrain_epochs: int = opt(0, "passes of the policy over the held-out queries before the student starts "
+                                      "(needs reward=margin: the student's CE cancels from the advantage)")
     advantage_norm: bool = opt(True, "divide the advantages of a batch by their standard deviation")
     holdout: float = opt(0.1, "fraction of train triples the teachers never train on; the policy is rewarded only on "
                          "them and the teacher temperatures are fitted on them (0 = the paper: rewards on "
@@ -208,6 +214,7 @@ class Config:
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "dsom": {},
     "paper": {"distill.policy_state": "logits", "distill.policy_relation_dim": 0, "distill.policy_entity_dim": 0,
+              "distill.policy_entity_stats": "none",
               "distill.policy_optimizer": "shared", "distill.policy_lr": 0.0, "distill.entropy": 0.0,
               "distill.reward": "binary", "distill.baseline": "avg_action", "distill.policy_gradient": "reinforce",
               "distill.advantage_norm": False, "distill.holdout": 0.0, "distill.reward_rows": "all",

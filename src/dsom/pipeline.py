@@ -266,6 +266,8 @@ STUDENT_VARIANTS: dict[str, dict[str, Any]] = {
     "binary_reward": {"distill.reward": "binary", "distill.baseline": "avg_action", "distill.advantage_norm": False},
     "logits_state": {"distill.policy_state": "logits", "distill.policy_relation_dim": 0},
     "no_relation": {"distill.policy_relation_dim": 0},
+    "no_entity_stats": {"distill.policy_entity_stats": "none"},
+    "query_entity_stats": {"distill.policy_entity_stats": "query"},
     "no_entropy": {"distill.entropy": 0.0},
     "shared_optimizer": {"distill.policy_optimizer": "shared"},
 }
@@ -276,7 +278,7 @@ ABLATIONS = {
     "table6": ["single:{m}"],
     "dim": ["rank:{d}"],
     "selection": ["ndkd_avg", "paper_policy", "rewards_on_train", "no_calibration", "binary_reward", "logits_state",
-                  "no_relation", "no_entropy", "shared_optimizer"],
+                  "no_relation", "no_entity_stats", "query_entity_stats", "no_entropy", "shared_optimizer"],
 }
 PAPER_DIMS = (1000, 512, 256, 128, 64)
 
@@ -325,6 +327,12 @@ def distill_stage(frozen: Any, ds: KGDataset, cfg: Config, out: Path, device: to
     info: dict[str, Any] = {"students": {}}
     overlap = _valid_test_overlap(ds)
     rows, temperatures, info["selection"] = selection_inputs(frozen, ds, cfg, device)
+    stats = None
+    if frozen.num_teachers > 1:
+        from dsom.distill.holdout import entity_reliability
+
+        stats = entity_reliability(frozen, torch.from_numpy(ds.queries("train")).to(device), ds.num_entities,
+                                   temperatures).to(device)
     for name in ["student", *variants]:
         if name in EVAL_BASELINES:
             from dsom.distill.rc_valid import train_rc_on_valid
@@ -345,7 +353,8 @@ def distill_stage(frozen: Any, ds: KGDataset, cfg: Config, out: Path, device: to
             vcfg.distill.selector = "avg"  # a single teacher: there is nothing to select
         t0 = time.perf_counter()
         trainer = StudentTrainer(ds, vcfg, out, frozen, name=name.replace(":", "-"), progress=progress,
-                                 reward_rows=rows, temperatures=temperatures if vcfg.distill.calibrate else None)
+                                 reward_rows=rows, temperatures=temperatures if vcfg.distill.calibrate else None,
+                                 entity_stats=stats)
         state = trainer.fit(resume=resume)
         trainer.save_final()
         models[key] = model_results(trainer.model.student, ds, vcfg, trainer.device, progress)

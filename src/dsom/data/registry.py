@@ -16,7 +16,7 @@ SYNTHETIC = "synthetic"
 PRESETS: dict[str, dict[str, Any]] = {
     SYNTHETIC: {"model.rank": 32, "train.epochs": 24, "train.valid_every": 3, "train.batch_size": 1000,
                 "modalities": ["structure", "text", "numeric", "image"], "distill.policy_hidden": 128,
-                "distill.epochs": 8},
+                "distill.epochs": 8, "distill.variants": ["ndkd_avg"]},
 }
 
 

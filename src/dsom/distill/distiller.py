@@ -73,12 +73,13 @@ class Distiller(nn.Module):
     rank: the student's rank d.
     config: the ``distill`` section.
     temperatures: ``(M,)`` per-teacher temperatures dividing the teacher logits (``None`` = 1).
+    entity_stats: ``(E, M)`` per-entity teacher reliability for the policy state (``distill.policy_entity_stats``).
     compile: run the distillation loss through ``torch.compile`` (:class:`~dsom.perf.MaybeCompiled`).
     """
 
     def __init__(self, teachers: FrozenTeachers, num_relations: int, rank: int, config: DistillConfig,
                  init_scale: float = 1e-3, generator: torch.Generator | None = None, compile: bool = False,
-                 temperatures: torch.Tensor | None = None) -> None:
+                 temperatures: torch.Tensor | None = None, entity_stats: torch.Tensor | None = None) -> None:
         super().__init__()
         self._step_terms = MaybeCompiled(step_terms, compile)
         self.cfg = config
@@ -91,7 +92,7 @@ class Distiller(nn.Module):
             raise ValueError(f"temperatures must be {self.num_teachers} positive numbers, got {temps.tolist()}")
         self.register_buffer("inv_temperature", 1.0 / temps)
         self.selector: Selector | None = make_selector(
-            config.selector, SelectorContext(teachers.modalities, E, num_relations, config, generator))
+            config.selector, SelectorContext(teachers.modalities, E, num_relations, config, generator, entity_stats))
 
     @property
     def policy(self) -> nn.Module | None:
@@ -161,7 +162,8 @@ class Distiller(nn.Module):
         out = torch.empty(len(queries), dtype=torch.int64, device=queries.device)
         for s in range(0, len(queries), batch_size):
             q = queries[s:s + batch_size]
-            out[s:s + batch_size] = self.selector.greedy(self.teacher_scores(q[:, 0], q[:, 1]), q[:, 0], q[:, 1])
+            out[s:s + batch_size] = self.selector.greedy(self.teacher_scores(q[:, 0], q[:, 1]), q[:, 0], q[:, 1],
+                                                         q[:, 2])
         return out
 
 

@@ -85,3 +85,39 @@ def teacher_ce(teachers, queries: torch.Tensor, temperatures: torch.Tensor | Non
             z = z / temperatures.to(z.device).view(-1, 1, 1)
         total += per_query_ce(z, q[:, 2]).double().sum(1).cpu()
     return (total / max(len(queries), 1)).float()
+
+
+@torch.no_grad()
+def entity_reliability(teachers, queries: torch.Tensor, num_entities: int, temperatures: torch.Tensor | None = None,
+                       batch_size: int = 1000) -> torch.Tensor:
+    """``(E, M)`` how badly each teacher does on the training queries that involve each entity.
+
+    Per query, every teacher's (calibrated) CE minus that teacher's mean CE over the queries of the same relation;
+    averaged over the queries whose query entity or target is the entity; columns standardised over entities
+    (0 for entities without queries). A teacher whose features of an entity are wrong or missing scores its
+    triples badly, so the policy can learn to avoid it there. Feature teachers cannot memorise single entities,
+    so their training CE is an honest signal; the structural teacher's is not (it fits its training triples)."""
+    M = teachers.num_teachers
+    ces = torch.empty(len(queries), M, dtype=torch.float64)
+    for s in range(0, len(queries), batch_size):
+        q = queries[s:s + batch_size]
+        z = teachers.score_all(q[:, 0], q[:, 1])
+        if temperatures is not None:
+            z = z / temperatures.to(z.device).view(-1, 1, 1)
+        ces[s:s + len(q)] = per_query_ce(z, q[:, 2]).T.double().cpu()
+    q = queries.cpu()
+    rel = q[:, 1]
+    R = int(rel.max()) + 1 if len(rel) else 1
+    rel_mean = torch.zeros(R, M, dtype=torch.float64).index_add_(0, rel, ces)
+    rel_count = torch.zeros(R, dtype=torch.float64).index_add_(0, rel, torch.ones(len(rel), dtype=torch.float64))
+    centred = ces - (rel_mean / rel_count.clamp(min=1).unsqueeze(1))[rel]
+    total = torch.zeros(num_entities, M, dtype=torch.float64)
+    count = torch.zeros(num_entities, dtype=torch.float64)
+    for col in (0, 2):
+        total.index_add_(0, q[:, col], centred)
+        count.index_add_(0, q[:, col], torch.ones(len(q), dtype=torch.float64))
+    seen = count > 0
+    mean = total / count.clamp(min=1).unsqueeze(1)
+    mu, sd = mean[seen].mean(0), mean[seen].std(0).clamp(min=1e-9) if int(seen.sum()) > 1 else (0.0, 1.0)
+    out = torch.where(seen.unsqueeze(1), (mean - mu) / sd, torch.zeros_like(mean))
+    return out.float()

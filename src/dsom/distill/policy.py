@@ -101,24 +101,39 @@ class SummaryPolicy(nn.Module):
     """
 
     def __init__(self, num_teachers: int, num_actions: int, num_relations: int, num_entities: int, hidden: int = 128,
-                 relation_dim: int = 16, entity_dim: int = 0, generator: torch.Generator | None = None) -> None:
+                 relation_dim: int = 16, entity_dim: int = 0, generator: torch.Generator | None = None,
+                 entity_stats: torch.Tensor | None = None, stats_of: str = "none") -> None:
         super().__init__()
         self.relation = nn.Embedding(num_relations, relation_dim) if relation_dim > 0 else None
         self.entity = nn.Embedding(num_entities, entity_dim) if entity_dim > 0 else None
-        width = num_summary_features(num_teachers) + relation_dim + entity_dim
+        if stats_of not in ("none", "query", "query+target"):
+            raise ValueError(f"unknown policy_entity_stats {stats_of!r}")
+        self.stats_of = stats_of if entity_stats is not None else "none"
+        self.register_buffer("entity_stats", entity_stats.float() if entity_stats is not None else None,
+                             persistent=False)
+        n_stats = 0 if self.stats_of == "none" else num_teachers * (2 if self.stats_of == "query+target" else 1)
+        width = num_summary_features(num_teachers) + relation_dim + entity_dim + n_stats
         self.mlp = Policy(width, num_actions, hidden, generator=generator)
         with torch.no_grad():
             for emb in (self.relation, self.entity):
                 if emb is not None:
                     emb.weight.normal_(0.0, 0.1, generator=generator)
 
-    def forward(self, teacher_logits: torch.Tensor, head: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
-        """Action logits ``(B, A)`` from ``(M, B, E)`` teacher logits and the queries' entity and relation."""
+    def forward(self, teacher_logits: torch.Tensor, head: torch.Tensor, relation: torch.Tensor,
+                target: torch.Tensor | None = None) -> torch.Tensor:
+        """Action logits ``(B, A)`` from ``(M, B, E)`` teacher logits, the queries' entity and relation and (for
+        ``stats_of="query+target"``) their target."""
         parts = [summary_features(teacher_logits)]
         if self.relation is not None:
             parts.append(self.relation(relation))
         if self.entity is not None:
             parts.append(self.entity(head))
+        if self.stats_of != "none":
+            parts.append(self.entity_stats[head])
+            if self.stats_of == "query+target":
+                if target is None:
+                    raise ValueError("this policy reads the target entity's teacher reliability; pass the target")
+                parts.append(self.entity_stats[target])
         return self.mlp(torch.cat(parts, -1))
 
 

@@ -47,7 +47,11 @@ def train_rc_on_valid(teachers: FrozenTeachers, ds: KGDataset, cfg: Config, devi
     dc = cfg.distill
     g = torch.Generator().manual_seed(cfg.train.seed)
     M = teachers.num_teachers
-    ctx = SelectorContext(teachers.modalities, teachers.num_entities, 2 * ds.num_relations, dc, g)
+    import dataclasses
+
+    # test queries have no known target, so this policy never reads per-entity statistics
+    ctx = SelectorContext(teachers.modalities, teachers.num_entities, 2 * ds.num_relations,
+                          dataclasses.replace(dc, policy_entity_stats="none"), g)
     policy = build_policy(ctx).to(device)
     opt = torch.optim.Adagrad(policy.parameters(), lr=dc.policy_lr or cfg.train.lr)
     subsets = subset_matrix(M).to(device)

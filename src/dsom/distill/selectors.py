@@ -50,6 +50,7 @@ class SelectorContext:
     num_relations: int  # including reciprocals
     config: DistillConfig
     generator: torch.Generator | None = None
+    entity_stats: torch.Tensor | None = None  # (E, M) per-entity teacher reliability (holdout.entity_reliability)
 
     @property
     def num_teachers(self) -> int:
@@ -198,15 +199,16 @@ def build_policy(ctx: SelectorContext) -> nn.Module:
     c, M = ctx.config, ctx.num_teachers
     if c.policy_state == "summary":
         return SummaryPolicy(M, num_actions(M), ctx.num_relations, ctx.num_entities, c.policy_hidden,
-                             c.policy_relation_dim, c.policy_entity_dim, generator=ctx.generator)
+                             c.policy_relation_dim, c.policy_entity_dim, generator=ctx.generator,
+                             entity_stats=ctx.entity_stats, stats_of=c.policy_entity_stats)
     return Policy(M * ctx.num_entities, num_actions(M), c.policy_hidden, generator=ctx.generator)
 
 
 def policy_logits(policy: nn.Module, kind: str, teacher_logits: torch.Tensor, head: torch.Tensor,
-                  relation: torch.Tensor) -> torch.Tensor:
+                  relation: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
     """Action logits ``(B, A)`` of either policy network."""
     if isinstance(policy, SummaryPolicy):
-        return policy(teacher_logits, head, relation)
+        return policy(teacher_logits, head, relation, target)
     return policy(policy_state(teacher_logits, kind))
 
 
@@ -225,11 +227,13 @@ class PolicySelector(Selector):
 
     def action_logits(self, batch: SelectionBatch) -> torch.Tensor:
         return policy_logits(self.policy, self.ctx.config.policy_state, batch.teacher_logits, batch.head,
-                             batch.relation)
+                             batch.relation, batch.target)
 
     @torch.no_grad()
-    def greedy(self, teacher_logits: torch.Tensor, head: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
-        return policy_logits(self.policy, self.ctx.config.policy_state, teacher_logits, head, relation).argmax(-1)
+    def greedy(self, teacher_logits: torch.Tensor, head: torch.Tensor, relation: torch.Tensor,
+               target: torch.Tensor | None = None) -> torch.Tensor:
+        return policy_logits(self.policy, self.ctx.config.policy_state, teacher_logits, head, relation,
+                             target).argmax(-1)
 
     def select(self, batch: SelectionBatch) -> Selection:
         c = self.ctx.config

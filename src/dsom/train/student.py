@@ -22,12 +22,14 @@ from dsom.config import Config
 from dsom.data.graph import KGDataset
 from dsom.distill.actions import action_names
 from dsom.distill.distiller import Distiller
+from dsom.distill.selectors import SelectionBatch
+from dsom.errors import DsomError
 from dsom.evaluate import evaluate
 from dsom.models.teachers import FrozenTeachers
 from dsom.perf import compile_enabled
 from dsom.ranks import TIE_POLICIES
 from dsom.train.checkpoint import save_checkpoint
-from dsom.train.loop import BatchHook, Trainer
+from dsom.train.loop import BatchHook, Trainer, epoch_permutation
 
 TRAIN_FORMAT = "dsom-student-train/2"
 
@@ -48,11 +50,13 @@ class StudentTrainer(Trainer):
 
     def __init__(self, dataset: KGDataset, cfg: Config, run_dir: str | Path, teachers: FrozenTeachers,
                  name: str = "student", progress: bool = True, batch_hook: BatchHook | None = None,
-                 reward_rows: torch.Tensor | None = None, temperatures: torch.Tensor | None = None) -> None:
+                 reward_rows: torch.Tensor | None = None, temperatures: torch.Tensor | None = None,
+                 entity_stats: torch.Tensor | None = None) -> None:
         """``reward_rows``: bool over the reciprocal train queries, True where the teachers never saw the triple
         (the policy is rewarded only there; ``None`` = everywhere). ``temperatures``: ``(M,)`` teacher temperatures
-        (``None`` = 1)."""
+        (``None`` = 1). ``entity_stats``: ``(E, M)`` per-entity teacher reliability for the policy state."""
         self.teachers = teachers
+        self.entity_stats = entity_stats
         self.name = name
         self.temperatures = temperatures
         self._epoch_sums: dict[str, torch.Tensor] = {}
@@ -73,6 +77,49 @@ class StudentTrainer(Trainer):
             self.policy_optimizer = torch.optim.Adam(self.model.selector.parameters(),
                                                      lr=self.cfg.distill.policy_lr or 1e-3)
 
+    def fit(self, resume: bool = False) -> Any:
+        if not (resume and self.resume_available()) and self.cfg.distill.policy_pretrain_epochs > 0:
+            self.pretrain_policy()
+        return super().fit(resume=resume)
+
+    def resume_available(self) -> bool:
+        return (self.ckpt_dir / "last" / "model.safetensors").exists() or (
+            self.ckpt_dir / "last.old" / "model.safetensors").exists()
+
+    def pretrain_policy(self) -> None:
+        """Fit the policy on the held-out queries before the student starts (``distill.policy_pretrain_epochs``).
+
+        With the margin reward the student's CE cancels from every advantage (``R(a) - b`` is a difference of
+        teacher-subset CEs for every baseline), so the policy can learn which subsets predict held-out triples
+        best without a student. Logged as stage ``<stage>:policy``."""
+        dc = self.cfg.distill
+        model: Distiller = self.model
+        if model.policy is None or self.reward_rows is None:
+            return
+        if dc.reward != "margin":
+            raise DsomError("distill.policy_pretrain_epochs needs distill.reward=margin (the binary reward compares "
+                            "with a student that does not exist yet)")
+        opt = self.policy_optimizer or torch.optim.Adam(model.selector.parameters(), lr=dc.policy_lr or 1e-3)
+        q = self.train_queries[self.reward_rows]
+        bs = self.cfg.train.batch_size
+        model.train()
+        for epoch in range(1, dc.policy_pretrain_epochs + 1):
+            perm = epoch_permutation(len(q), self.cfg.train.seed + 7919, epoch).to(self.device)
+            gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed * 7919 + epoch)
+            ent = torch.zeros((), device=self.device)
+            for s in range(0, len(q), bs):
+                b = q[perm[s:s + bs]]
+                choice = model.selector(SelectionBatch(model.teacher_scores(b[:, 0], b[:, 1], self.precision), b[:, 0],
+                                                       b[:, 1], b[:, 2], student_ce=torch.zeros(len(b), device=b.device),
+                                                       generator=gen))
+                opt.zero_grad(set_to_none=True)
+                choice.losses["rc"].backward()
+                opt.step()
+                ent += choice.stats["entropy"]
+            self.tracker.log({"stage": f"{self.stage}:policy", "epoch": epoch,
+                              "policy_entropy": round(float(ent) / max(len(q), 1), 6)})
+        opt.zero_grad(set_to_none=True)
+
     def _own_policy_optimizer(self) -> bool:
         return self.cfg.distill.policy_optimizer == "adam" and self.model.policy is not None
 
@@ -82,7 +129,7 @@ class StudentTrainer(Trainer):
         return Distiller(self.teachers.to(self.device), 2 * self.ds.num_relations, rank, self.cfg.distill,
                          self.cfg.model.init_scale, generator=generator,
                          compile=compile_enabled(self.cfg.train.compile, self.device.type, cells),
-                         temperatures=self.temperatures)
+                         temperatures=self.temperatures, entity_stats=self.entity_stats)
 
     def trainable_parameters(self) -> list[Any]:
         model: Distiller = self.model
@@ -272,7 +319,13 @@ def planted_agreement(actions: np.ndarray, truth: Any, modalities: list[str]) ->
         return (~(helpful & ~chosen)).all(1) & ~(misleading & chosen).any(1)
 
     per_action = np.stack([agree(np.broadcast_to(members[a], helpful.shape)) for a in range(len(members))], 1)
+    chosen = members[actions]
     return {"planted_agreement": float(per_action[np.arange(len(actions)), actions].mean()),
+            # where the disagreement comes from: a helpful teacher left out, a misleading teacher taken
+            "planted_missed_helpful": {m: round(float((helpful[:, i] & ~chosen[:, i]).mean()), 6)
+                                       for i, m in enumerate(modalities)},
+            "planted_took_misleading": {m: round(float((misleading[:, i] & chosen[:, i]).mean()), 6)
+                                        for i, m in enumerate(modalities)},
             "planted_agreement_all_teachers": float(per_action[:, -1].mean()),
             "planted_agreement_random": float(per_action.mean()),
             "planted_agreement_best_possible": float(per_action.any(1).mean())}
