@@ -210,3 +210,74 @@ def test_presets_paper_and_dsom():
     cfg = Config()
     apply_dict(cfg, METHOD_PRESETS["paper"])
     assert cfg.distill.entropy == 0.0
+
+
+def test_entity_reliability_by_brute_force():
+    from dsom.distill.holdout import entity_reliability
+
+    g = torch.Generator().manual_seed(3)
+    n, E, M = 60, 12, 2
+    z = torch.randn(M, n, E, generator=g) * 2
+    heads = torch.randint(0, E - 2, (n,), generator=g)  # entities E-2 and E-1 never appear
+    rels = torch.randint(0, 3, (n,), generator=g)
+    tails = torch.randint(0, E - 2, (n,), generator=g)
+
+    class Rows:  # logits of query i are row i, whatever its entity
+        num_teachers = M
+
+        def __init__(self):
+            self.i = 0
+
+        def score_all(self, head, relation, precision="fp32"):
+            out = z[:, self.i:self.i + len(head)]
+            self.i += len(head)
+            return out
+
+    q = torch.stack([heads, rels, tails], 1)
+    got = entity_reliability(Rows(), q, E, batch_size=7)
+    ce = torch.stack([torch.stack([F.cross_entropy(z[m, i:i + 1].double(), tails[i:i + 1]) for i in range(n)])
+                      for m in range(M)], 1)  # (n, M)
+    rel_mean = {r: ce[rels == r].mean(0) for r in range(3)}
+    centred = torch.stack([ce[i] - rel_mean[int(rels[i])] for i in range(n)])
+    raw = torch.zeros(E, M, dtype=torch.float64)
+    for e in range(E - 2):
+        involved = (heads == e) | (tails == e)
+        # a query counts once for its head and once for its tail (twice when both are e)
+        w = (heads == e).double() + (tails == e).double()
+        if involved.any():
+            raw[e] = (w.unsqueeze(1) * centred).sum(0) / w.sum()
+    seen = torch.tensor([bool(((heads == e) | (tails == e)).any()) for e in range(E)])
+    expect = (raw - raw[seen].mean(0)) / raw[seen].std(0)
+    expect[~seen] = 0
+    torch.testing.assert_close(got.double(), expect, atol=1e-4, rtol=1e-4)
+    assert got[E - 1].abs().sum() == 0
+
+
+def test_pipeline_trains_teachers_without_the_held_out_triples(tmp_path):
+    import json
+
+    from dsom.cli import main
+
+    out = tmp_path / "run"
+    args = ["run", "-o", str(out), "--rank", "8", "--epochs", "1", "--set", "data.synthetic.num_train=2000",
+            "--set", "data.synthetic.num_entities=300", "--set", "ensemble.models=[teacher_avg]",
+            "--set", "distill.policy_hidden=8", "--set", "distill.variants=[]", "--set", "distill.holdout=0.2", "-q"]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    params = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train_queries"' in x]
+    by_stage = {p["stage"]: p["train_queries"] for p in params}
+    n_train = res["dataset"]["train"]
+    assert by_stage["pretrain"] == 2 * (n_train - round(0.2 * n_train)) and by_stage["distill"] == 2 * n_train
+    sel = res["distill"]["selection"]
+    assert sel["holdout_triples"] == round(0.2 * n_train) and set(sel["calibration"]) >= {"structure", "text"}
+    epochs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
+              if '"stage": "distill"' in x and '"epoch"' in x and '"step"' not in x and '"seconds"' in x]
+    assert epochs and epochs[0]["reward_queries"] == 2 * round(0.2 * n_train)
+    assert "policy_entropy" in epochs[0] and "mean_advantage" in epochs[0]
+    # stage 2 alone reuses the teachers' held-out split whatever distill.holdout says
+    out2 = tmp_path / "distill"
+    assert main(["distill", "-o", str(out2), "--teachers", str(out), "--rank", "8", "--epochs", "1",
+                 "--set", "distill.policy_hidden=8", "--set", "distill.holdout=0.5", "-q",
+                 "--set", "data.synthetic.num_train=2000", "--set", "data.synthetic.num_entities=300"]) == 0
+    res2 = json.loads((out2 / "results.json").read_text())
+    assert res2["distill"]["selection"]["holdout"] == 0.2
