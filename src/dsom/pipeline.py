@@ -348,8 +348,10 @@ def distill_stage(frozen: Any, ds: KGDataset, cfg: Config, out: Path, device: to
             continue
         key = "student" if name == "student" else f"student/{name}"
         vcfg = student_config(cfg, variant_overrides(name) if name != "student" else {})
-        if frozen.num_teachers < 2 and vcfg.distill.selector in ("rl", "mulde", "conf", "best_teacher",
-                                                                  "best_strategy"):
+        from dsom.distill.selectors import selector_class
+
+        cls = selector_class(vcfg.distill.selector)
+        if frozen.num_teachers < 2 and cls is not None and cls.chooses:
             vcfg.distill.selector = "avg"  # a single teacher: there is nothing to select
         t0 = time.perf_counter()
         trainer = StudentTrainer(ds, vcfg, out, frozen, name=name.replace(":", "-"), progress=progress,

@@ -92,6 +92,7 @@ class Selector(nn.Module):
     name: ClassVar[str] = ""
     needs_student: ClassVar[bool] = False
     kd_override: ClassVar[str | None] = None
+    chooses: ClassVar[bool] = True  # picks among several teachers (with one teacher it falls back to ``avg``)
 
     def __init__(self, ctx: SelectorContext, arg: str = "") -> None:
         super().__init__()
@@ -148,8 +149,15 @@ def _one_hot(index: torch.Tensor, M: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ heuristics
+def selector_class(name: str) -> type[Selector] | None:
+    """The registered class of a selector name (``None`` for ``none``)."""
+    return None if name == "none" else SELECTORS[parse_selector(name)[0]]
+
+
 @register("avg")
 class AllTeachers(Selector):
+    chooses = False
+
     def select(self, batch: SelectionBatch) -> Selection:
         M, B = batch.teacher_logits.shape[:2]
         return Selection(torch.full((B, M), 1.0 / M, device=batch.teacher_logits.device))
@@ -157,6 +165,8 @@ class AllTeachers(Selector):
 
 @register("single")
 class SingleTeacher(Selector):
+    chooses = False
+
     def __init__(self, ctx: SelectorContext, arg: str = "") -> None:
         super().__init__(ctx, arg)
         self.index = ctx.modalities.index(arg)

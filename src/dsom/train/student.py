@@ -184,7 +184,8 @@ class StudentTrainer(Trainer):
             kd_weight = dc.gamma * min(1.0, self.current_epoch / dc.kd_warmup_epochs)
         gen = torch.Generator(device=self.device).manual_seed(
             tr.seed * 1_000_003 + self.current_epoch * 100_003 + self.current_batch)
-        needs_mask = dc.selector != "none" and dc.kd in ("ndkd", "nekd", "nnkd")
+        sel = self.model.selector
+        needs_mask = sel is not None and (sel.kd_override or dc.kd) in ("ndkd", "nekd", "nnkd")
         batch_cpu = self.current_batch_cpu  # set by the epoch loop for this very batch, else None
         rows = None
         if self.reward_rows is not None and self.current_batch_index is not None:
