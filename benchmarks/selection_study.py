@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-MODELS = ("student", "student/ndkd_avg", "teacher_avg", "mose_mi", "mose_bi")
+MODELS = ("student", "student/ndkd_avg", "teacher_avg", "teacher_avg/calibrated", "mose_mi", "mose_bi")
 
 
 def run_one(dataset: str, preset: str, seed: int, out: Path, extra: list[str]) -> None:
@@ -91,8 +91,8 @@ def main() -> None:
             for seed in [int(s) for s in a.seeds.split(",")]:
                 run_one(a.dataset, preset, seed, out / f"{preset}-{seed}", shlex.split(a.args))
     table = summary(out, presets)
-    print(json.dumps(table, indent=1))
-    (out / "summary.json").write_text(json.dumps(table, indent=1))
+    print(json.dumps(table, indent=1, ensure_ascii=False))
+    (out / "summary.json").write_text(json.dumps(table, indent=1, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -270,6 +270,7 @@ def test_pipeline_trains_teachers_without_the_held_out_triples(tmp_path):
     assert by_stage["pretrain"] == 2 * (n_train - round(0.2 * n_train)) and by_stage["distill"] == 2 * n_train
     sel = res["distill"]["selection"]
     assert sel["holdout_triples"] == round(0.2 * n_train) and set(sel["calibration"]) >= {"structure", "text"}
+    assert "teacher_avg/calibrated" in res["models"]
     epochs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
               if '"stage": "distill"' in x and '"epoch"' in x and '"step"' not in x and '"seconds"' in x]
     assert epochs and epochs[0]["reward_queries"] == 2 * round(0.2 * n_train)

@@ -333,6 +333,13 @@ def distill_stage(frozen: Any, ds: KGDataset, cfg: Config, out: Path, device: to
 
         stats = entity_reliability(frozen, torch.from_numpy(ds.queries("train")).to(device), ds.num_entities,
                                    temperatures).to(device)
+    if temperatures is not None and frozen.num_teachers > 1:
+        # the all-teacher mean of the calibrated teachers: what the 'avg' selector distils from, as an ensemble
+        from dsom.ensemble import WeightedTeachers
+
+        w = (1.0 / temperatures / frozen.num_teachers).expand(2 * ds.num_relations, -1).contiguous()
+        models["teacher_avg/calibrated"] = model_results(WeightedTeachers(frozen, w), ds, cfg, device, progress,
+                                                         memory_scale=frozen.num_teachers + 1)
     for name in ["student", *variants]:
         if name in EVAL_BASELINES:
             from dsom.distill.rc_valid import train_rc_on_valid
