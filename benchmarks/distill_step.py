@@ -16,7 +16,6 @@ import torch
 from dsom.config import DistillConfig
 from dsom.data import registry
 from dsom.distill.distiller import Distiller
-from dsom.distill.policy import policy_state
 from dsom.models.teachers import FrozenTeachers
 
 
@@ -35,6 +34,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--policy-hidden", type=int, default=1024)
     p.add_argument("--selector", default="rl")
+    p.add_argument("--state", default="summary", choices=["summary", "logits"], help="policy state (paper: logits)")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--batches", type=int, default=5)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
@@ -44,7 +44,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     frozen = FrozenTeachers([f"t{i}" for i in range(M)], torch.randn(M, E, 2 * args.rank, generator=g) * 0.1,
                             torch.randn(M, R2, 2 * args.rank, generator=g) * 0.1)
-    dc = DistillConfig(selector=args.selector, policy_hidden=args.policy_hidden)
+    dc = DistillConfig(selector=args.selector, policy_hidden=args.policy_hidden, policy_state=args.state)
     model = Distiller(frozen, R2, args.rank, dc, generator=g)
     opt = torch.optim.Adagrad(model.parameters(), lr=0.1)
     q = torch.from_numpy(ds.queries("train")[: args.batch_size])
@@ -66,8 +66,12 @@ def main() -> None:
         scores = frozen.score_all(q[:, 0], q[:, 1])
     pol = 0.0
     if model.policy is not None:
+        from dsom.distill.selectors import SelectionBatch
+
+        sb = SelectionBatch(scores, q[:, 0], q[:, 1], q[:, 2])
+
         def policy_fb() -> None:
-            model.policy(policy_state(scores)).sum().backward()
+            model.selector.action_logits(sb).sum().backward()
         pol = timed(policy_fb, args.batches)
     print(f"{ds.name}: E={E}, M={M}, rank {args.rank}, policy hidden {args.policy_hidden}, {args.precision}, "
           f"{torch.get_num_threads()} threads")

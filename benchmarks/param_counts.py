@@ -28,10 +28,12 @@ def main() -> None:
     del t
     for d in (2000, 1000, 512, 64):
         frozen = FrozenTeachers(["structure", "image", "text"], torch.zeros(3, E, 2), torch.zeros(3, 2 * R, 2))
-        dist = Distiller(frozen, 2 * R, d, DistillConfig())
+        dist = Distiller(frozen, 2 * R, d, DistillConfig(policy_state="logits"))  # the paper's policy
         student = dist.student.num_parameters()
         policy = sum(p.numel() for p in dist.policy.parameters())
-        print(f"student d={d}: {student:,} (paper {PAPER[d] / 1e6:.2f}M); policy MLP {policy:,} (excluded by the paper)")
+        summary = sum(p.numel() for p in Distiller(frozen, 2 * R, 2, DistillConfig()).policy.parameters())
+        print(f"student d={d}: {student:,} (paper {PAPER[d] / 1e6:.2f}M); paper policy MLP {policy:,} (excluded by "
+              f"the paper); dsom summary policy {summary:,}")
 
 
 if __name__ == "__main__":

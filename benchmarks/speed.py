@@ -171,6 +171,7 @@ def phase_dsom_distill(ds: KGDataset, args: argparse.Namespace, device: torch.de
     cfg = base_config(args, device)
     M = len(args.modalities.split(","))
     set_value(cfg, "distill.policy_hidden", args.policy_hidden)
+    set_value(cfg, "distill.policy_state", args.policy_state)
     g = torch.Generator().manual_seed(0)
     E, R2, two_d = ds.num_entities, 2 * ds.num_relations, 2 * args.rank
     frozen = FrozenTeachers(args.modalities.split(","), torch.randn(M, E, two_d, generator=g) * 0.1,
@@ -182,7 +183,8 @@ def phase_dsom_distill(ds: KGDataset, args: argparse.Namespace, device: torch.de
     B, H = args.batch_size, args.policy_hidden
     flop = 2 * B * two_d * E * M  # teachers, forward only
     flop += 3 * 2 * B * two_d * E  # student forward + 2 backward products
-    flop += 2 * 2 * B * M * E * H  # policy layer 1 forward + weight gradient (its input needs no gradient)
+    if args.policy_state != "summary":  # the paper's policy: layer 1 forward + weight gradient on M * E inputs
+        flop += 2 * 2 * B * M * E * H
     return {"epoch_s": seconds / timed * n_epoch, "batches_timed": timed, "batches_per_epoch": n_epoch,
             "queries_per_s": timed * B / seconds, "flop_per_epoch": flop * n_epoch, "teachers": M,
             "policy_hidden": H, "precision": tr.precision}
@@ -295,6 +297,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batches", type=int, default=0, help="time N batches per training phase (0 = a full epoch)")
     p.add_argument("--modalities", default="structure,text,numeric")
     p.add_argument("--policy-hidden", type=int, default=1024)
+    p.add_argument("--policy-state", default="logits", choices=["logits", "summary"],
+                   help="stage-2 policy state: the paper's raw logits (default, comparable with earlier runs) or "
+                        "dsom's summary")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--device", default="auto")
     p.add_argument("--skip", default="", help="comma-separated phases to skip (pykeen, teachers, distill, eval)")
