@@ -282,3 +282,27 @@ def test_pipeline_trains_teachers_without_the_held_out_triples(tmp_path):
                  "--set", "data.synthetic.num_train=2000", "--set", "data.synthetic.num_entities=300"]) == 0
     res2 = json.loads((out2 / "results.json").read_text())
     assert res2["distill"]["selection"]["holdout"] == 0.2
+
+
+def test_policy_pretraining_moves_the_policy_and_needs_the_margin_reward(tmp_path):
+    from dsom.config import set_value
+    from dsom.distill.holdout import reward_rows
+    from dsom.errors import DsomError
+    from dsom.train.student import StudentTrainer
+
+    ds = clustered_graph(num_entities=50)
+    fr = _frozen(ds)
+    cfg = Config()
+    for k, v in {"model.rank": 8, "train.epochs": 1, "train.batch_size": 100, "train.valid_every": 0,
+                 "train.precision": "fp32", "distill.policy_hidden": 8, "distill.policy_pretrain_epochs": 2}.items():
+        set_value(cfg, k, v)
+    rows = reward_rows(ds, 0.3, 0)
+    st = StudentTrainer(ds, cfg, tmp_path / "a", fr, progress=False, reward_rows=rows)
+    before = [p.detach().clone() for p in st.model.selector.parameters()]
+    st.pretrain_policy()
+    assert any(not torch.equal(a, b) for a, b in zip(before, st.model.selector.parameters()))
+    assert not any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in st.model.student.parameters())
+    set_value(cfg, "distill.reward", "binary")
+    st = StudentTrainer(ds, cfg, tmp_path / "b", fr, progress=False, reward_rows=rows)
+    with pytest.raises(DsomError, match="margin"):
+        st.pretrain_policy()
