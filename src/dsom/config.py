@@ -158,6 +158,8 @@ class DistillConfig:
     reward: str = opt("margin", "per-triple reward of a teacher subset: 'binary' = Eq. 8 (+reward_positive if its CE "
                       "beats the student's, else reward_negative) or 'margin' = student CE - subset CE (nats)",
                       ("margin", "binary"))
+    reward_tau: float = opt(1.0, "temperature of the CEs compared by the reward (paper: 1; SPEC A4's alternative is the "
+                            "KD temperature)")
     reward_positive: float = opt(1.0, "binary reward when the chosen teachers beat the student on the triple (paper: +1)")
     reward_negative: float = opt(-10.0, "binary reward otherwise (paper: -10)")
     baseline: str = opt("expected", "REINFORCE baseline: 'expected' = the reward expected under the current policy "

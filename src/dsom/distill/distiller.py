@@ -137,7 +137,7 @@ class Distiller(nn.Module):
         tea_all = self.teacher_scores(h, r, precision)
         detached = student.detach()
         choice = sel(SelectionBatch(tea_all, h, r, t,
-                                    student_ce=per_query_ce(detached, t) if sel.needs_student else None,
+                                    student_ce=per_query_ce(detached / cfg.reward_tau, t) if sel.needs_student else None,
                                     student_logits=detached if sel.needs_student else None,
                                     reward_rows=reward_rows, generator=generator))
         kind = sel.kd_override or cfg.kd

@@ -269,6 +269,8 @@ class PolicySelector(Selector):
                      idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         c = self.ctx.config
         tea = batch.teacher_logits[:, idx]
+        if c.reward_tau != 1.0:
+            tea = tea / c.reward_tau
         target = batch.target[idx]
         a = actions[idx]
         student_ce = (batch.student_ce[idx] if batch.student_ce is not None
