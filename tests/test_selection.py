@@ -73,6 +73,25 @@ def test_fitted_temperatures_minimise_the_ce_like_a_grid_search():
     assert (teacher_ce(fr, q, T) <= teacher_ce(fr, q) + 1e-6).all()
 
 
+def test_temperature_fit_with_a_few_confident_mistakes():
+    """The MKG-Y structural teacher's case: mostly right, a few targets far below very confident wrong answers
+    (an undamped Newton step oscillated there and returned a temperature that raised the CE)."""
+    g = torch.Generator().manual_seed(1)
+    n, E = 400, 300
+    t = torch.randint(0, E, (n,), generator=g)
+    z = 4 * torch.randn(n, E, generator=g)
+    z[torch.arange(n), t] += 10.0
+    bad = torch.arange(n) < 60
+    z[bad, (t[bad] + 1) % E] += 40.0  # confidently wrong on 15% of the queries
+    q = torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long), t], 1)
+    fr = _Table(z.unsqueeze(0))
+    T = fit_temperatures(fr, q)
+    grid = torch.exp(torch.linspace(-5, 5, 4001, dtype=torch.float64))
+    ce = torch.stack([F.cross_entropy(z.double() / s, t) for s in grid])
+    assert float(T[0]) == pytest.approx(float(grid[ce.argmin()]), rel=0.01)
+    assert float(teacher_ce(fr, q, T)[0]) <= float(teacher_ce(fr, q)[0])
+
+
 def test_summary_features_match_a_loop():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(3, 4, 11, generator=g) * 3
