@@ -91,6 +91,7 @@ class Distiller(nn.Module):
         if temps.shape != (self.num_teachers,) or not bool((temps > 0).all()):
             raise ValueError(f"temperatures must be {self.num_teachers} positive numbers, got {temps.tolist()}")
         self.register_buffer("inv_temperature", 1.0 / temps)
+        self._calibrated = bool((temps != 1).any())  # decided once: no device sync per step
         self.selector: Selector | None = make_selector(
             config.selector, SelectorContext(teachers.modalities, E, num_relations, config, generator, entity_stats))
 
@@ -110,7 +111,7 @@ class Distiller(nn.Module):
     def teacher_scores(self, head: torch.Tensor, relation: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
         """``(M, B, E)`` teacher logits divided by the teachers' temperatures."""
         scores = self.teachers.score_all(head, relation, precision=precision)
-        if bool((self.inv_temperature != 1).any()):
+        if self._calibrated:
             scores.mul_(self.inv_temperature.view(-1, 1, 1))
         return scores
 

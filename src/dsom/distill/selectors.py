@@ -99,8 +99,8 @@ class Selector(nn.Module):
         self.ctx = ctx
         self.register_buffer("subsets", subset_matrix(ctx.num_teachers), persistent=False)
 
-    def select(self, batch: SelectionBatch) -> Selection:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def select(self, batch: SelectionBatch) -> Selection:  # pragma: no cover - every registered class overrides it
+        raise NotImplementedError(f"{type(self).__name__} must define select()")
 
     def forward(self, batch: SelectionBatch) -> Selection:
         return self.select(batch)
