@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 DSOM_DATA ?= $(abspath ../shared/data)
 export DSOM_DATA
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test test-quick lint clean
 
 $(BIN)/.dsom-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# the development subset: everything but the tests marked slow (make test runs them all)
+test-quick: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -25,5 +25,8 @@ def shared_data() -> Path:
     """Path of the read-only real datasets (DB15K, MKG-W, ...); skips the test when they are absent."""
     path = shared_data_path()
     if not (path / "DB15K").is_dir():
+        if os.environ.get("DSOM_REQUIRE_DATA", "") not in ("", "0"):
+            pytest.fail(f"DSOM_REQUIRE_DATA is set but the real datasets are not at {path}: set DSOM_DATA to the "
+                        "folder holding DB15K, MKG-W, ... (CI must check the real data, not skip it)", pytrace=False)
         pytest.skip(f"real datasets not found at {path} (set DSOM_DATA to the folder holding DB15K, MKG-W, ...)")
     return path
