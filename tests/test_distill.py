@@ -405,6 +405,11 @@ def test_compiled_distillation_loss_equals_eager_losses_and_gradients(kd):
             d.zero_grad(set_to_none=True)
             losses["kd"].backward()
             out.append((losses["kd"].detach(), d.student.entity.grad.clone()))
+        if compile_:  # the comparison means nothing if compilation silently fell back to eager
+            assert d._step_terms.enabled, "torch.compile fell back to eager"
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs_before
+        else:
+            graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         results.append(out)
     for (k0, g0), (k1, g1) in zip(*results):
         torch.testing.assert_close(k1, k0, rtol=1e-4, atol=1e-6)  # fp32 cancellation in KL = cross - L_t + L_s
