@@ -115,4 +115,6 @@ def test_bf16_training_runs_and_stays_close_to_fp32(tmp_path):
         tr.fit()
         res[prec] = evaluate(tr.model, ds, "test")["realistic"]["mrr"]
     assert res["bf16"] > 0.15
-    assert abs(res["bf16"] - res["fp32"]) < 0.1
+    # measured here: fp32 0.201, bf16 0.212 (gap 0.011); 0.03 is about 15% of the MRR, so a bf16 path that
+    # loses a quarter of the accuracy fails
+    assert abs(res["bf16"] - res["fp32"]) < 0.03
