@@ -325,3 +325,37 @@ def test_policy_pretraining_moves_the_policy_and_needs_the_margin_reward(tmp_pat
     st = StudentTrainer(ds, cfg, tmp_path / "b", fr, progress=False, reward_rows=rows)
     with pytest.raises(DsomError, match="margin"):
         st.pretrain_policy()
+
+
+@pytest.mark.parametrize("baseline", ["avg_action", "batch_mean"])
+def test_binary_rewards_ties_and_the_paper_baselines_by_hand(baseline):
+    """Eq. 8 with forced actions on hand-made logits: a subset whose CE *equals* the student's is not better (−10),
+    the avg_action baseline is the all-teacher reward per query, batch_mean the mean reward of the batch."""
+    cfg = DistillConfig(policy_hidden=4, reward="binary", baseline=baseline, advantage_norm=False, entropy=0.0)
+    sel = make_selector("rl", SelectorContext(["m0", "m1"], 3, 2, cfg, torch.Generator().manual_seed(0)))
+    t0 = torch.tensor([[2.0, 0, 0], [0, 0, 0], [0, 0, 4]])
+    t1 = torch.tensor([[0.0, 0, 0], [0, 3, 0], [0, 0, 0]])
+    z, target = torch.stack([t0, t1]), torch.tensor([0, 1, 2])
+    actions = torch.tensor([0, 1, 2])  # {m0}, {m1}, {m0, m1}
+
+    def ce(row, t):  # float64, by hand
+        row = row.double()
+        return float(torch.log(torch.exp(row).sum()) - row[t])
+
+    student = torch.tensor([0.0, 0.2, 0.5])
+    student[0] = float(torch.logsumexp(t0[0], 0) - t0[0, 0])  # query 0: a tie with the chosen teacher m0
+    chosen = [ce(t0[0], 0), ce(t1[1], 1), ce((t0[2] + t1[2]) / 2, 2)]
+    everyone = [ce((t0[i] + t1[i]) / 2, i) for i in range(3)]
+    reward = [-10.0, 1.0 if chosen[1] < 0.2 else -10.0, 1.0 if chosen[2] < 0.5 else -10.0]
+    all_reward = [1.0 if e < float(s) else -10.0 for e, s in zip(everyone, student)]
+    assert reward == [-10.0, 1.0, 1.0] and all_reward == [-10.0, -10.0, 1.0]  # the two baselines differ
+    base = all_reward if baseline == "avg_action" else [sum(reward) / 3] * 3
+    forced = torch.full((3, 3), -1e4).scatter_(1, actions[:, None], 1e4)
+    sel.action_logits = lambda batch: forced.clone().requires_grad_()
+    out = sel(SelectionBatch(z, torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), target,
+                             student_ce=student, generator=torch.Generator().manual_seed(0)))
+    assert out.weights.tolist() == [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]
+    assert float(out.stats["reward"]) == pytest.approx(sum(reward) / 3)
+    assert float(out.stats["reward_baseline"]) == pytest.approx(sum(base) / 3)
+    delta = [r - b for r, b in zip(reward, base)]
+    torch.testing.assert_close(out.stats["advantage_sum"], torch.tensor(delta))
