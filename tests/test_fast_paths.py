@@ -52,24 +52,33 @@ def test_chunked_ce_bf16_close_to_fp32():
 
 
 def test_chunked_ce_never_allocates_a_full_block():
-    # E x B logits would be 4 MB; with chunks of 100 nothing near that size is needed. Count it via a hook on
-    # matmul output sizes by checking every intermediate through the autograd graph is small.
+    """Every tensor any ATen op produces, forward and backward, saved for backward or a temporary, is watched
+    through a dispatch mode: none may be as large as a B x E logit block (4 MB here)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     E, B, D, chunk = 20000, 50, 8, 100
+    sizes: list[tuple[int, str]] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for x in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(x, torch.Tensor):
+                    sizes.append((x.numel(), str(func)))
+            return out
+
     q = torch.randn(B, D, requires_grad=True)
     table = torch.randn(E, D, requires_grad=True)
     t = torch.randint(0, E, (B,))
-    largest = 0
-
-    def pack(x):
-        nonlocal largest
-        largest = max(largest, x.numel())
-        return x
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        loss = chunked_cross_entropy(q, table, t, chunk).mean()
-    loss.backward()
-    assert largest <= E * D  # only the inputs are saved, never a B x E block
+    with Watch():
+        chunked_cross_entropy(q, table, t, chunk).mean().backward()
+    largest, op = max(sizes)
+    assert len(sizes) > 20  # the mode saw the chunk loop, forward and backward
+    assert largest <= E * D, f"{op} produced {largest} elements"  # the table's gradient is the largest tensor
     assert B * E > E * D
+    with Watch():  # the watch itself catches a full block
+        (q @ table.T).logsumexp(-1).sum().backward()
+    assert max(sizes)[0] >= B * E
 
 
 def test_entity_chunk_sizes():
