@@ -359,3 +359,37 @@ def test_binary_rewards_ties_and_the_paper_baselines_by_hand(baseline):
     assert float(out.stats["reward_baseline"]) == pytest.approx(sum(base) / 3)
     delta = [r - b for r, b in zip(reward, base)]
     torch.testing.assert_close(out.stats["advantage_sum"], torch.tensor(delta))
+
+
+def test_the_trained_policy_avoids_a_misleading_teacher(tmp_path):
+    """End to end through the student trainer with the dsom defaults: teacher ``good`` is a ComplEx fitted on the
+    graph, ``liar`` is the same model with its entities shuffled (confidently wrong), ``weak`` is small noise. A
+    uniform policy takes ``liar`` in 4 of 7 actions; the trained policy must almost never take it and must take
+    ``good`` almost always."""
+    from dsom.distill.actions import subset_matrix
+    from dsom.train.loop import ComplExTrainer
+    from dsom.train.student import StudentTrainer
+
+    ds = clustered_graph(num_entities=80)
+    cfg = Config()
+    apply_dict(cfg, {"model.rank": 8, "train.epochs": 15, "train.batch_size": 200, "train.valid_every": 0,
+                     "train.precision": "fp32", "train.seed": 3})
+    good = ComplExTrainer(ds, cfg, tmp_path / "good", progress=False)
+    good.fit()
+    E = ds.num_entities
+    table = good.model.entity.detach()
+    rel = good.model.relation.detach()
+    perm = torch.randperm(E, generator=torch.Generator().manual_seed(0))
+    weak = torch.randn(E, table.shape[1], generator=torch.Generator().manual_seed(1)) * 0.01
+    frozen = FrozenTeachers(["good", "liar", "weak"], torch.stack([table, table[perm], weak]),
+                            torch.stack([rel, rel, rel]))
+    apply_dict(cfg, {"train.epochs": 6, "distill.policy_hidden": 32})
+    st = StudentTrainer(ds, cfg, tmp_path / "student", frozen, progress=False)
+    st.fit()
+    q = torch.from_numpy(ds.queries("train"))
+    members = subset_matrix(3)[st.model.greedy_actions(q)] > 0  # (n, 3)
+    uniform = (subset_matrix(3) > 0).float().mean(0)
+    assert float(uniform[1]) == pytest.approx(4 / 7)
+    took_liar, took_good = float(members[:, 1].float().mean()), float(members[:, 0].float().mean())
+    assert took_liar < 0.1, took_liar
+    assert took_good > 0.9, took_good
