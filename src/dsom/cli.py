@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -206,11 +207,25 @@ def _check_vocab(meta: dict[str, Any], ds: Any) -> None:
                         f"(entities {ds.fingerprint()['entities']} vs {fp.get('entities')}); pass the right --dataset")
 
 
+def _check_json_destination(path: str | None) -> None:
+    """Fail before the work, not after it, when a --json file cannot be written."""
+    if not path:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise DsomError(f"--json {p}: is a directory; name a file")
+    if not p.parent.is_dir():
+        raise DsomError(f"--json {p}: folder {p.parent} does not exist")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dsom.evaluate import evaluate
     from dsom.train.checkpoint import load_checkpoint
     from dsom.train.loop import resolve_device
 
+    _check_json_destination(args.json)
+    if args.batch_size < 1 or not args.memory_budget_mb >= 1:
+        raise DsomError("--batch-size must be >= 1 and --memory-budget-mb >= 1")
     device = resolve_device("auto")
     ck = load_checkpoint(args.checkpoint, device=device)
     ds = _dataset_for_checkpoint(ck.meta, args.dataset)
@@ -233,6 +248,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from dsom.predict import predict
     from dsom.train.checkpoint import load_checkpoint
 
+    if args.k < 1:
+        raise DsomError(f"-k {args.k}: the number of answers must be at least 1")
     ck = load_checkpoint(args.checkpoint)
     filter_index = None
     if not args.no_filter:
@@ -255,6 +272,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from dsom.data import registry
     from dsom.data.info import dataset_info, format_info
 
+    _check_json_destination(args.json)
     ds = registry.load(args.path, args.layout)
     info = dataset_info(ds)
     print(format_info(info))
@@ -323,11 +341,27 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_allocator()
     try:
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe (dsom data info | head) shows up here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # the reader went away (| head): not an error; keep Python from complaining when it flushes at exit
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
     except DsomError as exc:
         if args.debug:
             traceback.print_exc()
         print(f"dsom: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the user gave (or the environment) is unusable: not a bug in dsom
+        if args.debug:
+            traceback.print_exc()
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"dsom: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dsom: interrupted; continue a training run with --resume -o RUN_DIR", file=sys.stderr)

@@ -223,6 +223,86 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
               "distill.calibrate": False, "distill.tau_squared": True},
 }
 
+# Value ranges checked up front by :func:`check_values` (before any output is touched or any training starts),
+# so that a bad value is a one-line exit 2 naming the key instead of a failure hours into a run.
+# key -> (low, low included, high or None, high included)
+_GT0, _GE0, _GE1 = (0, False, None, False), (0, True, None, False), (1, True, None, False)
+VALUE_RANGES: dict[str, tuple[float, bool, float | None, bool]] = {
+    "model.rank": _GE1, "model.init_scale": _GT0, "model.teacher_scale": _GT0,
+    "train.epochs": _GE1, "train.batch_size": _GE1, "train.lr": _GT0, "train.reg": _GE0, "train.seed": _GE0,
+    "train.valid_every": _GE0, "train.valid_max_triples": _GE0, "train.patience": _GE0,
+    "train.scheduler_patience": _GE0, "train.scheduler_factor": (0, False, 1, False),
+    "train.scheduler_threshold": _GE0, "train.checkpoint_every": _GE1, "train.threads": _GE0, "train.block_mb": _GE0,
+    "eval.batch_size": _GE1, "eval.memory_budget_mb": _GE1,
+    "features.text_batch_size": _GE1, "features.seed": _GE0, "features.missing_rate": (0, True, 1, True),
+    "features.missing_seed": _GE0,
+    "ensemble.bi_min_queries": _GE0, "ensemble.mi_hidden": _GE1, "ensemble.mi_epochs": _GE1, "ensemble.mi_lr": _GT0,
+    "ensemble.mi_batch_size": _GE1, "ensemble.mi_holdout": (0, True, 1, False), "ensemble.mi_seed": _GE0,
+    "distill.gamma": _GE0, "distill.tau": _GT0, "distill.alpha": _GE0, "distill.beta": _GE0,
+    "distill.kd_warmup_epochs": _GE0, "distill.policy_hidden": _GE1, "distill.policy_relation_dim": _GE0,
+    "distill.policy_entity_dim": _GE0, "distill.policy_lr": _GE0, "distill.entropy": _GE0, "distill.reward_tau": _GT0,
+    "distill.policy_pretrain_epochs": _GE0, "distill.holdout": (0, True, 1, False), "distill.holdout_seed": _GE0,
+    "distill.calibrate_max_queries": _GE1, "distill.student_rank": _GE0, "distill.epochs": _GE0,
+    "distill.mulde_attention_temperature": _GT0, "distill.rc_val_epochs": _GE1,
+}
+EVAL_SPLITS = ("train", "valid", "test")
+
+
+def _describe_range(low: float, low_in: bool, high: float | None, high_in: bool) -> str:
+    if high is None:
+        return f"{'>=' if low_in else '>'} {low}"
+    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
+def get_value(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _default_of(key: str) -> Any:
+    return get_value(Config(), key)
+
+
+def check_values(cfg: Config) -> None:
+    """Every numeric value finite and within its range, every list entry known: a :class:`ConfigError` naming
+    the first bad key, its value and the built-in default otherwise."""
+    import math
+
+    def bad(key: str, what: str, value: Any) -> ConfigError:
+        return ConfigError(f"config key '{key}' must be {what}, got {value!r}; set it with --set {key}=VALUE "
+                           f"(default {_default_of(key)!r})")
+
+    for key in _all_keys(cfg):
+        value = get_value(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise bad(key, "a finite number", value)
+        rng = VALUE_RANGES.get(key)
+        if rng is None:
+            continue
+        low, low_in, high, high_in = rng
+        ok = (value >= low if low_in else value > low) and (
+            high is None or (value <= high if high_in else value < high))
+        if not ok:
+            raise bad(key, _describe_range(*rng), value)
+    if not str(cfg.data.dataset).strip():
+        raise ConfigError("config key 'data.dataset' is empty; name a registered dataset or a folder "
+                          "(default 'synthetic')")
+    splits = cfg.eval.splits
+    unknown = [s for s in splits if s not in EVAL_SPLITS]
+    if unknown or not splits or len(set(splits)) != len(splits):
+        raise ConfigError(f"config key 'eval.splits' must list some of {', '.join(EVAL_SPLITS)} once each, got "
+                          f"{splits!r}; e.g. --set eval.splits=valid,test")
+    for m in cfg.modalities:
+        if not isinstance(m, str) or not m.strip():
+            raise ConfigError(f"config key 'modalities': {m!r} is not a modality name; e.g. --modalities "
+                              "structure,text")
+    if cfg.distill.policy_pretrain_epochs > 0 and cfg.distill.reward != "margin":
+        raise ConfigError("config key 'distill.policy_pretrain_epochs' needs distill.reward=margin; set "
+                          "--set distill.policy_pretrain_epochs=0 or --set distill.reward=margin")
+
+
 SHORTCUTS = {
     "rank": "model.rank",
     "epochs": "train.epochs",

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from dsom import __version__
-from dsom.config import METHOD_PRESETS, Config, apply_dict, load_yaml
+from dsom.config import METHOD_PRESETS, Config, apply_dict, check_values, load_yaml
 from dsom.data import registry
 from dsom.data.graph import KGDataset
 from dsom.errors import ConfigError, DsomError
@@ -33,6 +33,9 @@ def build_config(dataset: str | None = None, config_file: str | None = None,
                  overrides: list[tuple[str, Any]] | None = None, preset: str | None = None) -> Config:
     """Defaults < method preset (``--preset``) < dataset preset < YAML file < overrides (see :mod:`dsom.config`)."""
     cfg = Config()
+    if dataset is not None and not dataset.strip():
+        raise ConfigError("the dataset argument is empty; name a registered dataset or a folder, or leave it out "
+                          "for the embedded synthetic graph")
     file_values = load_yaml(config_file) if config_file else {}
     name = dataset or file_values.get("data", {}).get("dataset") or cfg.data.dataset
     chosen = preset or dict(overrides or {}).get("preset") or file_values.get("preset") or cfg.preset
@@ -80,6 +83,13 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("config key 'train.lr' must be positive")
     if not 0.0 <= cfg.distill.holdout < 1.0:
         raise ConfigError(f"config key 'distill.holdout' must be in [0, 1), got {cfg.distill.holdout}")
+    check_values(cfg)
+    from dsom.train.loop import resolve_device
+
+    try:
+        resolve_device(cfg.train.device)
+    except RuntimeError as exc:
+        raise ConfigError(f"config key 'train.device': {exc}; use auto, cpu, cuda or cuda:N") from None
 
 
 def load_dataset(cfg: Config) -> KGDataset:
@@ -139,17 +149,53 @@ def default_output(cfg: Config) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
-    """Refuse to clobber an earlier run unless asked to."""
+# Keys a resumed run may change: budgets, evaluation and hardware settings, never what the checkpoints hold.
+RESUME_MAY_CHANGE = ("train.epochs", "train.patience", "train.device", "train.threads", "train.compile",
+                     "train.block_mb", "train.checkpoint_every", "distill.epochs", "distill.variants", "eval.",
+                     "ensemble.")
+
+
+def check_run_dir(out: Path, resume: bool, force: bool) -> None:
+    """Refuse to clobber an earlier run unless asked to (reads only; :func:`prepare_run_dir` acts)."""
+    if out.exists() and not out.is_dir():
+        raise DsomError(f"output {out} exists and is not a directory; choose another -o")
     has_results = (out / "results.json").exists()
     has_ckpt = (out / "checkpoints").exists()
     if resume:
-        if not (out / "config.yaml").exists():
+        if not (out / "config.yaml").is_file():
             raise DsomError(f"--resume: {out} holds no run to resume (config.yaml missing)")
         return
     if (has_results or has_ckpt) and not force:
         what = "a finished run" if has_results else "an unfinished run (use --resume to continue it)"
         raise DsomError(f"output directory {out} already holds {what}; choose another -o or pass --force")
+
+
+def check_resume_config(out: Path, cfg: Config) -> None:
+    """A resumed run may change only :data:`RESUME_MAY_CHANGE`; anything else would not match its checkpoints."""
+    from dsom.config import _all_keys, get_value
+
+    saved = Config()
+    try:
+        apply_dict(saved, load_yaml(out / "config.yaml"))
+    except ConfigError as exc:
+        raise DsomError(f"--resume: {out / 'config.yaml'} is not a valid configuration ({exc})") from None
+    for key in _all_keys(cfg):
+        if key.startswith(RESUME_MAY_CHANGE):
+            continue
+        before, after = get_value(saved, key), get_value(cfg, key)
+        if before != after:
+            raise DsomError(f"--resume: {key} was {before!r} in {out / 'config.yaml'}, now {after!r}; a resumed run "
+                            f"keeps its configuration (it may change only epochs, patience, devices, evaluation and "
+                            f"variants): drop the change, or start a new run with another -o or --force")
+
+
+def prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
+    """Refuse to clobber an earlier run unless asked to; with ``force``, clear the earlier run's outputs
+    (called only after the new run's configuration and inputs have been validated)."""
+    check_run_dir(out, resume, force)
+    if resume:
+        return
+    has_results = (out / "results.json").exists()
     if force:
         if has_results:
             os.replace(out / "results.json", out / "results.previous.json")
@@ -441,19 +487,39 @@ def run(cfg: Config, output: str | Path | None = None, resume: bool = False, for
     ``stages="pretrain"`` stops after the teachers and ensembles; ``teachers_from`` reuses the materialised
     teachers of an earlier run (``dsom distill``) instead of training them.
     """
-    from dsom.train.teachers import TeacherTrainer
+    from dsom.runlock import RunLock
 
     out = Path(output) if output else default_output(cfg)
-    prepare_run_dir(out, resume, force)
+    # Everything is validated before the run directory is touched: an earlier run is replaced (--force) or
+    # extended (--resume), and config.yaml rewritten, only once the configuration and every input passed.
+    check_run_dir(out, resume, force)
     ds = load_dataset(cfg)
     warnings_ = dataset_warnings(ds)
-    for w in warnings_:
-        log.warning("dataset %s: %s", ds.name, w)
-    (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     variants = resolve_variants(cfg, ablation)
+    teachers = tables = feature_info = None
     if teachers_from is not None:
-        return _distill_only(cfg, ds, out, warnings_, teachers_from, resume, progress, variants)
-    tables, feature_info = build_features(ds, cfg, progress)
+        teachers = _load_teachers_for(cfg, ds, teachers_from)
+    else:
+        tables, feature_info = build_features(ds, cfg, progress)
+    if resume:
+        check_resume_config(out, cfg)
+    lock = RunLock(out).acquire()
+    try:
+        prepare_run_dir(out, resume, force)
+        for w in warnings_:
+            log.warning("dataset %s: %s", ds.name, w)
+        (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        if teachers is not None:
+            return _distill_only(cfg, ds, out, warnings_, teachers, teachers_from, resume, progress, variants)
+        return _run_stages(cfg, ds, out, warnings_, tables, feature_info, resume, progress, stages, variants)
+    finally:
+        lock.release()
+
+
+def _run_stages(cfg: Config, ds: KGDataset, out: Path, warnings_: list[str], tables: Any, feature_info: Any,
+                resume: bool, progress: bool, stages: str, variants: list[str]) -> tuple[Path, dict[str, Any]]:
+    from dsom.train.teachers import TeacherTrainer
+
     t0 = time.perf_counter()
     from dsom.distill.holdout import teacher_dataset
 
@@ -556,8 +622,9 @@ def _write_report(out: Path, results: dict[str, Any]) -> None:
         log.warning("could not write the report: %s", exc)
 
 
-def _distill_only(cfg: Config, ds: KGDataset, out: Path, warnings_: list[str], teachers_from: str | Path,
-                  resume: bool, progress: bool, variants: list[str]) -> tuple[Path, dict[str, Any]]:
+def _load_teachers_for(cfg: Config, ds: KGDataset, teachers_from: str | Path) -> tuple[Any, torch.device]:
+    """The frozen teachers of ``dsom distill --teachers``, checked against the dataset; adopts their modalities
+    and held-out sample into ``cfg``."""
     from dsom.train.loop import resolve_device
     from dsom.train.teachers import load_frozen_teachers
 
@@ -573,7 +640,13 @@ def _distill_only(cfg: Config, ds: KGDataset, out: Path, warnings_: list[str], t
         log.info("distill: the teachers of %s held out %.3g of train (seed %d); using that, not distill.holdout=%.3g",
                  teachers_from, held, seed, cfg.distill.holdout)
         cfg.distill.holdout, cfg.distill.holdout_seed = held, seed
-    (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    return frozen, device
+
+
+def _distill_only(cfg: Config, ds: KGDataset, out: Path, warnings_: list[str], teachers: tuple[Any, torch.device],
+                  teachers_from: str | Path, resume: bool, progress: bool,
+                  variants: list[str]) -> tuple[Path, dict[str, Any]]:
+    frozen, device = teachers
     models, _ = frozen_teacher_results(frozen, ds, cfg, device, progress)
     d_models, info = distill_stage(frozen, ds, cfg, out, device, resume, progress, variants)
     results: dict[str, Any] = {

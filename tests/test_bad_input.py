@@ -1,0 +1,243 @@
+"""Bad-input corpus (issue 11): every case exits 2 with one line and no traceback, and an earlier finished run
+in the output directory stays byte-for-byte intact.
+
+One finished run is built per module and reused; every case that names it as ``-o`` must leave it unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from dsom.cli import main
+
+from toy import clustered_graph, write_canonical
+
+FAST = ["--rank", "8", "--epochs", "2", "--batch-size", "256", "--set", "train.valid_every=1", "-q"]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("kg") / "toykg"
+    write_canonical(clustered_graph(num_entities=60), d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["run", str(data), "-o", str(out), *FAST]) == 0
+    assert (out / "results.json").is_file() and (out / "checkpoints").is_dir()
+    return out, snapshot(out)
+
+
+def one_line_exit_2(argv: list[str], capsys) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and err.startswith("dsom: error:"), err
+    return err
+
+
+def assert_intact(finished) -> None:
+    out, before = finished
+    assert snapshot(out) == before
+
+
+# ------------------------------------------------------------------------------------------ configuration
+CONFIG_CASES = [
+    ("train.lr=nan", "train.lr"), ("train.lr=inf", "train.lr"), ("train.lr=0", "train.lr"),
+    ("distill.student_rank=-5", "distill.student_rank"), ("distill.policy_hidden=0", "distill.policy_hidden"),
+    ("eval.splits=[foo]", "eval.splits"), ("eval.splits=[]", "eval.splits"), ("distill.tau=0", "distill.tau"),
+    ("train.scheduler_factor=5", "train.scheduler_factor"), ("distill.epochs=-1", "distill.epochs"),
+    ("train.valid_max_triples=-5", "train.valid_max_triples"), ("train.valid_every=-1", "train.valid_every"),
+    ("ensemble.mi_holdout=1.5", "ensemble.mi_holdout"), ("ensemble.mi_holdout=1", "ensemble.mi_holdout"),
+    ("eval.memory_budget_mb=0", "eval.memory_budget_mb"), ("eval.batch_size=0", "eval.batch_size"),
+    ("distill.gamma=-1", "distill.gamma"), ("distill.reward_tau=0", "distill.reward_tau"),
+    ("distill.holdout=1", "distill.holdout"), ("features.missing_rate=2", "features.missing_rate"),
+    ("train.checkpoint_every=0", "train.checkpoint_every"), ("train.seed=-3", "train.seed"),
+    ("distill.reward_negative=nan", "distill.reward_negative"), ("model.init_scale=0", "model.init_scale"),
+    ("train.device=tpu", "train.device"), ("data.dataset=", "data.dataset"),
+    ("distill.variants=[nonsense]", "nonsense"), ("distill.selector=oracle9", "distill.selector"),
+    ("train.optimizer=lbfgs", "train.optimizer"), ("train.lrr=0.1", "did you mean train.lr"),
+    ("train.epochs=1.5", "train.epochs"),
+]
+
+
+@pytest.mark.parametrize("assignment,needle", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config_value_with_force_keeps_the_run(assignment, needle, data, finished, capsys):
+    err = one_line_exit_2(["run", str(data), "-o", str(finished[0]), "--force", *FAST, "--set", assignment], capsys)
+    assert needle in err
+    assert_intact(finished)
+
+
+def test_config_message_says_how_to_fix(data, finished, capsys):
+    err = one_line_exit_2(["run", str(data), "-o", str(finished[0]), "--force", "--set", "distill.tau=0"], capsys)
+    assert "--set distill.tau=" in err and "4.0" in err
+
+
+def test_bad_config_file_keeps_the_run(data, finished, tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: .nan\n")
+    assert "train.lr" in one_line_exit_2(["run", str(data), "-o", str(finished[0]), "--force", "-c", str(f)], capsys)
+    f.write_text("train: [1, 2\n")
+    assert "invalid YAML" in one_line_exit_2(["run", str(data), "-o", str(finished[0]), "--force", "-c", str(f)],
+                                             capsys)
+    assert_intact(finished)
+
+
+# ------------------------------------------------------------------------------------------ datasets
+def _bad_dataset(kind: str, good: Path, root: Path) -> str:
+    d = root / kind
+    if kind == "missing":
+        return str(d)
+    d.mkdir()
+    for f in good.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    if kind == "short_line":
+        lines = (d / "valid.tsv").read_text().splitlines()
+        lines[1] = "e1\tr0"
+        (d / "valid.tsv").write_text("\n".join(lines) + "\n")
+    elif kind == "unknown_relation":
+        with (d / "test.tsv").open("a") as fh:
+            fh.write("e1\tr99\te2\n")
+    elif kind == "train_is_a_directory":
+        (d / "train.tsv").unlink()
+        (d / "train.tsv").mkdir()
+    elif kind == "no_vocabulary":
+        (d / "entities.tsv").unlink()
+    elif kind == "binary_garbage":
+        (d / "train.tsv").write_bytes(b"\xff\xfe\x00\x81garbage\x00\n" * 10)
+    elif kind == "empty_train":
+        (d / "train.tsv").write_text("")
+    elif kind == "empty_folder":
+        for f in d.iterdir():
+            f.unlink()
+    else:
+        raise AssertionError(kind)
+    return str(d)
+
+
+DATASET_CASES = ["missing", "short_line", "unknown_relation", "train_is_a_directory", "no_vocabulary",
+                 "binary_garbage", "empty_train", "empty_folder"]
+
+
+@pytest.mark.parametrize("kind", DATASET_CASES)
+def test_bad_dataset_with_force_keeps_the_run(kind, data, finished, tmp_path, capsys):
+    path = _bad_dataset(kind, data, tmp_path)
+    one_line_exit_2(["run", path, "-o", str(finished[0]), "--force", *FAST], capsys)
+    assert_intact(finished)
+
+
+def test_empty_dataset_name_is_refused(finished, capsys):
+    assert "empty" in one_line_exit_2(["run", "", "-o", str(finished[0]), "--force", *FAST], capsys)
+    assert_intact(finished)
+
+
+def test_finished_run_is_not_clobbered_without_force(data, finished, capsys):
+    assert "finished run" in one_line_exit_2(["run", str(data), "-o", str(finished[0]), *FAST], capsys)
+    assert_intact(finished)
+
+
+# ------------------------------------------------------------------------------------------ resume
+@pytest.mark.parametrize("change,needle", [
+    (["--rank", "16"], "model.rank"), (["--seed", "7"], "train.seed"), (["--set", "train.lr=0.5"], "train.lr"),
+    (["--set", "distill.student_rank=4"], "distill.student_rank"), (["--set", "data.valid=clean"], "data.valid"),
+    (["--modalities", "structure,numeric"], "numeric"), (["--set", "train.lr=-1"], "train.lr")],
+    ids=["rank", "seed", "lr", "student_rank", "valid", "modalities", "bad_lr"])
+def test_resume_with_a_changed_option_is_refused_before_writing(change, needle, finished, capsys):
+    err = one_line_exit_2(["run", "-o", str(finished[0]), "--resume", "-q", *change], capsys)
+    assert needle in err
+    assert_intact(finished)  # config.yaml untouched: a plain --resume still works
+
+
+def test_resume_of_nothing(tmp_path, capsys):
+    assert "nothing to resume" in one_line_exit_2(["run", "-o", str(tmp_path / "none"), "--resume"], capsys)
+
+
+# ------------------------------------------------------------------------------------------ output paths
+def test_output_is_a_file(data, tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert "not a directory" in one_line_exit_2(["run", str(data), "-o", str(f), *FAST], capsys)
+    assert f.read_text() == "x"
+
+
+def test_output_under_dev_null(data, capsys):
+    one_line_exit_2(["run", str(data), "-o", "/dev/null/run", *FAST], capsys)
+
+
+def test_json_into_a_missing_folder_fails_before_the_work(finished, tmp_path, capsys):
+    err = one_line_exit_2(["evaluate", str(finished[0]), "-q", "--json", str(tmp_path / "no" / "m.json")], capsys)
+    assert "does not exist" in err
+
+
+# ------------------------------------------------------------------------------------------ lock
+def test_second_writer_gets_the_holders_pid(data, tmp_path, capsys):
+    out = tmp_path / "locked"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from dsom.runlock import RunLock
+        RunLock({str(out)!r}).acquire()
+        print("held", flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        err = one_line_exit_2(["run", str(data), "-o", str(out), *FAST], capsys)
+        assert f"pid {holder.pid}" in err and "in use" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (out / "checkpoints").exists()
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    from dsom.errors import DsomError
+    from dsom.runlock import LOCK_NAME, RunLock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / LOCK_NAME).write_text(f"{dead.pid}\n")
+    lock = RunLock(tmp_path).acquire()
+    assert (tmp_path / LOCK_NAME).read_text().strip() == str(os.getpid())
+    with pytest.raises(DsomError, match=f"pid {os.getpid()}"):
+        RunLock(tmp_path).acquire()
+    lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+    RunLock(tmp_path).acquire().release()
+
+
+# ------------------------------------------------------------------------------------------ commands
+def test_predict_needs_a_positive_k(finished, capsys):
+    assert "-k" in one_line_exit_2(["predict", str(finished[0]), "--head", "e0", "--relation", "r0", "-k", "-5"],
+                                   capsys)
+
+
+def test_data_info_into_a_closed_pipe(data, capsys, monkeypatch):
+    r, w = os.pipe()
+    os.close(r)
+    stream = os.fdopen(w, "w")
+    monkeypatch.setattr(sys, "stdout", stream)
+    try:
+        assert main(["data", "info", str(data)]) == 0
+    finally:
+        monkeypatch.undo()
+        try:
+            stream.close()
+        except OSError:
+            pass
+    assert "Traceback" not in capsys.readouterr().err
