@@ -122,6 +122,17 @@ def _bad_dataset(kind: str, good: Path, root: Path) -> str:
         (d / "train.tsv").write_bytes(b"\xff\xfe\x00\x81garbage\x00\n" * 10)
     elif kind == "empty_train":
         (d / "train.tsv").write_text("")
+    elif kind == "train_is_a_fifo":
+        (d / "train.tsv").unlink()
+        os.mkfifo(d / "train.tsv")
+    elif kind == "train_is_a_symlink_loop":
+        (d / "train.tsv").unlink()
+        os.symlink(d / "loop.tsv", d / "train.tsv")
+        os.symlink(d / "train.tsv", d / "loop.tsv")
+    elif kind == "numeric_is_a_directory":
+        (d / "numeric.tsv").mkdir()
+    elif kind == "numeric_is_a_fifo":
+        os.mkfifo(d / "numeric.tsv")
     elif kind == "empty_folder":
         for f in d.iterdir():
             f.unlink()
@@ -130,15 +141,25 @@ def _bad_dataset(kind: str, good: Path, root: Path) -> str:
     return str(d)
 
 
-DATASET_CASES = ["missing", "short_line", "unknown_relation", "train_is_a_directory", "no_vocabulary",
-                 "binary_garbage", "empty_train", "empty_folder"]
+DATASET_CASES = {"missing": "neither a folder", "short_line": "valid.tsv:2", "unknown_relation": "r99",
+                 "train_is_a_directory": "train.tsv (a directory)", "no_vocabulary": "entities.tsv",
+                 "binary_garbage": "train.tsv", "empty_train": "train", "empty_folder": "layout",
+                 "train_is_a_fifo": "train.tsv (a FIFO", "train_is_a_symlink_loop": "train.tsv (a symlink loop)",
+                 "numeric_is_a_directory": "numeric.tsv", "numeric_is_a_fifo": "numeric.tsv"}
 
 
-@pytest.mark.parametrize("kind", DATASET_CASES)
+@pytest.mark.parametrize("kind", list(DATASET_CASES))
 def test_bad_dataset_with_force_keeps_the_run(kind, data, finished, tmp_path, capsys):
     path = _bad_dataset(kind, data, tmp_path)
-    one_line_exit_2(["run", path, "-o", str(finished[0]), "--force", *FAST], capsys)
+    modalities = ["--modalities", "structure,numeric"] if kind.startswith("numeric") else []
+    err = one_line_exit_2(["run", path, "-o", str(finished[0]), "--force", *FAST, *modalities], capsys)
+    assert DATASET_CASES[kind] in err
     assert_intact(finished)
+
+
+def test_data_info_on_a_fifo_split_does_not_hang(data, tmp_path, capsys):
+    path = _bad_dataset("train_is_a_fifo", data, tmp_path)
+    assert "FIFO" in one_line_exit_2(["data", "info", path, "--layout", "canonical"], capsys)
 
 
 def test_empty_dataset_name_is_refused(finished, capsys):
@@ -241,3 +262,80 @@ def test_data_info_into_a_closed_pipe(data, capsys, monkeypatch):
         except OSError:
             pass
     assert "Traceback" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ side files (images.tsv)
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory) -> str:
+    pytest.importorskip("transformers", reason="install the [features] extra for image features")
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = tmp_path_factory.mktemp("vit")
+    cfg = ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=8, num_hidden_layers=1,
+                    num_attention_heads=2, intermediate_size=16)
+    torch.manual_seed(0)
+    ViTModel(cfg, add_pooling_layer=False).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    return str(folder)
+
+
+def _image_folder(data: Path, root: Path, rows: list[str]) -> Path:
+    d = root / "imgkg"
+    d.mkdir()
+    for f in data.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    (d / "img").mkdir()
+    (d / "images.tsv").write_text("entity\tpath\n" + "".join(f"{r}\n" for r in rows))
+    return d
+
+
+OUTSIDE = {"dotdot": "e0\t../../../../../../etc/passwd", "absolute": "e0\t/etc/passwd",
+           "symlink_out": "e0\timg/link.png", "deep_dotdot": "e1\timg/../../outside.png"}
+
+
+@pytest.mark.parametrize("kind", list(OUTSIDE))
+def test_image_paths_outside_the_dataset_are_refused(kind, data, finished, tmp_path, capsys, monkeypatch):
+    PIL = pytest.importorskip("PIL.Image")
+    PIL.new("RGB", (4, 4)).save(tmp_path / "outside.png")
+    d = _image_folder(data, tmp_path, ["e2\timg/ok.png", OUTSIDE[kind]])
+    PIL.new("RGB", (4, 4)).save(d / "img" / "ok.png")
+    os.symlink(tmp_path / "outside.png", d / "img" / "link.png")
+    monkeypatch.setenv("DSOM_CACHE", str(tmp_path / "cache"))
+    err = one_line_exit_2(["run", str(d), "-o", str(finished[0]), "--force", "--modalities", "structure,image",
+                           "--set", "features.image_model=/nonexistent", *FAST], capsys)
+    assert "images.tsv:3" in err and ("outside" in err or "absolute" in err)
+    assert_intact(finished)
+    from dsom.data.readers import load_dataset
+    from dsom.features.image import read_images_tsv
+
+    assert len(read_images_tsv(load_dataset(d), allow_outside=True).paths[0 if kind != "deep_dotdot" else 1]) == 1
+
+
+def test_unreadable_images_are_skipped_and_counted(data, tiny_vit, tmp_path):
+    PIL = pytest.importorskip("PIL.Image")
+    from dsom.data.readers import load_dataset
+    from dsom.features import image as image_mod
+
+    d = _image_folder(data, tmp_path, ["e0\timg/ok.png", "e0\timg/fifo.png", "e1\timg/dir.png",
+                                       "e1\timg/bomb.png", "e2\timg/garbage.png", "e2\timg/loop.png",
+                                       "e3\timg/missing.png", "e3\timg/ok.png"])
+    PIL.new("RGB", (20, 20), (200, 10, 10)).save(d / "img" / "ok.png")
+    os.mkfifo(d / "img" / "fifo.png")
+    (d / "img" / "dir.png").mkdir()
+    (d / "img" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    os.symlink(d / "img" / "loop.png", d / "img" / "loop.png")
+    PIL.new("1", (3000, 3000)).save(d / "img" / "bomb.png")  # 9 MP: over the limit set below, tiny on disk
+    ds = load_dataset(d)
+    images = image_mod.read_images_tsv(ds)
+    old = image_mod.MAX_IMAGE_PIXELS
+    image_mod.MAX_IMAGE_PIXELS = 1_000_000
+    try:
+        with pytest.warns(Warning, match="unreadable"):
+            feats, present, bad = image_mod.encode_images(images, ds.num_entities, tiny_vit, progress=False)
+    finally:
+        image_mod.MAX_IMAGE_PIXELS = old
+    assert bad == 6
+    assert present[:4].tolist() == [True, False, False, True]
+    np = pytest.importorskip("numpy")
+    np.testing.assert_allclose(feats[0], feats[3], atol=1e-6)

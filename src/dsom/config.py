@@ -107,6 +107,8 @@ class FeaturesConfig:
     files: dict = opt({}, "precomputed feature files by modality: {name: path} or {name: {path, entity_order}} "
                       "(.npy, .pt/.pth, or a pickled {label: vector} dict with allow_pickle)")
     allow_pickle: bool = opt(False, "allow reading pickled feature dicts (only for files you trust)")
+    allow_outside_paths: bool = opt(False, "allow images.tsv paths that are absolute or lead outside the dataset "
+                                    "folder (only for lists you trust)")
 
 
 @dataclass

@@ -28,8 +28,10 @@ feature builders read them on request from ``KGDataset.root``.
 from __future__ import annotations
 
 import difflib
+import errno
 import gc
 import os
+import stat
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -68,9 +70,36 @@ class DataWarning(UserWarning):
 # Low-level text reading
 
 
+def file_problem(path: Path) -> str | None:
+    """None for a regular file (or a symlink to one); else what it is instead, for messages: 'missing',
+    'a directory', 'a FIFO, socket or device', 'a symlink loop or broken symlink'."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "a broken symlink" if os.path.islink(path) else "missing"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop"
+        return f"unreadable ({e.strerror})"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    return "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO, socket or device, not a regular file"
+
+
+def _missing_note(root: Path, name: str) -> str:
+    problem = file_problem(root / name)
+    return name if problem in (None, "missing") else f"{name} ({problem})"
+
+
 def read_text(path: Path) -> str:
-    """Read a UTF-8 file (a leading BOM is dropped); a decoding error becomes a DataError with its line."""
+    """Read a UTF-8 file (a leading BOM is dropped); a decoding error becomes a DataError with its line.
+    Only regular files are opened (a FIFO would block forever)."""
     path = Path(path)
+    problem = file_problem(path)
+    if problem == "missing":
+        raise DataError("file not found; check the path", path)
+    if problem is not None:
+        raise DataError(f"cannot read file: it is {problem}; a regular file is needed", path)
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -141,7 +170,8 @@ def detect_layout(path: str | os.PathLike[str]) -> str:
         raise DataError("dataset folder not found; pass the path of a dataset folder", root)
     if not root.is_dir():
         raise DataError("expected a dataset folder, got a file; pass the folder that holds the split files", root)
-    missing = {lay: [f for f in files if not (root / f).is_file()] for lay, files in LAYOUTS.items()}
+    missing = {lay: [_missing_note(root, f) for f in files if not (root / f).is_file()]
+               for lay, files in LAYOUTS.items()}
     for lay in LAYOUTS:
         if not missing[lay]:
             return lay
@@ -162,7 +192,7 @@ def _check_layout(root: Path, layout: str) -> None:
         raise DataError(f"unknown layout '{layout}'; choose one of {', '.join(LAYOUTS)}", root)
     if not root.is_dir():
         raise DataError("dataset folder not found; pass the path of a dataset folder", root)
-    missing = [f for f in LAYOUTS[layout] if not (root / f).is_file()]
+    missing = [_missing_note(root, f) for f in LAYOUTS[layout] if not (root / f).is_file()]
     if missing:
         raise DataError(f"layout '{layout}' needs {', '.join(LAYOUTS[layout])}; missing: {', '.join(missing)}",
                         root)

@@ -48,6 +48,11 @@ def build_modality(ds: KGDataset, name: str, fc: FeaturesConfig, cache: FeatureC
         if ds.root is None or not (ds.root / "numeric.tsv").exists():
             raise DataError(f"dataset '{ds.name}' has no numeric.tsv, so there is no numeric modality; drop "
                             "'numeric' from modalities or give a file in features.files.numeric")
+        from dsom.data.readers import file_problem
+
+        problem = file_problem(ds.root / "numeric.tsv")
+        if problem is not None:  # only a regular file is read (a FIFO would block forever)
+            raise DataError(f"cannot read numeric.tsv: it is {problem}; a regular file is needed", ds.root / "numeric.tsv")
         src = (ds.root / "numeric.tsv").read_bytes()
         key = digest(["numeric", fc.imputation, str(fc.seed), src, *ds.entities.labels])
         table, cached = cache.get_or_build(ds.name, "numeric", key, lambda: build_numeric(
@@ -61,7 +66,7 @@ def build_modality(ds: KGDataset, name: str, fc: FeaturesConfig, cache: FeatureC
         from dsom.features.image import build_image
 
         table = build_image(ds, fc.image_model, fc.image_agg, imputation=fc.imputation, seed=fc.seed, cache=cache,
-                            force=force, progress=progress)
+                            force=force, progress=progress, allow_outside=fc.allow_outside_paths)
     else:
         raise ConfigError(f"modality '{name}' has no built-in source ({', '.join(BUILT_IN)}); "
                           f"give its feature file with --set features.files.{name}=PATH")

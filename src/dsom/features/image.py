@@ -10,9 +10,12 @@ extra (``transformers``, ``pillow``).
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,8 +41,17 @@ class ImageList:
     unknown_rows: int
 
 
-def read_images_tsv(ds: KGDataset, path: str | Path | None = None, warn: bool = True) -> ImageList:
-    """Parse ``images.tsv`` (header ``entity<TAB>path``; paths relative to the dataset folder)."""
+# Images larger than this are skipped (and counted as unreadable) before they are decoded: a small PNG can
+# declare gigapixels (a "decompression bomb").
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def read_images_tsv(ds: KGDataset, path: str | Path | None = None, warn: bool = True,
+                    allow_outside: bool = False) -> ImageList:
+    """Parse ``images.tsv`` (header ``entity<TAB>path``; paths relative to the dataset folder).
+
+    A path that is absolute or that resolves (symlinks followed) outside the folder of ``images.tsv`` is a
+    :class:`DataError` naming its line, unless ``allow_outside`` (``features.allow_outside_paths``)."""
     if path is None:
         if ds.root is None:
             raise DsomError(f"dataset '{ds.name}' has no folder, so no images.tsv")
@@ -53,6 +65,7 @@ def read_images_tsv(ds: KGDataset, path: str | Path | None = None, warn: bool = 
     index = ds.entities.index
     out: dict[int, list[Path]] = {}
     unknown = 0
+    root = p.parent.resolve()
     for n, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
@@ -62,10 +75,49 @@ def read_images_tsv(ds: KGDataset, path: str | Path | None = None, warn: bool = 
         if parts[0] not in index:
             unknown += 1
             continue
-        out.setdefault(index[parts[0]], []).append(p.parent / parts[1])
+        image = p.parent / parts[1]
+        if not allow_outside:
+            _check_inside(root, parts[1], image, p, n)
+        out.setdefault(index[parts[0]], []).append(image)
     if unknown and warn:
         warnings.warn(f"{p}: {unknown} rows name entities not in the dataset; skipped", DataWarning, stacklevel=2)
     return ImageList(out, unknown)
+
+
+def _check_inside(root: Path, given: str, image: Path, listing: Path, line: int) -> None:
+    hint = "image paths must be relative to the dataset folder (features.allow_outside_paths=true allows others)"
+    if Path(given).is_absolute():
+        raise DataError(f"image path {given!r} is absolute; {hint}", listing, line)
+    try:
+        resolved = image.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: left to the reader, which skips and counts it
+        return
+    if not resolved.is_relative_to(root):
+        raise DataError(f"image path {given!r} leads outside the dataset folder {root}; {hint}", listing, line)
+
+
+def _regular_file(p: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(p).st_mode)
+    except OSError:
+        return False
+
+
+def _open_rgb(p: Path) -> Any:
+    """The image at ``p`` as RGB, or None when it is not a readable regular image file within the pixel limit."""
+    from PIL import Image
+
+    if not _regular_file(p):  # a FIFO would block forever, a directory or device is no image
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    return None
+                return im.convert("RGB")
+    except Exception:  # noqa: BLE001 - whatever a corrupt or hostile file makes the decoder raise: skip it
+        return None
 
 
 def _load(model: str):
@@ -76,8 +128,6 @@ def _load(model: str):
 def encode_images(images: ImageList, num_entities: int, model: str, agg: str = "mean", batch_size: int = 16,
                   progress: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
     """``(features (E, hidden), present (E,), unreadable count)``; CLS token of the last hidden state."""
-    from PIL import Image, UnidentifiedImageError
-
     if agg not in ("mean", "first"):
         raise DsomError(f"unknown image aggregation '{agg}'; choose mean or first")
     processor, net = _load(model)
@@ -89,12 +139,12 @@ def encode_images(images: ImageList, num_entities: int, model: str, agg: str = "
     for s in tqdm(range(0, len(jobs), batch_size), desc="encode images", disable=not progress, leave=False):
         ents, pics = [], []
         for e, p in jobs[s:s + batch_size]:
-            try:
-                with Image.open(p) as im:
-                    pics.append(im.convert("RGB"))
-                ents.append(e)
-            except (OSError, UnidentifiedImageError, ValueError):
+            pic = _open_rgb(p)
+            if pic is None:
                 bad += 1
+            else:
+                pics.append(pic)
+                ents.append(e)
         if not pics:
             continue
         inputs = processor(images=pics, return_tensors="pt")
@@ -111,11 +161,11 @@ def encode_images(images: ImageList, num_entities: int, model: str, agg: str = "
 
 def build_image(ds: KGDataset, model: str = PAPER_IMAGE_MODEL, agg: str = "mean", batch_size: int = 16,
                 imputation: str = "normal", seed: int = 0, cache: FeatureCache | None = None, force: bool = False,
-                progress: bool = True) -> ModalityTable:
+                progress: bool = True, allow_outside: bool = False) -> ModalityTable:
     """The ``image`` modality of ``ds``, cached by (model, aggregation, image list and file sizes)."""
-    images = read_images_tsv(ds)
-    listing = [f"{e}\t{p}\t{p.stat().st_size if p.exists() else -1}" for e, ps in sorted(images.paths.items())
-               for p in ps]
+    images = read_images_tsv(ds, allow_outside=allow_outside)
+    listing = [f"{e}\t{p}\t{os.stat(p).st_size if _regular_file(p) else -1}"
+               for e, ps in sorted(images.paths.items()) for p in ps]
     key = digest([Path(model).name if Path(model).exists() else model, agg, imputation, str(seed), *listing])
 
     def build() -> ModalityTable:
