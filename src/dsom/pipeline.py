@@ -341,18 +341,26 @@ def variant_overrides(name: str) -> dict[str, Any]:
                       f"single:<modality>, rank:<d>, {', '.join(EVAL_BASELINES)})")
 
 
+def student_dims(teacher_rank: int) -> list[int]:
+    """Student ranks of the dimension study (Table 5): the paper's dimensions below the teachers' rank, or, for
+    teachers smaller than the smallest of them, successive halvings of the teachers' rank (at most five)."""
+    dims = [d for d in PAPER_DIMS if d < teacher_rank]
+    if not dims:
+        dims = [teacher_rank >> k for k in range(1, 6) if teacher_rank >> k >= 1]
+    return dims
+
+
 def resolve_variants(cfg: Config, ablation: str | None = None) -> list[str]:
     """``distill.variants`` plus the variants of an ablation table, without duplicates."""
     names = list(cfg.distill.variants)
     if ablation:
         if ablation not in ABLATIONS:
             raise ConfigError(f"--ablation {ablation}: choose one of {', '.join(ABLATIONS)}")
-        student_rank = cfg.distill.student_rank or cfg.model.rank
         for v in ABLATIONS[ablation]:
             if "{m}" in v:
                 names += [v.format(m=m) for m in cfg.modalities]
             elif "{d}" in v:
-                names += [v.format(d=d) for d in PAPER_DIMS if d < student_rank]
+                names += [v.format(d=d) for d in student_dims(cfg.model.rank)]
             else:
                 names.append(v)
     out = []
