@@ -339,3 +339,156 @@ def test_unreadable_images_are_skipped_and_counted(data, tiny_vit, tmp_path):
     assert present[:4].tolist() == [True, False, False, True]
     np = pytest.importorskip("numpy")
     np.testing.assert_allclose(feats[0], feats[3], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints and results
+def _corrupt_checkpoint(kind: str, ck: Path) -> str:
+    """Damage a copied checkpoint folder; returns the file name the message must name."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = ck / "model.safetensors"
+    tensors = load_file(str(weights))
+    if kind == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif kind == "huge_header":
+        weights.write_bytes((2**40).to_bytes(8, "little") + b"{}")
+    elif kind == "empty_weights":
+        weights.write_bytes(b"")
+    elif kind == "garbage_weights":
+        weights.write_bytes(os.urandom(256))
+    elif kind == "missing_entity":
+        save_file({"relation": tensors["relation"]}, str(weights))
+    elif kind == "entity_rows_short":
+        save_file({**tensors, "entity": tensors["entity"][:-1].contiguous()}, str(weights))
+    elif kind == "odd_width":
+        save_file({"entity": tensors["entity"][:, :-1].contiguous(),
+                   "relation": tensors["relation"][:, :-1].contiguous()}, str(weights))
+    elif kind == "int_tensor":
+        save_file({**tensors, "entity": tensors["entity"].to(torch.int32)}, str(weights))
+    elif kind == "vector_entity":
+        save_file({**tensors, "entity": tensors["entity"].flatten().contiguous()}, str(weights))
+    elif kind == "meta_list":
+        (ck / "meta.json").write_text("[1, 2, 3]")
+        return "meta.json"
+    elif kind == "meta_invalid":
+        (ck / "meta.json").write_text('{"format": ')
+        return "meta.json"
+    elif kind == "meta_format":
+        meta = json.loads((ck / "meta.json").read_text())
+        (ck / "meta.json").write_text(json.dumps({**meta, "format": "keras/9"}))
+        return "meta.json"
+    elif kind == "meta_model_string":
+        meta = json.loads((ck / "meta.json").read_text())
+        (ck / "meta.json").write_text(json.dumps({**meta, "model": "complex"}))
+        return "meta.json"
+    elif kind == "no_entities_tsv":
+        (ck / "entities.tsv").unlink()
+        return "entities.tsv"
+    elif kind == "entities_tsv_directory":
+        (ck / "entities.tsv").unlink()
+        (ck / "entities.tsv").mkdir()
+        return "entities.tsv"
+    else:
+        raise AssertionError(kind)
+    return "model.safetensors"
+
+
+CHECKPOINT_CASES = ["truncated", "huge_header", "empty_weights", "garbage_weights", "missing_entity",
+                    "entity_rows_short", "odd_width", "int_tensor", "vector_entity", "meta_list", "meta_invalid",
+                    "meta_format", "meta_model_string", "no_entities_tsv", "entities_tsv_directory"]
+
+
+@pytest.mark.parametrize("kind", CHECKPOINT_CASES)
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_damaged_checkpoint_is_named(kind, command, data, finished, tmp_path, capsys):
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(finished[0] / "checkpoints" / "student" / "final", ck)
+    name = _corrupt_checkpoint(kind, ck)
+    argv = (["evaluate", str(ck), "--dataset", str(data), "-q"] if command == "evaluate" else
+            ["predict", str(ck), "--dataset", str(data), "--head", "e0", "--relation", "r0"])
+    assert name in one_line_exit_2(argv, capsys)
+
+
+@pytest.mark.parametrize("kind", ["tables_missing", "modalities_not_a_list", "modalities_count"])
+def test_damaged_teachers_checkpoint_is_named(kind, data, finished, tmp_path, capsys):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ck = tmp_path / "ck"
+    shutil.copytree(finished[0] / "checkpoints" / "teachers" / "final", ck)
+    meta = json.loads((ck / "meta.json").read_text())
+    if kind == "tables_missing":
+        tensors = load_file(str(ck / "model.safetensors"))
+        save_file({"relations": tensors["relations"]}, str(ck / "model.safetensors"))
+    elif kind == "modalities_not_a_list":
+        meta["model"]["modalities"] = "structure"
+    else:
+        meta["model"]["modalities"] = ["structure", "text"]
+    (ck / "meta.json").write_text(json.dumps(meta))
+    one_line_exit_2(["evaluate", str(ck), "--dataset", str(data), "-q"], capsys)
+    one_line_exit_2(["distill", str(data), "--teachers", str(ck), "-o", str(finished[0]), "--force", *FAST], capsys)
+    assert_intact(finished)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "not_a_state", "pickled_object"])
+def test_damaged_train_state_on_resume_is_named(kind, finished, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    (run / "results.json").unlink()
+    state = run / "checkpoints" / "teachers" / "last" / "train_state.pt"
+    if kind == "truncated":
+        state.write_bytes(state.read_bytes()[:100])
+    elif kind == "garbage":
+        state.write_bytes(b"\x00" * 64)
+    elif kind == "not_a_state":
+        torch.save([1, 2, 3], state)
+    else:
+        torch.save({"optimizer": Path("x"), "trainer": {}}, state)
+    err = one_line_exit_2(["run", "-o", str(run), "--resume", "-q"], capsys)
+    assert "train_state.pt" in err and "weights_only" not in err
+
+
+RESULTS_CASES = {"invalid_json": '{"models": ', "a_list": "[]", "no_models": '{"dataset": {}}',
+                 "no_counts": '{"dataset": {"name": "x"}, "models": {}}',
+                 "metric_missing": '{"dataset": {"name": "x", "entities": 1, "relations": 1, "train": 1, "valid": 1, '
+                                   '"test": 1}, "models": {"student": {"test": {"realistic": {}}}}}',
+                 "binary": "\udcff"}
+
+
+@pytest.mark.parametrize("kind", list(RESULTS_CASES))
+def test_report_of_a_damaged_results_file(kind, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_bytes(RESULTS_CASES[kind].encode("utf-8", "surrogateescape"))
+    assert "results.json" in one_line_exit_2(["report", str(run)], capsys)
+    assert not (run / "report").exists()
+
+
+def test_report_of_the_finished_run_still_works(finished, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    assert main(["report", str(run)]) == 0
+
+
+def test_pickled_feature_file_names_the_real_option(data, finished, tmp_path, capsys):
+    import torch
+
+    f = tmp_path / "f.pt"
+    torch.save({"e0": Path("x")}, f)
+    err = one_line_exit_2(["run", str(data), "-o", str(finished[0]), "--force", "--modalities", "structure,extra",
+                           "--set", f"features.files.extra={f}", *FAST], capsys)
+    assert "features.allow_pickle=true" in err and "--allow-pickle" not in err
+    assert_intact(finished)

@@ -58,7 +58,7 @@ def test_malicious_pickle_is_refused_without_running(ds, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with open(tmp_path / "f.pkl", "wb") as fh:
         pickle.dump({"e0": _Evil()}, fh)
-    with pytest.raises(DataError, match="allow-pickle"):
+    with pytest.raises(DataError, match="--set features.allow_pickle=true"):
         import_features(ds, tmp_path / "f.pkl", "image")
     assert not (tmp_path / "pwned").exists()
 

@@ -136,13 +136,47 @@ def _save(fig: Any, path: Path, plt: Any) -> Path:
     return path
 
 
+def read_results(path: Path) -> dict[str, Any]:
+    """A run's ``results.json``, checked for the parts a report needs; a one-line :class:`DsomError` otherwise."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DsomError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); rerun the run or restore the file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DsomError(f"{path}: cannot read ({exc})") from None
+    problem = None
+    if not isinstance(results, dict):
+        problem = "the file is not a JSON object"
+    elif not isinstance(results.get("dataset"), dict) or not all(
+            isinstance(results["dataset"].get(k), int) for k in ("entities", "relations", "train", "valid", "test")):
+        problem = "'dataset' lacks the entity, relation and split counts"
+    elif not isinstance(results.get("models"), dict):
+        problem = "'models' is missing or not an object"
+    else:
+        for name, block in results["models"].items():
+            for split, by_policy in (block.items() if isinstance(block, dict) else [("?", None)]):
+                ok = isinstance(by_policy, dict) and all(
+                    isinstance(by_policy.get(p), dict) and all(
+                        isinstance(by_policy[p].get(m), (int, float)) for m in ("mrr", "mr", "hits@1", "hits@3",
+                                                                                 "hits@10"))
+                    for p in ("realistic", "pessimistic", "optimistic"))
+                if not ok and not split.endswith(("_head", "_tail")):
+                    problem = f"models.{name}.{split} lacks realistic/pessimistic/optimistic metrics"
+                    break
+            if problem:
+                break
+    if problem:
+        raise DsomError(f"{path}: not a dsom results file ({problem})")
+    return results
+
+
 def write_report(run_dir: str | Path, results: dict[str, Any] | None = None) -> Path:
     run_dir = Path(run_dir)
     if results is None:
         path = run_dir / "results.json"
         if not path.exists():
             raise DsomError(f"{run_dir}: no results.json; is this a finished run directory?")
-        results = json.loads(path.read_text(encoding="utf-8"))
+        results = read_results(path)
     (run_dir / "report").mkdir(parents=True, exist_ok=True)
     md = run_dir / "report" / "summary.md"
     md.write_text(summary_markdown(results), encoding="utf-8")

@@ -62,11 +62,16 @@ def read_feature_file(path: str | Path, allow_pickle: bool = False) -> np.ndarra
     except DataError:
         raise
     except pickle.UnpicklingError as exc:
-        raise DataError(f"{exc}; the file holds objects other than arrays and plain containers — pass "
-                        "--allow-pickle only if you trust it", p) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{first}; the file holds objects other than arrays and plain containers: set "
+                        "--set features.allow_pickle=true only if you trust it (unpickling can run code)", p) from None
     except Exception as exc:  # noqa: BLE001 - any reader failure is a corrupt/unsupported file
-        hint = " (pickled object arrays need --allow-pickle)" if "allow_pickle" in str(exc) else ""
-        raise DataError(f"cannot read feature file: {type(exc).__name__}: {exc}{hint}", p) from None
+        text = str(exc).strip().splitlines()
+        pickled = "allow_pickle" in str(exc) or "weights_only" in str(exc)
+        hint = (" (pickled objects need --set features.allow_pickle=true; only for files you trust)"
+                if pickled else "")
+        raise DataError(f"cannot read feature file: {type(exc).__name__}: {text[0] if text else ''}{hint}",
+                        p) from None
     return _normalise(obj, p)
 
 

@@ -43,13 +43,40 @@ def _write_vocab(path: Path, vocab: Vocabulary, header: str) -> None:
 
 def _read_vocab(path: Path) -> Vocabulary:
     labels, names = [], []
-    with path.open(encoding="utf-8") as fh:
-        next(fh, None)
-        for line in fh:
-            parts = line.rstrip("\n").split("\t")
-            labels.append(parts[0])
-            names.append(parts[1] if len(parts) > 1 else "")
-    return Vocabulary(labels, names)
+    try:
+        with path.open(encoding="utf-8") as fh:
+            next(fh, None)
+            for line in fh:
+                parts = line.rstrip("\n").split("\t")
+                labels.append(parts[0])
+                names.append(parts[1] if len(parts) > 1 else "")
+        return Vocabulary(labels, names)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DsomError(f"{path}: cannot read the checkpoint's vocabulary ({_first_line(exc)})") from None
+    except ValueError as exc:  # e.g. a label listed twice
+        raise DsomError(f"{path}: invalid checkpoint vocabulary ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def load_train_state(path: Path) -> dict[str, Any]:
+    """``train_state.pt`` (tensors and plain containers only), or a one-line :class:`DsomError` naming it."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, corrupt or pickled-object files all mean a bad file
+        # torch's weights_only message suggests weights_only=False, which would run code from the file: not advice
+        # to pass on for a file dsom wrote with tensors and plain containers only
+        why = ("it holds objects other than tensors and plain containers, or is corrupt" if "eights" in str(exc)
+               and "only" in str(exc) else _first_line(exc))
+        raise DsomError(f"{path}: cannot read the training state ({why}); remove that checkpoint folder to redo the "
+                        "stage, or start over with --force") from None
+    if not isinstance(state, dict) or not {"optimizer", "trainer"} <= set(state):
+        raise DsomError(f"{path}: not a dsom training state (expected a mapping with 'optimizer' and 'trainer'); "
+                        "remove that checkpoint folder to redo the stage, or start over with --force")
+    return state
 
 
 def write_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor], dataset: KGDataset,
@@ -106,7 +133,7 @@ class LoadedCheckpoint:
 
     def train_state(self) -> dict[str, Any] | None:
         p = self.path / "train_state.pt"
-        return torch.load(p, weights_only=True) if p.exists() else None
+        return load_train_state(p) if p.exists() else None
 
 
 RUN_CHECKPOINTS = ("student/final", "teachers/final", "best", "last")
@@ -137,10 +164,58 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, t
     d = resolve_checkpoint_dir(path)
     try:
         meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
-        tensors = load_file(str(d / "model.safetensors"))
     except (OSError, ValueError) as exc:
-        raise DsomError(f"cannot read checkpoint {d}: {exc}") from None
+        raise DsomError(f"{d / 'meta.json'}: cannot read checkpoint metadata ({_first_line(exc)})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model", {}), dict) \
+            or not isinstance(meta.get("dataset", {}), dict) or not isinstance(meta.get("config", {}), dict):
+        raise DsomError(f"{d / 'meta.json'}: not dsom checkpoint metadata (expected a JSON object with 'format', "
+                        "'model', 'dataset' and 'config' objects)")
+    try:
+        tensors = load_file(str(d / "model.safetensors"))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for truncated/corrupt files
+        raise DsomError(f"{d / 'model.safetensors'}: cannot read the weights ({_first_line(exc)}); the file is "
+                        "truncated or not a safetensors file") from None
+    bad = [k for k, v in tensors.items() if not v.is_floating_point()]
+    if bad:
+        raise DsomError(f"{d / 'model.safetensors'}: tensor '{bad[0]}' is {tensors[bad[0]].dtype}, expected floats")
     return d, meta, tensors
+
+
+def _check_shapes(d: Path, tensors: dict[str, torch.Tensor], need: dict[str, int], entities: int,
+                  relations: int) -> None:
+    """``need``: tensor name -> number of dimensions; rows must match the vocabularies (E entities, 2R relations)."""
+    f = d / "model.safetensors"
+    missing = [k for k in need if k not in tensors]
+    if missing:
+        raise DsomError(f"{f}: tensor '{missing[0]}' is missing (has {', '.join(sorted(tensors)) or 'none'})")
+    shapes = {k: tuple(tensors[k].shape) for k in need}
+    for k, nd in need.items():
+        if len(shapes[k]) != nd:
+            raise DsomError(f"{f}: tensor '{k}' has shape {shapes[k]}, expected {nd} dimensions")
+    ent, rel = shapes[list(need)[0]], shapes[list(need)[1]]
+    if ent[-2] != entities or rel[-2] != 2 * relations:
+        raise DsomError(f"{f}: tensors '{list(need)[0]}' {ent} and '{list(need)[1]}' {rel} do not match the "
+                        f"vocabularies ({entities} entities in entities.tsv, {relations} relations in relations.tsv "
+                        "plus their reciprocals)")
+    if ent[-1] != rel[-1] or ent[-1] % 2 or ent[-1] == 0 or ent[:-2] != rel[:-2]:
+        raise DsomError(f"{f}: tensors '{list(need)[0]}' {ent} and '{list(need)[1]}' {rel} are not one ComplEx "
+                        "model (equal, even widths needed)")
+
+
+def check_teachers(d: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+                   entities: Vocabulary | None = None, relations: Vocabulary | None = None) -> list[str]:
+    """The modalities of a materialised teachers checkpoint after checking its tensors against its meta.json and
+    vocabularies; a one-line :class:`DsomError` naming the file otherwise."""
+    modalities = meta.get("model", {}).get("modalities")
+    if not isinstance(modalities, list) or not modalities or not all(isinstance(m, str) for m in modalities):
+        raise DsomError(f"{d / 'meta.json'}: model.modalities must be a non-empty list of names, got {modalities!r}")
+    entities = entities if entities is not None else _read_vocab(d / "entities.tsv")
+    relations = relations if relations is not None else _read_vocab(d / "relations.tsv")
+    _check_shapes(d, tensors, {"tables": 3, "relations": 3}, len(entities), len(relations))
+    if tensors["tables"].shape[0] != len(modalities):
+        raise DsomError(f"{d / 'model.safetensors'}: {tensors['tables'].shape[0]} teacher tables for "
+                        f"{len(modalities)} modalities in meta.json")
+    return modalities
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
@@ -150,7 +225,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     d, meta, tensors = read_checkpoint(path)
     fmt = meta.get("format")
     teachers = None
+    entities, relations = _read_vocab(d / "entities.tsv"), _read_vocab(d / "relations.tsv")
     if fmt == FORMAT:
+        _check_shapes(d, tensors, {"entity": 2, "relation": 2}, len(entities), len(relations))
         ent, rel = tensors["entity"], tensors["relation"]
         model: Any = ComplEx(ent.shape[0], rel.shape[0], ent.shape[1] // 2)
         with torch.no_grad():
@@ -158,10 +235,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
             model.relation.copy_(rel)
         model.to(device)
     elif fmt == TEACHERS_FORMAT:
-        teachers = FrozenTeachers.from_tensors(tensors, meta["model"]["modalities"]).to(device)
+        modalities = check_teachers(d, meta, tensors, entities, relations)
+        teachers = FrozenTeachers.from_tensors(tensors, modalities).to(device)
         model = teachers.view()
     else:
         raise DsomError(f"{d / 'meta.json'}: unsupported checkpoint format {fmt!r} "
                         f"(expected {FORMAT} or {TEACHERS_FORMAT})")
-    return LoadedCheckpoint(model, meta, _read_vocab(d / "entities.tsv"), _read_vocab(d / "relations.tsv"), d,
-                            teachers)
+    return LoadedCheckpoint(model, meta, entities, relations, d, teachers)

@@ -37,7 +37,7 @@ from dsom.models.complex import ComplEx, f2_penalty, n3_penalty, resolve_precisi
 from dsom.perf import release_memory
 from dsom.ranks import TIE_POLICIES
 from dsom.train.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from dsom.train.checkpoint import read_checkpoint, resolve_checkpoint_dir, write_checkpoint
+from dsom.train.checkpoint import load_train_state, read_checkpoint, resolve_checkpoint_dir, write_checkpoint
 from dsom.train.tracker import JsonlTracker
 
 BatchHook = Callable[[int, int], None]
@@ -208,12 +208,17 @@ class Trainer(abc.ABC):
         d = resolve_checkpoint_dir(last)
         if not (d / "train_state.pt").exists():
             raise DsomError(f"{d}: not a resumable checkpoint (train_state.pt missing)")
-        ts = torch.load(d / "train_state.pt", weights_only=True)
-        self.optimizer.load_state_dict(ts["optimizer"])
-        if self.scheduler and ts["scheduler"]:
-            self.scheduler.load_state_dict(ts["scheduler"])
-        self.state = _state_from_tensors(ts["trainer"])
-        self.load_extra_train_state(ts.get("extra", {}))
+        ts = load_train_state(d / "train_state.pt")
+        try:
+            self.optimizer.load_state_dict(ts["optimizer"])
+            if self.scheduler and ts.get("scheduler"):
+                self.scheduler.load_state_dict(ts["scheduler"])
+            self.state = _state_from_tensors(ts["trainer"])
+            self.load_extra_train_state(ts.get("extra", {}))
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+            raise DsomError(f"{d / 'train_state.pt'}: does not fit this run's optimizer and trainer "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); remove "
+                            f"{d} to redo the stage, or start over with --force") from None
         self.tracker.truncate_after(self.stage, self.state.epoch)
         return True
 

@@ -118,7 +118,7 @@ class TeacherTrainer(Trainer):
 def load_frozen_teachers(path: str | Path, device: torch.device | str = "cpu") -> tuple[FrozenTeachers, dict[str, Any]]:
     """Materialised teachers from ``checkpoints/teachers/final`` (or a run directory)."""
     from dsom.errors import DsomError
-    from dsom.train.checkpoint import read_checkpoint
+    from dsom.train.checkpoint import check_teachers, read_checkpoint
 
     p = Path(path)
     if (p / "checkpoints" / "teachers" / "final").is_dir():
@@ -127,4 +127,4 @@ def load_frozen_teachers(path: str | Path, device: torch.device | str = "cpu") -
     if meta.get("format") != TEACHERS_FORMAT:
         raise DsomError(f"{d}: not a teachers checkpoint (format {meta.get('format')!r}); pass a run directory "
                         "or its checkpoints/teachers/final")
-    return FrozenTeachers.from_tensors(tensors, meta["model"]["modalities"]).to(device), meta
+    return FrozenTeachers.from_tensors(tensors, check_teachers(d, meta, tensors)).to(device), meta
