@@ -492,3 +492,32 @@ def test_pickled_feature_file_names_the_real_option(data, finished, tmp_path, ca
                            "--set", f"features.files.extra={f}", *FAST], capsys)
     assert "features.allow_pickle=true" in err and "--allow-pickle" not in err
     assert_intact(finished)
+
+
+@pytest.mark.parametrize("shape", [(60, 0), (0, 8)], ids=["no_columns", "no_rows"])
+def test_empty_feature_matrix_is_refused(shape, data, finished, tmp_path, capsys):
+    import numpy as np
+
+    f = tmp_path / "f.npy"
+    np.save(f, np.zeros(shape, dtype=np.float32))
+    err = one_line_exit_2(["run", str(data), "-o", str(finished[0]), "--force", "--modalities", "structure,extra",
+                           "--set", f"features.files.extra={f}", *FAST], capsys)
+    assert "empty" in err and "f.npy" in err
+    assert_intact(finished)
+
+
+def test_cli_warnings_and_a_closed_pipe_through_the_real_command(data, tmp_path):
+    """`dsom data info | head -1`: no BrokenPipeError at exit; warnings are one line without source code."""
+    d = tmp_path / "kg"
+    d.mkdir()
+    for f in data.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    (d / "valid.tsv").write_text("")  # a DataWarning
+    dsom = Path(sys.executable).with_name("dsom")
+    cmd = f"'{dsom}' data info '{d}' | head -1" if dsom.exists() else \
+        f"'{sys.executable}' -m dsom.cli data info '{d}' | head -1"
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.startswith("Dataset"), proc
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    warns = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert warns and all(ln.startswith("dsom: warning:") for ln in warns), proc.stderr

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -333,10 +334,17 @@ COMMANDS = {"run": cmd_train, "pretrain": cmd_train, "distill": cmd_train, "repo
             "data": cmd_data, "features": cmd_features, "config": cmd_config, "version": cmd_version}
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    return f"dsom: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="dsom: %(levelname)s: %(message)s")
+    if not args.debug:  # one line per warning, without the Python source line that raised it
+        warnings.formatwarning = _one_line_warning
     from dsom.perf import tune_allocator
 
     tune_allocator()

@@ -94,12 +94,16 @@ def _normalise(obj: Any, p: Path) -> np.ndarray | dict[str, np.ndarray]:
         dims = {v.shape[0] for v in out.values()}
         if len(dims) != 1:
             raise DataError(f"vectors have different lengths {sorted(dims)[:5]}", p)
+        if 0 in dims:
+            raise DataError("the feature vectors are empty (dimension 0)", p)
         return out
     arr = _as_array(obj)
     if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
         raise DataError(f"expected a numeric matrix, got dtype {arr.dtype}", p)
     if arr.ndim != 2:
         raise DataError(f"expected a 2-D matrix (entities x dim), got shape {arr.shape}", p)
+    if 0 in arr.shape:
+        raise DataError(f"the feature matrix is empty (shape {arr.shape}); it needs rows and at least one column", p)
     return arr.astype(np.float32)
 
 
