@@ -73,8 +73,11 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,epoch,batch", [("pretrain", 2, 3), ("distill", 2, 1)])
-def test_a_run_killed_inside_a_stage_resumes_to_the_same_results(reference, tmp_path, stage, epoch, batch):
+@pytest.mark.parametrize("stage,epoch,batch,torn", [("pretrain", 2, 3, False), ("distill", 2, 1, False),
+                                                     ("distill", 3, 0, True)])
+def test_a_run_killed_inside_a_stage_resumes_to_the_same_results(reference, tmp_path, stage, epoch, batch, torn):
+    """``torn``: the kill also interrupted the checkpoint swap of write_checkpoint (``last`` renamed to
+    ``last.old``, a half-written ``last.tmp`` left behind): the resume must fall back to ``last.old``."""
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", LAUNCHER, stage, str(epoch), str(batch), "run", "-o", str(out), *RUN],
@@ -83,8 +86,18 @@ def test_a_run_killed_inside_a_stage_resumes_to_the_same_results(reference, tmp_
     assert not (out / "results.json").exists()
     # where it died: stage 2 never started for a stage-1 kill; stage 1 finished for a stage-2 kill
     assert (out / "checkpoints" / "teachers" / "final").exists() == (stage == "distill")
+    if torn:
+        last = out / "checkpoints" / "student" / "last"
+        last.rename(last.with_name("last.old"))
+        tmp = last.with_name("last.tmp")
+        tmp.mkdir()
+        (tmp / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"entity\": {")
     assert main(["run", "-o", str(out), "--resume", "-q"]) == 0
     assert _models(out) == _models(reference)
+    # it continued from the checkpoint instead of starting over: every epoch record of the log exists once
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [(r["stage"], r["epoch"]) for r in records if "epoch" in r and "step" not in r]
+    assert len(epochs) == len(set(epochs)) == 6, epochs
     ref_w, got_w = _weights(reference), _weights(out)
     assert set(got_w) == set(ref_w) and any(k.startswith("student/") for k in got_w)
     for name, arr in ref_w.items():
