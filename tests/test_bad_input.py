@@ -521,3 +521,21 @@ def test_cli_warnings_and_a_closed_pipe_through_the_real_command(data, tmp_path)
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
     warns = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert warns and all(ln.startswith("dsom: warning:") for ln in warns), proc.stderr
+
+
+def test_cache_folder_that_is_a_file(data, finished, tmp_path, capsys, monkeypatch):
+    d = tmp_path / "kg"
+    d.mkdir()
+    for f in data.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    (d / "numeric.tsv").write_text("entity\tattribute\tvalue\ne1\theight\t2.0\n")
+    (tmp_path / "cache").write_text("not a folder")
+    monkeypatch.setenv("DSOM_CACHE", str(tmp_path / "cache"))
+    one_line_exit_2(["run", str(d), "-o", str(finished[0]), "--force", "--modalities", "structure,numeric", *FAST],
+                    capsys)
+    assert_intact(finished)
+
+
+def test_output_that_is_a_symlink_loop(data, tmp_path, capsys):
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    one_line_exit_2(["run", str(data), "-o", str(tmp_path / "loop"), *FAST], capsys)
