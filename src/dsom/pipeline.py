@@ -159,6 +159,8 @@ def check_run_dir(out: Path, resume: bool, force: bool) -> None:
     """Refuse to clobber an earlier run unless asked to (reads only; :func:`prepare_run_dir` acts)."""
     if out.exists() and not out.is_dir():
         raise DsomError(f"output {out} exists and is not a directory; choose another -o")
+    if out.is_symlink() and not out.exists():
+        raise DsomError(f"output {out} is a broken symlink or a symlink loop; choose another -o")
     has_results = (out / "results.json").exists()
     has_ckpt = (out / "checkpoints").exists()
     if resume:
