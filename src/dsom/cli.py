@@ -123,6 +123,29 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
     return out
 
 
+def _same_dataset(given: str, saved: str | None) -> bool:
+    if saved is None:
+        return given == "synthetic"
+    if given == saved:
+        return True
+    a, b = Path(given), Path(saved)
+    return a.is_dir() and b.is_dir() and a.resolve() == b.resolve()
+
+
+def _check_resume_arguments(args: argparse.Namespace, cfg: Any, saved: Path) -> None:
+    """A resumed run reads its own config.yaml: a dataset, config file or preset on the command line that would
+    change it is refused (instead of being silently ignored)."""
+    if args.dataset and not _same_dataset(args.dataset, cfg.data.dataset):
+        raise DsomError(f"--resume: {saved.parent} was started on dataset '{cfg.data.dataset or 'synthetic'}', not "
+                        f"'{args.dataset}'; drop the dataset argument to continue it, or start a new run with another -o")
+    if args.config:
+        raise DsomError(f"--resume reads {saved}; -c/--config cannot change a run being continued "
+                        "(drop -c, or start a new run with another -o)")
+    if args.preset and args.preset != cfg.preset:
+        raise DsomError(f"--resume: {saved.parent} uses preset '{cfg.preset}', not '{args.preset}'; drop --preset to "
+                        "continue it, or start a new run with another -o")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from dsom import pipeline
     from dsom.config import Config, apply_dict, load_yaml
@@ -135,6 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise DsomError(f"--resume: {saved} not found; nothing to resume")
         cfg = Config()
         apply_dict(cfg, load_yaml(saved))
+        _check_resume_arguments(args, cfg, saved)
         for key, value in _overrides(args):
             apply_dict(cfg, {key: value})
         pipeline.check_config(cfg)

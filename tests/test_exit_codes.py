@@ -1,0 +1,91 @@
+"""Exit codes of the CLI beyond 0 and 2 (DESIGN: 2 bad input, 1 internal bug, 130 interrupted), a real Ctrl-C
+during training that the run then resumes from, and resume mistakes (no -o, another dataset)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import dsom.pipeline
+from dsom.cli import main
+
+from toy import clustered_graph, write_canonical
+
+FAST = ["--rank", "8", "--epochs", "2", "--batch-size", "256", "-q"]
+
+
+def test_an_internal_error_exits_1_with_one_line_and_a_traceback_only_with_debug(tmp_path, monkeypatch, capsys):
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(dsom.pipeline, "run", broken)
+    assert main(["run", "-o", str(tmp_path / "r"), "-q"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "dsom: internal error: RuntimeError: boom (rerun with --debug for a traceback)"
+    assert main(["--debug", "run", "-o", str(tmp_path / "r"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "RuntimeError: boom" in err
+
+
+def test_keyboard_interrupt_exits_130_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dsom.pipeline, "run", interrupted)
+    assert main(["run", "-o", str(tmp_path / "r"), "-q"]) == 130
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_exits_130_and_the_run_resumes(tmp_path):
+    out = tmp_path / "run"
+    args = ["--rank", "8", "--epochs", "40", "--set", "data.synthetic.num_train=3000", "--set",
+            "data.synthetic.num_entities=300", "--set", "train.threads=1", "--set", "distill.epochs=1",
+            "--set", "distill.variants=[]", "--set", "ensemble.mi_epochs=1", "-q"]
+    proc = subprocess.Popen([sys.executable, "-m", "dsom", "run", "-o", str(out), *args], stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and sum('"epoch": ' in x and '"step"' not in x for x in log.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err and "Traceback" not in err
+    assert not (out / "results.json").exists()
+    assert main(["run", "-o", str(out), "--resume", "--set", "train.epochs=3", "-q"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["selection"]["epochs_run"] == 3
+
+
+def test_resume_without_output_or_against_another_dataset_is_refused(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_canonical(clustered_graph(num_entities=40), a)
+    write_canonical(clustered_graph(num_entities=50), b)
+    assert main(["run", "--resume", "-q"]) == 2
+    assert "--resume needs -o" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main(["run", str(a), "-o", str(out), *FAST]) == 0
+    (out / "results.json").unlink()  # as if it had died before the end
+    before = (out / "config.yaml").read_bytes()
+    capsys.readouterr()
+    assert main(["run", str(b), "-o", str(out), "--resume", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"started on dataset '{a}', not '{b}'" in err, err
+    assert (out / "config.yaml").read_bytes() == before
+    for extra in (["--preset", "paper"], ["-c", str(tmp_path / "other.yaml")]):
+        assert main(["run", "-o", str(out), "--resume", "-q", *extra]) == 2
+        assert "start a new run with another -o" in capsys.readouterr().err
+    assert (out / "config.yaml").read_bytes() == before
+    assert main(["run", str(a), "-o", str(out), "--resume", "--preset", "dsom", "-q"]) == 0  # the same: accepted
+    (out / "results.json").unlink()
+    assert main(["run", "-o", str(out), "--resume", "-q"]) == 0
