@@ -100,8 +100,15 @@ def test_version_and_config(capsys):
 
 
 def test_data_info_on_a_folder(folder, capsys):
+    import re
+
     assert main(["data", "info", str(folder)]) == 0
-    assert "80" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    ds = clustered_graph(num_entities=80)  # the graph the fixture wrote
+    assert re.search(r"^\s*entities\s+80$", out, re.M) and re.search(rf"^\s*relations\s+{ds.num_relations}\s", out, re.M)
+    for split in ("train", "valid", "test"):
+        n = len(ds.queries(split)) // 2  # reciprocal queries: two per triple
+        assert re.search(rf"^\s*{split}\s+{n:,}\s+{n:,}\s+0\s+1$", out, re.M), (split, n)
 
 
 def test_config_doc_is_in_sync():
