@@ -184,6 +184,28 @@ def test_meta_learner_learns_to_follow_the_informative_teacher(tmp_path):
     assert MetaLearner(3)(torch.randn(3, 4, 5)).shape == (4, 5)
 
 
+def test_meta_learner_relu_output_can_die_and_the_linear_one_cannot():
+    """MoSE's final ReLU: once the last pre-activation is negative for every input, every candidate scores 0,
+    the CE is log N for every query and no parameter gets a gradient (MKG-Y's MoSE-MI: loss 9.6158 = log 15000
+    in every epoch). The linear output keeps a gradient from the same weights."""
+    torch.manual_seed(0)
+    scores, target = torch.randn(2, 8, 30), torch.randint(0, 30, (8,))
+    grads = {}
+    for output in ("relu", "linear"):
+        net = MetaLearner(2, 16, output)
+        with torch.no_grad():
+            net.net[2].bias.fill_(-100.0)
+        out = net(scores)
+        loss = F.cross_entropy(out, target)
+        loss.backward()
+        grads[output] = max(float(p.grad.abs().max()) for p in net.parameters())
+        if output == "relu":
+            assert float(out.abs().max()) == 0.0 and loss.item() == pytest.approx(math.log(30))
+    assert grads["relu"] == 0.0 and grads["linear"] > 1e-3
+    with pytest.raises(ValueError, match="linear or relu"):
+        MetaLearner(2, 4, "tanh")
+
+
 def test_clean_valid_drops_shared_and_repeated_triples_but_keeps_filtering():
     ds = random_graph()
     valid = np.concatenate([ds.valid, ds.train[:5], ds.test[:3], ds.valid[:2]])

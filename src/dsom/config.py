@@ -117,6 +117,9 @@ class EnsembleConfig:
                        "(SPEC §3)")
     bi_min_queries: int = opt(10, "MoSE-BI: relations with fewer valid queries get uniform weights")
     mi_hidden: int = opt(32, "MoSE-MI: hidden width of the per-candidate meta-learner MLP")
+    mi_output: str = opt("linear", "MoSE-MI: the meta-learner's output layer: 'linear' (dsom) or 'relu' (MoSE's "
+                         "meta_learner.py). With 'relu' the output can die: every score 0, every candidate tied, no "
+                         "gradient (MKG-Y: loss stuck at log E, MRR 0.0001)", ("linear", "relu"))
     mi_epochs: int = opt(20, "MoSE-MI: training epochs over the valid queries")
     mi_lr: float = opt(0.1, "MoSE-MI: Adagrad learning rate")
     mi_batch_size: int = opt(256, "MoSE-MI: queries per step")

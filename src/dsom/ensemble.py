@@ -111,11 +111,18 @@ class WeightedTeachers:
 
 # --------------------------------------------------------------------------------------------- MoSE-MI
 class MetaLearner(nn.Module):
-    """Per-candidate MLP over the M teacher scores: ``(..., M) -> (...)`` (MoSE ``meta_learner.py``)."""
+    """Per-candidate MLP over the M teacher scores: ``(..., M) -> (...)`` (MoSE ``meta_learner.py``).
 
-    def __init__(self, num_teachers: int, hidden: int = 32) -> None:
+    ``output="relu"`` ends in a ReLU as MoSE's does; a candidate score is then never negative, and once the last
+    layer's pre-activation is negative everywhere every score is 0 and no gradient flows (observed on MKG-Y).
+    ``"linear"`` (the default) drops that last ReLU."""
+
+    def __init__(self, num_teachers: int, hidden: int = 32, output: str = "linear") -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(num_teachers, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.ReLU())
+        if output not in ("linear", "relu"):
+            raise ValueError(f"MetaLearner output {output!r}: choose linear or relu")
+        layers: list[nn.Module] = [nn.Linear(num_teachers, hidden), nn.ReLU(), nn.Linear(hidden, 1)]
+        self.net = nn.Sequential(*layers, *([nn.ReLU()] if output == "relu" else []))
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
         """``scores (M, B, N)`` -> ``(B, N)``."""
@@ -148,7 +155,7 @@ def train_meta_learner(teachers: FrozenTeachers, ds: KGDataset, ec: EnsembleConf
                        selection_policy: str = "realistic") -> tuple[MetaLearnerScorer, dict[str, Any]]:
     """Train MoSE-MI on valid; choose the epoch by held-out valid Hits@10. Returns the scorer and a log."""
     torch.manual_seed(ec.mi_seed)
-    net = MetaLearner(teachers.num_teachers, ec.mi_hidden).to(device)
+    net = MetaLearner(teachers.num_teachers, ec.mi_hidden, ec.mi_output).to(device)
     opt = torch.optim.Adagrad(net.parameters(), lr=ec.mi_lr)
     train_triples, held = _holdout_split(ds, ec.mi_holdout, ec.mi_seed)
     n = len(train_triples)
