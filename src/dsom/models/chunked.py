@@ -11,6 +11,8 @@ computes the same loss and gradients block by block:
 
 The matrix-product work is 4 products per block instead of 3 (one recomputation). Scores, probabilities and
 the log-sum-exp are float32; ``precision="bf16"`` multiplies in bfloat16 as :func:`matmul_scores` does.
+Exponents are clamped at ``dsom.numerics.EXP_FLOOR`` (no fp32 denormal is ever produced; same values to fp32
+rounding).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 
 from dsom.models.complex import bf16_round
+from dsom.numerics import EXP_FLOOR
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
@@ -50,7 +53,7 @@ class _ChunkedCE(torch.autograd.Function):
             for lo in range(0, E, chunk):
                 s = _mm(query[k], table[k, lo:lo + chunk].T, precision)
                 top = s.amax(-1)
-                block = s.sub_(top.unsqueeze(-1)).exp_().sum(-1).log_().add_(top)
+                block = s.sub_(top.unsqueeze(-1)).clamp_min_(EXP_FLOOR).exp_().sum(-1).log_().add_(top)
                 lse[k] = torch.logaddexp(lse[k], block)
         target_score = (_rounded(query, precision) * _rounded(table[:, target], precision)).sum(-1)
         ctx.save_for_backward(query, table, target, lse)
@@ -70,7 +73,8 @@ class _ChunkedCE(torch.autograd.Function):
             for lo in range(0, E, chunk):
                 block = table[k, lo:lo + chunk]
                 # p = softmax probabilities of the block times the incoming gradient, in place
-                p = _mm(query[k], block.T, precision).sub_(lse[k].unsqueeze(-1)).exp_().mul_(g[k].unsqueeze(-1))
+                p = (_mm(query[k], block.T, precision).sub_(lse[k].unsqueeze(-1)).clamp_min_(EXP_FLOOR).exp_()
+                     .mul_(g[k].unsqueeze(-1)))
                 if dq is not None:
                     dq[k] += _mm(p, block, precision)
                 if dt is not None:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -34,6 +33,7 @@ from dsom.errors import DsomError
 from dsom.evaluate import evaluate
 from dsom.models.chunked import chunked_cross_entropy, entity_chunk
 from dsom.models.complex import ComplEx, f2_penalty, n3_penalty, resolve_precision
+from dsom.numerics import cross_entropy
 from dsom.perf import release_memory
 from dsom.ranks import TIE_POLICIES
 from dsom.train.checkpoint import FORMAT as CHECKPOINT_FORMAT
@@ -333,7 +333,7 @@ class ComplExTrainer(Trainer):
         if chunk < model.num_entities:
             ce = chunked_cross_entropy(model.query(h, r), model.entity, t, chunk, self.precision).mean()
         else:
-            ce = F.cross_entropy(model.score_all(h, r, precision=self.precision), t)
+            ce = cross_entropy(model.score_all(h, r, precision=self.precision), t).mean()
         total = ce
         terms = {"ce": ce.detach()}
         if self.cfg.train.regularizer != "none" and self.cfg.train.reg > 0:

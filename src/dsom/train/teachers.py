@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from dsom.config import Config
 from dsom.data.graph import KGDataset
@@ -23,6 +22,7 @@ from dsom.features.modality import ModalityTable
 from dsom.models.chunked import chunked_cross_entropy, entity_chunk
 from dsom.models.complex import matmul_scores
 from dsom.models.teachers import TEACHERS_FORMAT, AllViews, FrozenTeachers, ModalityTeachers
+from dsom.numerics import cross_entropy
 from dsom.ranks import TIE_POLICIES, RankCounts, metrics_from_ranks, min_rank_counts
 from dsom.train.checkpoint import write_checkpoint
 from dsom.train.loop import BatchHook, Trainer
@@ -78,7 +78,7 @@ class TeacherTrainer(Trainer):
             ce = chunked_cross_entropy(model.queries(tables, h, r), tables, t, chunk, self.precision).mean(1)
         else:  # one (B, E) block per teacher: mm is faster than bmm here and no (M, B, E) stack is held
             queries = model.queries(tables, h, r)
-            ce = torch.stack([F.cross_entropy(matmul_scores(queries[m], tables[m], self.precision), t)
+            ce = torch.stack([cross_entropy(matmul_scores(queries[m], tables[m], self.precision), t).mean()
                               for m in range(M)])
         total = ce.sum()
         terms = {"ce": total.detach(), **{f"ce/{m}": ce[k].detach() for k, m in enumerate(model.modalities)}}
