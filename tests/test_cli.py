@@ -132,6 +132,7 @@ def test_malformed_dataset_exits_2_naming_file_and_line(folder, tmp_path, capsys
     assert not (tmp_path / "r" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_synthetic_options_via_set(tmp_path):
     out = tmp_path / "syn"
     argv = ["run", "-o", str(out), "--set", "data.synthetic.num_entities=300", "--set", "data.synthetic.num_train=3000",

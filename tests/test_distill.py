@@ -282,6 +282,7 @@ TINY = ["--rank", "8", "--epochs", "2", "--set", "data.synthetic.num_train=3000"
         "--set", "train.valid_every=1", "-q"]
 
 
+@pytest.mark.slow
 def test_run_on_synthetic_reports_student_policy_and_planted_agreement(tmp_path, capsys):
     import json
 
@@ -335,6 +336,7 @@ def test_student_resume_is_bit_identical(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_missing_study_runs_every_rate(tmp_path):
     import json
 

@@ -272,6 +272,7 @@ def test_entity_reliability_by_brute_force():
     assert got[E - 1].abs().sum() == 0
 
 
+@pytest.mark.slow
 def test_pipeline_trains_teachers_without_the_held_out_triples(tmp_path):
     import json
 
