@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teachers", required=True, help="run directory (or checkpoints/teachers/final) of the teachers")
     p.add_argument("--ablation", choices=["table2", "table4", "table6", "dim", "selection"],
                    help="also train the variants of a paper table on the same teachers and report them")
+    p = sub.add_parser("reproduce", help="the paper's main tables on the benchmarks, beside the paper's numbers "
+                                         "(resumable sub-runs per dataset and seed)")
+    p.add_argument("datasets", nargs="*", help="registered names or folders (default: DB15K MKG-W MKG-Y FB15K-237 WN18)")
+    p.add_argument("--budget", choices=["small", "paper"], default="small",
+                   help="small: fits a 2-core CPU in hours (ranks and epochs per dataset in docs/reproduce.md); "
+                        "paper: rank 2000, up to 200 epochs (a GPU)")
+    p.add_argument("--seeds", type=int, help="seeds per dataset (default: the budget's, 3 or 1)")
+    p.add_argument("--modalities", help="comma-separated modalities for every dataset (default: those it has here)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applied to every sub-run")
+    p.add_argument("-o", "--output", default="runs/reproduce", help="output folder (default: runs/reproduce)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p = sub.add_parser("report", help="write report/summary.md and plots of a finished run")
     p.add_argument("run_dir")
 
@@ -243,6 +254,20 @@ def _check_json_destination(path: str | None) -> None:
         raise DsomError(f"--json {p}: folder {p.parent} does not exist")
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from dsom.config import parse_assignment
+    from dsom.reproduce import reproduce
+
+    if args.seeds is not None and args.seeds < 1:
+        raise DsomError(f"--seeds {args.seeds}: give at least 1")
+    mods = [m.strip() for m in args.modalities.split(",") if m.strip()] if args.modalities else None
+    out, _ = reproduce(args.datasets, args.output, budget=args.budget, seeds=args.seeds, modalities=mods,
+                       overrides=[parse_assignment(s) for s in args.set], progress=not args.quiet)
+    print((out / "reproduction.md").read_text(encoding="utf-8"))
+    print(f"tables: {out / 'reproduction.md'}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dsom.evaluate import evaluate
     from dsom.train.checkpoint import load_checkpoint
@@ -354,7 +379,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_train, "pretrain": cmd_train, "distill": cmd_train, "report": cmd_report, "evaluate": cmd_evaluate, "predict": cmd_predict,
+COMMANDS = {"run": cmd_train, "pretrain": cmd_train, "distill": cmd_train, "reproduce": cmd_reproduce,
+            "report": cmd_report, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "data": cmd_data, "features": cmd_features, "config": cmd_config, "version": cmd_version}
 
 
