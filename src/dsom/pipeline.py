@@ -115,7 +115,7 @@ def build_features(ds: KGDataset, cfg: Config, progress: bool = True,
         if m == "structure":
             continue
         if m in ds.modalities and m not in cfg.features.files:
-            from dsom.features.modality import apply_missing_rate
+            from dsom.data.modality import apply_missing_rate
 
             table, seconds, cached = ds.modalities[m], 0.0, None
             if cfg.features.missing_rate > 0:

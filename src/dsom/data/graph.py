@@ -52,7 +52,7 @@ class KGDataset:
     """A knowledge graph with train/valid/test splits of ``(head, relation, tail)`` id triples.
 
     ``num_relations`` is R, the number of *original* relations; models use ``2R`` relation ids where
-    ``r + R`` is the reciprocal of ``r``. Feature modalities (``dsom.features.ModalityTable``) may be
+    ``r + R`` is the reciprocal of ``r``. Feature modalities (``dsom.data.modality.ModalityTable``) may be
     attached in ``modalities``; ``extras`` holds anything else a source provides (for example the
     synthetic generator's ground truth).
     """

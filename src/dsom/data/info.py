@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from dsom.data.graph import SPLITS, KGDataset
+from dsom.data.sidefiles import read_images_tsv, read_numeric
 from dsom.errors import DataError
 
 __all__ = ["dataset_info", "format_info"]
@@ -70,7 +71,6 @@ def _neighbour_stats(ds: KGDataset) -> dict[str, Any]:
 
 
 def _numeric_info(ds: KGDataset, path: Path) -> dict[str, Any]:
-    from dsom.features.numeric import read_numeric  # local: features depends on data, not the reverse
 
     facts = read_numeric(path, ds.entities.index)
     return {"path": str(path), "rows": facts.rows, "entities": facts.num_entities,
@@ -79,7 +79,6 @@ def _numeric_info(ds: KGDataset, path: Path) -> dict[str, Any]:
 
 
 def _images_info(ds: KGDataset, path: Path) -> dict[str, Any]:
-    from dsom.features.image import read_images_tsv
 
     images = read_images_tsv(ds, path, warn=False)
     listed = [p for ps in images.paths.values() for p in ps]

@@ -90,8 +90,8 @@ from typing import Any
 import numpy as np
 
 from dsom.data.graph import SPLITS, KGDataset, Vocabulary
+from dsom.data.modality import IMPUTATIONS, ModalityTable
 from dsom.errors import ConfigError
-from dsom.features.modality import IMPUTATIONS, ModalityTable
 
 STRUCTURE = "structure"
 HELPFUL, UNINFORMATIVE, MISLEADING = 1, 0, -1

@@ -1,5 +1,6 @@
-"""Feature modalities: the container, builders (numeric now; text and image later) and the cache."""
+"""Feature tables built from a dataset's side files: text and image encoders, numeric literals, imports of
+precomputed matrices, and the on-disk cache. The table type itself is :class:`dsom.data.modality.ModalityTable`."""
 
-from dsom.features.modality import ModalityTable
+from dsom.data.modality import ModalityTable
 
 __all__ = ["ModalityTable"]

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from dsom.config import FeaturesConfig
 from dsom.data.graph import KGDataset
+from dsom.data.modality import ModalityTable, apply_missing_rate
 from dsom.errors import ConfigError, DataError
 from dsom.features.cache import FeatureCache, digest
-from dsom.features.modality import ModalityTable, apply_missing_rate
 
 BUILT_IN = ("text", "image", "numeric")
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dsom.data.modality import ModalityTable
 from dsom.errors import DataError
-from dsom.features.modality import ModalityTable
 
 __all__ = ["FeatureCache", "cache_root", "digest"]
 

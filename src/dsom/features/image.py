@@ -11,9 +11,7 @@ extra (``transformers``, ``pillow``).
 from __future__ import annotations
 
 import os
-import stat
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +20,16 @@ import torch
 from tqdm.auto import tqdm
 
 from dsom.data.graph import KGDataset
-from dsom.data.readers import DataWarning, read_lines
-from dsom.errors import DataError, DsomError
+from dsom.data.modality import ModalityTable
+from dsom.data.readers import DataWarning
+from dsom.data.sidefiles import ImageList, read_images_tsv, regular_file
+from dsom.errors import DsomError
 from dsom.features.cache import FeatureCache, digest
 from dsom.features.hf import load_pretrained
-from dsom.features.modality import ModalityTable
 
 __all__ = ["PAPER_IMAGE_MODEL", "ImageList", "build_image", "encode_images", "read_images_tsv"]
 
 PAPER_IMAGE_MODEL = "google/vit-base-patch16-224"
-
-
-@dataclass
-class ImageList:
-    """Image paths per entity id (file order kept) and the rows that named unknown entities."""
-
-    paths: dict[int, list[Path]]
-    unknown_rows: int
 
 
 # Images larger than this are skipped (and counted as unreadable) before they are decoded: a small PNG can
@@ -46,68 +37,11 @@ class ImageList:
 MAX_IMAGE_PIXELS = 64_000_000
 
 
-def read_images_tsv(ds: KGDataset, path: str | Path | None = None, warn: bool = True,
-                    allow_outside: bool = False) -> ImageList:
-    """Parse ``images.tsv`` (header ``entity<TAB>path``; paths relative to the dataset folder).
-
-    A path that is absolute or that resolves (symlinks followed) outside the folder of ``images.tsv`` is a
-    :class:`DataError` naming its line, unless ``allow_outside`` (``features.allow_outside_paths``)."""
-    if path is None:
-        if ds.root is None:
-            raise DsomError(f"dataset '{ds.name}' has no folder, so no images.tsv")
-        path = ds.root / "images.tsv"
-    p = Path(path)
-    if not p.exists():
-        raise DsomError(f"{p} not found: the image modality needs an images.tsv (entity<TAB>path)")
-    lines = read_lines(p)
-    if not lines or lines[0].split("\t")[:2] != ["entity", "path"]:
-        raise DataError("expected the header 'entity<TAB>path'", p, 1)
-    index = ds.entities.index
-    out: dict[int, list[Path]] = {}
-    unknown = 0
-    root = p.parent.resolve()
-    for n, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
-        if len(parts) != 2:
-            raise DataError(f"expected 2 tab-separated columns, found {len(parts)}", p, n)
-        if parts[0] not in index:
-            unknown += 1
-            continue
-        image = p.parent / parts[1]
-        if not allow_outside:
-            _check_inside(root, parts[1], image, p, n)
-        out.setdefault(index[parts[0]], []).append(image)
-    if unknown and warn:
-        warnings.warn(f"{p}: {unknown} rows name entities not in the dataset; skipped", DataWarning, stacklevel=2)
-    return ImageList(out, unknown)
-
-
-def _check_inside(root: Path, given: str, image: Path, listing: Path, line: int) -> None:
-    hint = "image paths must be relative to the dataset folder (features.allow_outside_paths=true allows others)"
-    if Path(given).is_absolute():
-        raise DataError(f"image path {given!r} is absolute; {hint}", listing, line)
-    try:
-        resolved = image.resolve()
-    except (OSError, RuntimeError):  # a symlink loop: left to the reader, which skips and counts it
-        return
-    if not resolved.is_relative_to(root):
-        raise DataError(f"image path {given!r} leads outside the dataset folder {root}; {hint}", listing, line)
-
-
-def _regular_file(p: Path) -> bool:
-    try:
-        return stat.S_ISREG(os.stat(p).st_mode)
-    except OSError:
-        return False
-
-
 def _open_rgb(p: Path) -> Any:
     """The image at ``p`` as RGB, or None when it is not a readable regular image file within the pixel limit."""
     from PIL import Image
 
-    if not _regular_file(p):  # a FIFO would block forever, a directory or device is no image
+    if not regular_file(p):  # a FIFO would block forever, a directory or device is no image
         return None
     try:
         with warnings.catch_warnings():
@@ -164,7 +98,7 @@ def build_image(ds: KGDataset, model: str = PAPER_IMAGE_MODEL, agg: str = "mean"
                 progress: bool = True, allow_outside: bool = False) -> ModalityTable:
     """The ``image`` modality of ``ds``, cached by (model, aggregation, image list and file sizes)."""
     images = read_images_tsv(ds, allow_outside=allow_outside)
-    listing = [f"{e}\t{p}\t{os.stat(p).st_size if _regular_file(p) else -1}"
+    listing = [f"{e}\t{p}\t{os.stat(p).st_size if regular_file(p) else -1}"
                for e, ps in sorted(images.paths.items()) for p in ps]
     key = digest([Path(model).name if Path(model).exists() else model, agg, imputation, str(seed), *listing])
 

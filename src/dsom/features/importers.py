@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from dsom.data.graph import KGDataset
+from dsom.data.modality import ModalityTable
 from dsom.errors import DataError
-from dsom.features.modality import ModalityTable
 
 __all__ = ["import_features", "read_feature_file"]
 

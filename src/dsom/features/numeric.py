@@ -19,99 +19,19 @@ value raises :class:`dsom.errors.DataError` naming the file and line.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dsom.data.graph import KGDataset
-from dsom.data.readers import DataWarning, gc_paused, read_lines
+from dsom.data.modality import ModalityTable
+from dsom.data.readers import DataWarning
+from dsom.data.sidefiles import NumericFacts, read_numeric
 from dsom.errors import DataError
-from dsom.features.modality import ModalityTable
 
 __all__ = ["NumericFacts", "build_numeric", "read_numeric"]
-
-HEADER = ("entity", "attribute", "value")
-
-
-@dataclass
-class NumericFacts:
-    """Parsed rows of a ``numeric.tsv`` whose entity is known (parallel arrays)."""
-
-    entity: np.ndarray  # (n,) int64 entity ids
-    attribute: np.ndarray  # (n,) int64 index into ``attributes``
-    value: np.ndarray  # (n,) float64
-    attributes: list[str]  # sorted attribute names (of the known-entity rows)
-    rows: int  # data rows in the file (blank lines excluded)
-    unknown_rows: int  # rows skipped because the entity label is not in the vocabulary
-    unknown_entities: list[str]  # distinct unknown labels, in file order
-
-    @property
-    def num_entities(self) -> int:
-        """Distinct entities with at least one fact."""
-        return int(len(np.unique(self.entity)))
-
-
-def read_numeric(path: str | os.PathLike[str], entity_index: Mapping[str, int]) -> NumericFacts:
-    """Parse ``numeric.tsv``; rows with unknown entity labels are counted, not returned (no warning here)."""
-    path = Path(path)
-    with gc_paused():
-        lines = read_lines(path)
-        if not lines:
-            raise DataError("empty file; expected the header 'entity<TAB>attribute<TAB>value' and one fact per line",
-                            path, 1)
-        if tuple(c.strip() for c in lines[0].split("\t")) != HEADER:
-            raise DataError(f"first line must be the header 'entity<TAB>attribute<TAB>value', got {lines[0][:80]!r}",
-                            path, 1)
-        body = lines[1:]
-        rows = [ln.split("\t") for ln in body]
-        vals: np.ndarray | None = None
-        if all(len(r) == 3 for r in rows):
-            ents = [r[0] for r in rows]
-            attrs = [r[1] for r in rows]
-            try:
-                vals = np.array([r[2] for r in rows], dtype=np.float64)
-            except ValueError:
-                vals = None
-            if vals is not None and ("" in attrs or not np.isfinite(vals).all()):
-                vals = None
-        if vals is None:
-            ents, attrs, vlist = [], [], []
-            for i, ln in enumerate(body, start=2):
-                if not ln.strip():
-                    continue
-                cells = ln.split("\t")
-                if len(cells) != 3:
-                    raise DataError(f"expected 3 tab-separated fields (entity, attribute, value), got {len(cells)}: "
-                                    f"{ln[:120]!r}", path, i)
-                e, a, v = cells
-                if not a.strip():
-                    raise DataError("empty attribute name; give every fact an attribute", path, i)
-                try:
-                    x = float(v)
-                except ValueError:
-                    raise DataError(f"value '{v[:40]}' is not a decimal number (dates must be fractional years)",
-                                    path, i) from None
-                if not math.isfinite(x):
-                    raise DataError(f"value '{v[:40]}' is not finite; remove the row or give a real number", path, i)
-                ents.append(e)
-                attrs.append(a)
-                vlist.append(x)
-            vals = np.array(vlist, dtype=np.float64)
-        ids = np.array([entity_index.get(e, -1) for e in ents], dtype=np.int64)
-    known = ids >= 0
-    unknown = [] if known.all() else list(dict.fromkeys(e for e, k in zip(ents, known) if not k))
-    kept_attrs = [a for a, k in zip(attrs, known) if k] if not known.all() else attrs
-    names = sorted(set(kept_attrs))
-    col = {a: j for j, a in enumerate(names)}
-    return NumericFacts(entity=ids[known], attribute=np.array([col[a] for a in kept_attrs], dtype=np.int64),
-                        value=vals[known], attributes=names, rows=len(ents), unknown_rows=int((~known).sum()),
-                        unknown_entities=unknown)
-
 
 def build_numeric(ds: KGDataset, path: str | os.PathLike[str] | None = None, imputation: str = "normal",
                   seed: int = 0, min_count: int = 1) -> ModalityTable:

@@ -24,10 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from dsom.data.graph import KGDataset
+from dsom.data.modality import ModalityTable
 from dsom.errors import DsomError
 from dsom.features.cache import FeatureCache, digest
 from dsom.features.hf import load_pretrained
-from dsom.features.modality import ModalityTable
 
 __all__ = ["POOLINGS", "build_text", "default_text_model", "entity_texts", "encode_texts"]
 

@@ -1,0 +1,69 @@
+"""The layering the package promises (issue 16): ``data/`` never imports ``features/`` (features are built from
+data, not the reverse), and no module of the package imports itself back through a cycle."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "dsom"
+
+
+def _imports(path: Path) -> set[str]:
+    """Every ``dsom.*`` module a file imports, at the top or inside functions."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dsom"):
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("dsom"))
+    return out
+
+
+def _module(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_data_never_imports_features():
+    offenders = {_module(p): sorted(m for m in _imports(p) if m.startswith("dsom.features"))
+                 for p in (SRC / "data").glob("*.py")}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_the_checker_sees_imports_inside_functions(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from dsom.features.image import build_image\n")
+    assert _imports(f) == {"dsom.features.image"}
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    out: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dsom"):
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("dsom"))
+    return out
+
+
+def test_no_import_cycle_among_module_level_imports():
+    graph = {_module(p): _top_level_imports(p) for p in SRC.rglob("*.py")}
+    graph = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph[m]):
+            if state.get(d) == 1 and not m.startswith(d + "."):  # a package importing its own submodule is fine
+                cycles.append(stack[stack.index(d):] + [m, d] if d in stack else [m, d])
+            elif d not in state:
+                visit(d, stack + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+    assert not cycles, cycles
