@@ -67,3 +67,20 @@ def test_no_import_cycle_among_module_level_imports():
         if m not in state:
             visit(m, [])
     assert not cycles, cycles
+
+
+def test_triple_keys_product_and_dense_fallback_agree_on_equality():
+    import numpy as np
+
+    from dsom.data.graph import triple_keys
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 5, (200, 3))
+    b = np.concatenate([a[:50], rng.integers(0, 5, (30, 3))])
+    small = triple_keys([a, b], 5, 5)
+    huge = triple_keys([a, b], 3_000_000_000, 5)  # E^2 R >= 2^62: dense ids from np.unique
+    assert not np.array_equal(small[0], huge[0])  # the two encodings really differ
+    for ka, kb in (small, huge):
+        same = (a[:, None, :] == b[None, :, :]).all(-1)  # brute force: which rows are the same triple
+        assert np.array_equal(ka[:, None] == kb[None, :], same)
+        assert np.array_equal(ka[:, None] == ka[None, :], (a[:, None, :] == a[None, :, :]).all(-1))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dsom.errors import DsomError
+from dsom.ranks import TIE_POLICIES
 
 
 def _common_training(p: argparse.ArgumentParser) -> None:
@@ -199,7 +200,7 @@ def format_results(results: dict[str, Any]) -> str:
         for split in ("valid", "test"):
             if split not in splits:
                 continue
-            for policy in ("realistic", "pessimistic", "optimistic"):
+            for policy in TIE_POLICIES:
                 m = splits[split][policy]
                 lines.append(f"{model:<22} {split:<6} {policy:<12} {m['mrr']:7.4f} {m['mr']:9.1f} "
                              f"{m['hits@1']:7.4f} {m['hits@3']:7.4f} {m['hits@10']:7.4f}")
@@ -285,7 +286,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{ds.name} {args.split}: {m['queries']} queries (head + tail), filtered")
     print(f"{'direction':<8} {'policy':<12} {'MRR':>7} {'MR':>9} {'H@1':>7} {'H@3':>7} {'H@10':>7}")
     for direction, block in (("both", m), ("head", m["head"]), ("tail", m["tail"])):
-        for policy in ("realistic", "pessimistic", "optimistic"):
+        for policy in TIE_POLICIES:
             x = block[policy]
             print(f"{direction:<8} {policy:<12} {x['mrr']:7.4f} {x['mr']:9.1f} {x['hits@1']:7.4f} "
                   f"{x['hits@3']:7.4f} {x['hits@10']:7.4f}")

@@ -20,9 +20,10 @@ import torch
 from dsom import __version__
 from dsom.config import METHOD_PRESETS, Config, apply_dict, check_values, load_yaml
 from dsom.data import registry
-from dsom.data.graph import KGDataset
+from dsom.data.graph import KGDataset, triple_keys
 from dsom.errors import ConfigError, DsomError
 from dsom.evaluate import evaluate
+from dsom.ranks import TIE_POLICIES
 
 log = logging.getLogger("dsom")
 
@@ -216,7 +217,7 @@ def split_results(metrics_by_split: dict[str, dict[str, Any]]) -> dict[str, Any]
     """``{split: {policy: metrics}, split_head: ..., split_tail: ...}`` from :func:`evaluate`-style dicts."""
     out: dict[str, Any] = {}
     for split, m in metrics_by_split.items():
-        out[split] = {p: m[p] for p in ("realistic", "pessimistic", "optimistic")}
+        out[split] = {p: m[p] for p in TIE_POLICIES}
         if "head" in m:
             out[f"{split}_head"] = m["head"]
             out[f"{split}_tail"] = m["tail"]
@@ -482,11 +483,8 @@ def _valid_test_overlap(ds: KGDataset) -> int:
 
     if len(ds.valid) == 0 or len(ds.test) == 0:
         return 0
-
-    def keys(a: Any) -> Any:
-        return (a[:, 0] * ds.num_relations + a[:, 1]) * ds.num_entities + a[:, 2]
-
-    return int(np.isin(np.unique(keys(ds.valid)), keys(ds.test)).sum())
+    valid, test = triple_keys([ds.valid, ds.test], ds.num_entities, ds.num_relations)
+    return int(np.isin(np.unique(valid), test).sum())
 
 
 def run(cfg: Config, output: str | Path | None = None, resume: bool = False, force: bool = False,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dsom.errors import DsomError
+from dsom.ranks import TIE_POLICIES
 
 
 def models_table(results: dict[str, Any], split: str = "test") -> str:
@@ -20,7 +21,7 @@ def models_table(results: dict[str, Any], split: str = "test") -> str:
     for name, block in results.get("models", {}).items():
         if split not in block:
             continue
-        for policy in ("realistic", "pessimistic", "optimistic"):
+        for policy in TIE_POLICIES:
             m = block[split][policy]
             rows.append(f"| {name} | {policy} | {m['mrr']:.4f} | {m['mr']:.1f} | {m['hits@1']:.4f} | "
                         f"{m['hits@3']:.4f} | {m['hits@10']:.4f} |")
@@ -159,7 +160,7 @@ def read_results(path: Path) -> dict[str, Any]:
                     isinstance(by_policy.get(p), dict) and all(
                         isinstance(by_policy[p].get(m), (int, float)) for m in ("mrr", "mr", "hits@1", "hits@3",
                                                                                  "hits@10"))
-                    for p in ("realistic", "pessimistic", "optimistic"))
+                    for p in TIE_POLICIES)
                 if not ok and not split.endswith(("_head", "_tail")):
                     problem = f"models.{name}.{split} lacks realistic/pessimistic/optimistic metrics"
                     break

@@ -125,12 +125,9 @@ class KGDataset:
     def clean_valid(self) -> tuple[KGDataset, int]:
         """Drop valid triples that also occur in train or test, and repeated valid triples (DB15K's valid
         split mostly repeats train and test); returns the new dataset and the number of triples dropped."""
-        def keys(a: np.ndarray) -> np.ndarray:
-            return (a[:, 0] * self.num_relations + a[:, 1]) * self.num_entities + a[:, 2]
-
-        seen = np.concatenate([keys(self.train), keys(self.test)])
         valid = self.valid
-        k = keys(valid)
+        k_train, k_test, k = triple_keys([self.train, self.test, valid], self.num_entities, self.num_relations)
+        seen = np.concatenate([k_train, k_test])
         first = np.zeros(len(valid), dtype=bool)
         first[np.unique(k, return_index=True)[1]] = True
         keep = ~np.isin(k, seen) & first
@@ -149,3 +146,19 @@ class KGDataset:
             "valid": int(len(self.valid)),
             "test": int(len(self.test)),
         }
+
+
+def triple_keys(arrays: list[np.ndarray], num_entities: int, num_relations: int) -> list[np.ndarray]:
+    """One int64 key per ``(h, r, t)`` row of each array; equal keys = equal triples, across all the arrays.
+
+    The key is ``(h * R + r) * E + t`` when that cannot overflow int64 (``E * E * R < 2**62``), else a dense id from
+    ``np.unique`` over the rows of all arrays together (so keys of different calls are not comparable then)."""
+    num_e, num_r = max(num_entities, 1), max(num_relations, 1)
+    arrays = [np.asarray(a, dtype=np.int64).reshape(-1, 3) for a in arrays]
+    if num_e * num_e * num_r < 2**62:
+        return [(a[:, 0] * num_r + a[:, 1]) * num_e + a[:, 2] for a in arrays]
+    _, inv = np.unique(np.concatenate(arrays, axis=0), axis=0, return_inverse=True)
+    inv = inv.reshape(-1).astype(np.int64)
+    bounds = np.cumsum([0, *(len(a) for a in arrays)])
+    return [inv[bounds[i]:bounds[i + 1]] for i in range(len(arrays))]
+

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from dsom.data.graph import SPLITS, KGDataset
+from dsom.data.graph import SPLITS, KGDataset, triple_keys
 from dsom.data.sidefiles import read_images_tsv, read_numeric
 from dsom.errors import DataError
 
@@ -23,18 +23,7 @@ _LIST_LIMIT = 20
 
 def _triple_keys(ds: KGDataset) -> dict[str, np.ndarray]:
     """One int64 key per triple line, equal keys = equal triples, comparable across splits."""
-    num_e, num_r = max(ds.num_entities, 1), max(ds.num_relations, 1)
-    if num_e * num_e * num_r < 2**62:
-        return {s: (ds.splits[s][:, 0] * num_r + ds.splits[s][:, 1]) * num_e + ds.splits[s][:, 2] for s in SPLITS}
-    allrows = np.concatenate([ds.splits[s] for s in SPLITS], axis=0)
-    _, inv = np.unique(allrows, axis=0, return_inverse=True)
-    inv = inv.reshape(-1)
-    out, start = {}, 0
-    for s in SPLITS:
-        n = len(ds.splits[s])
-        out[s] = inv[start:start + n].astype(np.int64)
-        start += n
-    return out
+    return dict(zip(SPLITS, triple_keys([ds.splits[s] for s in SPLITS], ds.num_entities, ds.num_relations)))
 
 
 def _pair_keys(a: np.ndarray, num_e: int, reverse: bool = False) -> np.ndarray:

@@ -178,6 +178,8 @@ class SyntheticTruth:
         return self.teachers[1:]
 
     def _key(self, h: np.ndarray, r: np.ndarray, t: np.ndarray) -> np.ndarray:
+        # the product key of dsom.data.graph.triple_keys (keys must stay comparable between calls here, so no
+        # dense fallback: generation refuses sizes where it could overflow)
         return (h * self.num_relations + r) * self.num_entities + t
 
     def label_triples(self, triples: np.ndarray) -> np.ndarray:
@@ -376,6 +378,8 @@ def _validate(p: dict[str, Any]) -> None:
     need(p["seed"] >= 0, "seed", "must be >= 0")
     need(p["num_entities"] >= 10, "num_entities", "need at least 10 entities")
     need(p["num_relations"] >= 1, "num_relations", "need at least 1 relation")
+    need(p["num_entities"] ** 2 * p["num_relations"] < 2**62, "num_entities",
+         "too large: entities^2 x relations must stay below 2^62 (int64 triple keys)")
     need(p["num_train"] >= 1, "num_train", "need at least 1 train triple")
     need(p["num_valid"] >= 0, "num_valid", "must be >= 0")
     need(p["num_test"] >= 0, "num_test", "must be >= 0")
