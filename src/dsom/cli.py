@@ -84,7 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint folder or run directory")
     p.add_argument("--head", help="head entity (label, name or #id): predict tails")
     p.add_argument("--tail", help="tail entity (label, name or #id): predict heads")
-    p.add_argument("--relation", required=True, help="relation (label, name or #id)")
+    p.add_argument("--relation", help="relation (label, name or #id)")
+    p.add_argument("--queries", metavar="FILE",
+                   help="many queries, one per line: 'head<TAB>relation[<TAB>?]' or '?<TAB>relation<TAB>tail'; "
+                        "'-' reads standard input; the model is loaded once and the file streamed")
+    p.add_argument("--format", choices=["tsv", "jsonl"], default="tsv",
+                   help="with --queries: TSV rows (line, query, rank, label, name, score, known) or one JSON per query")
+    p.add_argument("--output", "-o", help="with --queries: write here (atomically) instead of standard output")
+    p.add_argument("--batch-size", type=int, default=256, help="with --queries: queries scored together")
     p.add_argument("-k", type=int, default=10, help="number of answers")
     p.add_argument("--dataset", help="dataset for filtering known answers (default: the checkpoint's)")
     p.add_argument("--no-filter", action="store_true", help="keep answers that are already known triples")
@@ -244,15 +251,15 @@ def _check_vocab(meta: dict[str, Any], ds: Any) -> None:
                         f"(entities {ds.fingerprint()['entities']} vs {fp.get('entities')}); pass the right --dataset")
 
 
-def _check_json_destination(path: str | None) -> None:
-    """Fail before the work, not after it, when a --json file cannot be written."""
+def _check_json_destination(path: str | None, option: str = "--json") -> None:
+    """Fail before the work, not after it, when an output file cannot be written."""
     if not path:
         return
     p = Path(path)
     if p.is_dir():
-        raise DsomError(f"--json {p}: is a directory; name a file")
+        raise DsomError(f"{option} {p}: is a directory; name a file")
     if not p.parent.is_dir():
-        raise DsomError(f"--json {p}: folder {p.parent} does not exist")
+        raise DsomError(f"{option} {p}: folder {p.parent} does not exist")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -295,18 +302,63 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_file(args: argparse.Namespace, ck: Any, filter_index: Any) -> int:
+    """Stream a query file through the model in batches; with -o the output appears only when complete."""
+    import itertools
+    import tempfile
+
+    from dsom.predict import answer_lines, parse_queries, predict_batch
+
+    source = sys.stdin if args.queries == "-" else open(args.queries, encoding="utf-8-sig")  # noqa: SIM115
+    tmp = None
+    if args.output:
+        out_path = Path(args.output)
+        _check_json_destination(args.output, "--output")
+        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent or ".")
+        sink = os.fdopen(fd, "w", encoding="utf-8")
+    else:
+        sink = sys.stdout
+    try:
+        queries = parse_queries(source, ck.entities, ck.relations, "<stdin>" if args.queries == "-" else args.queries)
+        while chunk := list(itertools.islice(queries, args.batch_size)):
+            for q, answers in zip(chunk, predict_batch(ck.model, ck.entities, chunk, args.k, filter_index,
+                                                       not args.no_filter)):
+                sink.write("\n".join(answer_lines(q, answers, args.format)) + "\n")
+        if tmp is not None:
+            sink.close()
+            os.replace(tmp, args.output)
+            tmp = None
+    finally:
+        if source is not sys.stdin:
+            source.close()
+        if tmp is not None:
+            sink.close()
+            os.unlink(tmp)
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from dsom.predict import predict
     from dsom.train.checkpoint import load_checkpoint
 
     if args.k < 1:
         raise DsomError(f"-k {args.k}: the number of answers must be at least 1")
+    if args.queries is None and args.relation is None:
+        raise DsomError("give --relation with --head or --tail, or --queries FILE for many queries")
+    if args.queries is not None and (args.relation or args.head or args.tail):
+        raise DsomError("--queries takes every query from the file; drop --relation/--head/--tail")
+    if args.batch_size < 1:
+        raise DsomError(f"--batch-size {args.batch_size}: give at least 1")
+    if args.queries not in (None, "-") and not Path(args.queries).is_file():
+        raise DsomError(f"--queries {args.queries}: no such file")
     ck = load_checkpoint(args.checkpoint)
     filter_index = None
     if not args.no_filter:
         ds = _dataset_for_checkpoint(ck.meta, args.dataset)
         _check_vocab(ck.meta, ds)
         filter_index = ds.filter_index
+    if args.queries is not None:
+        return _predict_file(args, ck, filter_index)
     answers = predict(ck.model, ck.entities, ck.relations, args.relation, head=args.head, tail=args.tail, k=args.k,
                       filter_index=filter_index, filter_known=not args.no_filter)
     if args.json:
