@@ -44,8 +44,8 @@ class _ChunkedCE(torch.autograd.Function):
     block's exp / scaling done in place so each block allocates one ``(B, chunk)`` buffer."""
 
     @staticmethod
-    def forward(ctx: Any, query: torch.Tensor, table: torch.Tensor, target: torch.Tensor, chunk: int,
-                precision: str) -> torch.Tensor:
+    def forward(ctx: Any, query: torch.Tensor, table: torch.Tensor, target: torch.Tensor, rows: torch.Tensor,
+                chunk: int, precision: str) -> torch.Tensor:
         K, B, _ = query.shape
         E = table.shape[1]
         lse = torch.full((K, B), -math.inf, dtype=torch.float32, device=query.device)
@@ -55,17 +55,18 @@ class _ChunkedCE(torch.autograd.Function):
                 top = s.amax(-1)
                 block = s.sub_(top.unsqueeze(-1)).clamp_min_(EXP_FLOOR).exp_().sum(-1).log_().add_(top)
                 lse[k] = torch.logaddexp(lse[k], block)
-        target_score = (_rounded(query, precision) * _rounded(table[:, target], precision)).sum(-1)
-        ctx.save_for_backward(query, table, target, lse)
+        target_score = (_rounded(query[:, rows], precision) * _rounded(table[:, target], precision)).sum(-1)
+        ctx.save_for_backward(query, table, target, rows, lse)
         ctx.chunk, ctx.precision = chunk, precision
-        return lse - target_score
+        return lse[:, rows] - target_score
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        query, table, target, lse = ctx.saved_tensors
+        query, table, target, rows, lse = ctx.saved_tensors
         chunk, precision = ctx.chunk, ctx.precision
         K, E = table.shape[0], table.shape[1]
-        g = grad.float()
+        g_t = grad.float()  # (K, T): one per target
+        g = torch.zeros_like(lse).index_add_(1, rows, g_t)  # (K, B): summed over the targets sharing a row
         need_q, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dq = torch.zeros_like(query, dtype=torch.float32) if need_q else None
         dt = torch.zeros_like(table, dtype=torch.float32) if need_t else None
@@ -79,18 +80,18 @@ class _ChunkedCE(torch.autograd.Function):
                     dq[k] += _mm(p, block, precision)
                 if dt is not None:
                     dt[k, lo:lo + chunk] = _mm(p.T, query[k], precision)
-        g3 = g.unsqueeze(-1)
+        g3 = g_t.unsqueeze(-1)
         if dq is not None:
-            dq -= g3 * _rounded(table[:, target], precision)
+            dq.index_add_(1, rows, -g3 * _rounded(table[:, target], precision))
             dq = dq.to(query.dtype)
         if dt is not None:
-            dt.index_add_(1, target, -g3 * _rounded(query, precision))
+            dt.index_add_(1, target, -g3 * _rounded(query[:, rows], precision))
             dt = dt.to(table.dtype)
-        return dq, dt, None, None, None
+        return dq, dt, None, None, None, None
 
 
 def chunked_cross_entropy(query: torch.Tensor, table: torch.Tensor, target: torch.Tensor, chunk: int,
-                          precision: str = "fp32") -> torch.Tensor:
+                          precision: str = "fp32", rows: torch.Tensor | None = None) -> torch.Tensor:
     """Per-query cross-entropy of the logits ``query @ table^T`` against ``target``, never holding them all.
 
     Args:
@@ -99,9 +100,11 @@ def chunked_cross_entropy(query: torch.Tensor, table: torch.Tensor, target: torc
         target: ``(B,)`` target ids in ``[0, E)``.
         chunk: entities per block (``>= 1``).
         precision: ``fp32``, ``bf16`` or ``bf16sim`` products (:func:`~dsom.models.complex.precise_matmul`).
+        rows: ``(T,)`` the query row of each target when several targets share a query (pair batching);
+            ``None`` = query ``i`` for target ``i``. ``target`` is then ``(T,)``.
 
     Returns:
-        ``(B,)`` or ``(K, B)`` float32 losses, equal to ``F.cross_entropy(query @ table.T, target,
+        ``(T,)`` or ``(K, T)`` float32 losses, equal to ``F.cross_entropy((query @ table.T)[rows], target,
         reduction="none")`` up to float rounding, with gradients to ``query`` and ``table``.
     """
     if chunk < 1:
@@ -109,7 +112,9 @@ def chunked_cross_entropy(query: torch.Tensor, table: torch.Tensor, target: torc
     squeeze = query.dim() == 2
     q = query.unsqueeze(0) if squeeze else query
     t = table.unsqueeze(0) if table.dim() == 2 else table
-    out = _ChunkedCE.apply(q, t, target, int(chunk), precision)
+    if rows is None:
+        rows = torch.arange(len(target), device=target.device)
+    out = _ChunkedCE.apply(q, t, target, rows, int(chunk), precision)
     return out.squeeze(0) if squeeze else out
 
 

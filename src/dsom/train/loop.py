@@ -6,6 +6,11 @@ Adagrad 0.1 by default. Validation every ``valid_every`` epochs on the *valid* s
 ``selection_metric`` is checkpointed and restored at the end; early stopping when
 ``epoch - best_epoch > patience``; ReduceLROnPlateau in mode 'max' (MoSE's mode 'min' was a bug).
 
+Batching (``train.batching``): ``triples`` cuts a shuffle of the queries every ``batch_size``; ``pairs`` shuffles
+the distinct (entity, relation) pairs and takes ``batch_size`` of them per batch with all their queries, so a
+trainer that supports it (:attr:`Trainer.supports_pair_batching`) scores each pair once and shares the row among
+its targets. The loss is the mean over the batch's triples either way.
+
 Determinism and resume: the model is initialised from ``seed`` and epoch ``k`` is shuffled with a
 generator seeded from ``(seed, k)``, so shuffling does not depend on RNG state. The resumable
 checkpoint (``checkpoints/last``) is written at epoch boundaries together with the optimizer,
@@ -32,7 +37,7 @@ from dsom.data.graph import KGDataset
 from dsom.errors import DsomError
 from dsom.evaluate import evaluate
 from dsom.models.chunked import chunked_cross_entropy, entity_chunk
-from dsom.models.complex import ComplEx, f2_penalty, n3_penalty, resolve_precision
+from dsom.models.complex import ComplEx, f2_penalty, matmul_scores, n3_penalty, resolve_precision
 from dsom.numerics import cross_entropy
 from dsom.perf import release_memory
 from dsom.ranks import TIE_POLICIES
@@ -56,6 +61,44 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffling of epoch ``epoch`` (1-based): a function of (seed, epoch) only."""
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
     return torch.randperm(n, generator=g)
+
+
+class PairIndex:
+    """The distinct (entity, relation) pairs of a set of reciprocal queries ``(N, 3)``: ``pair_of (N,)`` the pair of
+    each query and ``counts (P,)`` the queries per pair, pairs numbered in (entity, relation) order."""
+
+    def __init__(self, queries: torch.Tensor) -> None:
+        q = queries.to(torch.int64)
+        width = int(q[:, 1].max()) + 1 if len(q) else 1
+        _, self.pair_of, self.counts = torch.unique(q[:, 0] * width + q[:, 1], return_inverse=True,
+                                                    return_counts=True)
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.counts)
+
+    def epoch_batches(self, seed: int, epoch: int, batch_size: int) -> tuple[torch.Tensor, list[int]]:
+        """Epoch ``epoch``'s query order and batch offsets: the pairs shuffled by :func:`epoch_permutation` (a function
+        of (seed, epoch) only), each pair's queries together in their original order, ``batch_size`` pairs per batch
+        (PyKEEN's LCWA batching; a batch holds ``batch_size`` x the mean tails per pair queries)."""
+        P = self.num_pairs
+        perm = epoch_permutation(P, seed, epoch)
+        position = torch.empty(P, dtype=torch.int64)
+        position[perm] = torch.arange(P)
+        order = torch.argsort(position[self.pair_of], stable=True)
+        ends = torch.cumsum(self.counts[perm], 0)
+        offsets = [0] + ends[batch_size - 1::batch_size].tolist()
+        if offsets[-1] != len(order):
+            offsets.append(len(order))
+        return order, offsets
+
+
+def group_pairs(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct (entity, relation) pairs of a batch of queries ``(T, 3)``: their entities ``(P,)``, relations ``(P,)``
+    and the pair of each query ``(T,)`` (pairs in (entity, relation) order)."""
+    width = int(batch[:, 1].max()) + 1 if len(batch) else 1
+    keys, rows = torch.unique(batch[:, 0].to(torch.int64) * width + batch[:, 1], return_inverse=True)
+    return keys // width, keys % width, rows
 
 
 def make_optimizer(params: Any, cfg: Config) -> torch.optim.Optimizer:
@@ -92,6 +135,7 @@ class Trainer(abc.ABC):
     and the checkpoint tensors."""
 
     checkpoint_format = ""
+    supports_pair_batching = False  # whether :meth:`loss` scores each (entity, relation) pair of a batch once
 
     def __init__(self, dataset: KGDataset, cfg: Config, run_dir: str | Path, stage: str = "pretrain",
                  progress: bool = True, batch_hook: BatchHook | None = None, checkpoint_subdir: str = "") -> None:
@@ -117,6 +161,8 @@ class Trainer(abc.ABC):
         self.train_queries = self.train_queries_cpu.to(self.device)
         self.current_batch_cpu: torch.Tensor | None = None  # the batch being trained, as a CPU tensor
         self.current_batch_index: torch.Tensor | None = None  # its rows of train_queries, on the device
+        self.batching = cfg.train.batching if self.supports_pair_batching else "triples"
+        self._pairs: PairIndex | None = None
 
     # ------------------------------------------------------------------------------- subclass hooks
     @abc.abstractmethod
@@ -223,21 +269,35 @@ class Trainer(abc.ABC):
         return True
 
     # ---------------------------------------------------------------------------------------- train
+    def epoch_batches(self, epoch: int) -> tuple[torch.Tensor, list[int]]:
+        """The order of the training queries in epoch ``epoch`` (CPU) and the offsets of its batches in it.
+
+        ``triples``: a permutation of the queries cut every ``batch_size``. ``pairs``: ``batch_size`` shuffled
+        (entity, relation) pairs per batch with all their queries (:meth:`PairIndex.epoch_batches`). Both depend on
+        (seed, epoch) only."""
+        n, bs, seed = len(self.train_queries_cpu), self.cfg.train.batch_size, self.cfg.train.seed
+        if self.batching == "pairs":
+            if self._pairs is None:
+                self._pairs = PairIndex(self.train_queries_cpu)
+            return self._pairs.epoch_batches(seed, epoch, bs)
+        return epoch_permutation(n, seed, epoch), [*range(0, n, bs), n]
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         q = self.train_queries
-        perm_cpu = epoch_permutation(len(q), self.cfg.train.seed, epoch)
+        perm_cpu, offsets = self.epoch_batches(epoch)
         perm = perm_cpu.to(self.device)
-        bs = self.cfg.train.batch_size
         sums: dict[str, torch.Tensor] = {}
         check_every_batch = self.device.type == "cpu"  # on GPU, avoid a host sync per batch
         n_batches = 0
-        bar = tqdm(range(0, len(q), bs), desc=f"{self.stage} epoch {epoch}", disable=not self.progress, leave=False)
-        for b, start in enumerate(bar):
-            batch = q[perm[start:start + bs]]
+        bar = tqdm(range(len(offsets) - 1), desc=f"{self.stage} epoch {epoch}", disable=not self.progress,
+                   leave=False)
+        for b in bar:
+            lo, hi = offsets[b], offsets[b + 1]
+            batch = q[perm[lo:hi]]
             # host-side copy for index lookups (neighbour sets) without a device-to-host sync
-            self.current_batch_cpu = self.train_queries_cpu[perm_cpu[start:start + bs]]
-            self.current_batch_index = perm[start:start + bs]
+            self.current_batch_cpu = self.train_queries_cpu[perm_cpu[lo:hi]]
+            self.current_batch_index = perm[lo:hi]
             self.current_epoch, self.current_batch = epoch, b
             loss, terms = self.loss(batch)
             if check_every_batch and not torch.isfinite(loss):
@@ -316,6 +376,7 @@ class ComplExTrainer(Trainer):
     """Trains one :class:`ComplEx` (a structural teacher alone, or the baseline of the same size)."""
 
     checkpoint_format = CHECKPOINT_FORMAT
+    supports_pair_batching = True
 
     def build_model(self, generator: torch.Generator) -> ComplEx:
         return ComplEx(self.ds.num_entities, 2 * self.ds.num_relations, self.cfg.model.rank,
@@ -329,11 +390,17 @@ class ComplExTrainer(Trainer):
     def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
         model: ComplEx = self.model
-        chunk = entity_chunk(len(batch), model.num_entities, self.cfg.train.block_mb)
-        if chunk < model.num_entities:
-            ce = chunked_cross_entropy(model.query(h, r), model.entity, t, chunk, self.precision).mean()
+        rows = None
+        if self.batching == "pairs":  # one query vector and score row per distinct (h, r), shared by its targets
+            ph, pr, rows = group_pairs(batch)
+            query = model.query(ph, pr)
         else:
-            ce = cross_entropy(model.score_all(h, r, precision=self.precision), t).mean()
+            query = model.query(h, r)
+        chunk = entity_chunk(len(query), model.num_entities, self.cfg.train.block_mb)
+        if chunk < model.num_entities:
+            ce = chunked_cross_entropy(query, model.entity, t, chunk, self.precision, rows=rows).mean()
+        else:
+            ce = cross_entropy(matmul_scores(query, model.entity, self.precision), t, rows).mean()
         total = ce
         terms = {"ce": ce.detach()}
         if self.cfg.train.regularizer != "none" and self.cfg.train.reg > 0:
@@ -377,4 +444,4 @@ def _state_from_tensors(d: dict[str, Any]) -> TrainState:
     return TrainState(**d)
 
 
-__all__ = ["ComplExTrainer", "Trainer", "TrainState", "epoch_permutation", "resolve_device"]
+__all__ = ["ComplExTrainer", "PairIndex", "Trainer", "TrainState", "epoch_permutation", "group_pairs", "resolve_device"]

@@ -25,7 +25,7 @@ from dsom.models.teachers import TEACHERS_FORMAT, AllViews, FrozenTeachers, Moda
 from dsom.numerics import cross_entropy
 from dsom.ranks import TIE_POLICIES, RankCounts, metrics_from_ranks, min_rank_counts
 from dsom.train.checkpoint import write_checkpoint
-from dsom.train.loop import BatchHook, Trainer
+from dsom.train.loop import BatchHook, Trainer, group_pairs
 
 TRAIN_FORMAT = "dsom-teachers-train/1"
 
@@ -44,6 +44,7 @@ class TeacherTrainer(Trainer):
     """Trains :class:`ModalityTeachers` for ``cfg.modalities`` on the given feature tables."""
 
     checkpoint_format = TRAIN_FORMAT
+    supports_pair_batching = True
 
     def __init__(self, dataset: KGDataset, cfg: Config, run_dir: str | Path, features: Mapping[str, ModalityTable],
                  progress: bool = True, batch_hook: BatchHook | None = None) -> None:
@@ -73,12 +74,17 @@ class TeacherTrainer(Trainer):
         model: ModalityTeachers = self.model
         tables = model.entity_tables()
         M, B, E = len(model.modalities), len(batch), model.num_entities
-        chunk = entity_chunk(B, E, self.cfg.train.block_mb)
-        if chunk < E:
-            ce = chunked_cross_entropy(model.queries(tables, h, r), tables, t, chunk, self.precision).mean(1)
-        else:  # one (B, E) block per teacher: mm is faster than bmm here and no (M, B, E) stack is held
+        rows = None
+        if self.batching == "pairs":  # one query and score row per distinct (h, r) and teacher, shared by its targets
+            ph, pr, rows = group_pairs(batch)
+            queries = model.queries(tables, ph, pr)
+        else:
             queries = model.queries(tables, h, r)
-            ce = torch.stack([cross_entropy(matmul_scores(queries[m], tables[m], self.precision), t).mean()
+        chunk = entity_chunk(queries.shape[1], E, self.cfg.train.block_mb)
+        if chunk < E:
+            ce = chunked_cross_entropy(queries, tables, t, chunk, self.precision, rows=rows).mean(1)
+        else:  # one (B, E) block per teacher: mm is faster than bmm here and no (M, B, E) stack is held
+            ce = torch.stack([cross_entropy(matmul_scores(queries[m], tables[m], self.precision), t, rows).mean()
                               for m in range(M)])
         total = ce.sum()
         terms = {"ce": total.detach(), **{f"ce/{m}": ce[k].detach() for k, m in enumerate(model.modalities)}}

@@ -1,0 +1,172 @@
+"""train.batching=pairs (issue 12, item 1): each (entity, relation) pair of a batch is scored once and its row is
+shared by all its targets; the loss and its gradient equal per-triple batching on the same triples, and both equal
+an independent brute-force computation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dsom.config import Config, set_value
+from dsom.evaluate import evaluate
+from dsom.train.loop import ComplExTrainer, PairIndex, group_pairs
+from dsom.train.teachers import TeacherTrainer
+
+from toy import clustered_graph
+
+
+def _cfg(**kw):
+    cfg = Config()
+    base = {"model.rank": 8, "train.epochs": 4, "train.batch_size": 64, "train.valid_every": 2,
+            "train.precision": "fp32", "train.seed": 5, "model.init_scale": 0.3}
+    base.update(kw)
+    for k, v in base.items():
+        set_value(cfg, k, v)
+    return cfg
+
+
+def _pair_heavy_batch(ds, n=60):
+    """Training queries of a few pairs with several tails each, shuffled so the pairs are not contiguous."""
+    q = torch.from_numpy(ds.queries("train"))
+    idx = PairIndex(q)
+    big = torch.nonzero(idx.counts >= 2).squeeze(1)[:12]
+    rows = torch.nonzero(torch.isin(idx.pair_of, big)).squeeze(1)
+    rows = torch.cat([rows, torch.arange(7)])[:n]  # plus a few other queries
+    return q[rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]]
+
+
+def _brute_complex(entity, relation, batch, reg):
+    """Mean over triples of [logsumexp_e <q, e> - <q, t>] + N3 on (|h|, |r|, |t|), in float64, triple by triple."""
+    d = entity.shape[1] // 2
+    total = 0.0
+    pen = 0.0
+    for h, r, t in batch.tolist():
+        a, b = entity[h, :d], entity[h, d:]
+        c, g = relation[r, :d], relation[r, d:]
+        q = torch.cat([a * c - b * g, a * g + b * c])
+        scores = entity @ q
+        total = total + torch.logsumexp(scores, 0) - scores[t]
+        for row in (entity[h], relation[r], entity[t]):
+            pen = pen + ((row[:d] ** 2 + row[d:] ** 2).sqrt() ** 3).sum()
+    return total / len(batch) + reg * pen / len(batch)
+
+
+def _grads(tr, batch):
+    tr.model.zero_grad(set_to_none=True)
+    loss, _ = tr.loss(batch)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in tr.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("block_mb", [0.0, 1e-3])  # whole (P, E) block, and entity chunks of the chunked CE
+def test_complex_pairs_equal_triples_and_brute_force_in_loss_and_gradient(tmp_path, block_mb):
+    ds = clustered_graph(num_entities=60)
+    batch = _pair_heavy_batch(ds)
+    assert len(group_pairs(batch)[0]) < len(batch) - 10  # the batch really shares rows
+    out = {}
+    for mode in ("triples", "pairs"):
+        tr = ComplExTrainer(ds, _cfg(**{"train.batching": mode, "train.block_mb": block_mb}), tmp_path / mode,
+                            progress=False)
+        out[mode] = _grads(tr, batch)
+    (l3, g3), (lp, gp) = out["triples"], out["pairs"]
+    torch.testing.assert_close(lp, l3, rtol=1e-6, atol=1e-6)
+    assert g3.keys() == gp.keys() == {"entity", "relation"}
+    for k in g3:
+        torch.testing.assert_close(gp[k], g3[k], rtol=1e-5, atol=1e-7)
+    ent = tr.model.entity.detach().double().requires_grad_()
+    rel = tr.model.relation.detach().double().requires_grad_()
+    ref = _brute_complex(ent, rel, batch, tr.cfg.train.reg)
+    ref.backward()
+    torch.testing.assert_close(lp.double(), ref.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gp["entity"].double(), ent.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(gp["relation"].double(), rel.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("block_mb", [0.0, 1e-3])
+def test_teachers_pairs_equal_triples_in_loss_and_gradient(tmp_path, block_mb):
+    from dsom.features.modality import ModalityTable
+
+    ds = clustered_graph(num_entities=60)
+    rng = np.random.default_rng(0)
+    feats = {"text": ModalityTable("text", rng.standard_normal((ds.num_entities, 5)).astype(np.float32),
+                                   np.ones(ds.num_entities, bool))}
+    batch = _pair_heavy_batch(ds)
+    out = {}
+    for mode in ("triples", "pairs"):
+        cfg = _cfg(**{"train.batching": mode, "train.block_mb": block_mb, "modalities": ["structure", "text"]})
+        out[mode] = _grads(TeacherTrainer(ds, cfg, tmp_path / mode, feats, progress=False), batch)
+    (l3, g3), (lp, gp) = out["triples"], out["pairs"]
+    torch.testing.assert_close(lp, l3, rtol=1e-6, atol=1e-6)
+    assert g3.keys() == gp.keys() and len(g3) == 3
+    for k in g3:
+        torch.testing.assert_close(gp[k], g3[k], rtol=1e-5, atol=1e-7)
+
+
+def test_pair_epochs_cover_every_query_once_keep_pairs_whole_and_depend_on_seed_and_epoch():
+    ds = clustered_graph(num_entities=90)
+    q = torch.from_numpy(ds.queries("train"))
+    idx = PairIndex(q)
+    bs = 50
+    order, offsets = idx.epoch_batches(3, 1, bs)
+    assert sorted(order.tolist()) == list(range(len(q)))
+    assert offsets[0] == 0 and offsets[-1] == len(q)
+    sizes = np.diff(offsets)
+    assert (sizes > 0).all() and len(sizes) == -(-idx.num_pairs // bs)
+    pair_batch = {}
+    for b in range(len(sizes)):
+        pairs = idx.pair_of[order[offsets[b]:offsets[b + 1]]]
+        assert len(pairs.unique()) == (bs if b < len(sizes) - 1 else idx.num_pairs - bs * b)
+        for p in pairs.tolist():
+            assert pair_batch.setdefault(p, b) == b  # a pair never spans two batches
+    within = order[idx.pair_of[order] == idx.pair_of[order[0]]]
+    assert torch.equal(within, within.sort().values)  # a pair's queries keep their order
+    again, off2 = idx.epoch_batches(3, 1, bs)
+    assert torch.equal(again, order) and off2 == offsets
+    assert not torch.equal(idx.epoch_batches(3, 2, bs)[0], order)
+    assert not torch.equal(idx.epoch_batches(4, 1, bs)[0], order)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_pair_batched_training_learns_and_resumes_bit_identically(tmp_path):
+    ds = clustered_graph(num_entities=90)
+    cfg = _cfg(**{"train.batching": "pairs", "train.epochs": 6, "model.init_scale": 1e-3, "model.rank": 16,
+                  "train.batch_size": 100})
+    ref = ComplExTrainer(ds, cfg, tmp_path / "ref", progress=False)
+    before = evaluate(ref.model, ds, "test")["realistic"]["mrr"]
+    ref.fit()
+    assert evaluate(ref.model, ds, "test")["realistic"]["mrr"] > max(0.15, before)
+
+    def hook(epoch, batch):
+        if (epoch, batch) == (3, 1):
+            raise Interrupt
+
+    run = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        ComplExTrainer(ds, cfg, run, progress=False, batch_hook=hook).fit()
+    resumed = ComplExTrainer(ds, cfg, run, progress=False)
+    resumed.fit(resume=True)
+    assert torch.equal(resumed.model.entity, ref.model.entity)
+    assert torch.equal(resumed.model.relation, ref.model.relation)
+    epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()
+              if "epoch" in json.loads(x)]
+    assert epochs == list(range(1, 7))
+
+
+def test_stage_two_keeps_triple_batching(tmp_path):
+    from dsom.models.teachers import FrozenTeachers
+    from dsom.train.student import StudentTrainer
+
+    ds = clustered_graph(num_entities=40)
+    g = torch.Generator().manual_seed(0)
+    frozen = FrozenTeachers(["structure"], torch.randn(1, ds.num_entities, 16, generator=g),
+                            torch.randn(1, 2 * ds.num_relations, 16, generator=g))
+    st = StudentTrainer(ds, _cfg(**{"train.batching": "pairs"}), tmp_path, frozen, progress=False)
+    assert st.batching == "triples"
+    order, offsets = st.epoch_batches(1)
+    assert offsets == [*range(0, len(order), 64), len(order)]
