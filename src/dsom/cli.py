@@ -97,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-filter", action="store_true", help="keep answers that are already known triples")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    p = sub.add_parser("export", help="write a trained model in another library's format (PyKEEN)")
+    p.add_argument("checkpoint", help="checkpoint folder or run directory (its student, else its teachers)")
+    p.add_argument("--to", choices=["pykeen"], default="pykeen", help="target library")
+    p.add_argument("-o", "--output", required=True, help="folder to write (PyKEEN's save_to_directory layout)")
+    p.add_argument("--teacher", metavar="MODALITY", help="export this teacher of a teachers checkpoint instead")
+    p.add_argument("--dataset", help="dataset of the checkpoint (default: the one recorded in it)")
+
+    p = sub.add_parser("import-pykeen", help="a PyKEEN-trained ComplEx as a structural teacher for dsom distill")
+    p.add_argument("folder", help="PyKEEN model folder (trained_model.pkl, training_triples/)")
+    p.add_argument("dataset", help="the dataset it was trained on (registered name or folder)")
+    p.add_argument("-o", "--output", required=True, help="run directory to write checkpoints/teachers/final into")
+
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("info", help="statistics and validation of a dataset folder")
@@ -337,6 +349,63 @@ def _predict_file(args: argparse.Namespace, ck: Any, filter_index: Any) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from dsom.interop import export_pykeen
+    from dsom.models.complex import ComplEx
+    from dsom.train.checkpoint import load_checkpoint
+
+    if Path(args.output).exists() and any(Path(args.output).iterdir()):
+        raise DsomError(f"-o {args.output}: exists and is not empty; choose a new folder")
+    source = Path(args.checkpoint)
+    if args.teacher and (source / "checkpoints" / "teachers" / "final").is_dir():  # a run directory's teachers
+        source = source / "checkpoints" / "teachers" / "final"
+    ck = load_checkpoint(source)
+    model = ck.model
+    what = "student" if ck.teachers is None else "teacher_avg"
+    if args.teacher or ck.teachers is not None:
+        if ck.teachers is None:
+            raise DsomError(f"--teacher {args.teacher}: {ck.path} is not a teachers checkpoint")
+        if not args.teacher:
+            raise DsomError(f"{ck.path} holds teachers ({', '.join(ck.teachers.modalities)}); name one with --teacher")
+        if args.teacher not in ck.teachers.modalities:
+            raise DsomError(f"--teacher {args.teacher}: not one of {', '.join(ck.teachers.modalities)}")
+        i = ck.teachers.modalities.index(args.teacher)
+        model = ComplEx(ck.teachers.num_entities, ck.teachers.relations.shape[1], ck.teachers.rank)
+        with torch.no_grad():
+            model.entity.copy_(ck.teachers.tables[i])
+            model.relation.copy_(ck.teachers.relations[i])
+        what = f"teacher/{args.teacher}"
+    ds = _dataset_for_checkpoint(ck.meta, args.dataset)
+    _check_vocab(ck.meta, ds)
+    out = export_pykeen(model, ck.entities, ck.relations, ds.train, args.output,
+                        {"source": str(ck.path), "model": what, "dataset": ds.name})
+    print(f"wrote {out} (PyKEEN ComplEx with inverse triples, {what})")
+    return 0
+
+
+def cmd_import_pykeen(args: argparse.Namespace) -> int:
+    from dsom import pipeline
+    from dsom.interop import align_to, from_pykeen, load_pykeen
+    from dsom.models.teachers import TEACHERS_FORMAT
+    from dsom.train.checkpoint import write_checkpoint
+
+    out = Path(args.output) / "checkpoints" / "teachers" / "final"
+    if out.exists():
+        raise DsomError(f"{out} exists; choose a new -o")
+    ds = pipeline.load_dataset(pipeline.build_config(args.dataset))
+    pk, tf = load_pykeen(args.folder)
+    model = align_to(from_pykeen(pk), tf, ds.entities, ds.relations)
+    meta = {"format": TEACHERS_FORMAT, "stage": "import",
+            "model": {"type": "frozen-teachers", "modalities": ["structure"], "rank": model.rank},
+            "config": {"distill": {"holdout": 0.0, "holdout_seed": 0}}, "source": {"pykeen": str(args.folder)}}
+    write_checkpoint(out, {"tables": model.entity.detach()[None], "relations": model.relation.detach()[None]}, ds, meta)
+    print(f"wrote {out}: a structural teacher (rank {model.rank}); use it with "
+          f"dsom distill {args.dataset} --teachers {args.output}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from dsom.predict import predict
     from dsom.train.checkpoint import load_checkpoint
@@ -434,6 +503,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_train, "pretrain": cmd_train, "distill": cmd_train, "reproduce": cmd_reproduce,
             "report": cmd_report, "evaluate": cmd_evaluate, "predict": cmd_predict,
+            "export": cmd_export, "import-pykeen": cmd_import_pykeen,
             "data": cmd_data, "features": cmd_features, "config": cmd_config, "version": cmd_version}
 
 
