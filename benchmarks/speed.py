@@ -16,6 +16,17 @@ an epoch by its own number of batches per epoch (dsom: reciprocal training tripl
 unique (h, r) pairs including inverses / B). Roofline time = FLOPs / the faster of the measured fp32 and
 bf16 peaks; the roofline fraction is roofline time / measured time (1.0 = at the peak).
 
+``--batching pairs`` trains ComplEx and stage 1 with ``train.batching=pairs`` (each distinct (entity, relation)
+pair of a batch scored once); the batches timed are then the trainer's own pair batches. "TFLOP" counts the
+products actually done; "dedup TFLOP" the products if every distinct training pair were scored once per epoch
+(the least any 1-vs-all trainer must do), and "dedup frac" the roofline fraction against that.
+
+With ``--profile-steps K`` (default 2) each training phase runs K more steps under ``torch.profiler`` (and the
+evaluation once more): the time inside the matrix products is the self time of ``aten::mm``, ``bmm``,
+``addmm``, ``baddbmm``, ``addbmm``, ``matmul``, ``dot`` and ``mv`` (CPU: the calling thread's time, which
+includes waiting for the product's worker threads; CUDA: kernel time), the time outside is the rest of the
+wall time of the step; the four largest outside ops by self time are listed.
+
     DSOM_DATA=../shared/data python benchmarks/speed.py DB15K --rank 500 --batches 10 --json speed.json
 """
 
@@ -42,7 +53,7 @@ from dsom.features.modality import ModalityTable
 from dsom.models.complex import ComplEx, resolve_precision
 from dsom.models.teachers import FrozenTeachers
 from dsom.perf import tune_allocator
-from dsom.train.loop import ComplExTrainer, Trainer
+from dsom.train.loop import ComplExTrainer, PairIndex, Trainer
 from dsom.train.student import StudentTrainer
 from dsom.train.teachers import TeacherTrainer
 
@@ -105,47 +116,104 @@ def matmul_peak(dtype: torch.dtype, m: int, k: int, n: int, device: torch.device
     return best
 
 
-def time_trainer_steps(tr: Trainer, batches: int, batch_size: int, device: torch.device) -> tuple[float, int]:
-    """Seconds for ``batches`` optimizer steps of a dsom trainer (after one warm-up step) and the batches timed."""
-    q = tr.train_queries
-    perm = torch.randperm(len(q), generator=torch.Generator().manual_seed(0)).to(q.device)
-    n_epoch = -(-len(q) // batch_size)
-    batches = min(batches, n_epoch) if batches > 0 else n_epoch
-    elapsed = 0.0
-    for b in range(batches + 1):
-        lo = (b % n_epoch) * batch_size
-        batch = q[perm[lo:lo + batch_size]]
-        sync(device)
+def score_rows(tr: Trainer) -> int:
+    """Score rows (products' M dimension) of one epoch: the distinct (entity, relation) pairs under pair batching
+    (a pair is never split between batches), else one per training query."""
+    order, offsets = tr.epoch_batches(1)
+    if tr.batching != "pairs":
+        return len(order)
+    assert tr._pairs is not None
+    return tr._pairs.num_pairs
+
+
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm", "aten::matmul", "aten::dot",
+              "aten::mv")
+
+
+def split_profile(run: Callable[[], None], device: torch.device, steps: int) -> dict[str, Any]:
+    """Wall time of ``steps`` calls of ``run`` under ``torch.profiler``, split into the matrix products (the self
+    time of :data:`MATMUL_OPS`: on CPU the calling thread's time in them, which includes waiting for their worker
+    threads; on CUDA their kernel time) and everything else (wall time minus that). Per call, and the five
+    largest other ops by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=acts) as prof:
         t0 = time.perf_counter()
+        for _ in range(steps):
+            run()
+        sync(device)
+        wall = time.perf_counter() - t0
+    mm_us, other = 0.0, {}
+    for ev in prof.key_averages():
+        us = ev.self_device_time_total if device.type == "cuda" else ev.self_cpu_time_total
+        if ev.key in MATMUL_OPS:
+            mm_us += us
+        elif not ev.key.startswith(("ProfilerStep", "[memory]")):
+            other[ev.key] = other.get(ev.key, 0.0) + us
+    step = wall / steps
+    mm = mm_us / 1e6 / steps
+    top = sorted(other.items(), key=lambda kv: -kv[1])[:5]
+    return {"profiled_steps": steps, "step_s": step, "matmul_s": mm, "outside_s": max(step - mm, 0.0),
+            "outside_fraction": max(step - mm, 0.0) / step if step > 0 else math.nan,
+            "top_outside": {k: round(v / 1e6 / steps, 4) for k, v in top}}
+
+
+def time_trainer_steps(tr: Trainer, batches: int, device: torch.device,
+                       profile_steps: int = 0) -> tuple[float, int, dict[str, Any]]:
+    """Seconds for ``batches`` optimizer steps of a dsom trainer (after one warm-up step), the batches timed, and
+    (``profile_steps > 0``) :func:`split_profile` of that many further steps. The batches are the trainer's own
+    for epoch 1 (:meth:`Trainer.epoch_batches`: triples or pairs)."""
+    q = tr.train_queries
+    order, offsets = tr.epoch_batches(1)
+    perm = order.to(q.device)
+    n_epoch = len(offsets) - 1
+    batches = min(batches, n_epoch) if batches > 0 else n_epoch
+    counter = iter(range(10**9))
+
+    def step() -> None:
+        b = next(counter)
+        k = b % n_epoch
+        batch = q[perm[offsets[k]:offsets[k + 1]]]
         tr.current_epoch, tr.current_batch = 1, b
         loss, _ = tr.loss(batch)
         tr.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         tr.optimizer.step()
         tr.after_step(1, b)
+
+    elapsed = 0.0
+    for b in range(batches + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
         sync(device)
         if b > 0:
             elapsed += time.perf_counter() - t0
-    return elapsed, batches
+    prof = split_profile(step, device, profile_steps) if profile_steps > 0 else {}
+    return elapsed, batches, prof
 
 
 # ------------------------------------------------------------------------------------------- phases
 def base_config(args: argparse.Namespace, device: torch.device) -> Config:
     cfg = Config()
     for k, v in {"model.rank": args.rank, "train.batch_size": args.batch_size, "train.precision": args.precision,
-                 "train.device": str(device), "train.valid_every": 0}.items():
+                 "train.device": str(device), "train.valid_every": 0, "train.batching": args.batching}.items():
         set_value(cfg, k, v)
     return cfg
 
 
 def phase_dsom_complex(ds: KGDataset, args: argparse.Namespace, device: torch.device, tmp: str) -> dict[str, Any]:
     tr = ComplExTrainer(ds, base_config(args, device), tmp, progress=False)
-    seconds, timed = time_trainer_steps(tr, args.batches, args.batch_size, device)
-    n_epoch = -(-len(tr.train_queries) // args.batch_size)
-    flop = 3 * 2 * args.batch_size * 2 * args.rank * ds.num_entities
+    seconds, timed, prof = time_trainer_steps(tr, args.batches, device, args.profile_steps)
+    n_epoch = len(tr.epoch_batches(1)[1]) - 1
+    rows = score_rows(tr)
     return {"epoch_s": seconds / timed * n_epoch, "batches_timed": timed, "batches_per_epoch": n_epoch,
-            "queries_per_s": timed * args.batch_size / seconds, "flop_per_epoch": flop * n_epoch,
-            "precision": tr.precision}
+            "queries_per_s": len(tr.train_queries) / (seconds / timed * n_epoch),
+            "flop_per_epoch": 3 * 2 * rows * 2 * args.rank * ds.num_entities, "score_rows_per_epoch": rows,
+            "dedup_flop_per_epoch": 3 * 2 * args.pairs * 2 * args.rank * ds.num_entities,
+            "batching": tr.batching, "precision": tr.precision, "profile": prof}
 
 
 def phase_dsom_teachers(ds: KGDataset, args: argparse.Namespace, device: torch.device, tmp: str) -> dict[str, Any]:
@@ -156,15 +224,18 @@ def phase_dsom_teachers(ds: KGDataset, args: argparse.Namespace, device: torch.d
     feats = {m: ModalityTable(m, rng.standard_normal((ds.num_entities, FEATURE_DIMS[m]), dtype=np.float32),
                               np.ones(ds.num_entities, bool)) for m in mods if m != "structure"}
     tr = TeacherTrainer(ds, cfg, tmp, feats, progress=False)
-    seconds, timed = time_trainer_steps(tr, args.batches, args.batch_size, device)
-    n_epoch = -(-len(tr.train_queries) // args.batch_size)
+    seconds, timed, prof = time_trainer_steps(tr, args.batches, device, args.profile_steps)
+    n_epoch = len(tr.epoch_batches(1)[1]) - 1
+    rows = score_rows(tr)
     M = len(mods)
     two_d = 2 * args.rank
-    flop = 3 * 2 * args.batch_size * two_d * ds.num_entities * M
-    flop += sum(4 * ds.num_entities * FEATURE_DIMS[m] * two_d for m in mods if m != "structure")  # X W fwd + dW
+    xw = n_epoch * sum(4 * ds.num_entities * FEATURE_DIMS[m] * two_d for m in mods if m != "structure")  # X W, dW
+    flop = 3 * 2 * rows * two_d * ds.num_entities * M + xw
+    dedup = 3 * 2 * args.pairs * two_d * ds.num_entities * M + xw
     return {"epoch_s": seconds / timed * n_epoch, "batches_timed": timed, "batches_per_epoch": n_epoch,
-            "queries_per_s": timed * args.batch_size / seconds, "flop_per_epoch": flop * n_epoch,
-            "teachers": M, "precision": tr.precision}
+            "queries_per_s": len(tr.train_queries) / (seconds / timed * n_epoch), "flop_per_epoch": flop,
+            "score_rows_per_epoch": rows, "dedup_flop_per_epoch": dedup, "batching": tr.batching, "teachers": M,
+            "precision": tr.precision, "profile": prof}
 
 
 def phase_dsom_distill(ds: KGDataset, args: argparse.Namespace, device: torch.device, tmp: str) -> dict[str, Any]:
@@ -178,16 +249,18 @@ def phase_dsom_distill(ds: KGDataset, args: argparse.Namespace, device: torch.de
                             torch.randn(M, R2, two_d, generator=g) * 0.1)
     tr = StudentTrainer(ds, cfg, tmp, frozen, progress=False)
     tr.tracker.log = lambda record: None  # type: ignore[method-assign]  # no per-step file writes in the timing
-    seconds, timed = time_trainer_steps(tr, args.batches, args.batch_size, device)
+    seconds, timed, prof = time_trainer_steps(tr, args.batches, device, args.profile_steps)
     n_epoch = -(-len(tr.train_queries) // args.batch_size)
-    B, H = args.batch_size, args.policy_hidden
-    flop = 2 * B * two_d * E * M  # teachers, forward only
-    flop += 3 * 2 * B * two_d * E  # student forward + 2 backward products
-    if args.policy_state != "summary":  # the paper's policy: layer 1 forward + weight gradient on M * E inputs
-        flop += 2 * 2 * B * M * E * H
+    B, H, N = args.batch_size, args.policy_hidden, len(tr.train_queries)
+
+    def scoring(rows: int) -> int:  # teachers forward only; student forward + 2 backward products
+        return 2 * rows * two_d * E * M + 3 * 2 * rows * two_d * E
+
+    policy = 2 * 2 * N * M * E * H if args.policy_state != "summary" else 0  # layer 1 forward + weight gradient
     return {"epoch_s": seconds / timed * n_epoch, "batches_timed": timed, "batches_per_epoch": n_epoch,
-            "queries_per_s": timed * B / seconds, "flop_per_epoch": flop * n_epoch, "teachers": M,
-            "policy_hidden": H, "precision": tr.precision}
+            "queries_per_s": timed * B / seconds, "flop_per_epoch": scoring(N) + policy,
+            "dedup_flop_per_epoch": scoring(args.pairs) + policy, "policy_flop_per_epoch": policy, "teachers": M,
+            "policy_hidden": H, "precision": tr.precision, "batching": "triples", "profile": prof}
 
 
 def phase_dsom_eval(ds: KGDataset, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -199,8 +272,13 @@ def phase_dsom_eval(ds: KGDataset, args: argparse.Namespace, device: torch.devic
     sync(device)
     seconds = time.perf_counter() - t0
     n = 2 * len(ds.test)
+    test = torch.from_numpy(ds.queries("test"))
+    pairs = PairIndex(test).num_pairs  # evaluation scores each distinct pair once
+    prof = (split_profile(lambda: evaluate(model, ds, "test", batch_size=args.batch_size, device=device), device, 1)
+            if args.profile_steps > 0 else {})
     return {"seconds": seconds, "queries": n, "queries_per_s": n / seconds,
-            "flop": 2 * n * 2 * args.rank * ds.num_entities, "mrr_random_model": m["realistic"]["mrr"]}
+            "flop": 2 * n * 2 * args.rank * ds.num_entities, "dedup_flop_per_epoch": 2 * pairs * 2 * args.rank *
+            ds.num_entities, "mrr_random_model": m["realistic"]["mrr"], "profile": prof}
 
 
 def _pykeen_factory(ds: KGDataset, triples: np.ndarray) -> Any:
@@ -301,7 +379,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="stage-2 policy state: the paper's raw logits (default, comparable with earlier runs) or "
                         "dsom's summary")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--batching", default=Config().train.batching, choices=["triples", "pairs"],
+                   help="train.batching of ComplEx and stage 1 (stage 2 always batches triples)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--profile-steps", type=int, default=2,
+                   help="training steps per phase run under torch.profiler for the in/outside-products split (0 = none)")
     p.add_argument("--skip", default="", help="comma-separated phases to skip (pykeen, teachers, distill, eval)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -310,6 +392,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           ("cpu" if args.device == "auto" else args.device))
     skip = set(filter(None, args.skip.split(",")))
     ds = registry.load(args.dataset)
+    args.pairs = PairIndex(torch.from_numpy(ds.queries("train"))).num_pairs  # distinct (entity, relation) pairs
     tmp = f"/tmp/dsom-speed-{os.getpid()}"
     res: dict[str, Any] = {}
     shape = (args.batch_size, 2 * args.rank, ds.num_entities)
@@ -325,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["setup"] = {"dataset": ds.name, "entities": ds.num_entities, "relations": ds.num_relations,
                     "train_triples": len(ds.train), "test_triples": len(ds.test), "rank": args.rank,
                     "batch_size": args.batch_size, "batches": args.batches, "modalities": args.modalities,
-                    "policy_hidden": args.policy_hidden}
+                    "policy_hidden": args.policy_hidden, "batching": args.batching}
     run_phase("dsom_complex", lambda: phase_dsom_complex(ds, args, device, tmp), device, res)
     pk_model = None
     if "pykeen" not in skip:
@@ -349,9 +432,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "flop_per_epoch" in r:
             r["roofline_s"] = r["flop_per_epoch"] / peak
             r["roofline_fraction"] = r["roofline_s"] / r["epoch_s"]
+            if "dedup_flop_per_epoch" in r:
+                r["dedup_roofline_fraction"] = r["dedup_flop_per_epoch"] / peak / r["epoch_s"]
         elif "flop" in r:
             r["roofline_s"] = r["flop"] / peak
             r["roofline_fraction"] = r["roofline_s"] / r["seconds"]
+            if "dedup_flop_per_epoch" in r:
+                r["dedup_roofline_fraction"] = r["dedup_flop_per_epoch"] / peak / r["seconds"]
     summary: dict[str, Any] = {}
     if "pykeen_complex" in res:
         summary["dsom_vs_pykeen_train"] = res["pykeen_complex"]["epoch_s"] / res["dsom_complex"]["epoch_s"]
@@ -378,17 +465,28 @@ def print_table(res: dict[str, Any]) -> None:
           f"fp32 {m['peak_tflops']['fp32']:.3f} TFLOP/s, bf16 {m['peak_tflops']['bf16']:.3f} TFLOP/s; "
           f"roofline uses {m['roofline_precision']}; training precision {m['training_precision']}")
     print(f"{s['dataset']}: E={s['entities']}, rank {s['rank']}, batch {s['batch_size']}, "
-          f"{'full epoch' if not s['batches'] else str(s['batches']) + ' batches scaled to an epoch'}")
+          f"{'full epoch' if not s['batches'] else str(s['batches']) + ' batches scaled to an epoch'}, "
+          f"batching {s.get('batching', 'triples')}")
     print(f"{'phase':<16} {'s/epoch':>9} {'queries/s':>10} {'TFLOP':>8} {'roofline s':>10} {'fraction':>8} "
-          f"{'peak RSS MB':>11}")
+          f"{'dedup TFLOP':>11} {'dedup frac':>10} {'peak RSS MB':>11}")
     for name, r in res.items():
         if not isinstance(r, dict) or "queries_per_s" not in r:
             continue
         secs = r.get("epoch_s", r.get("seconds"))
         flop = r.get("flop_per_epoch", r.get("flop", math.nan))
+        dedup = r.get("dedup_flop_per_epoch", math.nan)
         print(f"{name:<16} {secs:9.1f} {r['queries_per_s']:10.0f} {flop / 1e12:8.2f} {r['roofline_s']:10.1f} "
-              f"{r['roofline_fraction']:8.3f} {r['peak_rss_mb']:11.0f}"
-              + (f"  GPU {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else ""))
+              f"{r['roofline_fraction']:8.3f} {dedup / 1e12:11.2f} {r.get('dedup_roofline_fraction', math.nan):10.3f} "
+              f"{r['peak_rss_mb']:11.0f}" + (f"  GPU {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else ""))
+    profiled = {k: r["profile"] for k, r in res.items() if isinstance(r, dict) and r.get("profile")}
+    if profiled:
+        print("time per step under torch.profiler: inside the matrix products (self time of "
+              f"{', '.join(x.removeprefix('aten::') for x in MATMUL_OPS)}) and outside (the rest of the wall time)")
+        print(f"{'phase':<16} {'step s':>8} {'products s':>10} {'outside s':>9} {'outside %':>9}  largest outside ops (s)")
+        for name, pr in profiled.items():
+            top = ", ".join(f"{k.removeprefix('aten::')} {v:.3f}" for k, v in list(pr["top_outside"].items())[:4])
+            print(f"{name:<16} {pr['step_s']:8.3f} {pr['matmul_s']:10.3f} {pr['outside_s']:9.3f} "
+                  f"{100 * pr['outside_fraction']:8.1f}%  {top}")
     for k in ("dsom_vs_pykeen_train", "dsom_vs_pykeen_eval", "complex_roofline_fraction", "stage1_roofline_fraction",
               "stage2_roofline_fraction"):
         if k in res:
