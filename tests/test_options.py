@@ -147,3 +147,22 @@ def test_dimension_study_ranks():
     assert student_dims(2000) == [1000, 512, 256, 128, 64]
     assert student_dims(500) == [256, 128, 64]
     assert student_dims(64) == [32, 16, 8, 4, 2] and student_dims(8) == [4, 2, 1] and student_dims(1) == []
+
+
+def test_a_run_logs_its_plan_and_an_estimate_per_stage(tmp_path, caplog):
+    import logging
+
+    d = tmp_path / "kg"
+    write_canonical(clustered_graph(num_entities=40), d)
+    with caplog.at_level(logging.INFO, logger="dsom"):
+        assert main(["run", str(d), "-o", str(tmp_path / "r"), "--rank", "4", "--epochs", "3", "--batch-size", "20",
+                     "--set", "distill.holdout=0", "--set", "distill.epochs=2", "-q"]) == 0
+    lines = [r.getMessage() for r in caplog.records]
+    plan = [x for x in lines if x.startswith("plan: ")]
+    train = 2 * len(clustered_graph(num_entities=40).train)
+    assert plan == [f"plan: teachers structure rank 4, up to 3 epochs of {-(-train // 20):,} batches ({train:,} "
+                    "queries), early stopping after 10 epochs without gain; ensembles teacher_avg, mose_bi, mose_mi; "
+                    "1 student (student) rank 4, 2 epochs each"]
+    eta = [x for x in lines if " s per epoch (" in x]
+    assert [x.split(":")[0] for x in eta] == ["pretrain", "distill"]
+    assert "3 epochs to go" in eta[0] and "2 epochs to go" in eta[1]

@@ -516,12 +516,38 @@ def run(cfg: Config, output: str | Path | None = None, resume: bool = False, for
         prepare_run_dir(out, resume, force)
         for w in warnings_:
             log.warning("dataset %s: %s", ds.name, w)
+        log.info("%s", describe_plan(cfg, ds, variants, stages, teachers_from))
         (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
         if teachers is not None:
             return _distill_only(cfg, ds, out, warnings_, teachers, teachers_from, resume, progress, variants)
         return _run_stages(cfg, ds, out, warnings_, tables, feature_info, resume, progress, stages, variants)
     finally:
         lock.release()
+
+
+def describe_plan(cfg: Config, ds: KGDataset, variants: list[str], stages: str = "all",
+                  teachers_from: str | Path | None = None) -> str:
+    """One line saying what a run will train, so a user sees the budget before it is spent (each trainer then
+    logs its time per epoch, measured on its first batches)."""
+    queries = 2 * (len(ds.train) - round(cfg.distill.holdout * len(ds.train)))  # the teachers' share of train
+    batches = -(-queries // cfg.train.batch_size)
+    t = cfg.train
+    parts = []
+    if teachers_from is None:
+        parts.append(f"teachers {'+'.join(cfg.modalities)} rank {cfg.model.rank}, up to {t.epochs} epochs of "
+                     f"{batches:,} batches ({queries:,} queries)"
+                     + (f", early stopping after {t.patience} epochs without gain" if t.patience > 0
+                        and t.valid_every > 0 else ""))
+        ens = list(cfg.ensemble.models)
+        if ens:
+            parts.append("ensembles " + ", ".join(ens))
+    else:
+        parts.append(f"teachers from {teachers_from}")
+    if stages == "all":
+        students = ["student", *variants]
+        parts.append(f"{len(students)} student{'s' if len(students) > 1 else ''} ({', '.join(students)}) rank "
+                     f"{cfg.distill.student_rank or cfg.model.rank}, {cfg.distill.epochs or t.epochs} epochs each")
+    return "plan: " + "; ".join(parts)
 
 
 def _run_stages(cfg: Config, ds: KGDataset, out: Path, warnings_: list[str], tables: Any, feature_info: Any,

@@ -21,6 +21,7 @@ and ends with the same weights and metrics as an uninterrupted run.
 from __future__ import annotations
 
 import abc
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -44,6 +45,9 @@ from dsom.ranks import TIE_POLICIES
 from dsom.train.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from dsom.train.checkpoint import load_train_state, read_checkpoint, resolve_checkpoint_dir, write_checkpoint
 from dsom.train.tracker import JsonlTracker
+
+log = logging.getLogger("dsom")
+ETA_BATCHES = (1, 6)  # the estimate times batches 2..6 of the first epoch a process trains (batch 1 warms up)
 
 BatchHook = Callable[[int, int], None]
 
@@ -316,12 +320,37 @@ class Trainer(abc.ABC):
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             self.after_step(epoch, b)
             self.current_batch_cpu = self.current_batch_index = None
+            if not self._eta_done and b in ETA_BATCHES:
+                self._estimate(b, len(offsets) - 1)
             if self.batch_hook is not None:
                 self.batch_hook(epoch, b)
         out = {k: float(v) / max(n_batches, 1) for k, v in sums.items()}
         if not all(math.isfinite(v) for v in out.values()):
             raise FloatingPointError(f"non-finite loss in epoch {epoch}: {out}; lower train.lr or use train.precision=fp32")
         return out
+
+    _eta_done = False
+    _eta_start = 0.0
+
+    def _estimate(self, b: int, num_batches: int) -> None:
+        """Log once per process how long an epoch and the rest of this stage should take, from the first batches."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if b == ETA_BATCHES[0] or num_batches <= ETA_BATCHES[0] + 1:
+            self._eta_start = now
+            if num_batches > ETA_BATCHES[0] + 1:
+                return
+        self._eta_done = True
+        timed = b - ETA_BATCHES[0]
+        if timed < 1:
+            return
+        per_epoch = (now - self._eta_start) / timed * num_batches
+        left = max(self.cfg.train.epochs - self.state.epoch, 1)
+        log.info("%s: about %.3g s per epoch (%d batches; timed on batches %d-%d), %d epoch%s to go: about %s%s",
+                 self.stage, per_epoch, num_batches, ETA_BATCHES[0] + 2, b + 1, left, "s" if left > 1 else "",
+                 _duration(per_epoch * left), " (less if it stops early)" if self.cfg.train.patience > 0
+                 and self.cfg.train.valid_every > 0 else "")
 
     def fit(self, resume: bool = False) -> TrainState:
         t = self.cfg.train
@@ -445,3 +474,11 @@ def _state_from_tensors(d: dict[str, Any]) -> TrainState:
 
 
 __all__ = ["ComplExTrainer", "PairIndex", "Trainer", "TrainState", "epoch_permutation", "group_pairs", "resolve_device"]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.2g} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
