@@ -89,3 +89,18 @@ def test_resume_without_output_or_against_another_dataset_is_refused(tmp_path, c
     assert main(["run", str(a), "-o", str(out), "--resume", "--preset", "dsom", "-q"]) == 0  # the same: accepted
     (out / "results.json").unlink()
     assert main(["run", "-o", str(out), "--resume", "-q"]) == 0
+
+
+def test_a_checkpoint_used_with_another_vocabulary_is_refused(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_canonical(clustered_graph(num_entities=40), a)
+    write_canonical(clustered_graph(num_entities=41), b)  # one entity more: another vocabulary
+    out = tmp_path / "run"
+    assert main(["pretrain", str(a), "-o", str(out), *FAST]) == 0
+    capsys.readouterr()
+    for argv in (["evaluate", str(out), "--dataset", str(b)],
+                 ["predict", str(out), "--dataset", str(b), "--head", "e2", "--relation", "r0"],
+                 ["distill", str(b), "--teachers", str(out), "-o", str(tmp_path / "d"), "-q"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "trained on a different vocabulary than dataset '" in err and len(err.splitlines()) == 1, err

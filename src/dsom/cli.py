@@ -257,10 +257,9 @@ def _dataset_for_checkpoint(meta: dict[str, Any], override: str | None):
 
 
 def _check_vocab(meta: dict[str, Any], ds: Any) -> None:
-    fp = meta.get("dataset", {}).get("fingerprint")
-    if fp and fp != ds.fingerprint():
-        raise DsomError(f"dataset '{ds.name}' has a different vocabulary than the checkpoint "
-                        f"(entities {ds.fingerprint()['entities']} vs {fp.get('entities')}); pass the right --dataset")
+    from dsom.train.checkpoint import check_vocabulary
+
+    check_vocabulary(meta, ds, "the checkpoint", "pass the right --dataset")
 
 
 def _check_json_destination(path: str | None, option: str = "--json") -> None:

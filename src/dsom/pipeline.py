@@ -659,14 +659,13 @@ def _write_report(out: Path, results: dict[str, Any]) -> None:
 def _load_teachers_for(cfg: Config, ds: KGDataset, teachers_from: str | Path) -> tuple[Any, torch.device]:
     """The frozen teachers of ``dsom distill --teachers``, checked against the dataset; adopts their modalities
     and held-out sample into ``cfg``."""
+    from dsom.train.checkpoint import check_vocabulary
     from dsom.train.loop import resolve_device
     from dsom.train.teachers import load_frozen_teachers
 
     device = resolve_device(cfg.train.device)
     frozen, meta = load_frozen_teachers(teachers_from, device)
-    fp = meta.get("dataset", {}).get("fingerprint")
-    if fp and fp != ds.fingerprint():
-        raise DsomError(f"{teachers_from}: the teachers were trained on a different vocabulary than '{ds.name}'")
+    check_vocabulary(meta, ds, teachers_from, "distil on the dataset the teachers were trained on")
     cfg.modalities = list(frozen.modalities)
     tcfg = meta.get("config", {}).get("distill", {})
     held, seed = float(tcfg.get("holdout", 0.0)), int(tcfg.get("holdout_seed", 0))

@@ -202,6 +202,15 @@ def _check_shapes(d: Path, tensors: dict[str, torch.Tensor], need: dict[str, int
                         "model (equal, even widths needed)")
 
 
+def check_vocabulary(meta: dict[str, Any], dataset: KGDataset, where: object, hint: str) -> None:
+    """A one-line :class:`DsomError` when a checkpoint's recorded vocabulary fingerprint is not ``dataset``'s."""
+    fp = meta.get("dataset", {}).get("fingerprint") if isinstance(meta.get("dataset"), dict) else None
+    if fp is not None and fp != dataset.fingerprint():
+        theirs = fp.get("entities") if isinstance(fp, dict) else fp
+        raise DsomError(f"{where}: trained on a different vocabulary than dataset '{dataset.name}' (entities "
+                        f"{theirs} vs {dataset.fingerprint()['entities']}); {hint}")
+
+
 def check_teachers(d: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
                    entities: Vocabulary | None = None, relations: Vocabulary | None = None) -> list[str]:
     """The modalities of a materialised teachers checkpoint after checking its tensors against its meta.json and

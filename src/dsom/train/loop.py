@@ -43,7 +43,13 @@ from dsom.numerics import cross_entropy
 from dsom.perf import release_memory
 from dsom.ranks import TIE_POLICIES
 from dsom.train.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from dsom.train.checkpoint import load_train_state, read_checkpoint, resolve_checkpoint_dir, write_checkpoint
+from dsom.train.checkpoint import (
+    check_vocabulary,
+    load_train_state,
+    read_checkpoint,
+    resolve_checkpoint_dir,
+    write_checkpoint,
+)
 from dsom.train.tracker import JsonlTracker
 
 log = logging.getLogger("dsom")
@@ -216,9 +222,7 @@ class Trainer(abc.ABC):
 
     def _load_tensors(self, directory: Path) -> None:
         d, meta, tensors = read_checkpoint(directory)
-        fp = meta.get("dataset", {}).get("fingerprint")
-        if fp != self.ds.fingerprint():
-            raise DsomError(f"{d}: checkpoint was trained on a different vocabulary than dataset '{self.ds.name}'")
+        check_vocabulary(meta, self.ds, d, "resume with the dataset this run was started on")
         own = self.checkpoint_tensors()
         if meta.get("format") != self.checkpoint_format or set(tensors) != set(own):
             raise DsomError(f"{d}: checkpoint holds {meta.get('format')!r} tensors {sorted(tensors)}, not a "
