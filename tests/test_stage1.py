@@ -206,6 +206,29 @@ def test_meta_learner_relu_output_can_die_and_the_linear_one_cannot():
         MetaLearner(2, 4, "tanh")
 
 
+@pytest.mark.parametrize("output", ["linear", "relu"])
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 64, 1000), (4, 1, 9)])
+def test_blocked_meta_learner_equals_the_whole_block_definition(output, shape):
+    """MetaLearner.forward (blocks of candidates, recomputed backward) against nn.Sequential on the whole block:
+    the same outputs and parameter gradients, with blocks smaller than N and a non-uniform incoming gradient."""
+    torch.manual_seed(1)
+    net = MetaLearner(shape[0], 16, output)
+    with torch.no_grad():
+        net.net[2].bias.fill_(0.05)  # some outputs on both sides of the final ReLU
+    scores = torch.randn(*shape, dtype=torch.float64)
+    net = net.double()
+    w = torch.rand(shape[1], shape[2], dtype=torch.float64)
+    grads = []
+    for fn in (net.reference, net.forward):
+        net.zero_grad()
+        out = fn(scores)
+        (out * w).sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in net.parameters()]))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    for a, b in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(a, b)
+
+
 def test_clean_valid_drops_shared_and_repeated_triples_but_keeps_filtering():
     ds = random_graph()
     valid = np.concatenate([ds.valid, ds.train[:5], ds.test[:3], ds.valid[:2]])

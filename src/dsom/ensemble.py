@@ -121,12 +121,64 @@ class MetaLearner(nn.Module):
         super().__init__()
         if output not in ("linear", "relu"):
             raise ValueError(f"MetaLearner output {output!r}: choose linear or relu")
+        self.output = output
         layers: list[nn.Module] = [nn.Linear(num_teachers, hidden), nn.ReLU(), nn.Linear(hidden, 1)]
         self.net = nn.Sequential(*layers, *([nn.ReLU()] if output == "relu" else []))
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
-        """``scores (M, B, N)`` -> ``(B, N)``."""
+        """``scores (M, B, N)`` -> ``(B, N)``, computed over blocks of candidates so the ``(B, N, hidden)``
+        activations never exist at once (:class:`_BlockedMLP`; the teachers' scores get no gradient)."""
+        first, last = self.net[0], self.net[2]
+        return _BlockedMLP.apply(scores.detach(), first.weight, first.bias, last.weight[0], last.bias,
+                                 self.output == "relu")
+
+    def reference(self, scores: torch.Tensor) -> torch.Tensor:
+        """The same function through ``nn.Sequential`` on the whole block (the definition; used by tests)."""
         return self.net(scores.permute(1, 2, 0)).squeeze(-1)
+
+
+class _BlockedMLP(torch.autograd.Function):
+    """``relu(s W1^T + b1) w2 + b2`` (optionally a final ReLU) per candidate, over blocks of candidates.
+
+    The whole-block version writes and reads a ``(B, N, hidden)`` activation three times (about 5x slower on
+    DB15K's shapes); here each block of ``(B, c, hidden)``, about 2 MB, stays in cache, and the backward pass
+    recomputes it instead of saving it."""
+
+    ELEMENTS = 1 << 19  # B * c * hidden per block
+
+    @staticmethod
+    def _pre(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("mbc,hm->bch", x, w1).add_(b1)
+
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                b2: torch.Tensor, final_relu: bool) -> torch.Tensor:
+        M, B, N = scores.shape
+        c = max(8, _BlockedMLP.ELEMENTS // max(B * w1.shape[0], 1))
+        out = torch.empty(B, N, dtype=torch.result_type(scores, w1), device=scores.device)
+        for s0 in range(0, N, c):
+            out[:, s0:s0 + c] = torch.addmv(b2, _BlockedMLP._pre(scores[:, :, s0:s0 + c], w1, b1).relu_().flatten(0, 1),
+                                            w2).view(B, -1)
+        if final_relu:
+            out.relu_()
+        ctx.save_for_backward(scores, w1, b1, w2, out)
+        ctx.block, ctx.final_relu = c, final_relu
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        scores, w1, b1, w2, out = ctx.saved_tensors
+        if ctx.final_relu:
+            grad = grad * (out > 0)
+        g_w1, g_b1, g_w2 = torch.zeros_like(w1), torch.zeros_like(b1), torch.zeros_like(w2)
+        for s0 in range(0, scores.shape[2], ctx.block):
+            x, g = scores[:, :, s0:s0 + ctx.block], grad[:, s0:s0 + ctx.block]
+            pre = _BlockedMLP._pre(x, w1, b1)  # recomputed: (B, c, H)
+            g_w2 += torch.einsum("bch,bc->h", pre.relu(), g)
+            d_pre = (pre > 0).to(g.dtype).mul_(g.unsqueeze(-1)).mul_(w2)
+            g_b1 += d_pre.sum((0, 1))
+            g_w1 += torch.einsum("bch,mbc->hm", d_pre, x)
+        return None, g_w1, g_b1, g_w2, grad.sum().reshape(1), None
 
 
 class MetaLearnerScorer:
