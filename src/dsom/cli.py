@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-filter", action="store_true", help="keep answers that are already known triples")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    p = sub.add_parser("tune", help="hyper-parameter search of the distillation stage (Optuna, on valid; "
+                                    "resumable)")
+    _common_training(p)
+    p.add_argument("--trials", type=int, default=20, help="trials to finish (completed or pruned), in all")
+    p.add_argument("--space", help="search space YAML (default: gamma, tau, alpha, beta, entropy, policy_lr)")
+    p.add_argument("--teachers", help="run directory with trained teachers (default: train them in OUT/teachers)")
+
     p = sub.add_parser("export", help="write a trained model in another library's format (PyKEEN)")
     p.add_argument("checkpoint", help="checkpoint folder or run directory (its student, else its teachers)")
     p.add_argument("--to", choices=["pykeen"], default="pykeen", help="target library")
@@ -348,6 +355,25 @@ def _predict_file(args: argparse.Namespace, ck: Any, filter_index: Any) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from dsom import pipeline
+    from dsom.tune import tune
+
+    if args.trials < 1:
+        raise DsomError(f"--trials {args.trials}: give at least 1")
+    if not args.output:
+        raise DsomError("dsom tune needs -o OUT (the study, trial folders and best.yaml go there)")
+    cfg = pipeline.build_config(args.dataset, args.config, _overrides(args), preset=args.preset)
+    summary = tune(cfg, args.output, args.trials, args.space, args.teachers, seed=cfg.train.seed,
+                   progress=not args.quiet)
+    print(f"best trial {summary['best_trial']}: {summary['metric']} = {summary['best_value']:.4f}")
+    for key, value in summary["best_params"].items():
+        print(f"  {key} = {value}")
+    print("trials: " + ", ".join(f"{k.lower()} {v}" for k, v in summary["trials"].items() if v))
+    print(f"best configuration: {Path(args.output) / 'best.yaml'} (dsom run -c {Path(args.output) / 'best.yaml'})")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
@@ -502,7 +528,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_train, "pretrain": cmd_train, "distill": cmd_train, "reproduce": cmd_reproduce,
             "report": cmd_report, "evaluate": cmd_evaluate, "predict": cmd_predict,
-            "export": cmd_export, "import-pykeen": cmd_import_pykeen,
+            "export": cmd_export, "tune": cmd_tune, "import-pykeen": cmd_import_pykeen,
             "data": cmd_data, "features": cmd_features, "config": cmd_config, "version": cmd_version}
 
 

@@ -335,6 +335,9 @@ class Trainer(abc.ABC):
 
     _eta_done = False
     _eta_start = 0.0
+    #: called as ``epoch_hook(epoch, record)`` after each epoch's record (with ``valid`` and ``selection_value``
+    #: when the epoch validated) is logged; it may raise to stop training
+    epoch_hook: Callable[[int, dict[str, Any]], None] | None = None
 
     def _estimate(self, b: int, num_batches: int) -> None:
         """Log once per process how long an epoch and the rest of this stage should take, from the first batches."""
@@ -392,6 +395,8 @@ class Trainer(abc.ABC):
                     self.state.stopped_early = True
                     record["early_stop"] = True
             self.tracker.log(record)
+            if self.epoch_hook is not None:  # e.g. a hyper-parameter search reporting to its pruner
+                self.epoch_hook(epoch, record)
             release_memory()
             if self.progress:
                 tqdm.write(_epoch_line(record, t))
