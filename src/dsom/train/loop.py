@@ -187,10 +187,18 @@ class Trainer(abc.ABC):
         """Total loss and its logged terms for a batch of reciprocal queries ``(B, 3)``."""
         raise NotImplementedError
 
-    @abc.abstractmethod
+    def validation_scorer(self) -> Any:
+        """The model :meth:`validate` ranks with (the student of a distiller, by default ``self.model``)."""
+        return self.model
+
     def validate(self) -> tuple[dict[str, Any], float]:
-        """Validation record to log and the selection value (higher is better)."""
-        raise NotImplementedError
+        """Validation record to log (all tie policies) and the selection value (higher is better)."""
+        self.model.eval()
+        ev, t = self.cfg.eval, self.cfg.train
+        m = evaluate(self.validation_scorer(), self.ds, "valid", batch_size=ev.batch_size,
+                     memory_budget_mb=ev.memory_budget_mb, precision=ev.precision, device=self.device,
+                     max_triples=t.valid_max_triples or None)
+        return {p: m[p] for p in TIE_POLICIES}, m[t.selection_policy][t.selection_metric]
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.model.state_dict().items() if k in dict(self.model.named_parameters())}
@@ -448,13 +456,6 @@ class ComplExTrainer(Trainer):
             terms["reg"] = pen.detach()
         return total, terms
 
-    def validate(self) -> tuple[dict[str, Any], float]:
-        self.model.eval()
-        ev, t = self.cfg.eval, self.cfg.train
-        metrics = evaluate(self.model, self.ds, "valid", batch_size=ev.batch_size,
-                           memory_budget_mb=ev.memory_budget_mb, precision=ev.precision, device=self.device,
-                           max_triples=t.valid_max_triples or None)
-        return ({p: metrics[p] for p in TIE_POLICIES}, metrics[t.selection_policy][t.selection_metric])
 
 
 

@@ -24,10 +24,8 @@ from dsom.distill.actions import action_names
 from dsom.distill.distiller import Distiller
 from dsom.distill.selectors import SelectionBatch
 from dsom.errors import DsomError
-from dsom.evaluate import evaluate
 from dsom.models.teachers import FrozenTeachers
 from dsom.perf import compile_enabled
-from dsom.ranks import TIE_POLICIES
 from dsom.train.checkpoint import save_checkpoint
 from dsom.train.loop import BatchHook, Trainer, epoch_permutation
 
@@ -252,13 +250,8 @@ class StudentTrainer(Trainer):
             out["reward_queries"] = int(count.sum())
         return out
 
-    def validate(self) -> tuple[dict[str, Any], float]:
-        self.model.eval()
-        ev, t = self.cfg.eval, self.cfg.train
-        m = evaluate(self.model.student, self.ds, "valid", batch_size=ev.batch_size,
-                     memory_budget_mb=ev.memory_budget_mb, precision=ev.precision, device=self.device,
-                     max_triples=t.valid_max_triples or None)
-        return {p: m[p] for p in TIE_POLICIES}, m[t.selection_policy][t.selection_metric]
+    def validation_scorer(self) -> Any:
+        return self.model.student
 
     def save_final(self) -> Path:
         """The selected student as a plain ComplEx checkpoint (``checkpoints/<name>/final``)."""
