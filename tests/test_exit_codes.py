@@ -104,3 +104,13 @@ def test_a_checkpoint_used_with_another_vocabulary_is_refused(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert "trained on a different vocabulary than dataset '" in err and len(err.splitlines()) == 1, err
+
+
+def test_features_options_are_range_checked_with_their_own_names(tmp_path, capsys):
+    d = tmp_path / "kg"
+    write_canonical(clustered_graph(num_entities=30), d)
+    assert main(["features", str(d), "--numeric", "--text-batch-size", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--text-batch-size must be >= 1, got 0; set it with --text-batch-size VALUE" in err, err
+    assert main(["features", str(d), "--numeric", "--seed", "-3"]) == 2
+    assert "--seed" in capsys.readouterr().err

@@ -479,7 +479,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from dsom.config import FeaturesConfig
+    from dsom.config import Config, FeaturesConfig, check_values
     from dsom.data import registry
     from dsom.features.build import build_modality
     from dsom.features.cache import FeatureCache
@@ -487,10 +487,22 @@ def cmd_features(args: argparse.Namespace) -> int:
     names = [n for n, on in (("numeric", args.numeric), ("text", args.text), ("image", args.image)) if on]
     if not names:
         raise DsomError("choose at least one of --text, --numeric, --image")
-    ds = registry.load(args.dataset)
     fc = FeaturesConfig(text_model=args.text_model or "", text_pooling=args.text_pooling,
                         text_batch_size=args.text_batch_size, image_model=args.image_model, image_agg=args.image_agg,
                         imputation=args.imputation, seed=args.seed)
+    checked = Config()
+    checked.features = fc
+    try:  # the same ranges as the features.* keys of a run, reported with this command's option names
+        check_values(checked)
+    except DsomError as exc:
+        text = str(exc)
+        for key, option in (("text_batch_size", "--text-batch-size"), ("seed", "--seed"),
+                            ("text_pooling", "--text-pooling"), ("image_agg", "--image-agg"),
+                            ("imputation", "--imputation")):
+            text = text.replace(f"--set features.{key}=VALUE", f"{option} VALUE").replace(
+                f"config key 'features.{key}'", option)
+        raise DsomError(text) from None
+    ds = registry.load(args.dataset)
     cache = FeatureCache()
     for name in names:
         built = build_modality(ds, name, fc, cache, force=args.force, progress=not args.quiet)

@@ -627,8 +627,14 @@ def missing_study(cfg: Config, output: str | Path | None, resume: bool = False, 
         _, sub = run(sub_cfg, out / f"missing-{rate}", resume=resume, force=force, progress=progress)
         study[str(rate)] = row(sub)
     results["missing_study"] = study
-    write_json_atomic(out / "results.json", results)
-    _write_report(out, results)
+    from dsom.runlock import RunLock
+
+    lock = RunLock(out).acquire()  # the main run's results.json is rewritten: no other writer meanwhile
+    try:
+        write_json_atomic(out / "results.json", results)
+        _write_report(out, results)
+    finally:
+        lock.release()
     return out, results
 
 
