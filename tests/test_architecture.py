@@ -84,3 +84,21 @@ def test_triple_keys_product_and_dense_fallback_agree_on_equality():
         same = (a[:, None, :] == b[None, :, :]).all(-1)  # brute force: which rows are the same triple
         assert np.array_equal(ka[:, None] == kb[None, :], same)
         assert np.array_equal(ka[:, None] == ka[None, :], (a[:, None, :] == a[None, :, :]).all(-1))
+
+
+def test_cli_options_follow_the_config_schema():
+    """Shortcuts and choice lists of the CLI are generated from the config schema, so they cannot drift."""
+    from dsom.cli import SHORTCUTS, _overrides, build_parser
+    from dsom.config import key_choices
+
+    parser = build_parser()
+    args = parser.parse_args(["run", "--rank", "12", "--epochs", "3", "--batch-size", "7", "--seed", "4",
+                              "--precision", "fp32"])
+    assert dict(_overrides(args)) == {"model.rank": 12, "train.epochs": 3, "train.batch_size": 7, "train.seed": 4,
+                                      "train.precision": "fp32"}
+    assert {key for _, key in SHORTCUTS} == {k for k, _ in _overrides(args)}
+    run = parser._subparsers._group_actions[0].choices["run"]
+    by_dest = {a.dest: a for a in run._actions}
+    assert by_dest["precision"].choices == key_choices("train.precision")
+    feats = parser._subparsers._group_actions[0].choices["features"]
+    assert {a.dest: a for a in feats._actions}["text_pooling"].choices == key_choices("features.text_pooling")

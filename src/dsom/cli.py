@@ -16,8 +16,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from dsom.config import METHOD_PRESETS, _default_of, key_choices, key_doc
+from dsom.data.graph import SPLITS
 from dsom.errors import DsomError
+from dsom.pipeline import ABLATIONS
 from dsom.ranks import TIE_POLICIES
+
+#: CLI shortcuts for config keys (``--batch-size`` sets ``train.batch_size``)
+SHORTCUTS = (("rank", "model.rank"), ("epochs", "train.epochs"), ("batch_size", "train.batch_size"),
+             ("seed", "train.seed"), ("precision", "train.precision"))
 
 
 def _common_training(p: argparse.ArgumentParser) -> None:
@@ -27,14 +34,12 @@ def _common_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="YAML configuration file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="set any configuration key, e.g. --set train.lr=0.05 (repeatable; see 'dsom config')")
-    p.add_argument("--preset", choices=["dsom", "paper"],
+    p.add_argument("--preset", choices=list(METHOD_PRESETS),
                    help="method preset: 'dsom' (default) or 'paper' = the paper's selection exactly (Eqs. 5-12)")
     p.add_argument("--modalities", help="comma-separated teacher modalities (default: structure)")
-    p.add_argument("--rank", type=int, help="shortcut for model.rank")
-    p.add_argument("--epochs", type=int, help="shortcut for train.epochs")
-    p.add_argument("--batch-size", type=int, help="shortcut for train.batch_size")
-    p.add_argument("--seed", type=int, help="shortcut for train.seed")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32", "bf16sim"], help="shortcut for train.precision")
+    for name, key in SHORTCUTS:  # type, choices and help come from the config schema
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(_default_of(key)), choices=key_choices(key),
+                       help=f"shortcut for {key}: {key_doc(key)}")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output")
     p.add_argument("--force", action="store_true", help="start over in an --output that holds an earlier run")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -47,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the whole pipeline on a dataset (default: the embedded synthetic graph)")
     _common_training(p)
-    p.add_argument("--ablation", choices=["table2", "table4", "table6", "dim", "selection", "missing"],
+    p.add_argument("--ablation", choices=[*ABLATIONS, "missing"],
                    help="also train the variants of a paper table on the same teachers and report them; 'missing' "
                         "reruns the whole pipeline at missing rates 0.2-0.8 in sub-runs (Figure 4)")
     p = sub.add_parser("pretrain", help="train the modality teachers and their ensembles (stage 1)")
@@ -55,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="train the DSoM student on the teachers of an earlier run (stage 2)")
     _common_training(p)
     p.add_argument("--teachers", required=True, help="run directory (or checkpoints/teachers/final) of the teachers")
-    p.add_argument("--ablation", choices=["table2", "table4", "table6", "dim", "selection"],
+    p.add_argument("--ablation", choices=list(ABLATIONS),
                    help="also train the variants of a paper table on the same teachers and report them")
     p = sub.add_parser("reproduce", help="the paper's main tables on the benchmarks, beside the paper's numbers "
                                          "(resumable sub-runs per dataset and seed)")
@@ -74,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="filtered ranking metrics of a saved model")
     p.add_argument("checkpoint", help="checkpoint folder or run directory")
     p.add_argument("--dataset", help="dataset name or folder (default: the one recorded in the checkpoint)")
-    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.add_argument("--split", default="test", choices=list(SPLITS))
     p.add_argument("--json", help="write the metrics to this JSON file")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--memory-budget-mb", type=float, default=1024.0)
@@ -120,22 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("info", help="statistics and validation of a dataset folder")
     q.add_argument("path", help="dataset folder or registered name")
-    q.add_argument("--layout", default="auto", choices=["auto", "canonical", "mygo", "openke", "kbc"])
+    q.add_argument("--layout", default=_default_of("data.layout"), choices=key_choices("data.layout"))
     q.add_argument("--json", help="also write the statistics to this JSON file")
 
     p = sub.add_parser("features", help="build and cache feature tables (text, numeric, image) of a dataset")
     p.add_argument("dataset", help="registered dataset name or folder")
     p.add_argument("--text", action="store_true", help="encode 'name: description' with a text model")
     p.add_argument("--text-model", help="transformers model folder or hub id (default: offline all-MiniLM-L6-v2)")
-    p.add_argument("--text-pooling", default="mean", choices=["mean", "second-to-last", "cls"],
+    p.add_argument("--text-pooling", default=_default_of("features.text_pooling"),
+                   choices=key_choices("features.text_pooling"),
                    help="mean of the last layer (sentence-transformers) or of the second-to-last (MoSE/BERT)")
-    p.add_argument("--text-batch-size", type=int, default=64)
+    p.add_argument("--text-batch-size", type=int, default=_default_of("features.text_batch_size"))
     p.add_argument("--numeric", action="store_true", help="normalised numeric literals from numeric.tsv")
     p.add_argument("--image", action="store_true", help="images of images.tsv through a vision model")
     p.add_argument("--image-model", default="google/vit-base-patch16-224",
                    help="transformers vision model folder or hub id (paper: google/vit-base-patch16-224)")
-    p.add_argument("--image-agg", default="mean", choices=["mean", "first"], help="several images per entity")
-    p.add_argument("--imputation", default="normal", choices=["normal", "zeros", "mean"])
+    p.add_argument("--image-agg", default=_default_of("features.image_agg"), choices=key_choices("features.image_agg"),
+                   help="several images per entity")
+    p.add_argument("--imputation", default=_default_of("features.imputation"),
+                   choices=key_choices("features.imputation"))
     p.add_argument("--seed", type=int, default=0, help="seed of the imputation")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -151,8 +159,7 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
     from dsom.config import parse_assignment
 
     out: list[tuple[str, Any]] = []
-    for name, key in (("rank", "model.rank"), ("epochs", "train.epochs"), ("batch_size", "train.batch_size"),
-                      ("seed", "train.seed"), ("precision", "train.precision")):
+    for name, key in SHORTCUTS:
         if getattr(args, name, None) is not None:
             out.append((key, getattr(args, name)))
     if getattr(args, "modalities", None):

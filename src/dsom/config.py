@@ -277,6 +277,26 @@ def _default_of(key: str) -> Any:
     return get_value(Config(), key)
 
 
+def key_field(key: str) -> dataclasses.Field:
+    """The dataclass field of a dotted config key (its type, default, doc and choices)."""
+    node: Any = Config
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = {f.name: f for f in dataclasses.fields(node)}[part].type
+        node = node if isinstance(node, type) else globals()[node]
+    return {f.name: f for f in dataclasses.fields(node)}[parts[-1]]
+
+
+def key_choices(key: str) -> list[Any] | None:
+    """The allowed values of a config key (``None`` when it is not a choice), for CLI options built on it."""
+    choices = key_field(key).metadata.get("choices")
+    return list(choices) if choices else None
+
+
+def key_doc(key: str) -> str:
+    return str(key_field(key).metadata.get("doc", ""))
+
+
 def check_values(cfg: Config) -> None:
     """Every numeric value finite and within its range, every list entry known: a :class:`ConfigError` naming
     the first bad key, its value and the built-in default otherwise."""
