@@ -7,20 +7,53 @@ Exit status: 0 success; 2 bad input or configuration (one line, no traceback unl
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
 import sys
+import tempfile
 import traceback
 import warnings
 from pathlib import Path
 from typing import Any
 
-from dsom.config import METHOD_PRESETS, _default_of, key_choices, key_doc
+import torch
+
+from dsom import pipeline
+from dsom.config import (
+    METHOD_PRESETS,
+    Config,
+    FeaturesConfig,
+    _default_of,
+    apply_dict,
+    check_values,
+    describe,
+    key_choices,
+    key_doc,
+    load_yaml,
+    parse_assignment,
+)
+from dsom.data import registry
 from dsom.data.graph import SPLITS
+from dsom.data.info import dataset_info, format_info
 from dsom.errors import DsomError
-from dsom.pipeline import ABLATIONS
+from dsom.evaluate import evaluate
+from dsom.features.build import build_modality
+from dsom.features.cache import FeatureCache
+from dsom.interop import align_to, export_pykeen, from_pykeen, load_pykeen
+from dsom.models.complex import ComplEx
+from dsom.models.teachers import TEACHERS_FORMAT
+from dsom.perf import tune_allocator
+from dsom.pipeline import ABLATIONS, build_config
+from dsom.predict import answer_lines, parse_queries, predict, predict_batch
 from dsom.ranks import TIE_POLICIES
+from dsom.report import write_report
+from dsom.reproduce import reproduce
+from dsom.train.checkpoint import check_vocabulary, load_checkpoint, write_checkpoint
+from dsom.train.loop import resolve_device
+from dsom.tune import tune
+from dsom.version import environment, format_table
 
 #: CLI shortcuts for config keys (``--batch-size`` sets ``train.batch_size``)
 SHORTCUTS = (("rank", "model.rank"), ("epochs", "train.epochs"), ("batch_size", "train.batch_size"),
@@ -156,8 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
-    from dsom.config import parse_assignment
-
     out: list[tuple[str, Any]] = []
     for name, key in SHORTCUTS:
         if getattr(args, name, None) is not None:
@@ -192,9 +223,6 @@ def _check_resume_arguments(args: argparse.Namespace, cfg: Any, saved: Path) -> 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dsom import pipeline
-    from dsom.config import Config, apply_dict, load_yaml
-
     if args.resume:
         if not args.output:
             raise DsomError("--resume needs -o/--output pointing at the run to continue")
@@ -253,8 +281,6 @@ def format_results(results: dict[str, Any]) -> str:
 
 
 def _dataset_for_checkpoint(meta: dict[str, Any], override: str | None):
-    from dsom.data import registry
-
     if override:
         return registry.load(override)
     info = meta.get("dataset", {})
@@ -271,8 +297,6 @@ def _dataset_for_checkpoint(meta: dict[str, Any], override: str | None):
 
 
 def _check_vocab(meta: dict[str, Any], ds: Any) -> None:
-    from dsom.train.checkpoint import check_vocabulary
-
     check_vocabulary(meta, ds, "the checkpoint", "pass the right --dataset")
 
 
@@ -288,9 +312,6 @@ def _check_json_destination(path: str | None, option: str = "--json") -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from dsom.config import parse_assignment
-    from dsom.reproduce import reproduce
-
     if args.seeds is not None and args.seeds < 1:
         raise DsomError(f"--seeds {args.seeds}: give at least 1")
     mods = [m.strip() for m in args.modalities.split(",") if m.strip()] if args.modalities else None
@@ -302,10 +323,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dsom.evaluate import evaluate
-    from dsom.train.checkpoint import load_checkpoint
-    from dsom.train.loop import resolve_device
-
     _check_json_destination(args.json)
     if args.batch_size < 1 or not args.memory_budget_mb >= 1:
         raise DsomError("--batch-size must be >= 1 and --memory-budget-mb >= 1")
@@ -329,10 +346,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _predict_file(args: argparse.Namespace, ck: Any, filter_index: Any) -> int:
     """Stream a query file through the model in batches; with -o the output appears only when complete."""
-    import itertools
-    import tempfile
 
-    from dsom.predict import answer_lines, parse_queries, predict_batch
 
     source = sys.stdin if args.queries == "-" else open(args.queries, encoding="utf-8-sig")  # noqa: SIM115
     tmp = None
@@ -363,9 +377,6 @@ def _predict_file(args: argparse.Namespace, ck: Any, filter_index: Any) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from dsom import pipeline
-    from dsom.tune import tune
-
     if args.trials < 1:
         raise DsomError(f"--trials {args.trials}: give at least 1")
     if not args.output:
@@ -382,11 +393,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch
-
-    from dsom.interop import export_pykeen
-    from dsom.models.complex import ComplEx
-    from dsom.train.checkpoint import load_checkpoint
 
     if Path(args.output).exists() and any(Path(args.output).iterdir()):
         raise DsomError(f"-o {args.output}: exists and is not empty; choose a new folder")
@@ -418,11 +424,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import_pykeen(args: argparse.Namespace) -> int:
-    from dsom import pipeline
-    from dsom.interop import align_to, from_pykeen, load_pykeen
-    from dsom.models.teachers import TEACHERS_FORMAT
-    from dsom.train.checkpoint import write_checkpoint
-
     out = Path(args.output) / "checkpoints" / "teachers" / "final"
     if out.exists():
         raise DsomError(f"{out} exists; choose a new -o")
@@ -439,9 +440,6 @@ def cmd_import_pykeen(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from dsom.predict import predict
-    from dsom.train.checkpoint import load_checkpoint
-
     if args.k < 1:
         raise DsomError(f"-k {args.k}: the number of answers must be at least 1")
     if args.queries is None and args.relation is None:
@@ -473,9 +471,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from dsom.data import registry
-    from dsom.data.info import dataset_info, format_info
-
     _check_json_destination(args.json)
     ds = registry.load(args.path, args.layout)
     info = dataset_info(ds)
@@ -486,11 +481,6 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from dsom.config import Config, FeaturesConfig, check_values
-    from dsom.data import registry
-    from dsom.features.build import build_modality
-    from dsom.features.cache import FeatureCache
-
     names = [n for n, on in (("numeric", args.numeric), ("text", args.text), ("image", args.image)) if on]
     if not names:
         raise DsomError("choose at least one of --text, --numeric, --image")
@@ -522,23 +512,16 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from dsom.config import describe
-    from dsom.pipeline import build_config
-
     print(describe(build_config(args.dataset)))
     return 0
 
 
 def cmd_version(args: argparse.Namespace) -> int:
-    from dsom.version import environment, format_table
-
     print(format_table(environment()))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from dsom.report import write_report
-
     path = write_report(args.run_dir)
     print(path.read_text(encoding="utf-8"))
     print(f"report: {path.parent}")
@@ -562,7 +545,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="dsom: %(levelname)s: %(message)s")
     if not args.debug:  # one line per warning, without the Python source line that raised it
         warnings.formatwarning = _one_line_warning
-    from dsom.perf import tune_allocator
 
     tune_allocator()
     try:
