@@ -7,6 +7,7 @@ does not match its checkpoints).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -15,15 +16,36 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dsom import __version__
-from dsom.config import METHOD_PRESETS, Config, apply_dict, check_values, load_yaml
+from dsom.config import METHOD_PRESETS, Config, _all_keys, apply_dict, check_values, get_value, load_yaml
 from dsom.data import registry
 from dsom.data.graph import KGDataset, triple_keys
+from dsom.data.info import dataset_info
+from dsom.data.modality import apply_missing_rate
+from dsom.distill.holdout import (
+    entity_reliability,
+    fit_temperatures,
+    reward_rows,
+    teacher_ce,
+    teacher_dataset,
+)
+from dsom.distill.rc_valid import train_rc_on_valid
+from dsom.distill.selectors import check_selector, selector_class
+from dsom.ensemble import WeightedTeachers, boosting_weights, train_meta_learner
 from dsom.errors import ConfigError, DsomError
-from dsom.evaluate import evaluate
+from dsom.evaluate import evaluate, split_counts
+from dsom.features.build import build_modality
+from dsom.models.teachers import AllViews
 from dsom.ranks import TIE_POLICIES
+from dsom.report import write_report
+from dsom.runlock import RunLock
+from dsom.train.checkpoint import check_vocabulary
+from dsom.train.loop import resolve_device
+from dsom.train.student import StudentTrainer, student_config
+from dsom.train.teachers import TeacherTrainer, load_frozen_teachers, view_metrics
 
 log = logging.getLogger("dsom")
 
@@ -65,7 +87,6 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"modalities: {', '.join(unknown)} has no built-in source (built in: "
                           f"{', '.join(BUILT_IN_MODALITIES)}); give a feature file with "
                           f"--set features.files.{unknown[0]}=PATH")
-    from dsom.distill.selectors import check_selector
 
     try:
         check_selector(cfg.distill.selector, list(mods))
@@ -85,7 +106,6 @@ def check_config(cfg: Config) -> None:
     if not 0.0 <= cfg.distill.holdout < 1.0:
         raise ConfigError(f"config key 'distill.holdout' must be in [0, 1), got {cfg.distill.holdout}")
     check_values(cfg)
-    from dsom.train.loop import resolve_device
 
     try:
         resolve_device(cfg.train.device)
@@ -108,15 +128,12 @@ def build_features(ds: KGDataset, cfg: Config, progress: bool = True,
                    force: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Feature tables of the configured feature modalities (built or read from the cache) and a summary
     for ``results.json``. The synthetic dataset carries its own tables."""
-    from dsom.features.build import build_modality
-
     tables: dict[str, Any] = {}
     info: dict[str, Any] = {}
     for m in cfg.modalities:
         if m == "structure":
             continue
         if m in ds.modalities and m not in cfg.features.files:
-            from dsom.data.modality import apply_missing_rate
 
             table, seconds, cached = ds.modalities[m], 0.0, None
             if cfg.features.missing_rate > 0:
@@ -137,8 +154,6 @@ def build_features(ds: KGDataset, cfg: Config, progress: bool = True,
 
 def dataset_warnings(ds: KGDataset) -> list[str]:
     """The warnings of ``dsom data info`` (split contamination, unseen entities, leakage)."""
-    from dsom.data.info import dataset_info
-
     try:
         return list(dataset_info(ds).get("warnings", []))
     except Exception as exc:  # noqa: BLE001 - statistics must never stop a run
@@ -175,8 +190,6 @@ def check_run_dir(out: Path, resume: bool, force: bool) -> None:
 
 def check_resume_config(out: Path, cfg: Config) -> None:
     """A resumed run may change only :data:`RESUME_MAY_CHANGE`; anything else would not match its checkpoints."""
-    from dsom.config import _all_keys, get_value
-
     saved = Config()
     try:
         apply_dict(saved, load_yaml(out / "config.yaml"))
@@ -241,10 +254,6 @@ def frozen_teacher_results(frozen: Any, ds: KGDataset, cfg: Config, device: torc
                            progress: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every teacher and Teacher Avg. of materialised teachers, ranked in one pass per split, plus the
     oracle (per-query best teacher) as a diagnostic."""
-    from dsom.evaluate import split_counts
-    from dsom.models.teachers import AllViews
-    from dsom.train.teachers import view_metrics
-
     per: dict[str, dict[str, Any]] = {}
     oracle: dict[str, Any] = {}
     for split in cfg.eval.splits:
@@ -263,8 +272,6 @@ def frozen_teacher_results(frozen: Any, ds: KGDataset, cfg: Config, device: torc
 def ensemble_results(frozen: Any, ds: KGDataset, cfg: Config, device: torch.device,
                      progress: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """MoSE-BI and MoSE-MI (SPEC §3), trained on valid; needs at least two teachers and valid triples."""
-    from dsom.ensemble import WeightedTeachers, boosting_weights, train_meta_learner
-
     models: dict[str, Any] = {}
     info: dict[str, Any] = {}
     wanted = [m for m in cfg.ensemble.models if m in ("mose_bi", "mose_mi")]
@@ -378,28 +385,23 @@ def resolve_variants(cfg: Config, ablation: str | None = None) -> list[str]:
 def distill_stage(frozen: Any, ds: KGDataset, cfg: Config, out: Path, device: torch.device, resume: bool,
                   progress: bool, variants: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train the DSoM student and every requested variant on the same frozen teachers."""
-    from dsom.train.student import StudentTrainer, student_config
-
     models: dict[str, Any] = {}
     info: dict[str, Any] = {"students": {}}
     overlap = _valid_test_overlap(ds)
     rows, temperatures, info["selection"] = selection_inputs(frozen, ds, cfg, device)
     stats = None
     if frozen.num_teachers > 1:
-        from dsom.distill.holdout import entity_reliability
 
         stats = entity_reliability(frozen, torch.from_numpy(ds.queries("train")).to(device), ds.num_entities,
                                    temperatures).to(device)
     if temperatures is not None and frozen.num_teachers > 1:
         # the all-teacher mean of the calibrated teachers: what the 'avg' selector distils from, as an ensemble
-        from dsom.ensemble import WeightedTeachers
 
         w = (1.0 / temperatures / frozen.num_teachers).expand(2 * ds.num_relations, -1).contiguous()
         models["teacher_avg/calibrated"] = model_results(WeightedTeachers(frozen, w), ds, cfg, device, progress,
                                                          memory_scale=frozen.num_teachers + 1)
     for name in ["student", *variants]:
         if name in EVAL_BASELINES:
-            from dsom.distill.rc_valid import train_rc_on_valid
 
             if frozen.num_teachers < 2 or len(ds.valid) == 0:
                 info[name] = {"skipped": "needs at least two teachers and valid triples"}
@@ -412,7 +414,6 @@ def distill_stage(frozen: Any, ds: KGDataset, cfg: Config, out: Path, device: to
             continue
         key = "student" if name == "student" else f"student/{name}"
         vcfg = student_config(cfg, variant_overrides(name) if name != "student" else {})
-        from dsom.distill.selectors import selector_class
 
         cls = selector_class(vcfg.distill.selector)
         if frozen.num_teachers < 2 and cls is not None and cls.chooses:
@@ -446,8 +447,6 @@ def selection_inputs(frozen: Any, ds: KGDataset, cfg: Config, device: torch.devi
                      ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
     """The reward rows (queries of the triples held out from the teachers) and the teachers' temperatures fitted
     on those queries (on valid when nothing is held out), with a summary for ``results.json``."""
-    from dsom.distill.holdout import fit_temperatures, reward_rows, teacher_ce
-
     dc = cfg.distill
     info: dict[str, Any] = {"holdout": dc.holdout, "holdout_seed": dc.holdout_seed}
     rows = reward_rows(ds, dc.holdout, dc.holdout_seed) if dc.holdout > 0 else None
@@ -479,8 +478,6 @@ def selection_inputs(frozen: Any, ds: KGDataset, cfg: Config, device: torch.devi
 
 
 def _valid_test_overlap(ds: KGDataset) -> int:
-    import numpy as np
-
     if len(ds.valid) == 0 or len(ds.test) == 0:
         return 0
     valid, test = triple_keys([ds.valid, ds.test], ds.num_entities, ds.num_relations)
@@ -495,8 +492,6 @@ def run(cfg: Config, output: str | Path | None = None, resume: bool = False, for
     ``stages="pretrain"`` stops after the teachers and ensembles; ``teachers_from`` reuses the materialised
     teachers of an earlier run (``dsom distill``) instead of training them.
     """
-    from dsom.runlock import RunLock
-
     out = Path(output) if output else default_output(cfg)
     # Everything is validated before the run directory is touched: an earlier run is replaced (--force) or
     # extended (--resume), and config.yaml rewritten, only once the configuration and every input passed.
@@ -552,10 +547,8 @@ def describe_plan(cfg: Config, ds: KGDataset, variants: list[str], stages: str =
 
 def _run_stages(cfg: Config, ds: KGDataset, out: Path, warnings_: list[str], tables: Any, feature_info: Any,
                 resume: bool, progress: bool, stages: str, variants: list[str]) -> tuple[Path, dict[str, Any]]:
-    from dsom.train.teachers import TeacherTrainer
 
     t0 = time.perf_counter()
-    from dsom.distill.holdout import teacher_dataset
 
     trainer = TeacherTrainer(teacher_dataset(ds, cfg.distill.holdout, cfg.distill.holdout_seed), cfg, out, tables,
                              progress=progress)
@@ -611,8 +604,6 @@ def missing_study(cfg: Config, output: str | Path | None, resume: bool = False, 
     """The Figure-4 study (SPEC §7): the full pipeline at missing rate 0 (the main run, in ``output``) and at
     every rate in ``rates`` (sub-runs ``output/missing-<rate>``, teachers retrained each time). The main
     ``results.json`` gains ``missing_study``: test metrics of every teacher, Teacher Avg. and the student per rate."""
-    import copy
-
     out, results = run(cfg, output, resume=resume, force=force, progress=progress)
     study: dict[str, Any] = {}
 
@@ -627,7 +618,6 @@ def missing_study(cfg: Config, output: str | Path | None, resume: bool = False, 
         _, sub = run(sub_cfg, out / f"missing-{rate}", resume=resume, force=force, progress=progress)
         study[str(rate)] = row(sub)
     results["missing_study"] = study
-    from dsom.runlock import RunLock
 
     lock = RunLock(out).acquire()  # the main run's results.json is rewritten: no other writer meanwhile
     try:
@@ -655,7 +645,6 @@ def _add_distill(results: dict[str, Any], info: dict[str, Any]) -> None:
 
 def _write_report(out: Path, results: dict[str, Any]) -> None:
     try:
-        from dsom.report import write_report
 
         write_report(out, results)
     except Exception as exc:  # noqa: BLE001 - a report must never fail a finished run
@@ -665,10 +654,6 @@ def _write_report(out: Path, results: dict[str, Any]) -> None:
 def _load_teachers_for(cfg: Config, ds: KGDataset, teachers_from: str | Path) -> tuple[Any, torch.device]:
     """The frozen teachers of ``dsom distill --teachers``, checked against the dataset; adopts their modalities
     and held-out sample into ``cfg``."""
-    from dsom.train.checkpoint import check_vocabulary
-    from dsom.train.loop import resolve_device
-    from dsom.train.teachers import load_frozen_teachers
-
     device = resolve_device(cfg.train.device)
     frozen, meta = load_frozen_teachers(teachers_from, device)
     check_vocabulary(meta, ds, teachers_from, "distil on the dataset the teachers were trained on")
