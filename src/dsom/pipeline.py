@@ -645,7 +645,6 @@ def _add_distill(results: dict[str, Any], info: dict[str, Any]) -> None:
 
 def _write_report(out: Path, results: dict[str, Any]) -> None:
     try:
-
         write_report(out, results)
     except Exception as exc:  # noqa: BLE001 - a report must never fail a finished run
         log.warning("could not write the report: %s", exc)
