@@ -393,7 +393,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-
     if Path(args.output).exists() and any(Path(args.output).iterdir()):
         raise DsomError(f"-o {args.output}: exists and is not empty; choose a new folder")
     source = Path(args.checkpoint)

@@ -134,7 +134,6 @@ def build_features(ds: KGDataset, cfg: Config, progress: bool = True,
         if m == "structure":
             continue
         if m in ds.modalities and m not in cfg.features.files:
-
             table, seconds, cached = ds.modalities[m], 0.0, None
             if cfg.features.missing_rate > 0:
                 from dsom.features.build import BUILT_IN_OFFSET
@@ -391,7 +390,6 @@ def distill_stage(frozen: Any, ds: KGDataset, cfg: Config, out: Path, device: to
     rows, temperatures, info["selection"] = selection_inputs(frozen, ds, cfg, device)
     stats = None
     if frozen.num_teachers > 1:
-
         stats = entity_reliability(frozen, torch.from_numpy(ds.queries("train")).to(device), ds.num_entities,
                                    temperatures).to(device)
     if temperatures is not None and frozen.num_teachers > 1:
@@ -402,7 +400,6 @@ def distill_stage(frozen: Any, ds: KGDataset, cfg: Config, out: Path, device: to
                                                          memory_scale=frozen.num_teachers + 1)
     for name in ["student", *variants]:
         if name in EVAL_BASELINES:
-
             if frozen.num_teachers < 2 or len(ds.valid) == 0:
                 info[name] = {"skipped": "needs at least two teachers and valid triples"}
                 continue
@@ -547,7 +544,6 @@ def describe_plan(cfg: Config, ds: KGDataset, variants: list[str], stages: str =
 
 def _run_stages(cfg: Config, ds: KGDataset, out: Path, warnings_: list[str], tables: Any, feature_info: Any,
                 resume: bool, progress: bool, stages: str, variants: list[str]) -> tuple[Path, dict[str, Any]]:
-
     t0 = time.perf_counter()
 
     trainer = TeacherTrainer(teacher_dataset(ds, cfg.distill.holdout, cfg.distill.holdout_seed), cfg, out, tables,
