@@ -114,3 +114,36 @@ def test_features_options_are_range_checked_with_their_own_names(tmp_path, capsy
     assert "--text-batch-size must be >= 1, got 0; set it with --text-batch-size VALUE" in err, err
     assert main(["features", str(d), "--numeric", "--seed", "-3"]) == 2
     assert "--seed" in capsys.readouterr().err
+
+
+def test_disk_full_while_checkpointing_is_exit_2_and_the_run_resumes_to_the_same_result(tmp_path, monkeypatch,
+                                                                                          capsys):
+    import errno
+
+    import dsom.train.checkpoint as ckpt
+
+    d = tmp_path / "kg"
+    write_canonical(clustered_graph(num_entities=40), d)
+    args = ["--rank", "4", "--epochs", "3", "--batch-size", "64", "--set", "distill.epochs=2", "-q"]
+    ref = tmp_path / "ref"
+    assert main(["run", str(d), "-o", str(ref), *args]) == 0
+    real, calls = ckpt.save_file, {"n": 0}
+
+    def full_disk(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third checkpoint write of the run (inside stage 1)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["run", str(d), "-o", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "No space left on device" in err and len(err.splitlines()) == 1
+    assert not (out / "results.json").exists() and not list(out.rglob("*.tmp/model.safetensors"))
+    monkeypatch.setattr(ckpt, "save_file", real)  # space freed
+    assert main(["run", "-o", str(out), "--resume", "-q"]) == 0
+    got = json.loads((out / "results.json").read_text())["models"]
+    want = json.loads((ref / "results.json").read_text())["models"]
+    assert {k: v["test"] for k, v in got.items()} == {k: v["test"] for k, v in want.items()}
