@@ -147,3 +147,24 @@ def test_disk_full_while_checkpointing_is_exit_2_and_the_run_resumes_to_the_same
     got = json.loads((out / "results.json").read_text())["models"]
     want = json.loads((ref / "results.json").read_text())["models"]
     assert {k: v["test"] for k, v in got.items()} == {k: v["test"] for k, v in want.items()}
+
+
+def test_run_lock_without_fcntl_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, monkeypatch):
+    import subprocess as sp
+
+    import dsom.runlock as runlock
+    from dsom.errors import DsomError
+
+    monkeypatch.setattr(runlock, "fcntl", None)  # the exclusive-create fallback (Windows)
+    first = runlock.RunLock(tmp_path / "r").acquire()
+    assert (tmp_path / "r" / runlock.LOCK_NAME).read_text().strip() == str(os.getpid())
+    with pytest.raises(DsomError, match=f"pid {os.getpid()}"):
+        runlock.RunLock(tmp_path / "r").acquire()
+    first.release()
+    assert not (tmp_path / "r" / runlock.LOCK_NAME).exists()
+    dead = sp.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "r" / runlock.LOCK_NAME).write_text(f"{dead.pid}\n")  # left by a process that has exited
+    again = runlock.RunLock(tmp_path / "r").acquire()
+    assert (tmp_path / "r" / runlock.LOCK_NAME).read_text().strip() == str(os.getpid())
+    again.release()

@@ -66,7 +66,7 @@ class RunLock:
         if self.dir.exists() and not self.dir.is_dir():
             raise DsomError(f"-o {self.dir}: exists and is not a directory; choose another -o")
         self.dir.mkdir(parents=True, exist_ok=True)
-        if fcntl is None:  # pragma: no cover
+        if fcntl is None:
             return self._acquire_exclusive_create()
         for _ in range(20):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -97,7 +97,7 @@ class RunLock:
             return self
         raise self._busy(None)
 
-    def _acquire_exclusive_create(self) -> RunLock:  # pragma: no cover - fallback without fcntl
+    def _acquire_exclusive_create(self) -> RunLock:  # fallback without fcntl (tests/test_exit_codes.py)
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
