@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dsom import pipeline
+from dsom import distributed, pipeline
 from dsom.config import (
     METHOD_PRESETS,
     Config,
@@ -326,12 +326,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_json_destination(args.json)
     if args.batch_size < 1 or not args.memory_budget_mb >= 1:
         raise DsomError("--batch-size must be >= 1 and --memory-budget-mb >= 1")
-    device = resolve_device("auto")
+    device = distributed.device(resolve_device("auto"))
     ck = load_checkpoint(args.checkpoint, device=device)
     ds = _dataset_for_checkpoint(ck.meta, args.dataset)
     _check_vocab(ck.meta, ds)
     m = evaluate(ck.model, ds, args.split, batch_size=args.batch_size, memory_budget_mb=args.memory_budget_mb,
-                 device=device, progress=not args.quiet)
+                 device=device, progress=not args.quiet and distributed.is_main())
+    if not distributed.is_main():  # every process holds the same metrics; rank 0 reports them
+        return 0
     print(f"{ds.name} {args.split}: {m['queries']} queries (head + tail), filtered")
     print(f"{'direction':<8} {'policy':<12} {'MRR':>7} {'MR':>9} {'H@1':>7} {'H@3':>7} {'H@10':>7}")
     for direction, block in (("both", m), ("head", m["head"]), ("tail", m["tail"])):
@@ -346,8 +348,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _predict_file(args: argparse.Namespace, ck: Any, filter_index: Any) -> int:
     """Stream a query file through the model in batches; with -o the output appears only when complete."""
-
-
     source = sys.stdin if args.queries == "-" else open(args.queries, encoding="utf-8-sig")  # noqa: SIM115
     tmp = None
     if args.output:
@@ -547,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_allocator()
     try:
+        distributed.init_from_env(args.command)
+        if distributed.active() and not distributed.is_main():
+            logging.getLogger("dsom").setLevel(logging.WARNING)
         status = COMMANDS[args.command](args)
         sys.stdout.flush()  # a closed pipe (dsom data info | head) shows up here, not at interpreter exit
         return status
@@ -577,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"dsom: internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", file=sys.stderr)
         return 1
+    finally:
+        distributed.finish()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dsom import distributed
 from dsom.data.csr import CSRIndex
 from dsom.data.graph import KGDataset
 from dsom.ranks import RankCounts, all_metrics, count_better
@@ -66,17 +67,21 @@ def rank_queries(scorer: Scorer, queries: np.ndarray | torch.Tensor, filter_inde
     # outlive a batch sit between the large score blocks in the heap and fragment it.
     g_sorted: torch.Tensor | None = None
     e_sorted: torch.Tensor | None = None
+    # Under torchrun each process ranks a contiguous share of the pairs; the others' entries stay 0 and are summed in.
+    sharded = distributed.active() and len(cum) >= distributed.world()
+    u_lo, u_hi = distributed.shard(len(cum)) if sharded else (0, len(cum))
     bar = tqdm(total=len(q), desc="evaluate", disable=not progress, leave=False)
-    u0 = 0
-    while u0 < len(cum):
+    u0 = u_lo
+    while u0 < u_hi:
         q0 = int(cum[u0 - 1]) if u0 else 0
-        u1 = max(u0 + 1, min(u0 + batch, int(np.searchsorted(cum, q0 + batch, side="right"))))
+        u1 = max(u0 + 1, min(u0 + batch, int(np.searchsorted(cum, q0 + batch, side="right")), u_hi))
         q1 = int(cum[u1 - 1])
         c = _rank_block(scorer, pair_e[u0:u1], pair_r[u0:u1], pair_of_query[q0:q1] - u0, qs[q0:q1, 2],
                         filter_index, batch, chunk, precision)
         if g_sorted is None or e_sorted is None:
-            g_sorted = torch.empty((*c.greater.shape[:-1], len(q)), dtype=torch.int64, device=c.greater.device)
-            e_sorted = torch.empty_like(g_sorted)
+            alloc = torch.zeros if sharded else torch.empty
+            g_sorted = alloc((*c.greater.shape[:-1], len(q)), dtype=torch.int64, device=c.greater.device)
+            e_sorted = torch.zeros_like(g_sorted) if sharded else torch.empty_like(g_sorted)
         g_sorted[..., q0:q1] = c.greater
         e_sorted[..., q0:q1] = c.equal
         del c
@@ -84,6 +89,9 @@ def rank_queries(scorer: Scorer, queries: np.ndarray | torch.Tensor, filter_inde
         u0 = u1
     bar.close()
     assert g_sorted is not None and e_sorted is not None
+    if sharded:
+        distributed.sum_(g_sorted)
+        distributed.sum_(e_sorted)
     g_out, e_out = torch.empty_like(g_sorted), torch.empty_like(e_sorted)
     g_out[..., order] = g_sorted
     e_out[..., order] = e_sorted
