@@ -151,6 +151,15 @@ def _plural(what: str) -> str:
     return "entities" if what == "entity" else what + "s"
 
 
+def three_cells(line: str, path: object, line_no: int, fields: str) -> list[str]:
+    """The three tab-separated cells of a data line; a :class:`DataError` naming the file and line otherwise
+    (``fields`` names them, e.g. ``"head, relation, tail"``)."""
+    cells = line.split("\t")
+    if len(cells) != 3:
+        raise DataError(f"expected 3 tab-separated fields ({fields}), got {len(cells)}: {line[:120]!r}", path, line_no)
+    return cells
+
+
 def _is_blank(line: str) -> bool:
     return not line.strip()
 
@@ -375,11 +384,7 @@ def _parse_label_triples(path: Path, lines: list[str], ent: dict[str, int], rel:
     for i, ln in enumerate(lines, start=1):
         if _is_blank(ln):
             continue
-        cells = ln.split("\t")
-        if len(cells) != 3:
-            raise DataError(f"expected 3 tab-separated fields (head, relation, tail), got {len(cells)}: "
-                            f"{ln[:120]!r}", path, i)
-        h, r, t = cells
+        h, r, t = three_cells(ln, path, i, "head, relation, tail")
         for label, col in ((h, "head"), (t, "tail")):
             if label not in ent:
                 raise DataError(f"unknown entity '{label}' ({col}); it is not listed in {ent_file}"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dsom.data.graph import KGDataset
-from dsom.data.readers import DataWarning, gc_paused, read_lines
+from dsom.data.readers import DataWarning, gc_paused, read_lines, three_cells
 from dsom.errors import DataError, DsomError
 
 __all__ = ["HEADER", "ImageList", "NumericFacts", "read_images_tsv", "read_numeric", "regular_file"]
@@ -71,11 +71,7 @@ def read_numeric(path: str | os.PathLike[str], entity_index: Mapping[str, int]) 
             for i, ln in enumerate(body, start=2):
                 if not ln.strip():
                     continue
-                cells = ln.split("\t")
-                if len(cells) != 3:
-                    raise DataError(f"expected 3 tab-separated fields (entity, attribute, value), got {len(cells)}: "
-                                    f"{ln[:120]!r}", path, i)
-                e, a, v = cells
+                e, a, v = three_cells(ln, path, i, "entity, attribute, value")
                 if not a.strip():
                     raise DataError("empty attribute name; give every fact an attribute", path, i)
                 try:
