@@ -19,7 +19,7 @@ run: setup
 	$(BIN)/dsom run $(ARGS)
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
 
 test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
