@@ -50,7 +50,8 @@ from dsom.data import registry
 from dsom.data.graph import KGDataset
 from dsom.evaluate import evaluate
 from dsom.features.modality import ModalityTable
-from dsom.models.complex import ComplEx, resolve_precision
+from dsom.models.complex import ComplEx
+from dsom.models.products import resolve_precision
 from dsom.models.teachers import FrozenTeachers
 from dsom.perf import tune_allocator
 from dsom.train.loop import ComplExTrainer, PairIndex, Trainer

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from dsom.models.complex import ComplEx, complex_modulus, matmul_scores, n3_penalty
+from dsom.models.complex import ComplEx, n3_penalty
+from dsom.models.interaction import complex_modulus
+from dsom.models.products import matmul_scores
 
 
 def _model(E=30, R2=6, d=8, seed=0):
@@ -76,8 +78,35 @@ def test_unknown_precision_is_rejected():
 
 
 def test_n3_gradient_is_finite_for_exactly_zero_rows():
-    from dsom.models.complex import complex_modulus
 
     x = torch.zeros(2, 6, requires_grad=True)
     (complex_modulus(x) ** 3).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_stacked_interaction_equals_one_model_at_a_time():
+    """The one ComplEx scoring function: M stacked tables score exactly as M separate models, and the single-triple
+    path agrees with the 1-vs-all row (LibKGE's check), for one model and for a stack."""
+    from dsom.models import interaction
+
+    g = torch.Generator().manual_seed(3)
+    M, E, R, d = 3, 11, 4, 5
+    ent, rel = torch.randn(M, E, 2 * d, generator=g), torch.randn(M, R, 2 * d, generator=g)
+    h, r, t = torch.tensor([0, 5, 10, 3]), torch.tensor([1, 3, 0, 2]), torch.tensor([2, 2, 9, 3])
+    stacked = interaction.score_all(ent, rel, h, r)
+    assert stacked.shape == (M, 4, E)
+    for m in range(M):
+        one = interaction.score_all(ent[m], rel[m], h, r)
+        torch.testing.assert_close(stacked[m], one, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(interaction.score_triples(ent[m], rel[m], h, r, t), one[torch.arange(4), t],
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(interaction.score_all(ent[m], rel[m], h, r, start=4, stop=9), one[:, 4:9])
+        for a, b in zip(interaction.factors(ent, rel, h, r, t), interaction.factors(ent[m], rel[m], h, r, t)):
+            torch.testing.assert_close(a[m], b)
+    torch.testing.assert_close(interaction.score_triples(ent, rel, h, r, t),
+                               stacked.gather(2, t.expand(M, 4).unsqueeze(-1)).squeeze(-1), rtol=1e-5, atol=1e-5)
+    # an independent computation with complex numbers: Re(<h * r, conj(t)>)
+    c = torch.complex(ent[..., :d].double(), ent[..., d:].double())
+    cr = torch.complex(rel[..., :d].double(), rel[..., d:].double())
+    ref = ((c[:, h] * cr[:, r]).unsqueeze(2) * c.conj().unsqueeze(1)).sum(-1).real
+    torch.testing.assert_close(stacked.double(), ref, rtol=1e-5, atol=1e-5)

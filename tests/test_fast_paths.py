@@ -131,7 +131,7 @@ def test_trainers_give_the_same_loss_and_gradients_with_entity_chunks(tmp_path, 
 
 
 def test_bf16sim_reproduces_bf16_products_forward_and_backward():
-    from dsom.models.complex import matmul_scores
+    from dsom.models.products import matmul_scores
 
     out = {}
     for prec in ("bf16", "bf16sim", "fp32"):
@@ -149,7 +149,7 @@ def test_bf16sim_reproduces_bf16_products_forward_and_backward():
 
 
 def test_stacked_scores_loop_equals_batched_product_and_keeps_gradients():
-    from dsom.models.complex import stacked_scores
+    from dsom.models.products import stacked_scores
 
     g = torch.Generator().manual_seed(8)
     q, c = torch.randn(3, 7, 10, generator=g), torch.randn(3, 13, 10, generator=g)
@@ -185,7 +185,7 @@ def test_fused_optimizer_matches_the_reference_update(name):
 
 def test_teacher_scores_make_the_policy_state_without_a_copy():
     from dsom.distill.policy import policy_state
-    from dsom.models.complex import stacked_scores
+    from dsom.models.products import stacked_scores
 
     g = torch.Generator().manual_seed(10)
     q, c = torch.randn(3, 5, 4, generator=g), torch.randn(3, 9, 4, generator=g)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from dsom.models.complex import bf16_round
+from dsom.models.products import bf16_round
 from dsom.numerics import EXP_FLOOR
 
 
@@ -99,7 +99,7 @@ def chunked_cross_entropy(query: torch.Tensor, table: torch.Tensor, target: torc
         table: ``(E, D)`` or ``(K, E, D)`` candidate rows.
         target: ``(B,)`` target ids in ``[0, E)``.
         chunk: entities per block (``>= 1``).
-        precision: ``fp32``, ``bf16`` or ``bf16sim`` products (:func:`~dsom.models.complex.precise_matmul`).
+        precision: ``fp32``, ``bf16`` or ``bf16sim`` products (:func:`~dsom.models.products.precise_matmul`).
         rows: ``(T,)`` the query row of each target when several targets share a query (pair batching);
             ``None`` = query ``i`` for target ``i``. ``target`` is then ``(T,)``.
 

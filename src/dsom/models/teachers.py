@@ -19,7 +19,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from dsom.models.complex import complex_modulus, complex_query, stacked_scores
+import dsom.models.interaction as interaction
+from dsom.models.representations import normal_table, projected_table, xavier_projection
 
 STRUCTURE = "structure"
 
@@ -41,19 +42,16 @@ class ModalityTeachers(nn.Module):
             raise ValueError("'structure' has no feature matrix; it is always the first teacher")
         self.num_entities, self.num_relations, self.rank, self.scale = num_entities, num_relations, rank, scale
         self.modalities = [STRUCTURE, *features]
-        self.structure = nn.Parameter(torch.randn(num_entities, 2 * rank, generator=generator) * init_scale)
+        self.structure = nn.Parameter(normal_table((num_entities, 2 * rank), init_scale, generator))
         self.relations = nn.Parameter(
-            torch.randn(len(self.modalities), num_relations, 2 * rank, generator=generator) * init_scale)
+            normal_table((len(self.modalities), num_relations, 2 * rank), init_scale, generator))
         self.projections = nn.ParameterList()
         for i, (name, x) in enumerate(features.items()):
             x = torch.as_tensor(x, dtype=torch.float32)
             if x.shape[0] != num_entities:
                 raise ValueError(f"features of '{name}' have {x.shape[0]} rows, expected {num_entities}")
             self.register_buffer(f"features_{i}", x)
-            w = torch.empty(x.shape[1], 2 * rank)
-            bound = (6.0 / (x.shape[1] + 2 * rank)) ** 0.5  # Xavier uniform, drawn from the generator
-            w.uniform_(-bound, bound, generator=generator)
-            self.projections.append(nn.Parameter(w))
+            self.projections.append(nn.Parameter(xavier_projection(x.shape[1], 2 * rank, generator)))
 
     @property
     def num_teachers(self) -> int:
@@ -66,26 +64,23 @@ class ModalityTeachers(nn.Module):
         """``(M, E, 2d)``: the structural table, then ``X_m W_m / scale`` per feature modality."""
         tables = [self.structure]
         for i, w in enumerate(self.projections):
-            tables.append(self.feature_matrix(i) @ w / self.scale)
+            tables.append(projected_table(self.feature_matrix(i), w, self.scale))
         return torch.stack(tables)
 
     def queries(self, tables: torch.Tensor, head: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
         """``(M, B, 2d)`` query vectors of every teacher for ids ``(B,)``."""
-        return complex_query(tables[:, head], self.relations[:, relation])
+        return interaction.complex_query(tables[:, head], self.relations[:, relation])
 
     def score_all(self, head: torch.Tensor, relation: torch.Tensor, precision: str = "fp32",
                   tables: torch.Tensor | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """``(M, B, stop - start)`` float32 logits of every teacher, one batched product."""
         tables = self.entity_tables() if tables is None else tables
-        q = self.queries(tables, head, relation)
-        cand = tables[:, start:stop]
-        return stacked_scores(q, cand, precision)
+        return interaction.score_all(tables, self.relations, head, relation, precision, start, stop)
 
     def factors(self, tables: torch.Tensor, head: torch.Tensor, relation: torch.Tensor,
                 tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """N3 factors per teacher: moduli of head, relation and true-tail rows, each ``(M, B, d)``."""
-        return (complex_modulus(tables[:, head]), complex_modulus(self.relations[:, relation]),
-                complex_modulus(tables[:, tail]))
+        return interaction.factors(tables, self.relations, head, relation, tail)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -146,9 +141,7 @@ class FrozenTeachers:
     def score_all(self, head: torch.Tensor, relation: torch.Tensor, precision: str = "fp32",
                   start: int = 0, stop: int | None = None) -> torch.Tensor:
         """``(M, B, stop - start)`` float32 logits of every teacher, one batched product."""
-        q = complex_query(self.tables[:, head], self.relations[:, relation])
-        cand = self.tables[:, start:stop]
-        return stacked_scores(q, cand, precision)
+        return interaction.score_all(self.tables, self.relations, head, relation, precision, start, stop)
 
     def index(self, modality: str) -> int:
         if modality not in self.modalities:

@@ -38,7 +38,8 @@ from dsom.data.graph import KGDataset
 from dsom.errors import DsomError
 from dsom.evaluate import evaluate
 from dsom.models.chunked import chunked_cross_entropy, entity_chunk
-from dsom.models.complex import ComplEx, f2_penalty, matmul_scores, n3_penalty, resolve_precision
+from dsom.models.complex import ComplEx, f2_penalty, n3_penalty
+from dsom.models.products import matmul_scores, resolve_precision
 from dsom.numerics import cross_entropy
 from dsom.perf import release_memory
 from dsom.ranks import TIE_POLICIES

@@ -20,7 +20,7 @@ from dsom.data.graph import KGDataset
 from dsom.evaluate import split_counts, split_metrics
 from dsom.features.modality import ModalityTable
 from dsom.models.chunked import chunked_cross_entropy, entity_chunk
-from dsom.models.complex import matmul_scores
+from dsom.models.products import matmul_scores
 from dsom.models.teachers import TEACHERS_FORMAT, AllViews, FrozenTeachers, ModalityTeachers
 from dsom.numerics import cross_entropy
 from dsom.ranks import TIE_POLICIES, RankCounts, metrics_from_ranks, min_rank_counts

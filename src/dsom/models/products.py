@@ -1,0 +1,104 @@
+"""Matrix products in a training precision, the one place where fp32/bf16 are chosen (DESIGN §6).
+
+``fp32`` is the fast path on AVX2-only CPUs; ``bf16`` where the hardware multiplies bfloat16 natively
+(AMX or AVX512-BF16 CPUs, CUDA); ``bf16sim`` simulates bf16 numerics with fp32 kernels for accuracy checks.
+Every score product of every model goes through :func:`matmul_scores` or :func:`stacked_scores`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+PRECISIONS = ("bf16", "fp32", "bf16sim")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively (AMX or AVX512-BF16). On AVX2-only CPUs a bf16
+    product is emulated and runs several times *slower* than fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """Map ``auto`` to ``bf16`` where bf16 products are fast (CUDA with bf16, AMX/AVX512-BF16 CPUs), else ``fp32``."""
+    if precision != "auto":
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose auto, bf16 or fp32")
+        return precision
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def bf16_round(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the nearest bfloat16 value (round-to-nearest-even), kept in float32."""
+    return x.to(torch.bfloat16).float()
+
+
+class _Bf16SimMatmul(torch.autograd.Function):
+    """``a @ b`` with the numerics of a bf16 GEMM (bf16 operands, fp32 accumulation, bf16 result) computed
+    by fp32 kernels, in the forward and in both backward products. Products of two bf16 numbers are exact
+    in fp32, so this equals a hardware bf16 GEMM up to the order of the fp32 accumulation."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ar, br = bf16_round(a), bf16_round(b)
+        ctx.save_for_backward(ar, br)
+        return bf16_round(torch.matmul(ar, br))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ar, br = ctx.saved_tensors
+        g = bf16_round(grad)
+        return bf16_round(torch.matmul(g, br.transpose(-1, -2))), bf16_round(torch.matmul(ar.transpose(-1, -2), g))
+
+
+def precise_matmul(a: torch.Tensor, b: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """``a @ b`` (batched like :func:`torch.matmul`) as float32 in a training precision.
+
+    * ``fp32``: float32 products.
+    * ``bf16``: bfloat16 operands and result (the fast path on CUDA and AMX CPUs, DESIGN §6); gradients flow
+      to the float32 inputs through the casts.
+    * ``bf16sim``: the bf16 numerics simulated with float32 kernels (:class:`_Bf16SimMatmul`), for checking
+      bf16 accuracy on CPUs whose bf16 products are emulated and slow.
+    """
+    if precision == "fp32":
+        return torch.matmul(a.float(), b.float())
+    if precision == "bf16":
+        return torch.matmul(a.to(torch.bfloat16), b.to(torch.bfloat16)).float()
+    if precision == "bf16sim":
+        return _Bf16SimMatmul.apply(a.float(), b.float())
+    raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+
+
+def matmul_scores(query: torch.Tensor, candidates: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """Scores of every query against every candidate row: ``(..., B, 2d) x (..., N, 2d) -> (..., B, N)`` float32
+    in the given precision (:func:`precise_matmul`)."""
+    return precise_matmul(query, candidates.transpose(-1, -2), precision)
+
+
+def stacked_scores(query: torch.Tensor, candidates: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """``(M, B, 2d) x (M, N, 2d) -> (M, B, N)`` scores of M models at once (teachers), float32.
+
+    Without autograd in fp32 this is one ``mm`` per model written into a preallocated output: on the
+    2-core dev machine (MKL/oneDNN sgemm) a loop of ``mm`` is about 1.3x faster than ``bmm`` of the same
+    shapes (benchmarks/speed.py). Elsewhere it is :func:`matmul_scores`.
+    """
+    if precision != "fp32" or (torch.is_grad_enabled() and (query.requires_grad or candidates.requires_grad)):
+        return matmul_scores(query, candidates, precision)
+    q, c = query.float(), candidates.float()
+    # Written as (B, M, N) and returned as an (M, B, N) view: the policy's (B, M * N) state is then a free reshape.
+    out = torch.empty(q.shape[1], q.shape[0], c.shape[1], dtype=torch.float32, device=q.device)
+    for m in range(q.shape[0]):
+        torch.mm(q[m], c[m].T, out=out[:, m])
+    return out.permute(1, 0, 2)

@@ -1,0 +1,30 @@
+"""Entity representations: where an entity's ``2d``-real row comes from, before any interaction scores it.
+
+* a free table (the structural teacher, the student): ``N(0, 1) * init_scale`` rows, trained directly;
+* projected features (a feature teacher): fixed features ``X (E, F)`` times a trainable ``W (F, 2d)``,
+  divided by ``scale`` (MoSE ``learn.py``: 20), with ``W`` Xavier-uniform.
+
+A new kind of representation is one function here returning an ``(E, 2d)`` table; the interaction
+(:mod:`dsom.models.interaction`) never needs to know which kind it got.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def normal_table(shape: tuple[int, ...], init_scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A free table of ``shape`` (e.g. ``(E, 2d)``) drawn as ``N(0, 1) * init_scale`` (kbc's initialisation)."""
+    return torch.randn(*shape, generator=generator) * init_scale
+
+
+def xavier_projection(in_dim: int, out_dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A projection ``(in_dim, out_dim)`` drawn Xavier-uniform from ``generator``."""
+    w = torch.empty(in_dim, out_dim)
+    bound = (6.0 / (in_dim + out_dim)) ** 0.5
+    return w.uniform_(-bound, bound, generator=generator)
+
+
+def projected_table(features: torch.Tensor, projection: torch.Tensor, scale: float) -> torch.Tensor:
+    """Entity rows of a feature teacher: ``features (E, F) @ projection (F, 2d) / scale`` -> ``(E, 2d)``."""
+    return features @ projection / scale
