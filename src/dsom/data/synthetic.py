@@ -443,24 +443,54 @@ def generate_synthetic(num_entities: int = 3000, num_relations: int = 24, num_tr
         "unseen_frac": float(unseen_frac), "min_degree": int(min_degree), "imputation": str(imputation),
     }
     _validate(p)
-    E, R, k = p["num_entities"], p["num_relations"], p["block_rank"]
     blocks = (STRUCTURE, *modalities)
-    B = len(blocks)
-    n_valid, n_test = p["num_valid"], p["num_test"]
-    total = p["num_train"] + n_valid + n_test
-
     ss_latent, ss_rel, ss_triples, ss_split, ss_feat = np.random.SeedSequence(p["seed"]).spawn(5)
+    latent, clusters = _latent_factors(p, len(blocks), ss_latent)
+    relation_blocks, factors = _relations(p, latent, ss_rel)
+    triples, activity = _triples(p, latent, factors, ss_triples)
+    splits = _split(p, triples, ss_split)
+    E, R = p["num_entities"], p["num_relations"]
+    train = splits["train"]
+    train_degree = np.bincount(train[:, 0], minlength=E) + np.bincount(train[:, 2], minlength=E)
+    in_eval = np.zeros(E, dtype=bool)
+    for s in ("valid", "test"):
+        in_eval[splits[s][:, 0]] = True
+        in_eval[splits[s][:, 2]] = True
+    unseen = in_eval & (train_degree == 0)
+    tables, features = _features(p, latent, ss_feat)
 
-    # latent factors: independent clustered complex factors per block
-    rng = np.random.default_rng(ss_latent)
+    truth = SyntheticTruth(
+        teachers=blocks, blocks=blocks, latent=latent, clusters=clusters.astype(np.int64),
+        relation_blocks=relation_blocks, relation_factors=factors.astype(np.complex64), activity=activity,
+        corrupted=features["corrupted"], missing=features["missing"], corruption_source=features["source"],
+        clean_features=features["clean"], train_degree=train_degree.astype(np.int64), unseen=unseen,
+        min_degree=p["min_degree"], num_relations=R, params={**p, "modalities": list(modalities)},
+    )
+    truth.train_keys = np.sort(truth._key(train[:, 0], train[:, 1], train[:, 2]))
+    for s in SPLITS:
+        x = splits[s]
+        truth.labels[s] = truth._labels(x[:, 0], x[:, 1], x[:, 2], np.full(len(x), s == "train"))
+    entities, relations = _vocabularies(E, blocks, relation_blocks)
+    return KGDataset(name="synthetic", entities=entities, relations=relations, splits=splits, root=None,
+                     layout="synthetic", modalities=tables, extras={"synthetic": truth})
+
+
+def _latent_factors(p: dict[str, Any], num_blocks: int, seed: np.random.SeedSequence) -> tuple[np.ndarray, np.ndarray]:
+    """Independent clustered complex factors per block: ``latent (E, B, 2k)`` float32 and ``clusters (E, B)``."""
+    rng = np.random.default_rng(seed)
+    E, B, k = p["num_entities"], num_blocks, p["block_rank"]
     clusters = rng.integers(0, p["num_clusters"], size=(E, B))
     centres = rng.standard_normal((B, p["num_clusters"], 2 * k))
     rho = p["cluster_strength"]
     latent = (math.sqrt(rho) * centres[np.arange(B)[None, :], clusters]
               + math.sqrt(1.0 - rho) * rng.standard_normal((E, B, 2 * k))).astype(np.float32)
+    return latent, clusters
 
-    # relations: block patterns, complex diagonal factors scaled to unit-variance scores
-    rng = np.random.default_rng(ss_rel)
+
+def _relations(p: dict[str, Any], latent: np.ndarray, seed: np.random.SeedSequence) -> tuple[np.ndarray, np.ndarray]:
+    """Block patterns ``(R, B)`` bool and complex diagonal factors ``(R, B, k)`` scaled to unit-variance scores."""
+    rng = np.random.default_rng(seed)
+    E, R, k, B = p["num_entities"], p["num_relations"], p["block_rank"], latent.shape[1]
     patterns = _relation_patterns(B)
     relation_blocks = np.zeros((R, B), dtype=bool)
     factors = np.zeros((R, B, k), dtype=np.complex128)
@@ -474,9 +504,32 @@ def generate_synthetic(num_entities: int = 3000, num_relations: int = 24, num_tr
             w = rng.uniform(0.5, 1.5, size=k) * np.exp(1j * rng.uniform(0.0, 2 * np.pi, size=k))
             s = np.real((u[probe_h, b] * w * np.conj(u[probe_t, b])).sum(axis=1))
             factors[r, b] = w / (s.std() * math.sqrt(len(used)))
+    return relation_blocks, factors
 
-    # triples: log-normal activity for heads (and as a tail prior), distinct tails per head from the softmax
-    rng = np.random.default_rng(ss_triples)
+
+def _head_counts(p_head: np.ndarray, guaranteed: np.ndarray, extra: int, rng: np.random.Generator) -> np.ndarray:
+    """Triples per head of one relation: the guaranteed heads plus ``extra`` drawn from ``p_head``, each head
+    capped at ``E - 1`` distinct tails (the excess spilled onto heads with room)."""
+    E = len(p_head)
+    counts = np.bincount(guaranteed, minlength=E)
+    counts += rng.multinomial(extra, p_head / p_head.sum())
+    over = counts > E - 1
+    while over.any():
+        spill = int((counts[over] - (E - 1)).sum())
+        counts[over] = E - 1
+        room = np.flatnonzero(counts < E - 1)
+        counts += np.bincount(rng.choice(room, size=spill), minlength=E)
+        over = counts > E - 1
+    return counts
+
+
+def _triples(p: dict[str, Any], latent: np.ndarray, factors: np.ndarray,
+             seed: np.random.SeedSequence) -> tuple[np.ndarray, np.ndarray]:
+    """All triples ``(N, 3)`` in random order, and the entities' activity ``(E,)``: log-normal activity for heads
+    (and as a tail prior), distinct tails per head drawn from the relation's softmax."""
+    rng = np.random.default_rng(seed)
+    E, R = p["num_entities"], p["num_relations"]
+    total = p["num_train"] + p["num_valid"] + p["num_test"]
     activity = np.exp(p["activity_sigma"] * rng.standard_normal(E))
     log_pop = (p["popularity"] * np.log(activity)).astype(np.float32)
     rel_weight = 0.5 / R + 0.5 * rng.dirichlet(np.full(R, 2.0))
@@ -488,27 +541,23 @@ def generate_synthetic(num_entities: int = 3000, num_relations: int = 24, num_tr
     parts = []
     for r in range(R):
         p_head = activity * np.exp(0.5 * rng.standard_normal(E))
-        counts = np.bincount(guar_ent[guar_rel == r], minlength=E)
-        counts += rng.multinomial(rel_extra[r], p_head / p_head.sum())
+        counts = _head_counts(p_head, guar_ent[guar_rel == r], int(rel_extra[r]), rng)
         if counts.sum() == 0:
             continue
-        over = counts > E - 1                       # a head has at most E - 1 distinct tails
-        while over.any():
-            spill = int((counts[over] - (E - 1)).sum())
-            counts[over] = E - 1
-            room = np.flatnonzero(counts < E - 1)
-            counts += np.bincount(rng.choice(room, size=spill), minlength=E)
-            over = counts > E - 1
         heads = np.flatnonzero(counts)
         logits = _relation_scores(latent, p["sharpness"] * factors[r], heads, bias=log_pop)
         logits[np.arange(len(heads)), heads] = -np.inf
         row, tail = _sample_tails(logits, counts[heads], rng)
         parts.append(np.stack([heads[row], np.full(len(row), r), tail], axis=1))
     triples = np.concatenate(parts, axis=0).astype(np.int64)
-    triples = triples[rng.permutation(len(triples))]
+    return triples[rng.permutation(len(triples))], activity
 
-    # splits: hold out a few low-degree entities, keep every other entity in train, fill valid/test at random
-    rng = np.random.default_rng(ss_split)
+
+def _split(p: dict[str, Any], triples: np.ndarray, seed: np.random.SeedSequence) -> dict[str, np.ndarray]:
+    """Train/valid/test: hold out a few low-degree entities (unseen in train), keep every other entity in train,
+    fill valid and test at random."""
+    rng = np.random.default_rng(seed)
+    E, n_valid, n_test = p["num_entities"], p["num_valid"], p["num_test"]
     degree = np.bincount(triples[:, 0], minlength=E) + np.bincount(triples[:, 2], minlength=E)
     candidates = np.flatnonzero((degree >= 1) & (degree <= 3))
     n_unseen = min(int(round(p["unseen_frac"] * E)), len(candidates)) if n_valid + n_test > 0 else 0
@@ -534,23 +583,18 @@ def generate_synthetic(num_entities: int = 3000, num_relations: int = 24, num_tr
     chosen = chosen[rng.permutation(len(chosen))]
     in_heldout = np.zeros(len(triples), dtype=bool)
     in_heldout[chosen] = True
-    splits = {"train": triples[~in_heldout], "valid": triples[chosen[:n_valid]], "test": triples[chosen[n_valid:]]}
+    return {"train": triples[~in_heldout], "valid": triples[chosen[:n_valid]], "test": triples[chosen[n_valid:]]}
 
-    train = splits["train"]
-    train_degree = np.bincount(train[:, 0], minlength=E) + np.bincount(train[:, 2], minlength=E)
-    in_eval = np.zeros(E, dtype=bool)
-    for s in ("valid", "test"):
-        in_eval[splits[s][:, 0]] = True
-        in_eval[splits[s][:, 2]] = True
-    unseen = in_eval & (train_degree == 0)
 
-    # features: each modality reveals its own block, with corrupted and missing entities
+def _features(p: dict[str, Any], latent: np.ndarray,
+              seed: np.random.SeedSequence) -> tuple[dict[str, ModalityTable], dict[str, dict[str, np.ndarray]]]:
+    """One feature table per modality revealing its own block (block ``i`` for the ``i``-th modality), with
+    corrupted entities (showing another entity's features) and missing ones; and, by kind (``corrupted``,
+    ``missing``, ``source``, ``clean``) and modality, what was planted."""
+    E, modalities = p["num_entities"], p["modalities"]
     tables: dict[str, ModalityTable] = {}
-    corrupted: dict[str, np.ndarray] = {}
-    missing: dict[str, np.ndarray] = {}
-    sources: dict[str, np.ndarray] = {}
-    clean: dict[str, np.ndarray] = {}
-    for i, (m, ss_m) in enumerate(zip(modalities, ss_feat.spawn(len(modalities))), start=1):
+    planted: dict[str, dict[str, np.ndarray]] = {"corrupted": {}, "missing": {}, "source": {}, "clean": {}}
+    for i, (m, ss_m) in enumerate(zip(modalities, seed.spawn(len(modalities))), start=1):
         rng = np.random.default_rng(ss_m)
         dim = int(p["feature_dims"][m])
         src = np.concatenate([latent[:, i].astype(np.float64), rng.standard_normal((E, p["nuisance_dims"]))],
@@ -574,20 +618,14 @@ def generate_synthetic(num_entities: int = 3000, num_relations: int = 24, num_tr
         tables[m] = ModalityTable.from_partial(
             m, shown, ~gone, imputation=p["imputation"], seed=int(rng.integers(2**31)),
             source=f"synthetic(seed={p['seed']}, block={m}, corrupt={n_bad}, missing={n_gone})")
-        corrupted[m], missing[m], sources[m], clean[m] = bad, gone, source, x.astype(np.float32)
+        for kind, value in (("corrupted", bad), ("missing", gone), ("source", source), ("clean", x.astype(np.float32))):
+            planted[kind][m] = value
+    return tables, planted
 
-    truth = SyntheticTruth(
-        teachers=blocks, blocks=blocks, latent=latent, clusters=clusters.astype(np.int64),
-        relation_blocks=relation_blocks, relation_factors=factors.astype(np.complex64), activity=activity,
-        corrupted=corrupted, missing=missing, corruption_source=sources, clean_features=clean,
-        train_degree=train_degree.astype(np.int64), unseen=unseen, min_degree=p["min_degree"], num_relations=R,
-        params={**p, "modalities": list(modalities)},
-    )
-    truth.train_keys = np.sort(truth._key(train[:, 0], train[:, 1], train[:, 2]))
-    for s in SPLITS:
-        x = splits[s]
-        truth.labels[s] = truth._labels(x[:, 0], x[:, 1], x[:, 2], np.full(len(x), s == "train"))
 
+def _vocabularies(E: int, blocks: Sequence[str], relation_blocks: np.ndarray) -> tuple[Vocabulary, Vocabulary]:
+    """Entity and relation labels, names and descriptions (a relation's name lists the blocks it depends on)."""
+    R = len(relation_blocks)
     ew = max(4, len(str(E - 1)))
     rw = max(2, len(str(R - 1)))
     entities = Vocabulary(
@@ -596,15 +634,13 @@ def generate_synthetic(num_entities: int = 3000, num_relations: int = 24, num_tr
         # deliberately carries no latent information: a text encoder run on it must not leak planted factors
         descriptions=[f"synthetic entity number {i}" for i in range(E)],
     )
+    uses = [", ".join(blocks[b] for b in np.flatnonzero(relation_blocks[r])) for r in range(R)]
     relations = Vocabulary(
         labels=[f"r{r:0{rw}d}" for r in range(R)],
-        names=[f"relation {r} ({'+'.join(blocks[b] for b in np.flatnonzero(relation_blocks[r]))})"
-               for r in range(R)],
-        descriptions=[f"synthetic relation depending on the "
-                      f"{', '.join(blocks[b] for b in np.flatnonzero(relation_blocks[r]))} factors" for r in range(R)],
+        names=[f"relation {r} ({u.replace(', ', '+')})" for r, u in enumerate(uses)],
+        descriptions=[f"synthetic relation depending on the {u} factors" for u in uses],
     )
-    return KGDataset(name="synthetic", entities=entities, relations=relations, splits=splits, root=None,
-                     layout="synthetic", modalities=tables, extras={"synthetic": truth})
+    return entities, relations
 
 
 # ---------------------------------------------------------------------------------------------------------------
