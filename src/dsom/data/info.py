@@ -84,12 +84,32 @@ def dataset_info(ds: KGDataset) -> dict[str, Any]:
     triples whose entity pair is linked in train), ``neighbours`` (|N(e, r')| statistics), ``text``
     (available names/descriptions), ``files`` (numeric.tsv / images.tsv summaries) and ``warnings``.
     """
-    num_e, num_r = ds.num_entities, ds.num_relations
-    warn: list[str] = []
     keys = _triple_keys(ds)
     splits = {s: _split_stats(keys[s]) for s in SPLITS}
-    uniq = {s: np.unique(keys[s]) for s in SPLITS}
+    overlaps = _overlaps({s: np.unique(keys[s]) for s in SPLITS})
+    unseen = _unseen(ds)
+    pair_leak = _pair_leakage(ds)
+    files, warn = _side_files(ds)
+    warn += _warnings(ds, splits, overlaps, unseen, pair_leak, files)
+    return {
+        "name": ds.name,
+        "layout": ds.layout,
+        "root": str(ds.root) if ds.root is not None else None,
+        "entities": ds.num_entities,
+        "relations": ds.num_relations,
+        "splits": splits,
+        "overlaps": overlaps,
+        "unseen": unseen,
+        "pair_leakage": pair_leak,
+        "neighbours": _neighbour_stats(ds),
+        "text": _text_counts(ds),
+        "files": files,
+        "warnings": warn,
+    }
 
+
+def _overlaps(uniq: dict[str, np.ndarray]) -> dict[str, int]:
+    """Distinct triples shared between splits, and those only in valid (or only in test), from sorted unique keys."""
     def shared(a: str, b: str) -> int:
         return int(len(np.intersect1d(uniq[a], uniq[b], assume_unique=True)))
 
@@ -98,9 +118,12 @@ def dataset_info(ds: KGDataset) -> dict[str, Any]:
     for s, other in (("valid", "test"), ("test", "valid")):
         only = np.setdiff1d(np.setdiff1d(uniq[s], uniq["train"], assume_unique=True), uniq[other], assume_unique=True)
         overlaps[f"{s}_only"] = int(len(only))
+    return overlaps
 
-    # Entities / relations seen in train, and valid/test triples that use unseen ones.
-    train = ds.train
+
+def _unseen(ds: KGDataset) -> dict[str, Any]:
+    """Entities and relations seen in train, and the valid/test triples that use unseen ones."""
+    num_e, num_r, train = ds.num_entities, ds.num_relations, ds.train
     seen_e = np.zeros(num_e, dtype=bool)
     seen_e[train[:, 0]] = True
     seen_e[train[:, 2]] = True
@@ -125,29 +148,37 @@ def dataset_info(ds: KGDataset) -> dict[str, Any]:
         bad_e = ~seen_e[a[:, 0]] | ~seen_e[a[:, 2]]
         unseen[s] = {"triples_with_unseen_entity": int(bad_e.sum()),
                      "triples_with_unseen_relation": int((~seen_r[a[:, 1]]).sum())}
+    return unseen
 
-    # Entity pairs of valid/test already linked in train (inverse-relation leakage, WN18/FB15K style).
-    tr_pairs = np.unique(_pair_keys(train, num_e))
-    pair_leak: dict[str, Any] = {}
+
+def _pair_leakage(ds: KGDataset) -> dict[str, dict[str, float]]:
+    """Fractions of valid/test triples whose entity pair is already linked in train, either way round
+    (inverse-relation leakage, WN18/FB15K style)."""
+    num_e = ds.num_entities
+    tr_pairs = np.unique(_pair_keys(ds.train, num_e))
+    out: dict[str, dict[str, float]] = {}
     for s in ("valid", "test"):
         a = ds.splits[s]
         n = max(len(a), 1)
         rev = np.isin(_pair_keys(a, num_e, reverse=True), tr_pairs)
         same = np.isin(_pair_keys(a, num_e), tr_pairs)
-        pair_leak[s] = {"reversed_pair_in_train": float(rev.sum() / n), "same_pair_in_train": float(same.sum() / n)}
+        out[s] = {"reversed_pair_in_train": float(rev.sum() / n), "same_pair_in_train": float(same.sum() / n)}
+    return out
 
-    neighbours = _neighbour_stats(ds)
 
-    ent_names = ds.entities.names
-    ent_desc = ds.entities.descriptions
-    rel_names = ds.relations.names
-    text = {
-        "entity_names": sum(1 for x in ent_names if x) if ent_names is not None else 0,
-        "entity_descriptions": sum(1 for x in ent_desc if x) if ent_desc is not None else 0,
-        "relation_names": sum(1 for x in rel_names if x) if rel_names is not None else 0,
-    }
+def _text_counts(ds: KGDataset) -> dict[str, int]:
+    """How many entity names, entity descriptions and relation names are non-empty."""
+    def count(values: list[str] | None) -> int:
+        return sum(1 for x in values if x) if values is not None else 0
 
+    return {"entity_names": count(ds.entities.names), "entity_descriptions": count(ds.entities.descriptions),
+            "relation_names": count(ds.relations.names)}
+
+
+def _side_files(ds: KGDataset) -> tuple[dict[str, Any], list[str]]:
+    """Summaries of ``numeric.tsv`` and ``images.tsv`` in the dataset folder, and a warning per malformed one."""
     files: dict[str, Any] = {"numeric": None, "images": None}
+    warn: list[str] = []
     if ds.root is not None:
         root = Path(ds.root)
         for key, fname, fn in (("numeric", "numeric.tsv", _numeric_info), ("images", "images.tsv", _images_info)):
@@ -158,8 +189,13 @@ def dataset_info(ds: KGDataset) -> dict[str, Any]:
                 except DataError as e:
                     files[key] = {"path": str(p), "error": str(e)}
                     warn.append(f"{fname} is malformed: {e}")
+    return files, warn
 
-    # Human-readable warnings.
+
+def _warnings(ds: KGDataset, splits: dict[str, Any], overlaps: dict[str, int], unseen: dict[str, Any],
+              pair_leak: dict[str, Any], files: dict[str, Any]) -> list[str]:
+    """The human-readable warnings about splits, overlaps, unseen ids, leakage and side files."""
+    warn: list[str] = []
     for s in SPLITS:
         st = splits[s]
         if st["lines"] == 0:
@@ -202,21 +238,7 @@ def dataset_info(ds: KGDataset) -> dict[str, Any]:
         if f and f.get("missing_files"):
             warn.append(f"images.tsv: {f['missing_files']:,} image files are missing.")
 
-    return {
-        "name": ds.name,
-        "layout": ds.layout,
-        "root": str(ds.root) if ds.root is not None else None,
-        "entities": num_e,
-        "relations": num_r,
-        "splits": splits,
-        "overlaps": overlaps,
-        "unseen": unseen,
-        "pair_leakage": pair_leak,
-        "neighbours": neighbours,
-        "text": text,
-        "files": files,
-        "warnings": warn,
-    }
+    return warn
 
 
 def format_info(info: dict[str, Any]) -> str:
