@@ -9,16 +9,17 @@ arg-max action and is ranked by the mean of the chosen teachers' logits.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dsom.config import Config
 from dsom.data.graph import KGDataset
 from dsom.distill.actions import action_names, num_actions, subset_matrix
-from dsom.distill.policy import reinforce_loss
+from dsom.distill.losses import per_query_ce
+from dsom.distill.policy import reinforce_loss, triple_rewards
 from dsom.distill.selectors import SelectorContext, build_policy, policy_logits
 from dsom.models.teachers import FrozenTeachers
 
@@ -47,8 +48,6 @@ def train_rc_on_valid(teachers: FrozenTeachers, ds: KGDataset, cfg: Config, devi
     dc = cfg.distill
     g = torch.Generator().manual_seed(cfg.train.seed)
     M = teachers.num_teachers
-    import dataclasses
-
     # test queries have no known target, so this policy never reads per-entity statistics
     ctx = SelectorContext(teachers.modalities, teachers.num_entities, 2 * ds.num_relations,
                           dataclasses.replace(dc, policy_entity_stats="none"), g)
@@ -69,9 +68,9 @@ def train_rc_on_valid(teachers: FrozenTeachers, ds: KGDataset, cfg: Config, devi
             actions = torch.multinomial(logits.detach().softmax(-1).cpu(), 1, generator=g).squeeze(1).to(device)
             with torch.no_grad():
                 tea = torch.einsum("bm,mbe->be", subsets[actions], scores)
-                ce_tea = F.cross_entropy(tea, b[:, 2], reduction="none")
-                ce_avg = F.cross_entropy(scores.mean(0), b[:, 2], reduction="none")
-                reward = torch.where(ce_tea < ce_avg, dc.reward_positive, dc.reward_negative)
+                # Eq. (8) with the Teacher-Avg. ensemble in the student's place
+                reward = triple_rewards(tea, per_query_ce(scores.mean(0), b[:, 2]), b[:, 2],
+                                        dc.reward_positive, dc.reward_negative)
                 delta = reward - dc.reward_negative
             loss = reinforce_loss(logits, actions, delta)
             opt.zero_grad(set_to_none=True)
