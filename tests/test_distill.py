@@ -467,3 +467,38 @@ def test_neighbour_mask_from_the_host_copy_equals_the_device_lookup(tmp_path):
     for i, (e, r, t) in enumerate(batch.tolist()):
         expect = set(ds.neighbour_index.answers_of(e, r).tolist()) | {t}
         assert set(device[i].nonzero().squeeze(1).tolist()) == expect
+
+
+def test_kd_registry_matches_the_losses_and_takes_a_new_loss_by_name():
+    """Each registered distill.kd is the NDKD/DKD/vanilla call it names; a new loss is one registered function."""
+    from dsom.config import DistillConfig
+    from dsom.distill import kd as kdmod
+    from dsom.distill.distiller import kd_rows
+    from dsom.distill.losses import ndkd, target_mask, vanilla_kd
+
+    g = torch.Generator().manual_seed(0)
+    B, E = 5, 9
+    tea, stu = torch.randn(B, E, generator=g), torch.randn(B, E, generator=g)
+    t = torch.tensor([0, 3, 8, 2, 2])
+    nb = target_mask(t, E) | (torch.rand(B, E, generator=g) < 0.3)
+    cfg = DistillConfig(alpha=0.7, beta=1.3, tau=2.0)
+    expect = {
+        "ndkd": ndkd(tea, stu, nb, 2.0, 0.7, 1.3, cfg.neighbour_mode, cfg.tau_squared),
+        "nekd": ndkd(tea, stu, nb, 2.0, 0.7, 0.0, cfg.neighbour_mode, cfg.tau_squared),
+        "nnkd": ndkd(tea, stu, nb, 2.0, 0.0, 1.3, cfg.neighbour_mode, cfg.tau_squared),
+        "dkd": ndkd(tea, stu, target_mask(t, E), 2.0, 0.7, 1.3, cfg.neighbour_mode, cfg.tau_squared),
+        "vanilla": vanilla_kd(tea, stu, 2.0, cfg.tau_squared),
+    }
+    assert set(kdmod.KD_LOSSES) == set(expect)
+    for name, want in expect.items():
+        torch.testing.assert_close(kd_rows(tea, stu, t, nb, cfg, name), want)
+    assert {n for n, k in kdmod.KD_LOSSES.items() if k.needs_neighbours} == {"ndkd", "nekd", "nnkd"}
+    # without a neighbour mask the target alone is the neighbour set
+    torch.testing.assert_close(kd_rows(tea, stu, t, None, cfg, "ndkd"), expect["dkd"])
+    with pytest.raises(ValueError, match="distill.kd='bogus' is not one of ndkd, .*none"):
+        kdmod.check_kd("bogus")
+    try:
+        kdmod.register_kd("l2")(lambda te, st, tg, n, c: (te - st).pow(2).mean(-1))
+        torch.testing.assert_close(kd_rows(tea, stu, t, None, cfg, "l2"), (tea - stu).pow(2).mean(-1))
+    finally:
+        kdmod.KD_LOSSES.pop("l2", None)

@@ -22,7 +22,8 @@ from torch import nn
 
 from dsom.config import DistillConfig
 from dsom.distill.actions import full_action
-from dsom.distill.losses import ndkd, per_query_ce, target_mask, vanilla_kd
+from dsom.distill.kd import NO_KD, kd_loss
+from dsom.distill.losses import per_query_ce
 from dsom.distill.selectors import (
     SELECTORS,
     PolicySelector,
@@ -41,15 +42,9 @@ HEURISTICS = ("avg", "conf", "best_teacher", "best_strategy")
 
 def kd_rows(teacher: torch.Tensor, student: torch.Tensor, target: torch.Tensor, neighbours: torch.Tensor | None,
             cfg: DistillConfig, kind: str | None = None) -> torch.Tensor:
-    """Per-query distillation loss ``(B,)`` of ``kind`` (default ``distill.kd``) without gamma."""
-    kind = kind or cfg.kd
-    if kind == "vanilla":
-        return vanilla_kd(teacher, student, cfg.tau, cfg.tau_squared)
-    if kind == "dkd" or neighbours is None:
-        neighbours = target_mask(target, teacher.shape[-1])
-    alpha = 0.0 if kind == "nnkd" else cfg.alpha
-    beta = 0.0 if kind == "nekd" else cfg.beta
-    return ndkd(teacher, student, neighbours, cfg.tau, alpha, beta, cfg.neighbour_mode, cfg.tau_squared)
+    """Per-query distillation loss ``(B,)`` of ``kind`` (default ``distill.kd``; :mod:`dsom.distill.kd`) without
+    gamma."""
+    return kd_loss(kind or cfg.kd)(teacher, student, target, neighbours, cfg)
 
 
 def step_terms(student: torch.Tensor, teacher_logits: torch.Tensor | None, weights: torch.Tensor | None,
@@ -142,7 +137,7 @@ class Distiller(nn.Module):
                                     student_logits=detached if sel.needs_student else None,
                                     reward_rows=reward_rows, generator=generator))
         kind = sel.kd_override or cfg.kd
-        use_kd = kind != "none" and gamma > 0
+        use_kd = kind != NO_KD and gamma > 0
         terms = self._step_terms(student, tea_all, choice.weights, t, neighbours, cfg, use_kd, choice.teacher, kind)
         losses["ce"] = terms["ce"].mean()
         if use_kd:

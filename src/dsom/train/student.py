@@ -22,6 +22,7 @@ from dsom.config import Config
 from dsom.data.graph import KGDataset
 from dsom.distill.actions import action_names
 from dsom.distill.distiller import Distiller
+from dsom.distill.kd import KD_LOSSES, NO_KD
 from dsom.distill.selectors import SelectionBatch
 from dsom.errors import DsomError
 from dsom.models.teachers import FrozenTeachers
@@ -183,7 +184,8 @@ class StudentTrainer(Trainer):
         gen = torch.Generator(device=self.device).manual_seed(
             tr.seed * 1_000_003 + self.current_epoch * 100_003 + self.current_batch)
         sel = self.model.selector
-        needs_mask = sel is not None and (sel.kd_override or dc.kd) in ("ndkd", "nekd", "nnkd")
+        kind = (sel.kd_override or dc.kd) if sel is not None else NO_KD
+        needs_mask = kind != NO_KD and KD_LOSSES[kind].needs_neighbours
         batch_cpu = self.current_batch_cpu  # set by the epoch loop for this very batch, else None
         rows = None
         if self.reward_rows is not None and self.current_batch_index is not None:
