@@ -141,8 +141,8 @@ class DistillConfig:
     selector: str = opt("rl", "how each triple's teacher subset is chosen: rl (the policy, DSoM), avg (all teachers: the "
                         "'w/ NDKD' row), single:<modality>, conf, best_teacher, best_strategy (Table 2), mulde (a "
                         "sketch of MulDE's Senior, SPEC §6), none (plain ComplEx, no teacher)")
-    kd: str = opt("ndkd", "distillation loss: ndkd, nekd (beta=0), nnkd (alpha=0), dkd (N = {target}), vanilla, none",
-                  ("ndkd", "nekd", "nnkd", "dkd", "vanilla", "none"))
+    kd: str = opt("ndkd", "distillation loss (registry: dsom.distill.kd): ndkd, nekd (beta=0), nnkd (alpha=0), dkd "
+                  "(N = {target}), vanilla, none")
     gamma: float = opt(2.0, "weight of the distillation loss (paper: 2.0)")
     tau: float = opt(4.0, "distillation temperature (paper: 4.0)")
     alpha: float = opt(1.0, "weight of the neighbour binary term NEKD (paper: 1.0)")

@@ -32,6 +32,7 @@ from dsom.distill.holdout import (
     teacher_ce,
     teacher_dataset,
 )
+from dsom.distill.kd import check_kd
 from dsom.distill.rc_valid import train_rc_on_valid
 from dsom.distill.selectors import check_selector, selector_class
 from dsom.ensemble import WeightedTeachers, boosting_weights, train_meta_learner
@@ -90,6 +91,7 @@ def check_config(cfg: Config) -> None:
 
     try:
         check_selector(cfg.distill.selector, list(mods))
+        check_kd(cfg.distill.kd)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if not 0.0 <= cfg.features.missing_rate <= 1.0:
