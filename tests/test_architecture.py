@@ -93,9 +93,9 @@ def test_cli_options_follow_the_config_schema():
 
     parser = build_parser()
     args = parser.parse_args(["run", "--rank", "12", "--epochs", "3", "--batch-size", "7", "--seed", "4",
-                              "--precision", "fp32"])
+                              "--precision", "fp32", "--tracker", "mlflow,tensorboard"])
     assert dict(_overrides(args)) == {"model.rank": 12, "train.epochs": 3, "train.batch_size": 7, "train.seed": 4,
-                                      "train.precision": "fp32"}
+                                      "train.precision": "fp32", "track.trackers": ["mlflow", "tensorboard"]}
     assert {key for _, key in SHORTCUTS} == {k for k, _ in _overrides(args)}
     run = parser._subparsers._group_actions[0].choices["run"]
     by_dest = {a.dest: a for a in run._actions}

@@ -57,7 +57,11 @@ from dsom.version import environment, format_table
 
 #: CLI shortcuts for config keys (``--batch-size`` sets ``train.batch_size``)
 SHORTCUTS = (("rank", "model.rank"), ("epochs", "train.epochs"), ("batch_size", "train.batch_size"),
-             ("seed", "train.seed"), ("precision", "train.precision"))
+             ("seed", "train.seed"), ("precision", "train.precision"), ("tracker", "track.trackers"))
+
+
+def _comma_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def _common_training(p: argparse.ArgumentParser) -> None:
@@ -71,8 +75,9 @@ def _common_training(p: argparse.ArgumentParser) -> None:
                    help="method preset: 'dsom' (default) or 'paper' = the paper's selection exactly (Eqs. 5-12)")
     p.add_argument("--modalities", help="comma-separated teacher modalities (default: structure)")
     for name, key in SHORTCUTS:  # type, choices and help come from the config schema
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(_default_of(key)), choices=key_choices(key),
-                       help=f"shortcut for {key}: {key_doc(key)}")
+        kind = type(_default_of(key))
+        p.add_argument(f"--{name.replace('_', '-')}", type=_comma_list if kind is list else kind,
+                       choices=key_choices(key), help=f"shortcut for {key}: {key_doc(key)}")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output")
     p.add_argument("--force", action="store_true", help="start over in an --output that holds an earlier run")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

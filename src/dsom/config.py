@@ -202,6 +202,21 @@ class DistillConfig:
 
 
 @dataclass
+class TrackConfig:
+    trackers: list = opt([], "experiment trackers besides metrics.jsonl (always written): any of mlflow, tensorboard, "
+                         "wandb (shortcut --tracker mlflow,tensorboard; mlflow and tensorboard: pip install "
+                         "'dsom[track]'). They get the expanded config, every metrics.jsonl value with its epoch, "
+                         "results.json and the report; only rank 0 logs under torchrun")
+    experiment: str = opt("dsom", "MLflow experiment / W&B project the run is logged under (the run is named after "
+                          "the run directory)")
+    mlflow_uri: str = opt("", "MLflow tracking URI; '' = $MLFLOW_TRACKING_URI if set, else "
+                          "sqlite:///<run_dir>/mlflow.db with artifacts in <run_dir>/mlartifacts. A shared store, "
+                          "e.g. sqlite:///$PWD/runs/mlflow.db, puts many runs side by side")
+    wandb_mode: str = opt("auto", "Weights & Biases mode; auto = $WANDB_MODE if set, else offline (files in "
+                          "<run_dir>/wandb, upload later with 'wandb sync')", ("auto", "offline", "online", "disabled"))
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -210,6 +225,7 @@ class Config:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
     preset: str = opt("dsom", "method preset applied below the dataset preset, file and --set: 'dsom' = the "
                       "defaults listed here; 'paper' = Eqs. 5-12 as written (see METHOD_PRESETS)", ("dsom", "paper"))
     modalities: list = opt(["structure"], "teacher modalities; 'structure' is always present. Built in: text, "
@@ -330,6 +346,9 @@ def check_values(cfg: Config) -> None:
         if not isinstance(m, str) or not m.strip():
             raise ConfigError(f"config key 'modalities': {m!r} is not a modality name; e.g. --modalities "
                               "structure,text")
+    from dsom.train.tracker import check_trackers
+
+    check_trackers(cfg.track.trackers)
     if cfg.distill.policy_pretrain_epochs > 0 and cfg.distill.reward != "margin":
         raise ConfigError("config key 'distill.policy_pretrain_epochs' needs distill.reward=margin; set "
                           "--set distill.policy_pretrain_epochs=0 or --set distill.reward=margin")
@@ -341,6 +360,7 @@ SHORTCUTS = {
     "batch_size": "train.batch_size",
     "seed": "train.seed",
     "precision": "train.precision",
+    "tracker": "track.trackers",
 }
 
 

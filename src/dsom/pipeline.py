@@ -47,6 +47,7 @@ from dsom.train.checkpoint import check_vocabulary
 from dsom.train.loop import resolve_device
 from dsom.train.student import StudentTrainer, student_config
 from dsom.train.teachers import TeacherTrainer, load_frozen_teachers, view_metrics
+from dsom.train.tracker import log_final
 
 log = logging.getLogger("dsom")
 
@@ -169,7 +170,7 @@ def default_output(cfg: Config) -> Path:
 # Keys a resumed run may change: budgets, evaluation and hardware settings, never what the checkpoints hold.
 RESUME_MAY_CHANGE = ("train.epochs", "train.patience", "train.device", "train.threads", "train.compile",
                      "train.block_mb", "train.checkpoint_every", "distill.epochs", "distill.variants", "eval.",
-                     "ensemble.")
+                     "ensemble.", "track.")
 
 
 def check_run_dir(out: Path, resume: bool, force: bool) -> None:
@@ -591,6 +592,7 @@ def _run_stages(cfg: Config, ds: KGDataset, out: Path, warnings_: list[str], tab
     write_json_atomic(out / "results.json", results)
     trainer.tracker.end_run(True)
     _write_report(out, results)
+    log_final(out, cfg, results)  # results and report to the experiment trackers, which end their runs
     return out, results
 
 
@@ -683,4 +685,5 @@ def _distill_only(cfg: Config, ds: KGDataset, out: Path, warnings_: list[str], t
     _add_distill(results, info)
     write_json_atomic(out / "results.json", results)
     _write_report(out, results)
+    log_final(out, cfg, results)
     return out, results

@@ -51,7 +51,7 @@ from dsom.train.checkpoint import (
     resolve_checkpoint_dir,
     write_checkpoint,
 )
-from dsom.train.tracker import JsonlTracker
+from dsom.train.tracker import make_tracker
 
 log = logging.getLogger("dsom")
 ETA_BATCHES = (1, 6)  # the estimate times batches 2..6 of the first epoch a process trains (batch 1 warms up)
@@ -157,7 +157,7 @@ class Trainer(abc.ABC):
         self.progress = progress
         self.batch_hook = batch_hook
         self.device = resolve_device(cfg.train.device)
-        self.tracker = JsonlTracker(self.run_dir / "metrics.jsonl")
+        self.tracker = make_tracker(self.run_dir, cfg, stage)  # metrics.jsonl + track.trackers
         self.ckpt_dir = self.run_dir / "checkpoints" / checkpoint_subdir
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
