@@ -24,7 +24,6 @@ from dsom.config import METHOD_PRESETS, Config, _all_keys, apply_dict, check_val
 from dsom.data import registry
 from dsom.data.graph import KGDataset, triple_keys
 from dsom.data.info import dataset_info
-from dsom.data.modality import apply_missing_rate
 from dsom.distill.holdout import (
     entity_reliability,
     fit_temperatures,
@@ -38,7 +37,7 @@ from dsom.distill.selectors import check_selector, selector_class
 from dsom.ensemble import WeightedTeachers, boosting_weights, train_meta_learner
 from dsom.errors import ConfigError, DsomError
 from dsom.evaluate import evaluate, split_counts
-from dsom.features.build import build_modality
+from dsom.features.build import SOURCES, build_modality, with_missing_rate
 from dsom.models.teachers import AllViews
 from dsom.ranks import TIE_POLICIES
 from dsom.report import write_report
@@ -51,7 +50,7 @@ from dsom.train.tracker import log_final
 
 log = logging.getLogger("dsom")
 
-BUILT_IN_MODALITIES = ("structure", "text", "image", "numeric")
+BUILT_IN_MODALITIES = ("structure", *SOURCES)
 
 
 def build_config(dataset: str | None = None, config_file: str | None = None,
@@ -137,12 +136,7 @@ def build_features(ds: KGDataset, cfg: Config, progress: bool = True,
         if m == "structure":
             continue
         if m in ds.modalities and m not in cfg.features.files:
-            table, seconds, cached = ds.modalities[m], 0.0, None
-            if cfg.features.missing_rate > 0:
-                from dsom.features.build import BUILT_IN_OFFSET
-
-                table = apply_missing_rate(table, cfg.features.missing_rate,
-                                           cfg.features.missing_seed + BUILT_IN_OFFSET.get(m, 7), cfg.features.imputation)
+            table, seconds, cached = with_missing_rate(ds.modalities[m], m, cfg.features), 0.0, None
         else:
             built = build_modality(ds, m, cfg.features, force=force, progress=progress)
             table, seconds, cached = built.table, built.seconds, built.cached

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dsom.config import FeaturesConfig
 from dsom.data.graph import KGDataset
 from dsom.data.modality import ModalityTable
 from dsom.data.readers import DataWarning
@@ -110,3 +111,10 @@ def build_image(ds: KGDataset, model: str = PAPER_IMAGE_MODEL, agg: str = "mean"
 
     table, _ = (cache or FeatureCache()).get_or_build(ds.name, "image", key, build, force=force)
     return table
+
+
+def source(ds: KGDataset, fc: FeaturesConfig, cache: FeatureCache, force: bool,
+           progress: bool) -> tuple[ModalityTable, bool | None]:
+    """The registry's builder (:data:`dsom.features.build.SOURCES`): the image table as ``features.*`` configures it."""
+    return build_image(ds, fc.image_model, fc.image_agg, imputation=fc.imputation, seed=fc.seed, cache=cache,
+                       force=force, progress=progress, allow_outside=fc.allow_outside_paths), None

@@ -25,11 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+from dsom.config import FeaturesConfig
 from dsom.data.graph import KGDataset
 from dsom.data.modality import ModalityTable
-from dsom.data.readers import DataWarning
+from dsom.data.readers import DataWarning, file_problem
 from dsom.data.sidefiles import NumericFacts, read_numeric
 from dsom.errors import DataError
+from dsom.features.cache import FeatureCache, digest
 
 __all__ = ["NumericFacts", "build_numeric", "read_numeric"]
 
@@ -91,3 +93,19 @@ def build_numeric(ds: KGDataset, path: str | os.PathLike[str] | None = None, imp
               f"min_count={min_count}, imputation={imputation}, seed={seed})")
     table = ModalityTable.from_partial("numeric", features, present, imputation=imputation, seed=seed, source=source)
     return dataclasses.replace(table, columns=columns)
+
+
+def source(ds: KGDataset, fc: FeaturesConfig, cache: FeatureCache, force: bool,
+           progress: bool) -> tuple[ModalityTable, bool | None]:
+    """The registry's builder (:data:`dsom.features.build.SOURCES`): ``numeric.tsv`` of the dataset folder, cached
+    by its bytes; whether the cache held it."""
+    path = ds.root / "numeric.tsv" if ds.root is not None else None
+    if path is None or not path.exists():
+        raise DataError(f"dataset '{ds.name}' has no numeric.tsv, so there is no numeric modality; drop "
+                        "'numeric' from modalities or give a file in features.files.numeric")
+    problem = file_problem(path)
+    if problem is not None:  # only a regular file is read (a FIFO would block forever)
+        raise DataError(f"cannot read numeric.tsv: it is {problem}; a regular file is needed", path)
+    key = digest(["numeric", fc.imputation, str(fc.seed), path.read_bytes(), *ds.entities.labels])
+    return cache.get_or_build(ds.name, "numeric", key, lambda: build_numeric(ds, imputation=fc.imputation,
+                                                                             seed=fc.seed), force=force)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dsom.config import FeaturesConfig
 from dsom.data.graph import KGDataset
 from dsom.data.modality import ModalityTable
 from dsom.errors import DsomError
@@ -121,3 +122,10 @@ def build_text(ds: KGDataset, model: str | None = None, pooling: str = "mean", b
 
     table, _ = (cache or FeatureCache()).get_or_build(ds.name, "text", key, build, force=force)
     return table
+
+
+def source(ds: KGDataset, fc: FeaturesConfig, cache: FeatureCache, force: bool,
+           progress: bool) -> tuple[ModalityTable, bool | None]:
+    """The registry's builder (:data:`dsom.features.build.SOURCES`): the text table as ``features.*`` configures it."""
+    return build_text(ds, fc.text_model or None, fc.text_pooling, fc.text_batch_size, imputation=fc.imputation,
+                      seed=fc.seed, cache=cache, force=force, progress=progress), None
