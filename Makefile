@@ -10,7 +10,7 @@ export DSOM_DATA
 $(BIN)/.dsom-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,pykeen,features,report]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,pykeen,features,report,track]'
 	touch $@
 
 setup: $(BIN)/.dsom-installed
