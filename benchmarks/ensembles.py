@@ -15,7 +15,8 @@ import json
 import torch
 
 from dsom.config import Config, apply_dict, load_yaml, parse_assignment
-from dsom.pipeline import check_config, ensemble_results, load_dataset
+from dsom.runs.results import ensemble_results
+from dsom.runs.setup import check_config, load_dataset
 from dsom.train.teachers import load_frozen_teachers
 
 

@@ -17,7 +17,7 @@ import torch
 from dsom.distill.actions import action_names, subset_matrix
 from dsom.distill.holdout import fit_temperatures, reward_rows
 from dsom.distill.policy import action_ces
-from dsom.pipeline import build_config, load_dataset
+from dsom.runs.setup import build_config, load_dataset
 from dsom.train.teachers import load_frozen_teachers
 
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-import dsom.pipeline
+import dsom.runs.pipeline
 from dsom.cli import main
 
 from toy import clustered_graph, write_canonical
@@ -24,7 +24,7 @@ def test_an_internal_error_exits_1_with_one_line_and_a_traceback_only_with_debug
     def broken(*a, **k):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(dsom.pipeline, "run", broken)
+    monkeypatch.setattr(dsom.runs.pipeline, "run", broken)
     assert main(["run", "-o", str(tmp_path / "r"), "-q"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "dsom: internal error: RuntimeError: boom (rerun with --debug for a traceback)"
@@ -37,7 +37,7 @@ def test_keyboard_interrupt_exits_130_and_says_how_to_resume(tmp_path, monkeypat
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dsom.pipeline, "run", interrupted)
+    monkeypatch.setattr(dsom.runs.pipeline, "run", interrupted)
     assert main(["run", "-o", str(tmp_path / "r"), "-q"]) == 130
     assert "--resume" in capsys.readouterr().err
 

@@ -142,7 +142,7 @@ def _teachers(ds, M=3, d=8):
 
 
 def test_dimension_study_ranks():
-    from dsom.pipeline import student_dims
+    from dsom.runs.variants import student_dims
 
     assert student_dims(2000) == [1000, 512, 256, 128, 64]
     assert student_dims(500) == [256, 128, 64]

@@ -30,7 +30,7 @@ QUERIES = "e1\tr0\n# a comment\n\ne2\tr1\t?\n?\tr2\te5\n#7\tr0\n"
 def test_batch_answers_equal_single_queries(trained):
     root, out = trained
     ck = load_checkpoint(out)
-    from dsom.pipeline import build_config, load_dataset
+    from dsom.runs.setup import build_config, load_dataset
 
     ds = load_dataset(build_config(str(root / "kg")))
     qs = list(parse_queries(io.StringIO(QUERIES), ck.entities, ck.relations))

@@ -213,7 +213,7 @@ def test_every_registered_selector_builds_and_returns_weights_or_logits():
 
 
 def test_presets_paper_and_dsom():
-    from dsom.pipeline import build_config
+    from dsom.runs.setup import build_config
 
     paper = build_config("synthetic", preset="paper")
     assert paper.preset == "paper" and paper.distill.policy_state == "logits" and paper.distill.holdout == 0.0

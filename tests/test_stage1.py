@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsom import pipeline
 from dsom.cli import main
 from dsom.config import Config, set_value
+from dsom.data import registry
 from dsom.data.graph import KGDataset
 from dsom.ensemble import (
     MetaLearner,
@@ -256,7 +256,7 @@ def test_run_with_feature_modalities_writes_every_model(tmp_path, capsys):
         ds.num_entities + 2 * 2 * ds.num_relations + 6)
     ck = load_checkpoint(out)
     assert ck.teachers is not None and ck.teachers.modalities == ["structure", "vis"]
-    m = evaluate(ck.model, pipeline.registry.load(str(folder)), "test")
+    m = evaluate(ck.model, registry.load(str(folder)), "test")
     assert m["realistic"] == res["models"]["teacher_avg"]["test"]["realistic"]
 
 

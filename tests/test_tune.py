@@ -9,7 +9,7 @@ import pytest
 
 from dsom.cli import main
 from dsom.config import load_yaml
-from dsom.pipeline import build_config
+from dsom.runs.setup import build_config
 
 from toy import clustered_graph, write_canonical
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dsom import distributed, pipeline
+from dsom import distributed
 from dsom.config import (
     METHOD_PRESETS,
     Config,
@@ -45,11 +45,14 @@ from dsom.interop import align_to, export_pykeen, from_pykeen, load_pykeen
 from dsom.models.complex import ComplEx
 from dsom.models.teachers import TEACHERS_FORMAT
 from dsom.perf import tune_allocator
-from dsom.pipeline import ABLATIONS, build_config
 from dsom.predict import answer_lines, parse_queries, predict, predict_batch
 from dsom.ranks import TIE_POLICIES
 from dsom.report import write_report
 from dsom.reproduce import reproduce
+from dsom.runs import pipeline
+from dsom.runs.schema import Results, metric_rows
+from dsom.runs.setup import build_config, check_config, load_dataset
+from dsom.runs.variants import ABLATIONS
 from dsom.train.checkpoint import check_vocabulary, load_checkpoint, write_checkpoint
 from dsom.train.loop import resolve_device
 from dsom.tune import tune
@@ -239,9 +242,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         _check_resume_arguments(args, cfg, saved)
         for key, value in _overrides(args):
             apply_dict(cfg, {key: value})
-        pipeline.check_config(cfg)
+        check_config(cfg)
     else:
-        cfg = pipeline.build_config(args.dataset, args.config, _overrides(args), preset=args.preset)
+        cfg = build_config(args.dataset, args.config, _overrides(args), preset=args.preset)
     stages = "pretrain" if args.command == "pretrain" else "all"
     if getattr(args, "ablation", None) == "missing":
         out, results = pipeline.missing_study(cfg, args.output, resume=args.resume, force=args.force,
@@ -257,19 +260,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_results(results: dict[str, Any]) -> str:
+def format_results(results: Results) -> str:
     lines = [f"dataset {results['dataset']['name']}: {results['dataset']['entities']} entities, "
              f"{results['dataset']['relations']} relations"]
     header = f"{'model':<22} {'split':<6} {'policy':<12} {'MRR':>7} {'MR':>9} {'H@1':>7} {'H@3':>7} {'H@10':>7}"
     lines.append(header)
-    for model, splits in results["models"].items():
-        for split in ("valid", "test"):
-            if split not in splits:
-                continue
-            for policy in TIE_POLICIES:
-                m = splits[split][policy]
-                lines.append(f"{model:<22} {split:<6} {policy:<12} {m['mrr']:7.4f} {m['mr']:9.1f} "
-                             f"{m['hits@1']:7.4f} {m['hits@3']:7.4f} {m['hits@10']:7.4f}")
+    for model, split, policy, m in metric_rows(results):
+        lines.append(f"{model:<22} {split:<6} {policy:<12} {m['mrr']:7.4f} {m['mr']:9.1f} "
+                     f"{m['hits@1']:7.4f} {m['hits@3']:7.4f} {m['hits@10']:7.4f}")
     t = results.get("timing", {})
     if t.get("pretrain_epoch_s") is not None:
         lines.append(f"pretrain: {t['pretrain_s']:.1f} s ({t['pretrain_epoch_s']:.2f} s/epoch)")
@@ -386,7 +384,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise DsomError(f"--trials {args.trials}: give at least 1")
     if not args.output:
         raise DsomError("dsom tune needs -o OUT (the study, trial folders and best.yaml go there)")
-    cfg = pipeline.build_config(args.dataset, args.config, _overrides(args), preset=args.preset)
+    cfg = build_config(args.dataset, args.config, _overrides(args), preset=args.preset)
     summary = tune(cfg, args.output, args.trials, args.space, args.teachers, seed=cfg.train.seed,
                    progress=not args.quiet)
     print(f"best trial {summary['best_trial']}: {summary['metric']} = {summary['best_value']:.4f}")
@@ -431,7 +429,7 @@ def cmd_import_pykeen(args: argparse.Namespace) -> int:
     out = Path(args.output) / "checkpoints" / "teachers" / "final"
     if out.exists():
         raise DsomError(f"{out} exists; choose a new -o")
-    ds = pipeline.load_dataset(pipeline.build_config(args.dataset))
+    ds = load_dataset(build_config(args.dataset))
     pk, tf = load_pykeen(args.folder)
     model = align_to(from_pykeen(pk), tf, ds.entities, ds.relations)
     meta = {"format": TEACHERS_FORMAT, "stage": "import",

@@ -13,22 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from dsom.errors import DsomError
-from dsom.ranks import TIE_POLICIES
+from dsom.runs.schema import Results, metric_rows, read_results
 
 
-def models_table(results: dict[str, Any], split: str = "test") -> str:
+def models_table(results: Results, split: str = "test") -> str:
     rows = ["| model | policy | MRR | MR | H@1 | H@3 | H@10 |", "|---|---|---:|---:|---:|---:|---:|"]
-    for name, block in results.get("models", {}).items():
-        if split not in block:
-            continue
-        for policy in TIE_POLICIES:
-            m = block[split][policy]
-            rows.append(f"| {name} | {policy} | {m['mrr']:.4f} | {m['mr']:.1f} | {m['hits@1']:.4f} | "
-                        f"{m['hits@3']:.4f} | {m['hits@10']:.4f} |")
+    for name, _, policy, m in metric_rows(results, (split,)):
+        rows.append(f"| {name} | {policy} | {m['mrr']:.4f} | {m['mr']:.1f} | {m['hits@1']:.4f} | "
+                    f"{m['hits@3']:.4f} | {m['hits@10']:.4f} |")
     return "\n".join(rows)
 
 
-def summary_markdown(results: dict[str, Any]) -> str:
+def summary_markdown(results: Results) -> str:
     d = results["dataset"]
     lines = [f"# Run report: {d['name']}", "",
              f"{d['entities']:,} entities, {d['relations']:,} relations; train/valid/test "
@@ -137,41 +133,7 @@ def _save(fig: Any, path: Path, plt: Any) -> Path:
     return path
 
 
-def read_results(path: Path) -> dict[str, Any]:
-    """A run's ``results.json``, checked for the parts a report needs; a one-line :class:`DsomError` otherwise."""
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DsomError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); rerun the run or restore the file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DsomError(f"{path}: cannot read ({exc})") from None
-    problem = None
-    if not isinstance(results, dict):
-        problem = "the file is not a JSON object"
-    elif not isinstance(results.get("dataset"), dict) or not all(
-            isinstance(results["dataset"].get(k), int) for k in ("entities", "relations", "train", "valid", "test")):
-        problem = "'dataset' lacks the entity, relation and split counts"
-    elif not isinstance(results.get("models"), dict):
-        problem = "'models' is missing or not an object"
-    else:
-        for name, block in results["models"].items():
-            for split, by_policy in (block.items() if isinstance(block, dict) else [("?", None)]):
-                ok = isinstance(by_policy, dict) and all(
-                    isinstance(by_policy.get(p), dict) and all(
-                        isinstance(by_policy[p].get(m), (int, float)) for m in ("mrr", "mr", "hits@1", "hits@3",
-                                                                                 "hits@10"))
-                    for p in TIE_POLICIES)
-                if not ok and not split.endswith(("_head", "_tail")):
-                    problem = f"models.{name}.{split} lacks realistic/pessimistic/optimistic metrics"
-                    break
-            if problem:
-                break
-    if problem:
-        raise DsomError(f"{path}: not a dsom results file ({problem})")
-    return results
-
-
-def write_report(run_dir: str | Path, results: dict[str, Any] | None = None) -> Path:
+def write_report(run_dir: str | Path, results: Results | None = None) -> Path:
     run_dir = Path(run_dir)
     if results is None:
         path = run_dir / "results.json"

@@ -25,6 +25,7 @@ from dsom.config import Config
 from dsom.data import registry
 from dsom.errors import ConfigError
 from dsom.ranks import TIE_POLICIES
+from dsom.runs.schema import read_results
 
 log = logging.getLogger("dsom")
 
@@ -140,7 +141,7 @@ def plan(datasets: Sequence[str], budget: str, seeds: int | None, modalities: li
 
 
 def sub_config(entry: dict[str, Any], seed: int, budget: str, overrides: list[tuple[str, Any]]) -> Config:
-    from dsom.pipeline import build_config
+    from dsom.runs.setup import build_config
 
     settings: list[tuple[str, Any]] = [("modalities", entry["modalities"]), ("train.seed", seed),
                                        ("distill.variants", list(VARIANTS))]
@@ -153,7 +154,7 @@ def reproduce(datasets: Sequence[str], output: str | Path, budget: str = "small"
               modalities: list[str] | None = None, overrides: list[tuple[str, Any]] | None = None,
               progress: bool = True) -> tuple[Path, dict[str, Any]]:
     """Run (or resume) every sub-run, then write ``reproduction.md`` and ``reproduction.json`` in ``output``."""
-    from dsom import pipeline
+    from dsom.runs import pipeline
 
     out = Path(output)
     entries = plan(datasets or BENCHMARKS, budget, seeds, modalities)
@@ -195,7 +196,7 @@ def summarise(out: Path, entries: list[dict[str, Any]], budget: str, walls: dict
     """Mean and std over seeds of every model's test metrics (percent; MR as is), per tie policy."""
     datasets: dict[str, Any] = {}
     for e in entries:
-        runs = [json.loads((out / e["name"] / f"seed-{s}" / "results.json").read_text(encoding="utf-8"))
+        runs = [read_results(out / e["name"] / f"seed-{s}" / "results.json")
                 for s in e["seeds"] if (out / e["name"] / f"seed-{s}" / "results.json").exists()]
         keys = [k for k in OUR_ROWS if all(k in r["models"] for r in runs)]
         keys += sorted({k for r in runs for k in r["models"] if k.startswith("teacher/")})

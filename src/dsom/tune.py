@@ -27,6 +27,9 @@ import torch
 
 from dsom.config import Config, apply_dict, get_value, load_yaml
 from dsom.errors import ConfigError, DsomError
+from dsom.runs import pipeline
+from dsom.runs.setup import check_config, load_dataset
+from dsom.train.student import StudentTrainer, student_config
 
 log = logging.getLogger("dsom")
 
@@ -89,13 +92,11 @@ def tune(cfg: Config, out: str | Path, trials: int, space_file: str | Path | Non
          teachers_from: str | Path | None = None, seed: int = 0, progress: bool = False) -> dict[str, Any]:
     """Run (or continue) the search until ``trials`` trials finished (completed or pruned); returns a summary."""
     optuna = _require_optuna()
-    from dsom import pipeline
-
     out = Path(out)
     space = load_space(space_file, cfg)
     if cfg.train.valid_every < 1:
         raise ConfigError("dsom tune reports validation to the pruner: set train.valid_every >= 1")
-    ds = pipeline.load_dataset(cfg)
+    ds = load_dataset(cfg)
     if len(ds.valid) == 0:
         raise DsomError(f"dataset '{ds.name}' has no valid triples to tune on")
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,7 @@ def tune(cfg: Config, out: str | Path, trials: int, space_file: str | Path | Non
         if not (Path(teachers_from) / "results.json").exists():
             pipeline.run(cfg, teachers_from, resume=(Path(teachers_from) / "config.yaml").exists(),
                          progress=progress, stages="pretrain")
-    frozen, device = pipeline._load_teachers_for(cfg, ds, teachers_from)
+    frozen, device = pipeline.load_teachers_for(cfg, ds, teachers_from)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name="dsom", storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True,
@@ -116,14 +117,12 @@ def tune(cfg: Config, out: str | Path, trials: int, space_file: str | Path | Non
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
     def objective(trial: Any) -> float:
-        from dsom.train.student import StudentTrainer, student_config
-
         params = sample(trial, space)
         tcfg = Config()
         apply_dict(tcfg, cfg.to_dict())
         for key, value in params.items():
             apply_dict(tcfg, {key: value})
-        pipeline.check_config(tcfg)
+        check_config(tcfg)
         scfg = student_config(tcfg, {})
         rows, temperatures, _ = pipeline.selection_inputs(frozen, ds, scfg, device)
         stats = None
