@@ -25,7 +25,9 @@ from dsom.config import Config
 from dsom.data import registry
 from dsom.errors import ConfigError
 from dsom.ranks import TIE_POLICIES
+from dsom.runs import pipeline
 from dsom.runs.schema import read_results
+from dsom.runs.setup import build_config
 
 log = logging.getLogger("dsom")
 
@@ -141,8 +143,6 @@ def plan(datasets: Sequence[str], budget: str, seeds: int | None, modalities: li
 
 
 def sub_config(entry: dict[str, Any], seed: int, budget: str, overrides: list[tuple[str, Any]]) -> Config:
-    from dsom.runs.setup import build_config
-
     settings: list[tuple[str, Any]] = [("modalities", entry["modalities"]), ("train.seed", seed),
                                        ("distill.variants", list(VARIANTS))]
     settings += list({**(SMALL_SETTINGS if budget == "small" else PAPER_SETTINGS),
@@ -154,8 +154,6 @@ def reproduce(datasets: Sequence[str], output: str | Path, budget: str = "small"
               modalities: list[str] | None = None, overrides: list[tuple[str, Any]] | None = None,
               progress: bool = True) -> tuple[Path, dict[str, Any]]:
     """Run (or resume) every sub-run, then write ``reproduction.md`` and ``reproduction.json`` in ``output``."""
-    from dsom.runs import pipeline
-
     out = Path(output)
     entries = plan(datasets or BENCHMARKS, budget, seeds, modalities)
     configs = {(e["name"], s): sub_config(e, s, budget, overrides or []) for e in entries for s in e["seeds"]}

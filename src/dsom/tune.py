@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from dsom.config import Config, apply_dict, get_value, load_yaml
+from dsom.distill.holdout import entity_reliability
 from dsom.errors import ConfigError, DsomError
 from dsom.runs import pipeline
 from dsom.runs.setup import check_config, load_dataset
@@ -127,8 +128,6 @@ def tune(cfg: Config, out: str | Path, trials: int, space_file: str | Path | Non
         rows, temperatures, _ = pipeline.selection_inputs(frozen, ds, scfg, device)
         stats = None
         if frozen.num_teachers > 1:
-            from dsom.distill.holdout import entity_reliability
-
             stats = entity_reliability(frozen, torch.from_numpy(ds.queries("train")).to(device), ds.num_entities,
                                        temperatures).to(device)
         trainer = StudentTrainer(ds, scfg, out / f"trial-{trial.number}", frozen, progress=progress,

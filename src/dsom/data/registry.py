@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from dsom.data.graph import KGDataset
+from dsom.data.readers import load_dataset
+from dsom.data.synthetic import synthetic_from_options
 from dsom.errors import DsomError
 
 SYNTHETIC = "synthetic"
@@ -55,11 +57,7 @@ def resolve_path(name_or_path: str) -> Path:
 def load(name_or_path: str, layout: str = "auto", synthetic: dict[str, Any] | None = None) -> KGDataset:
     """Load a dataset by registered name or path."""
     if name_or_path == SYNTHETIC:
-        from dsom.data.synthetic import synthetic_from_options
-
         return synthetic_from_options(dict(synthetic or {}))
-    from dsom.data.readers import load_dataset
-
     path = resolve_path(name_or_path)
     return load_dataset(path, layout=None if layout == "auto" else layout)
 

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsom import __version__
 from dsom.config import Config
 from dsom.data.graph import KGDataset, triple_keys
 from dsom.distill.holdout import (
@@ -31,7 +30,6 @@ from dsom.distill.selectors import selector_class
 from dsom.ensemble import WeightedTeachers
 from dsom.runlock import RunLock
 from dsom.runs.results import build_results, ensemble_results, frozen_teacher_results, model_results
-from dsom.runs.schema import Results
 from dsom.runs.rundir import (
     check_resume_config,
     check_run_dir,
@@ -40,6 +38,7 @@ from dsom.runs.rundir import (
     write_json_atomic,
     write_run_report,
 )
+from dsom.runs.schema import Results
 from dsom.runs.setup import build_features, dataset_warnings, load_dataset
 from dsom.runs.variants import EVAL_BASELINES, resolve_variants, variant_overrides
 from dsom.train.checkpoint import check_vocabulary

@@ -29,6 +29,7 @@ from dsom import __version__
 from dsom.data.graph import KGDataset, Vocabulary
 from dsom.errors import DsomError
 from dsom.models.complex import ComplEx
+from dsom.models.teachers import TEACHERS_FORMAT, FrozenTeachers
 
 FORMAT = "dsom-complex/1"
 
@@ -229,8 +230,6 @@ def check_teachers(d: Path, meta: dict[str, Any], tensors: dict[str, torch.Tenso
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Load a ComplEx (student / structural) or a materialised teachers checkpoint as a scorer."""
-    from dsom.models.teachers import TEACHERS_FORMAT, FrozenTeachers
-
     d, meta, tensors = read_checkpoint(path)
     fmt = meta.get("format")
     teachers = None

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dsom.config import Config
+from dsom.config import Config, apply_dict
 from dsom.data.graph import KGDataset
 from dsom.distill.actions import action_names
 from dsom.distill.distiller import Distiller
@@ -35,8 +35,6 @@ TRAIN_FORMAT = "dsom-student-train/2"
 
 def student_config(cfg: Config, overrides: Mapping[str, Any] | None = None) -> Config:
     """The configuration a student run uses: ``distill.epochs`` replaces ``train.epochs`` when set."""
-    from dsom.config import apply_dict
-
     out = copy.deepcopy(cfg)
     apply_dict(out, dict(overrides or {}))
     if out.distill.epochs > 0:

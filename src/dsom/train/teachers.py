@@ -17,6 +17,7 @@ import torch
 
 from dsom.config import Config
 from dsom.data.graph import KGDataset
+from dsom.errors import DsomError
 from dsom.evaluate import split_counts, split_metrics
 from dsom.features.modality import ModalityTable
 from dsom.models.chunked import chunked_cross_entropy, entity_chunk
@@ -24,7 +25,7 @@ from dsom.models.products import matmul_scores
 from dsom.models.teachers import TEACHERS_FORMAT, AllViews, FrozenTeachers, ModalityTeachers
 from dsom.numerics import cross_entropy
 from dsom.ranks import TIE_POLICIES, RankCounts, metrics_from_ranks, min_rank_counts
-from dsom.train.checkpoint import write_checkpoint
+from dsom.train.checkpoint import check_teachers, read_checkpoint, write_checkpoint
 from dsom.train.loop import BatchHook, Trainer, group_pairs
 
 TRAIN_FORMAT = "dsom-teachers-train/1"
@@ -123,9 +124,6 @@ class TeacherTrainer(Trainer):
 
 def load_frozen_teachers(path: str | Path, device: torch.device | str = "cpu") -> tuple[FrozenTeachers, dict[str, Any]]:
     """Materialised teachers from ``checkpoints/teachers/final`` (or a run directory)."""
-    from dsom.errors import DsomError
-    from dsom.train.checkpoint import check_teachers, read_checkpoint
-
     p = Path(path)
     if (p / "checkpoints" / "teachers" / "final").is_dir():
         p = p / "checkpoints" / "teachers" / "final"
