@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -443,7 +444,7 @@ class WandbTracker(ExternalTracker):
         self.run = _WANDB_RUNS.get(key)
         if self.run is None:
             state = (read_state(run_dir).get("wandb") or {}) if continuing else {}
-            run_id = state.get("id") or wandb.util.generate_id()
+            run_id = state.get("id") or uuid.uuid4().hex[:12]
             mode = cfg.track.wandb_mode if cfg.track.wandb_mode != "auto" else \
                 os.environ.get("WANDB_MODE", "") or "offline"
             self.run = wandb.init(project=cfg.track.experiment, name=run_dir.resolve().name, id=run_id,
