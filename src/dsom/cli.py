@@ -90,19 +90,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsom", description="DSoM: reinforced multimodal distillation for MKG completion")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMAND_PARSERS:
+        add(sub)
+    return parser
 
+
+def _parser_run(sub: Any) -> None:
     p = sub.add_parser("run", help="the whole pipeline on a dataset (default: the embedded synthetic graph)")
     _common_training(p)
     p.add_argument("--ablation", choices=[*ABLATIONS, "missing"],
                    help="also train the variants of a paper table on the same teachers and report them; 'missing' "
                         "reruns the whole pipeline at missing rates 0.2-0.8 in sub-runs (Figure 4)")
+
+
+def _parser_pretrain(sub: Any) -> None:
     p = sub.add_parser("pretrain", help="train the modality teachers and their ensembles (stage 1)")
     _common_training(p)
+
+
+def _parser_distill(sub: Any) -> None:
     p = sub.add_parser("distill", help="train the DSoM student on the teachers of an earlier run (stage 2)")
     _common_training(p)
     p.add_argument("--teachers", required=True, help="run directory (or checkpoints/teachers/final) of the teachers")
     p.add_argument("--ablation", choices=list(ABLATIONS),
                    help="also train the variants of a paper table on the same teachers and report them")
+
+
+def _parser_reproduce(sub: Any) -> None:
     p = sub.add_parser("reproduce", help="the paper's main tables on the benchmarks, beside the paper's numbers "
                                          "(resumable sub-runs per dataset and seed)")
     p.add_argument("datasets", nargs="*", help="registered names or folders (default: DB15K MKG-W MKG-Y FB15K-237 WN18)")
@@ -114,9 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applied to every sub-run")
     p.add_argument("-o", "--output", default="runs/reproduce", help="output folder (default: runs/reproduce)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _parser_report(sub: Any) -> None:
     p = sub.add_parser("report", help="write report/summary.md and plots of a finished run")
     p.add_argument("run_dir")
 
+
+def _parser_evaluate(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="filtered ranking metrics of a saved model")
     p.add_argument("checkpoint", help="checkpoint folder or run directory")
     p.add_argument("--dataset", help="dataset name or folder (default: the one recorded in the checkpoint)")
@@ -126,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget-mb", type=float, default=1024.0)
     p.add_argument("-q", "--quiet", action="store_true")
 
+
+def _parser_predict(sub: Any) -> None:
     p = sub.add_parser("predict", help="top-k answers to (head, relation, ?) or (?, relation, tail)")
     p.add_argument("checkpoint", help="checkpoint folder or run directory")
     p.add_argument("--head", help="head entity (label, name or #id): predict tails")
@@ -143,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-filter", action="store_true", help="keep answers that are already known triples")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+
+def _parser_tune(sub: Any) -> None:
     p = sub.add_parser("tune", help="hyper-parameter search of the distillation stage (Optuna, on valid; "
                                     "resumable)")
     _common_training(p)
@@ -150,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", help="search space YAML (default: gamma, tau, alpha, beta, entropy, policy_lr)")
     p.add_argument("--teachers", help="run directory with trained teachers (default: train them in OUT/teachers)")
 
+
+def _parser_export(sub: Any) -> None:
     p = sub.add_parser("export", help="write a trained model in another library's format (PyKEEN)")
     p.add_argument("checkpoint", help="checkpoint folder or run directory (its student, else its teachers)")
     p.add_argument("--to", choices=["pykeen"], default="pykeen", help="target library")
@@ -157,11 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", metavar="MODALITY", help="export this teacher of a teachers checkpoint instead")
     p.add_argument("--dataset", help="dataset of the checkpoint (default: the one recorded in it)")
 
+
+def _parser_import_pykeen(sub: Any) -> None:
     p = sub.add_parser("import-pykeen", help="a PyKEEN-trained ComplEx as a structural teacher for dsom distill")
     p.add_argument("folder", help="PyKEEN model folder (trained_model.pkl, training_triples/)")
     p.add_argument("dataset", help="the dataset it was trained on (registered name or folder)")
     p.add_argument("-o", "--output", required=True, help="run directory to write checkpoints/teachers/final into")
 
+
+def _parser_data(sub: Any) -> None:
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("info", help="statistics and validation of a dataset folder")
@@ -169,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--layout", default=_default_of("data.layout"), choices=key_choices("data.layout"))
     q.add_argument("--json", help="also write the statistics to this JSON file")
 
+
+def _parser_features(sub: Any) -> None:
     p = sub.add_parser("features", help="build and cache feature tables (text, numeric, image) of a dataset")
     p.add_argument("dataset", help="registered dataset name or folder")
     p.add_argument("--text", action="store_true", help="encode 'name: description' with a text model")
@@ -189,11 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.add_argument("-q", "--quiet", action="store_true")
 
+
+def _parser_config(sub: Any) -> None:
     p = sub.add_parser("config", help="list every configuration key with its default and meaning")
     p.add_argument("dataset", nargs="?", default=None, help="show the defaults for this dataset (with its preset)")
 
+
+def _parser_version(sub: Any) -> None:
     sub.add_parser("version", help="package, Python, torch, threads, CPU/GPU (paste into bug reports)")
-    return parser
+
+
+#: one function per command, in the order ``dsom --help`` lists them
+COMMAND_PARSERS = (_parser_run, _parser_pretrain, _parser_distill, _parser_reproduce, _parser_report, _parser_evaluate, _parser_predict, _parser_tune, _parser_export, _parser_import_pykeen, _parser_data, _parser_features, _parser_config, _parser_version)
 
 
 def _overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
