@@ -3,6 +3,7 @@ MLflow's client and TensorBoard's event reader, must hold exactly what metrics.j
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import sys
@@ -15,12 +16,9 @@ from dsom.cli import main
 from dsom.config import Config
 from dsom.errors import DsomError
 
-pytest.importorskip("mlflow", reason="the track extra: pip install 'dsom[track]'")
-pytest.importorskip("tensorboard", reason="the track extra: pip install 'dsom[track]'")
-
-from mlflow.tracking import MlflowClient  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator  # noqa: E402
-
+needs_track = pytest.mark.skipif(
+    importlib.util.find_spec("mlflow") is None or importlib.util.find_spec("tensorboard") is None,
+    reason="the track extra is not installed: pip install 'dsom[track]' (make setup installs it)")
 TINY = ["--rank", "4", "--epochs", "2", "--batch-size", "512", "--set", "data.synthetic.num_entities=200",
         "--set", "data.synthetic.num_train=1500", "--set", "data.synthetic.num_valid=100",
         "--set", "data.synthetic.num_test=100", "--set", "ensemble.mi_epochs=1", "--set", "distill.epochs=2",
@@ -72,17 +70,22 @@ def mlflow_name(name: str) -> str:
 
 
 def mlflow_run(run_dir: Path):
+    from mlflow.tracking import MlflowClient
+
     state = json.loads((run_dir / "tracking.json").read_text())["mlflow"]
     client = MlflowClient(state["uri"])
     return client, client.get_run(state["run_id"])
 
 
 def scalars(folder: Path) -> dict[str, list]:
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
     acc = EventAccumulator(str(folder), size_guidance={SCALARS: 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@needs_track
 def test_mlflow_and_tensorboard_hold_what_metrics_jsonl_and_results_json_say(tmp_path, store):
     out = tmp_path / "run"
     assert main(["run", "-o", str(out), *TINY, "--tracker", "mlflow,tensorboard",
@@ -135,6 +138,7 @@ def test_mlflow_and_tensorboard_hold_what_metrics_jsonl_and_results_json_say(tmp
     assert {t: v[0][1] for t, v in got.items()} == pytest.approx(leaves(results), rel=1e-6)
 
 
+@needs_track
 def test_resume_continues_the_run_and_distill_is_a_child_run(tmp_path, store):
     teachers, student = tmp_path / "teachers", tmp_path / "student"
     track = ["--tracker", "mlflow,tensorboard", "--set", f"track.mlflow_uri={store}"]
