@@ -50,9 +50,9 @@ from dsom.ranks import TIE_POLICIES
 from dsom.report import write_report
 from dsom.reproduce import reproduce
 from dsom.runs import pipeline
-from dsom.runs.schema import Results, metric_rows
 from dsom.runs.setup import build_config, check_config, load_dataset
 from dsom.runs.variants import ABLATIONS
+from dsom.schema import Results, metric_rows
 from dsom.train.checkpoint import check_vocabulary, load_checkpoint, write_checkpoint
 from dsom.train.loop import resolve_device
 from dsom.tune import tune

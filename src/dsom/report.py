@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dsom.errors import DsomError
-from dsom.runs.schema import Results, metric_rows, read_results
+from dsom.schema import Results, metric_rows, read_results
 
 
 def models_table(results: Results, split: str = "test") -> str:

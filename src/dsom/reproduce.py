@@ -26,8 +26,8 @@ from dsom.data import registry
 from dsom.errors import ConfigError
 from dsom.ranks import TIE_POLICIES
 from dsom.runs import pipeline
-from dsom.runs.schema import read_results
 from dsom.runs.setup import build_config
+from dsom.schema import read_results
 
 log = logging.getLogger("dsom")
 

@@ -38,9 +38,9 @@ from dsom.runs.rundir import (
     write_json_atomic,
     write_run_report,
 )
-from dsom.runs.schema import Results
 from dsom.runs.setup import build_features, dataset_warnings, load_dataset
 from dsom.runs.variants import EVAL_BASELINES, resolve_variants, variant_overrides
+from dsom.schema import Results
 from dsom.train.checkpoint import check_vocabulary
 from dsom.train.loop import resolve_device
 from dsom.train.student import StudentTrainer, student_config

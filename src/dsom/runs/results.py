@@ -1,6 +1,6 @@
 """The results builder: every model's metrics block of ``results.json`` (DESIGN §5), built one way.
 
-Shapes (:mod:`dsom.runs.schema`): ``results["models"][name][split][policy]`` is a metrics dict (``mrr``, ``mr``,
+Shapes (:mod:`dsom.schema`): ``results["models"][name][split][policy]`` is a metrics dict (``mrr``, ``mr``,
 ``hits@k``) for ``policy`` in :data:`~dsom.ranks.TIE_POLICIES`; ``split_head``/``split_tail`` hold the
 per-direction metrics.
 """
@@ -19,7 +19,7 @@ from dsom.ensemble import WeightedTeachers, boosting_weights, train_meta_learner
 from dsom.evaluate import evaluate, split_counts
 from dsom.models.teachers import AllViews
 from dsom.ranks import TIE_POLICIES
-from dsom.runs.schema import Results
+from dsom.schema import Results
 from dsom.train.teachers import view_metrics
 
 
