@@ -15,6 +15,7 @@ The distiller never updates the teachers: they are a plain tensor holder, not a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -114,10 +115,15 @@ class Distiller(nn.Module):
     def forward(self, batch: torch.Tensor, neighbours: torch.Tensor | None, precision: str = "fp32",
                 regularizer: str = "n3", reg: float = 0.01, kd_weight: float | None = None,
                 generator: torch.Generator | None = None, reward_rows: torch.Tensor | None = None,
+                draw_rows: tuple[int, int, int] | None = None,
+                reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Losses and step statistics for reciprocal queries ``(B, 3)``; ``neighbours (B, E)`` bool holds each
         query's training answers (target included); ``reward_rows (B,)`` bool marks the queries whose triples
-        the teachers never trained on (the only ones the policy is rewarded on; ``None`` = all)."""
+        the teachers never trained on (the only ones the policy is rewarded on; ``None`` = all). ``draw_rows``
+        and ``reduce``: under torchrun, which rows of the global batch these are and a sum over processes
+        (:class:`~dsom.distill.selectors.SelectionBatch`); the policy's ``rc`` then is this process's part of the
+        whole batch's loss, every other loss the mean over this process's rows."""
         cfg = self.cfg
         h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
         student = self.student.score_all(h, r, precision=precision)
@@ -135,7 +141,8 @@ class Distiller(nn.Module):
         choice = sel(SelectionBatch(tea_all, h, r, t,
                                     student_ce=per_query_ce(detached / cfg.reward_tau, t) if sel.needs_student else None,
                                     student_logits=detached if sel.needs_student else None,
-                                    reward_rows=reward_rows, generator=generator))
+                                    reward_rows=reward_rows, generator=generator, draw_rows=draw_rows,
+                                    reduce=reduce))
         kind = sel.kd_override or cfg.kd
         use_kd = kind != NO_KD and gamma > 0
         terms = self._step_terms(student, tea_all, choice.weights, t, neighbours, cfg, use_kd, choice.teacher, kind)

@@ -62,7 +62,12 @@ class SelectionBatch:
     """One batch as a selector sees it. ``teacher_logits`` are the (calibrated) frozen teachers' ``(M, B, E)``
     logits; ``student_ce`` the current student's detached CE ``(B,)`` (selectors with ``needs_student``);
     ``reward_rows`` marks the queries the teachers never trained on (``None`` = every row); ``student_logits``
-    the detached student logits (MulDE only)."""
+    the detached student logits (MulDE only).
+
+    Under torchrun a process holds only its share of the global batch: ``draw_rows = (start, stop, size)`` says
+    which rows of a batch of ``size`` these are (the random draws of the whole batch are made and sliced, so the
+    samples are those of one process), and ``reduce`` sums a tensor over processes (in place), for statistics
+    of the whole batch (``None`` = the batch is whole)."""
 
     teacher_logits: torch.Tensor
     head: torch.Tensor
@@ -72,6 +77,20 @@ class SelectionBatch:
     student_logits: torch.Tensor | None = None
     reward_rows: torch.Tensor | None = None
     generator: torch.Generator | None = None
+    draw_rows: tuple[int, int, int] | None = None
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def sample_actions(probs: torch.Tensor, generator: torch.Generator | None = None,
+                   draw_rows: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """One action per row of ``probs (B, A)``: ``argmax(p / q)`` with ``q ~ Exp(1)``, the algorithm
+    ``torch.multinomial(probs, 1, generator=generator)`` uses for one sample (equal to it, tested). The noise of
+    the whole batch (``draw_rows = (start, stop, size)``, default all ``B`` rows) is drawn and rows
+    ``[start, stop)`` are used: a process with a share of a batch samples what one process samples there."""
+    start, stop, size = draw_rows or (0, len(probs), len(probs))
+    noise = torch.empty(size, probs.shape[1], dtype=probs.dtype, device=probs.device)
+    noise.exponential_(1.0, generator=generator)
+    return (probs / noise[start:stop]).argmax(-1)
 
 
 @dataclass
@@ -249,7 +268,7 @@ class PolicySelector(Selector):
         c = self.ctx.config
         logits = self.action_logits(batch)
         probs = logits.detach().float().softmax(-1)
-        actions = torch.multinomial(probs, 1, generator=batch.generator).squeeze(1)
+        actions = sample_actions(probs, batch.generator, batch.draw_rows)
         A = probs.shape[1]
         stats: dict[str, torch.Tensor] = {
             "actions": torch.zeros(A, dtype=torch.int64, device=actions.device).scatter_add_(
@@ -258,16 +277,28 @@ class PolicySelector(Selector):
         rows = batch.reward_rows
         idx = torch.arange(len(actions), device=actions.device) if rows is None else rows.nonzero().squeeze(1)
         losses: dict[str, torch.Tensor] = {}
-        if len(idx) > 0 and (batch.student_ce is not None or c.reward == "margin"):
-            losses["rc"], more = self._policy_loss(batch, logits, probs, actions, idx)
+        total = len(idx)  # reward rows in the whole batch (summed over processes under torchrun)
+        if batch.reduce is not None:
+            total = int(batch.reduce(torch.tensor(float(total), device=logits.device)).item())
+        if total > 0 and (batch.student_ce is not None or c.reward == "margin"):
+            losses["rc"], more = self._policy_loss(batch, logits, probs, actions, idx, total)
             stats.update(more)
         else:  # no reward row in this batch: no gradient, but keep the graph shape
             losses["rc"] = logits.sum() * 0.0
         return Selection(self.subsets[actions], losses=losses, stats=stats)
 
     def _policy_loss(self, batch: SelectionBatch, logits: torch.Tensor, probs: torch.Tensor, actions: torch.Tensor,
-                     idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     idx: torch.Tensor, total: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The REINFORCE loss and statistics over the reward rows ``idx``. With ``batch.reduce`` (torchrun) the
+        batch is one process's share: every mean over the reward rows becomes this share's sum over ``total``,
+        the reward rows of the whole batch, and the batch-wide baseline and advantage scale are reduced, so the
+        processes' losses and statistics add up to one process's."""
         c = self.ctx.config
+        red = batch.reduce
+
+        def mean(x: torch.Tensor) -> torch.Tensor:
+            return x.mean() if red is None else x.sum() / total
+
         tea = batch.teacher_logits[:, idx]
         if c.reward_tau != 1.0:
             tea = tea / c.reward_tau
@@ -290,21 +321,29 @@ class PolicySelector(Selector):
         if c.baseline == "avg_action":
             base = all_reward
         elif c.baseline == "batch_mean":
-            base = reward.mean().expand_as(reward)
+            base = (reward.mean() if red is None else red(reward.sum()) / total).expand_as(reward)
         else:  # the reward expected under the current policy: an action-dependent advantage with mean 0
             base = (p * rewards.T).sum(-1)
         delta = reward - base
-        scale = delta.std().clamp(min=1e-6) if c.advantage_norm and len(delta) > 1 else torch.ones((), device=delta.device)
+        scale = torch.ones((), device=delta.device)
+        if c.advantage_norm and total > 1:
+            if red is None:
+                scale = delta.std().clamp(min=1e-6)
+            else:  # the standard deviation over the whole batch, in two passes like Tensor.std
+                mu = red(delta.sum()) / total
+                scale = (red(((delta - mu) ** 2).sum()) / (total - 1)).sqrt().clamp(min=1e-6)
         lg = logits[idx]
         if c.policy_gradient == "expected":  # exact gradient of E_pi[R - b] (no sampling noise)
             adv = (rewards.T - base.unsqueeze(1)) / scale
-            loss = -(lg.float().softmax(-1) * adv.detach()).sum(-1).mean()
-        else:
+            loss = -mean((lg.float().softmax(-1) * adv.detach()).sum(-1))
+        elif red is None:
             loss = reinforce_loss(lg, a, delta / scale)
+        else:
+            loss = -mean((delta / scale).detach() * F.log_softmax(lg, -1).gather(1, a.unsqueeze(1)).squeeze(1))
         if c.entropy > 0:
-            loss = loss - c.entropy * entropy(lg.float()).mean()
+            loss = loss - c.entropy * mean(entropy(lg.float()))
         A = probs.shape[1]
-        stats = {"delta": delta.mean(), "reward": reward.mean(), "reward_baseline": base.mean(),
+        stats = {"delta": mean(delta), "reward": mean(reward), "reward_baseline": mean(base),
                  "advantage_sum": torch.zeros(A, device=delta.device).index_add_(0, a, delta),
                  "advantage_count": torch.zeros(A, device=delta.device).index_add_(0, a, torch.ones_like(delta))}
         return loss, stats
