@@ -284,15 +284,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = build_config(args.dataset, args.config, _overrides(args), preset=args.preset)
     stages = "pretrain" if args.command == "pretrain" else "all"
+    progress = not args.quiet and distributed.is_main()  # under torchrun rank 0 alone reports
     if getattr(args, "ablation", None) == "missing":
         out, results = pipeline.missing_study(cfg, args.output, resume=args.resume, force=args.force,
-                                              progress=not args.quiet)
+                                              progress=progress)
+        if not distributed.is_main():
+            return 0
         print(format_results(results))
         print(f"run directory: {out}")
         return 0
-    out, results = pipeline.run(cfg, args.output, resume=args.resume, force=args.force, progress=not args.quiet,
+    out, results = pipeline.run(cfg, args.output, resume=args.resume, force=args.force, progress=progress,
                                 stages=stages, ablation=getattr(args, "ablation", None),
                                 teachers_from=getattr(args, "teachers", None))
+    if not distributed.is_main():
+        return 0
     print(format_results(results))
     print(f"run directory: {out}")
     return 0

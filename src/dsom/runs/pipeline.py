@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dsom import distributed
 from dsom.config import Config
 from dsom.data.graph import KGDataset, triple_keys
 from dsom.distill.holdout import (
@@ -61,6 +62,8 @@ def distill_stage(frozen: Any, ds: KGDataset, cfg: Config, out: Path, device: to
     if frozen.num_teachers > 1:
         stats = entity_reliability(frozen, torch.from_numpy(ds.queries("train")).to(device), ds.num_entities,
                                    temperatures).to(device)
+    # computed alike on every process under torchrun; rank 0's values, so that no last bit differs
+    distributed.broadcast_([t for t in (temperatures, stats) if t is not None])
     if temperatures is not None and frozen.num_teachers > 1:
         # the all-teacher mean of the calibrated teachers: what the 'avg' selector distils from, as an ensemble
 
@@ -74,6 +77,7 @@ def distill_stage(frozen: Any, ds: KGDataset, cfg: Config, out: Path, device: to
                 continue
             t0 = time.perf_counter()
             scorer, rc = train_rc_on_valid(frozen, ds, cfg, device, progress)
+            distributed.broadcast_module(scorer.policy)  # trained alike on every process; rank 0's copy
             key = name if overlap == 0 else f"{name}/leaks_test"
             models[key] = model_results(scorer, ds, cfg, device, progress, memory_scale=frozen.num_teachers + 1)
             info[key] = {**rc, "seconds": round(time.perf_counter() - t0, 3), "valid_test_overlap": overlap}
@@ -159,6 +163,7 @@ def run(cfg: Config, output: str | Path | None = None, resume: bool = False, for
     teachers of an earlier run (``dsom distill``) instead of training them.
     """
     out = Path(output) if output else default_output(cfg)
+    out = distributed.broadcast_object(out)  # under torchrun: rank 0's (time-stamped) name on every process
     # Everything is validated before the run directory is touched: an earlier run is replaced (--force) or
     # extended (--resume), and config.yaml rewritten, only once the configuration and every input passed.
     check_run_dir(out, resume, force)
@@ -169,21 +174,29 @@ def run(cfg: Config, output: str | Path | None = None, resume: bool = False, for
     if teachers_from is not None:
         teachers = load_teachers_for(cfg, ds, teachers_from)
     else:
+        if not distributed.is_main():  # under torchrun rank 0 builds (and caches) the features, then the others
+            distributed.barrier()
         tables, feature_info = build_features(ds, cfg, progress)
+        if distributed.is_main():
+            distributed.barrier()
     if resume:
         check_resume_config(out, cfg)
-    lock = RunLock(out).acquire()
+    distributed.barrier()  # every process has checked the directory before rank 0 changes it
+    lock = RunLock(out).acquire() if distributed.is_main() else None  # rank 0 alone writes the run directory
     try:
-        prepare_run_dir(out, resume, force)
-        for w in warnings_:
-            log.warning("dataset %s: %s", ds.name, w)
-        log.info("%s", describe_plan(cfg, ds, variants, stages, teachers_from))
-        (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        if lock is not None:
+            prepare_run_dir(out, resume, force)
+            for w in warnings_:
+                log.warning("dataset %s: %s", ds.name, w)
+            log.info("%s", describe_plan(cfg, ds, variants, stages, teachers_from))
+            (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        distributed.barrier()
         if teachers is not None:
             return _distill_only(cfg, ds, out, warnings_, teachers, teachers_from, resume, progress, variants)
         return _run_stages(cfg, ds, out, warnings_, tables, feature_info, resume, progress, stages, variants)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def describe_plan(cfg: Config, ds: KGDataset, variants: list[str], stages: str = "all",
@@ -281,7 +294,8 @@ def missing_study(cfg: Config, output: str | Path | None, resume: bool = False, 
         _, sub = run(sub_cfg, out / f"missing-{rate}", resume=resume, force=force, progress=progress)
         study[str(rate)] = row(sub)
     results["missing_study"] = study
-
+    if not distributed.is_main():
+        return out, results
     lock = RunLock(out).acquire()  # the main run's results.json is rewritten: no other writer meanwhile
     try:
         write_json_atomic(out / "results.json", results)

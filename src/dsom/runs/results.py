@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dsom import __version__
+from dsom import __version__, distributed
 from dsom.config import Config
 from dsom.data.graph import KGDataset
 from dsom.ensemble import WeightedTeachers, boosting_weights, train_meta_learner
@@ -91,9 +91,11 @@ def ensemble_results(frozen: Any, ds: KGDataset, cfg: Config, device: torch.devi
         scorer, mi = train_meta_learner(frozen, ds, cfg.ensemble, device=device,
                                         memory_budget_mb=cfg.eval.memory_budget_mb, progress=progress,
                                         selection_policy=cfg.train.selection_policy)
+        distributed.broadcast_module(scorer.net)  # trained alike on every process; rank 0's copy, to be exact
         models["mose_mi"] = model_results(scorer, ds, cfg, device, progress, memory_scale=scale)
         leaky = mi.pop("leaky_scorer", None)
         if leaky is not None:
+            distributed.broadcast_module(leaky.net)
             models["mose_mi/leaky_test_selection"] = model_results(leaky, ds, cfg, device, progress,
                                                                    memory_scale=scale)
         info["mose_mi"] = {**mi, "seconds": round(time.perf_counter() - t0, 3)}

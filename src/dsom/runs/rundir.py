@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dsom import distributed
 from dsom.config import Config, _all_keys, apply_dict, get_value, load_yaml
 from dsom.errors import ConfigError, DsomError
 from dsom.report import write_report
@@ -83,12 +84,16 @@ def prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    if not distributed.is_main():  # under torchrun rank 0 alone writes the run directory
+        return
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
     os.replace(tmp, path)
 
 
 def write_run_report(out: Path, results: dict[str, Any]) -> None:
+    if not distributed.is_main():
+        return
     try:
         write_report(out, results)
     except Exception as exc:  # noqa: BLE001 - a report must never fail a finished run

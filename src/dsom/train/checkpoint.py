@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsom import __version__
+from dsom import __version__, distributed
 from dsom.data.graph import KGDataset, Vocabulary
 from dsom.errors import DsomError
 from dsom.models.complex import ComplEx
@@ -83,8 +83,10 @@ def load_train_state(path: Path) -> dict[str, Any]:
 def write_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor], dataset: KGDataset,
                      meta: dict[str, Any], train_state: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint folder atomically (write ``<dir>.tmp``, then swap). ``meta`` must hold
-    ``format`` and ``model``."""
+    ``format`` and ``model``. Under torchrun only rank 0 writes (the others return the path it writes)."""
     final = Path(directory)
+    if not distributed.is_main():
+        return final
     tmp = final.with_name(final.name + ".tmp")
     old = final.with_name(final.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dsom import distributed
 from dsom.config import Config
 from dsom.data.graph import KGDataset
 from dsom.errors import DsomError
@@ -59,13 +60,32 @@ ETA_BATCHES = (1, 6)  # the estimate times batches 2..6 of the first epoch a pro
 BatchHook = Callable[[int, int], None]
 
 
+@dataclass(frozen=True)
+class BatchShare:
+    """Under torchrun: the rows ``[start, stop)`` of a global batch of ``size`` rows this process trains on, and
+    ``weight``, its share of the batch's mean loss (``(stop - start) / size``). A process whose share is empty (a
+    batch with fewer rows than processes) trains on row 0 as a stand-in with weight 0, so it still takes part in
+    every collective of the step."""
+
+    start: int
+    stop: int
+    size: int
+    weight: float
+
+    @property
+    def draw_rows(self) -> tuple[int, int, int]:
+        """``(start, stop, size)``: which rows of the global batch's random draws are this process's."""
+        return self.start, self.stop, self.size
+
+
 def resolve_device(name: str) -> torch.device:
+    """The device of ``train.device``; under torchrun a CUDA device is this process's ``cuda:LOCAL_RANK``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DsomError(f"train.device={name!r} but CUDA is not available; use train.device=cpu or auto")
-    return dev
+    return distributed.device(dev)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -147,6 +167,7 @@ class Trainer(abc.ABC):
 
     checkpoint_format = ""
     supports_pair_batching = False  # whether :meth:`loss` scores each (entity, relation) pair of a batch once
+    share: BatchShare | None = None  # under torchrun, this process's rows of the batch being trained
 
     def __init__(self, dataset: KGDataset, cfg: Config, run_dir: str | Path, stage: str = "pretrain",
                  progress: bool = True, batch_hook: BatchHook | None = None, checkpoint_subdir: str = "") -> None:
@@ -210,6 +231,18 @@ class Trainer(abc.ABC):
     def after_step(self, epoch: int, batch: int) -> None:
         """Called after every optimizer step (per-step logging)."""
         return None
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Every optimizer a training step updates (their parameters' gradients are summed over processes)."""
+        return [self.optimizer]
+
+    def weigh_share(self, loss: torch.Tensor, terms: dict[str, torch.Tensor],
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Under torchrun: this process's contribution to the batch's loss and logged terms, so that their sums
+        over processes are the one-process values. Every term here is a mean over the batch's rows, so each is
+        weighted by the share's size over the batch's size."""
+        w = self.share.weight if self.share is not None else 1.0
+        return loss * w, {k: v * w for k, v in terms.items()}
 
     def epoch_extras(self, epoch: int) -> dict[str, Any]:
         """Extra fields for the epoch's ``metrics.jsonl`` record."""
@@ -307,21 +340,34 @@ class Trainer(abc.ABC):
         sums: dict[str, torch.Tensor] = {}
         check_every_batch = self.device.type == "cpu"  # on GPU, avoid a host sync per batch
         n_batches = 0
+        split = distributed.active()  # under torchrun each process trains its contiguous share of every batch
+        params = [p for opt in self.optimizers() for g in opt.param_groups for p in g["params"]] if split else []
         bar = tqdm(range(len(offsets) - 1), desc=f"{self.stage} epoch {epoch}", disable=not self.progress,
                    leave=False)
         for b in bar:
             lo, hi = offsets[b], offsets[b + 1]
+            if split:
+                a, z = distributed.share(lo, hi)
+                self.share = BatchShare(a - lo, z - lo, hi - lo, (z - a) / (hi - lo))
+                if a == z:  # fewer rows than processes: a stand-in row with weight 0
+                    self.share = BatchShare(0, 1, hi - lo, 0.0)
+                    a, z = lo, lo + 1
+                lo, hi = a, z
             batch = q[perm[lo:hi]]
             # host-side copy for index lookups (neighbour sets) without a device-to-host sync
             self.current_batch_cpu = self.train_queries_cpu[perm_cpu[lo:hi]]
             self.current_batch_index = perm[lo:hi]
             self.current_epoch, self.current_batch = epoch, b
             loss, terms = self.loss(batch)
+            if split:
+                loss, terms = self.weigh_share(loss, terms)
             if check_every_batch and not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch}, batch {b}; "
                                          "lower train.lr or use train.precision=fp32")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if split:  # the batch's gradient: the processes' weighted shares summed
+                distributed.reduce_gradients(params)
             self.optimizer.step()
             for k, v in terms.items():  # accumulated in place: no new tensor per step
                 if k in sums:
@@ -329,7 +375,7 @@ class Trainer(abc.ABC):
                 else:
                     sums[k] = v.detach().clone()
             n_batches += 1
-            if self.progress and check_every_batch and b % 10 == 0:
+            if self.progress and check_every_batch and b % 10 == 0 and not split:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             self.after_step(epoch, b)
             self.current_batch_cpu = self.current_batch_index = None
@@ -337,6 +383,11 @@ class Trainer(abc.ABC):
                 self._estimate(b, len(offsets) - 1)
             if self.batch_hook is not None:
                 self.batch_hook(epoch, b)
+        self.share = None
+        if split and sums:  # the terms of the whole batches (each process summed its weighted shares)
+            keys = sorted(sums)
+            total = distributed.sum_(torch.stack([sums[k].double() for k in keys]))
+            sums = dict(zip(keys, total))
         out = {k: float(v) / max(n_batches, 1) for k, v in sums.items()}
         if not all(math.isfinite(v) for v in out.values()):
             raise FloatingPointError(f"non-finite loss in epoch {epoch}: {out}; lower train.lr or use train.precision=fp32")
@@ -412,7 +463,9 @@ class Trainer(abc.ABC):
             if epoch % max(t.checkpoint_every, 1) == 0 or epoch == t.epochs or self.state.stopped_early:
                 self._save_last()
         if t.restore_best and self.state.best_epoch > 0:
-            self._load_tensors(self.ckpt_dir / "best")
+            if distributed.is_main():  # rank 0 reads the selected weights back and sends them to the others
+                self._load_tensors(self.ckpt_dir / "best")
+            distributed.broadcast_(self.model.parameters())
         else:
             # No validation: the final weights are the selected ones.
             self._save("best")
@@ -484,7 +537,7 @@ def _state_from_tensors(d: dict[str, Any]) -> TrainState:
     return TrainState(**d)
 
 
-__all__ = ["ComplExTrainer", "PairIndex", "Trainer", "TrainState", "epoch_permutation", "group_pairs", "resolve_device"]
+__all__ = ["BatchShare", "ComplExTrainer", "PairIndex", "Trainer", "TrainState", "epoch_permutation", "group_pairs", "resolve_device"]
 
 
 def _duration(seconds: float) -> str:

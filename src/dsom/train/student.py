@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dsom import distributed
 from dsom.config import Config, apply_dict
 from dsom.data.graph import KGDataset
 from dsom.distill.actions import action_names
@@ -100,19 +101,33 @@ class StudentTrainer(Trainer):
         q = self.train_queries[self.reward_rows]
         bs = self.cfg.train.batch_size
         model.train()
+        split = distributed.active()  # under torchrun each process takes its share of every batch, as in training
         for epoch in range(1, dc.policy_pretrain_epochs + 1):
             perm = epoch_permutation(len(q), self.cfg.train.seed + 7919, epoch).to(self.device)
             gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed * 7919 + epoch)
             ent = torch.zeros((), device=self.device)
             for s in range(0, len(q), bs):
-                b = q[perm[s:s + bs]]
+                lo, hi = s, min(s + bs, len(q))
+                draw, rows, stand_in = None, None, False
+                if split:
+                    a, z = distributed.share(lo, hi)
+                    draw, stand_in = (a - lo, z - lo, hi - lo), a == z
+                    if stand_in:  # fewer rows than processes: a stand-in row that is rewarded nowhere
+                        a, z, draw = lo, lo + 1, (0, 1, hi - lo)
+                        rows = torch.zeros(1, dtype=torch.bool, device=self.device)
+                    lo, hi = a, z
+                b = q[perm[lo:hi]]
                 choice = model.selector(SelectionBatch(model.teacher_scores(b[:, 0], b[:, 1], self.precision), b[:, 0],
                                                        b[:, 1], b[:, 2], student_ce=torch.zeros(len(b), device=b.device),
-                                                       generator=gen))
+                                                       reward_rows=rows, generator=gen, draw_rows=draw,
+                                                       reduce=distributed.sum_ if split else None))
                 opt.zero_grad(set_to_none=True)
                 choice.losses["rc"].backward()
+                distributed.reduce_gradients(model.selector.parameters())
                 opt.step()
-                ent += choice.stats["entropy"]
+                if not stand_in:
+                    ent += choice.stats["entropy"]
+            distributed.sum_(ent)
             self.tracker.log({"stage": f"{self.stage}:policy", "epoch": epoch,
                               "policy_entropy": round(float(ent) / max(len(q), 1), 6)})
         opt.zero_grad(set_to_none=True)
@@ -188,12 +203,28 @@ class StudentTrainer(Trainer):
         rows = None
         if self.reward_rows is not None and self.current_batch_index is not None:
             rows = self.reward_rows[self.current_batch_index]
+        share = self.share  # under torchrun: this process's rows of the batch
+        if share is not None and share.weight == 0:  # a stand-in row: rewarded nowhere
+            rows = torch.zeros(len(batch), dtype=torch.bool, device=batch.device)
         losses, stats = self.model(batch, self._neighbour_mask(batch, batch_cpu) if needs_mask else None,
                                    precision=self.precision, regularizer=tr.regularizer, reg=tr.reg,
-                                   kd_weight=kd_weight, generator=gen, reward_rows=rows)
-        self._stats = stats
+                                   kd_weight=kd_weight, generator=gen, reward_rows=rows,
+                                   draw_rows=share.draw_rows if share is not None else None,
+                                   reduce=distributed.sum_ if share is not None else None)
+        self._stats, self._losses = stats, losses
         total = sum(losses.values())
         return total, {k: v.detach() for k, v in losses.items()}
+
+    def weigh_share(self, loss: torch.Tensor, terms: dict[str, torch.Tensor],
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Like the base class, except the policy's ``rc``: the selector already made it this process's part of
+        the mean over the whole batch's reward rows (which a share-size weight would not give)."""
+        w = self.share.weight if self.share is not None else 1.0
+        total = sum(v if k in GLOBAL_TERMS else v * w for k, v in self._losses.items())
+        return total, {k: v if k in GLOBAL_TERMS else v * w for k, v in terms.items()}
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer, *([self.policy_optimizer] if self.policy_optimizer is not None else [])]
 
     def extra_train_state(self) -> dict[str, Any]:
         return {"policy_optimizer": self.policy_optimizer.state_dict()} if self.policy_optimizer else {}
@@ -207,9 +238,12 @@ class StudentTrainer(Trainer):
             self.policy_optimizer.step()
             self.policy_optimizer.zero_grad(set_to_none=True)
         st = self._stats
+        stand_in = self.share is not None and self.share.weight == 0  # counts nothing (its policy terms are 0)
         for key in EPOCH_SUMS:  # summed on the device, read once per epoch
             if key in st:
                 v = st[key].detach()
+                if stand_in:
+                    v = torch.zeros_like(v)
                 if key in self._epoch_sums and self._epoch_sums[key].device == v.device:
                     self._epoch_sums[key] += v
                 else:
@@ -226,7 +260,10 @@ class StudentTrainer(Trainer):
         if not self._step_stats:
             return
         assert self._step_buffer is not None
+        if distributed.active():  # each process holds its share of each step's means: their sums are the means
+            distributed.sum_(self._step_buffer)
         values = self._step_buffer.cpu().tolist()
+        self._step_buffer.zero_()
         for epoch, step in self._step_stats:
             delta, reward, base = values[step]
             self.tracker.log({"stage": self.stage, "epoch": epoch, "step": step, "delta": delta, "reward": reward,
@@ -235,6 +272,8 @@ class StudentTrainer(Trainer):
 
     def epoch_extras(self, epoch: int) -> dict[str, Any]:
         self._flush_step_stats()
+        if distributed.active():  # the epoch's counts over every process's shares (the same keys everywhere)
+            self._epoch_sums = {k: distributed.sum_(v.to(self.device)) for k, v in sorted(self._epoch_sums.items())}
         sums = {k: v.cpu() for k, v in self._epoch_sums.items()}
         self._epoch_sums = {}
         if self.model.policy is None or "actions" not in sums or int(sums["actions"].sum()) == 0:
@@ -291,6 +330,7 @@ class StudentTrainer(Trainer):
 
 
 EPOCH_SUMS = ("actions", "entropy", "rows", "advantage_sum", "advantage_count")
+GLOBAL_TERMS = ("rc",)  # losses the selector normalises over the whole batch itself (StudentTrainer.weigh_share)
 
 
 def _async_to(x: torch.Tensor, device: torch.device) -> torch.Tensor:

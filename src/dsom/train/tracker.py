@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dsom import distributed
 from dsom.errors import ConfigError, DsomError
 
 if TYPE_CHECKING:
@@ -53,12 +54,14 @@ class JsonlTracker:
         self.log({**context, **({"step": step} if step is not None else {}), **metrics})
 
     def log(self, record: dict[str, Any]) -> None:
+        if not distributed.is_main():  # under torchrun rank 0 logs (the records hold values reduced over processes)
+            return
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(_clean(record)) + "\n")
 
     def truncate_after(self, stage: str, epoch: int) -> None:
         """Drop records of ``stage`` with an epoch later than ``epoch`` (work redone after a resume)."""
-        if not self.path.exists():
+        if not distributed.is_main() or not self.path.exists():
             return
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
