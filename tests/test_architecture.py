@@ -1,5 +1,6 @@
-"""The layering the package promises (issue 16): ``data/`` never imports ``features/`` (features are built from
-data, not the reverse), and no module of the package imports itself back through a cycle."""
+"""The layering the package promises (issue 16, docs/architecture.md): every room imports only rooms on lower
+floors (so ``data/`` never imports ``features/``: features are built from data, not the reverse), and no module of
+the package imports itself back through a cycle."""
 
 from __future__ import annotations
 
@@ -102,3 +103,45 @@ def test_cli_options_follow_the_config_schema():
     assert by_dest["precision"].choices == key_choices("train.precision")
     feats = parser._subparsers._group_actions[0].choices["features"]
     assert {a.dest: a for a in feats._actions}["text_pooling"].choices == key_choices("features.text_pooling")
+
+
+#: the rooms from the bottom up: a room imports only rooms on lower floors (anywhere in a file, lazily too)
+FLOORS: list[set[str]] = [
+    {"errors", "numerics", "ranks", "perf", "__version__"},
+    {"runlock", "distributed", "version"},
+    {"config", "schema"},
+    {"data", "report"},
+    {"features", "models"},
+    {"evaluate", "interop"},
+    {"predict", "distill", "ensemble"},
+    {"train"},
+    {"runs"},
+    {"tune", "reproduce"},
+    {"cli"},
+    {"__main__"},
+]
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__version__"  # ``from dsom import __version__``
+
+
+def test_every_room_imports_only_rooms_below_it():
+    floor = {room: i for i, rooms in enumerate(FLOORS) for room in rooms}
+    upward, unplaced = [], set()
+    for p in SRC.rglob("*.py"):
+        here = _room(_module(p))
+        if here == "__version__":  # the package's own __init__
+            continue
+        if here not in floor:
+            unplaced.add(here)
+            continue
+        for dep in _imports(p):
+            there = _room(dep)
+            if there != here and there in floor and floor[there] >= floor[here]:
+                upward.append(f"{_module(p)} imports {dep}")
+            elif there not in floor:
+                unplaced.add(there)
+    assert not unplaced, f"place these rooms in FLOORS: {sorted(unplaced)}"
+    assert not upward, upward

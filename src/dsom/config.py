@@ -346,9 +346,6 @@ def check_values(cfg: Config) -> None:
         if not isinstance(m, str) or not m.strip():
             raise ConfigError(f"config key 'modalities': {m!r} is not a modality name; e.g. --modalities "
                               "structure,text")
-    from dsom.train.tracker import check_trackers
-
-    check_trackers(cfg.track.trackers)
     if cfg.distill.policy_pretrain_epochs > 0 and cfg.distill.reward != "margin":
         raise ConfigError("config key 'distill.policy_pretrain_epochs' needs distill.reward=margin; set "
                           "--set distill.policy_pretrain_epochs=0 or --set distill.reward=margin")

@@ -20,6 +20,7 @@ from dsom.distill.selectors import check_selector
 from dsom.errors import ConfigError
 from dsom.features.build import SOURCES, build_modality, with_missing_rate
 from dsom.train.loop import resolve_device
+from dsom.train.tracker import check_trackers
 
 log = logging.getLogger("dsom")
 
@@ -82,6 +83,7 @@ def check_config(cfg: Config) -> None:
     if not 0.0 <= cfg.distill.holdout < 1.0:
         raise ConfigError(f"config key 'distill.holdout' must be in [0, 1), got {cfg.distill.holdout}")
     check_values(cfg)
+    check_trackers(cfg.track.trackers)
 
     try:
         resolve_device(cfg.train.device)
