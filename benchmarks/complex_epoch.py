@@ -58,7 +58,7 @@ def main() -> None:
         for b in range(args.batches + 1):
             batch = q[perm[b * args.batch_size:(b + 1) * args.batch_size]]
             t = time.perf_counter()
-            loss, _ = tr.loss(batch)
+            loss = tr.loss(batch).total
             tr.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             tr.optimizer.step()

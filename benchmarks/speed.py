@@ -178,7 +178,7 @@ def time_trainer_steps(tr: Trainer, batches: int, device: torch.device,
         k = b % n_epoch
         batch = q[perm[offsets[k]:offsets[k + 1]]]
         tr.current_epoch, tr.current_batch = 1, b
-        loss, _ = tr.loss(batch)
+        loss = tr.loss(batch).total
         tr.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         tr.optimizer.step()

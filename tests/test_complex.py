@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dsom.models.complex import ComplEx, n3_penalty
+from dsom.models.complex import ComplEx, regularizer
 from dsom.models.interaction import complex_modulus
 from dsom.models.products import matmul_scores
 
@@ -67,9 +67,14 @@ def test_n3_factors_and_penalty_closed_form():
     expect_h = torch.sqrt(m.entity[h, :d] ** 2 + m.entity[h, d:] ** 2)
     torch.testing.assert_close(fh, expect_h)
     torch.testing.assert_close(complex_modulus(m.relation[r]), fr)
-    pen = n3_penalty((fh, fr, ft), 0.01)
+    pen = regularizer("n3", (fh, fr, ft), 0.01)
     manual = 0.01 * (fh.pow(3).sum() + fr.pow(3).sum() + ft.pow(3).sum()) / 2
     torch.testing.assert_close(pen, manual)
+    torch.testing.assert_close(regularizer("f2", (fh, fr, ft), 0.5, batch=4),
+                               0.5 * (fh.pow(2).sum() + fr.pow(2).sum() + ft.pow(2).sum()) / 4)
+    assert regularizer("none", (fh, fr, ft), 0.01) is None and regularizer("n3", (fh, fr, ft), 0.0) is None
+    with pytest.raises(ValueError, match="unknown regularizer 'l1'"):
+        regularizer("l1", (fh, fr, ft), 0.01)
 
 
 def test_unknown_precision_is_rejected():

@@ -91,7 +91,7 @@ def test_entity_chunk_sizes():
 
 
 def _grads(trainer, batch):
-    loss, _ = trainer.loss(batch)
+    loss = trainer.loss(batch).total
     trainer.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}

@@ -56,7 +56,7 @@ def _brute_complex(entity, relation, batch, reg):
 
 def _grads(tr, batch):
     tr.model.zero_grad(set_to_none=True)
-    loss, _ = tr.loss(batch)
+    loss = tr.loss(batch).total
     loss.backward()
     return loss.detach(), {k: p.grad.clone() for k, p in tr.model.named_parameters() if p.grad is not None}
 

@@ -62,7 +62,8 @@ def test_joint_loss_is_the_sum_of_independent_complex_losses(tmp_path):
     cfg = _cfg()
     tr = TeacherTrainer(ds, cfg, tmp_path, _features(ds), progress=False)
     batch = torch.from_numpy(ds.queries("train")[:50])
-    loss, terms = tr.loss(batch)
+    step = tr.loss(batch)
+    loss, terms = step.total, step.detached()
     h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
     ref = 0.0
     tables = tr.model.entity_tables().detach()

@@ -34,7 +34,8 @@ from dsom.distill.selectors import (
     check_selector,
     make_selector,
 )
-from dsom.models.complex import ComplEx, f2_penalty, n3_penalty
+from dsom.models.complex import ComplEx
+from dsom.models.complex import regularizer as penalty
 from dsom.models.teachers import FrozenTeachers
 from dsom.perf import MaybeCompiled
 
@@ -129,8 +130,7 @@ class Distiller(nn.Module):
         student = self.student.score_all(h, r, precision=precision)
         losses: dict[str, torch.Tensor] = {}
         if regularizer != "none" and reg > 0:
-            penalty = n3_penalty if regularizer == "n3" else f2_penalty
-            losses["reg"] = penalty(self.student.factors(h, r, t), reg)
+            losses["reg"] = penalty(regularizer, self.student.factors(h, r, t), reg)
         sel = self.selector
         if sel is None:
             losses["ce"] = per_query_ce(student, t).mean()

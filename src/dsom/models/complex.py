@@ -51,13 +51,18 @@ class ComplEx(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def n3_penalty(factors: tuple[torch.Tensor, ...], weight: float) -> torch.Tensor:
-    """kbc N3: ``weight * sum_f sum |f|^3 / B`` (SPEC §2.3)."""
-    batch = factors[0].shape[0]
-    return weight * sum(f.abs().pow(3).sum() for f in factors) / batch
+REGULARIZERS = ("n3", "f2", "none")
 
 
-def f2_penalty(factors: tuple[torch.Tensor, ...], weight: float) -> torch.Tensor:
-    """kbc F2: ``weight * sum_f sum f^2 / B``."""
-    batch = factors[0].shape[0]
-    return weight * sum(f.pow(2).sum() for f in factors) / batch
+def regularizer(kind: str, factors: tuple[torch.Tensor, ...], weight: float,
+                batch: int | None = None) -> torch.Tensor | None:
+    """The configured penalty (``train.regularizer``) of N3 factors, or ``None`` for ``none`` or weight 0: the one
+    place every trainer and the distiller choose it. ``batch`` divides the sum (default: the factors' first
+    dimension, which is the batch for one model; stacked teachers pass it)."""
+    if kind == "none" or weight <= 0:
+        return None
+    if kind not in ("n3", "f2"):
+        raise ValueError(f"unknown regularizer {kind!r}; choose one of {', '.join(REGULARIZERS)}")
+    power = 3 if kind == "n3" else 2
+    return weight * sum(f.abs().pow(power).sum() for f in factors) / (factors[0].shape[0] if batch is None else batch)
+

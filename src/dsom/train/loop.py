@@ -39,7 +39,7 @@ from dsom.data.graph import KGDataset
 from dsom.errors import DsomError
 from dsom.evaluate import evaluate
 from dsom.models.chunked import chunked_cross_entropy, entity_chunk
-from dsom.models.complex import ComplEx, f2_penalty, n3_penalty
+from dsom.models.complex import ComplEx, regularizer
 from dsom.models.products import matmul_scores, resolve_precision
 from dsom.numerics import cross_entropy
 from dsom.perf import release_memory
@@ -58,6 +58,26 @@ log = logging.getLogger("dsom")
 ETA_BATCHES = (1, 6)  # the estimate times batches 2..6 of the first epoch a process trains (batch 1 warms up)
 
 BatchHook = Callable[[int, int], None]
+
+
+@dataclass
+class StepLoss:
+    """What every trainer's :meth:`Trainer.loss` returns (one convention for every stage, as the distiller's dict).
+
+    ``terms``: named loss terms, each already weighted, whose sum is the objective the optimizer descends
+    (e.g. ``ce``, ``reg``, ``kd``, ``rc``); ``logged``: diagnostics recorded beside them but never summed (e.g. each
+    teacher's ``ce/<modality>``). The epoch record logs the batch mean of both."""
+
+    terms: dict[str, torch.Tensor]
+    logged: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def total(self) -> torch.Tensor:
+        return sum(self.terms.values())  # type: ignore[return-value]
+
+    def detached(self) -> dict[str, torch.Tensor]:
+        """Every term and diagnostic, detached, for the epoch's running sums."""
+        return {**{k: v.detach() for k, v in self.terms.items()}, **{k: v.detach() for k, v in self.logged.items()}}
 
 
 @dataclass(frozen=True)
@@ -205,8 +225,9 @@ class Trainer(abc.ABC):
         return list(self.model.parameters())
 
     @abc.abstractmethod
-    def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss and its logged terms for a batch of reciprocal queries ``(B, 3)``."""
+    def loss(self, batch: torch.Tensor) -> StepLoss:
+        """The named loss terms (summed into the objective) and diagnostics of a batch of reciprocal queries
+        ``(B, 3)``."""
         raise NotImplementedError
 
     def validation_scorer(self) -> Any:
@@ -236,13 +257,12 @@ class Trainer(abc.ABC):
         """Every optimizer a training step updates (their parameters' gradients are summed over processes)."""
         return [self.optimizer]
 
-    def weigh_share(self, loss: torch.Tensor, terms: dict[str, torch.Tensor],
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Under torchrun: this process's contribution to the batch's loss and logged terms, so that their sums
+    def weigh_share(self, step: StepLoss) -> StepLoss:
+        """Under torchrun: this process's contribution to the batch's terms and diagnostics, so that their sums
         over processes are the one-process values. Every term here is a mean over the batch's rows, so each is
         weighted by the share's size over the batch's size."""
         w = self.share.weight if self.share is not None else 1.0
-        return loss * w, {k: v * w for k, v in terms.items()}
+        return StepLoss({k: v * w for k, v in step.terms.items()}, {k: v * w for k, v in step.logged.items()})
 
     def epoch_extras(self, epoch: int) -> dict[str, Any]:
         """Extra fields for the epoch's ``metrics.jsonl`` record."""
@@ -358,9 +378,10 @@ class Trainer(abc.ABC):
             self.current_batch_cpu = self.train_queries_cpu[perm_cpu[lo:hi]]
             self.current_batch_index = perm[lo:hi]
             self.current_epoch, self.current_batch = epoch, b
-            loss, terms = self.loss(batch)
+            step = self.loss(batch)
             if split:
-                loss, terms = self.weigh_share(loss, terms)
+                step = self.weigh_share(step)
+            loss, terms = step.total, step.detached()
             if check_every_batch and not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch}, batch {b}; "
                                          "lower train.lr or use train.precision=fp32")
@@ -373,7 +394,7 @@ class Trainer(abc.ABC):
                 if k in sums:
                     sums[k] += v
                 else:
-                    sums[k] = v.detach().clone()
+                    sums[k] = v.clone()
             n_batches += 1
             if self.progress and check_every_batch and b % 10 == 0 and not split:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -487,7 +508,7 @@ class ComplExTrainer(Trainer):
         return {"type": "complex", "rank": m.rank, "num_entities": m.num_entities,
                 "num_relations": m.num_relations, "original_relations": self.ds.num_relations}
 
-    def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: torch.Tensor) -> StepLoss:
         h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
         model: ComplEx = self.model
         rows = None
@@ -501,14 +522,11 @@ class ComplExTrainer(Trainer):
             ce = chunked_cross_entropy(query, model.entity, t, chunk, self.precision, rows=rows).mean()
         else:
             ce = cross_entropy(matmul_scores(query, model.entity, self.precision), t, rows).mean()
-        total = ce
-        terms = {"ce": ce.detach()}
-        if self.cfg.train.regularizer != "none" and self.cfg.train.reg > 0:
-            factors = self.model.factors(h, r, t)
-            pen = (n3_penalty if self.cfg.train.regularizer == "n3" else f2_penalty)(factors, self.cfg.train.reg)
-            total = total + pen
-            terms["reg"] = pen.detach()
-        return total, terms
+        terms = {"ce": ce}
+        tr = self.cfg.train
+        if tr.regularizer != "none" and tr.reg > 0:
+            terms["reg"] = regularizer(tr.regularizer, model.factors(h, r, t), tr.reg)
+        return StepLoss(terms)
 
 
 

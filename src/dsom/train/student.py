@@ -29,7 +29,7 @@ from dsom.errors import DsomError
 from dsom.models.teachers import FrozenTeachers
 from dsom.perf import compile_enabled
 from dsom.train.checkpoint import save_checkpoint
-from dsom.train.loop import BatchHook, Trainer, epoch_permutation
+from dsom.train.loop import BatchHook, StepLoss, Trainer, epoch_permutation
 
 TRAIN_FORMAT = "dsom-student-train/2"
 
@@ -189,7 +189,7 @@ class StudentTrainer(Trainer):
         mask[torch.arange(len(batch), device=batch.device), t] = True
         return mask
 
-    def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: torch.Tensor) -> StepLoss:
         dc, tr = self.cfg.distill, self.cfg.train
         kd_weight = None
         if dc.kd_warmup_epochs > 0:
@@ -211,17 +211,15 @@ class StudentTrainer(Trainer):
                                    kd_weight=kd_weight, generator=gen, reward_rows=rows,
                                    draw_rows=share.draw_rows if share is not None else None,
                                    reduce=distributed.sum_ if share is not None else None)
-        self._stats, self._losses = stats, losses
-        total = sum(losses.values())
-        return total, {k: v.detach() for k, v in losses.items()}
+        self._stats = stats
+        return StepLoss(losses)
 
-    def weigh_share(self, loss: torch.Tensor, terms: dict[str, torch.Tensor],
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def weigh_share(self, step: StepLoss) -> StepLoss:
         """Like the base class, except the policy's ``rc``: the selector already made it this process's part of
         the mean over the whole batch's reward rows (which a share-size weight would not give)."""
         w = self.share.weight if self.share is not None else 1.0
-        total = sum(v if k in GLOBAL_TERMS else v * w for k, v in self._losses.items())
-        return total, {k: v if k in GLOBAL_TERMS else v * w for k, v in terms.items()}
+        return StepLoss({k: v if k in GLOBAL_TERMS else v * w for k, v in step.terms.items()},
+                        {k: v * w for k, v in step.logged.items()})
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer, *([self.policy_optimizer] if self.policy_optimizer is not None else [])]

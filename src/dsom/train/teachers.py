@@ -21,12 +21,13 @@ from dsom.errors import DsomError
 from dsom.evaluate import split_counts, split_metrics
 from dsom.features.modality import ModalityTable
 from dsom.models.chunked import chunked_cross_entropy, entity_chunk
+from dsom.models.complex import regularizer
 from dsom.models.products import matmul_scores
 from dsom.models.teachers import TEACHERS_FORMAT, AllViews, FrozenTeachers, ModalityTeachers
 from dsom.numerics import cross_entropy
 from dsom.ranks import TIE_POLICIES, RankCounts, metrics_from_ranks, min_rank_counts
 from dsom.train.checkpoint import check_teachers, read_checkpoint, write_checkpoint
-from dsom.train.loop import BatchHook, Trainer, group_pairs
+from dsom.train.loop import BatchHook, StepLoss, Trainer, group_pairs
 
 TRAIN_FORMAT = "dsom-teachers-train/1"
 
@@ -70,7 +71,7 @@ class TeacherTrainer(Trainer):
                 "feature_dims": {k: t.dim for k, t in self.features.items()},
                 "feature_sources": {k: t.source for k, t in self.features.items()}}
 
-    def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: torch.Tensor) -> StepLoss:
         h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
         model: ModalityTeachers = self.model
         tables = model.entity_tables()
@@ -87,15 +88,11 @@ class TeacherTrainer(Trainer):
         else:  # one (B, E) block per teacher: mm is faster than bmm here and no (M, B, E) stack is held
             ce = torch.stack([cross_entropy(matmul_scores(queries[m], tables[m], self.precision), t, rows).mean()
                               for m in range(M)])
-        total = ce.sum()
-        terms = {"ce": total.detach(), **{f"ce/{m}": ce[k].detach() for k, m in enumerate(model.modalities)}}
+        terms = {"ce": ce.sum()}
         tr = self.cfg.train
         if tr.regularizer != "none" and tr.reg > 0:
-            power = 3 if tr.regularizer == "n3" else 2
-            pen = tr.reg * sum(f.abs().pow(power).sum() for f in model.factors(tables, h, r, t)) / B
-            total = total + pen
-            terms["reg"] = pen.detach()
-        return total, terms
+            terms["reg"] = regularizer(tr.regularizer, model.factors(tables, h, r, t), tr.reg, batch=B)
+        return StepLoss(terms, {f"ce/{m}": ce[k] for k, m in enumerate(model.modalities)})
 
     def all_view_metrics(self, split: str, max_triples: int | None = None) -> dict[str, dict[str, Any]]:
         frozen = self.model.freeze()
