@@ -48,8 +48,8 @@ import torch
 from dsom.config import Config, set_value
 from dsom.data import registry
 from dsom.data.graph import KGDataset
+from dsom.data.modality import ModalityTable
 from dsom.evaluate import evaluate
-from dsom.features.modality import ModalityTable
 from dsom.models.complex import ComplEx
 from dsom.models.products import resolve_precision
 from dsom.models.teachers import FrozenTeachers

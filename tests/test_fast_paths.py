@@ -102,7 +102,7 @@ def test_trainers_give_the_same_loss_and_gradients_with_entity_chunks(tmp_path, 
     import numpy as np
 
     from dsom.config import Config, set_value
-    from dsom.features.modality import ModalityTable
+    from dsom.data.modality import ModalityTable
     from dsom.train.loop import ComplExTrainer
     from dsom.train.teachers import TeacherTrainer
 

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
+from dsom.data.modality import ModalityTable, apply_missing_rate
 from dsom.errors import DataError
 from dsom.features.cache import FeatureCache, digest
-from dsom.features.modality import ModalityTable, apply_missing_rate
 
 
 def _table(E=10, F=3, missing=(2,)):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from dsom.data.graph import KGDataset, Vocabulary
+from dsom.data.modality import ModalityTable
 from dsom.data.readers import DataWarning, load_dataset
 from dsom.errors import DataError
-from dsom.features.modality import ModalityTable
 from dsom.features.numeric import build_numeric, read_numeric
 
 LABELS = ["a", "b", "c", "d", "e"]

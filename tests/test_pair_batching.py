@@ -87,7 +87,7 @@ def test_complex_pairs_equal_triples_and_brute_force_in_loss_and_gradient(tmp_pa
 
 @pytest.mark.parametrize("block_mb", [0.0, 1e-3])
 def test_teachers_pairs_equal_triples_in_loss_and_gradient(tmp_path, block_mb):
-    from dsom.features.modality import ModalityTable
+    from dsom.data.modality import ModalityTable
 
     ds = clustered_graph(num_entities=60)
     rng = np.random.default_rng(0)

@@ -12,6 +12,7 @@ from dsom.cli import main
 from dsom.config import Config, set_value
 from dsom.data import registry
 from dsom.data.graph import KGDataset
+from dsom.data.modality import ModalityTable
 from dsom.ensemble import (
     MetaLearner,
     WeightedTeachers,
@@ -21,7 +22,6 @@ from dsom.ensemble import (
     train_meta_learner,
 )
 from dsom.evaluate import evaluate, split_counts
-from dsom.features.modality import ModalityTable
 from dsom.models.complex import ComplEx
 from dsom.models.teachers import AllViews, FrozenTeachers
 from dsom.train.checkpoint import load_checkpoint

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dsom.data.graph import SPLITS
+from dsom.data.modality import ModalityTable
 from dsom.data.synthetic import (
     HELPFUL,
     MISLEADING,
@@ -20,7 +21,6 @@ from dsom.data.synthetic import (
     synthetic_from_options,
 )
 from dsom.errors import ConfigError
-from dsom.features.modality import ModalityTable
 
 SMALL = dict(num_entities=400, num_relations=6, num_train=4000, num_valid=300, num_test=300)
 

@@ -18,7 +18,7 @@ _API = {
     "load_checkpoint": ("dsom.train.checkpoint", "load_checkpoint"),
     "ComplEx": ("dsom.models.complex", "ComplEx"),
     "KGDataset": ("dsom.data.graph", "KGDataset"),
-    "ModalityTable": ("dsom.features.modality", "ModalityTable"),
+    "ModalityTable": ("dsom.data.modality", "ModalityTable"),
 }
 
 __all__ = ["__version__", *_API]

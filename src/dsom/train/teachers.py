@@ -17,9 +17,9 @@ import torch
 
 from dsom.config import Config
 from dsom.data.graph import KGDataset
+from dsom.data.modality import ModalityTable
 from dsom.errors import DsomError
 from dsom.evaluate import split_counts, split_metrics
-from dsom.features.modality import ModalityTable
 from dsom.models.chunked import chunked_cross_entropy, entity_chunk
 from dsom.models.complex import regularizer
 from dsom.models.products import matmul_scores
