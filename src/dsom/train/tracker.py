@@ -18,6 +18,7 @@ import shutil
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -538,25 +539,23 @@ def make_tracker(run_dir: str | Path, cfg: Config, stage: str) -> Trackers:
     torchrun), the external trackers of ``track.trackers``. They continue the runs recorded in ``tracking.json``
     while ``metrics.jsonl`` exists (later stages, ``--resume``); a run directory without it (new, or cleared by
     ``--force``) starts new external runs."""
-    from dsom.distributed import is_main
-
     run_dir = Path(run_dir)
     jsonl = JsonlTracker(run_dir / "metrics.jsonl")
     names = [n for n in dict.fromkeys(cfg.track.trackers) if n != "jsonl"]
-    if not names or not is_main():
+    if not names or not distributed.is_main():
         return Trackers(jsonl, [])
     check_trackers(names)
     continuing = jsonl.path.exists()
     config = _config_params(run_dir, cfg)
-    external: list[ExternalTracker] = []
-    for n in names:
-        if n == "mlflow":
-            external.append(MlflowTracker(run_dir, cfg, stage, config, continuing))
-        elif n == "tensorboard":
-            external.append(TensorboardTracker(run_dir, stage, continuing))
-        else:
-            external.append(WandbTracker(run_dir, cfg, stage, config, continuing))
-    return Trackers(jsonl, external)
+    return Trackers(jsonl, [EXTERNAL[n](run_dir, cfg, stage, config, continuing) for n in names])
+
+
+#: the external trackers by name: each builds its tracker from ``(run_dir, cfg, stage, config params, continuing)``
+EXTERNAL: dict[str, Callable[[Path, Config, str, dict[str, str], bool], ExternalTracker]] = {
+    "mlflow": MlflowTracker,
+    "tensorboard": lambda run_dir, cfg, stage, config, continuing: TensorboardTracker(run_dir, stage, continuing),
+    "wandb": WandbTracker,
+}
 
 
 def log_final(run_dir: str | Path, cfg: Config, results: dict[str, Any]) -> None:
