@@ -21,6 +21,24 @@ MMAP_THRESHOLD_MB = 512  # blocks up to this size are reused from the heap (WN18
 TRIM_THRESHOLD_MB = 512  # free memory kept at the top of the heap before it is returned to the system
 
 
+def cpuinfo(field: str) -> str | None:
+    """The value of ``field`` (e.g. ``flags``, ``model name``) of the first CPU in ``/proc/cpuinfo``; ``None``
+    where there is no such file or field (not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.split(":", 1)[0].strip() == field:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (empty where unknown)."""
+    return set((cpuinfo("flags") or "").split())
+
+
 def tune_allocator() -> bool:
     """Raise glibc's mmap/trim thresholds for this process; returns whether it was applied."""
     if os.environ.get("DSOM_NO_MALLOPT") or not sys.platform.startswith("linux"):

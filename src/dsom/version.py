@@ -10,30 +10,20 @@ import numpy as np
 import torch
 
 from dsom import __version__
+from dsom.perf import cpu_flags, cpuinfo
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return cpuinfo("model name") or platform.processor() or "unknown"
 
 
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
-                    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"
-    except OSError:
-        pass
-    return "unknown"
+def cpu_flag_summary() -> str:
+    """The flags that decide the fast path (AVX2, AVX-512, bf16 products, AMX)."""
+    if cpuinfo("flags") is None:
+        return "unknown"
+    flags = cpu_flags()
+    wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
+    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"
 
 
 def environment() -> list[tuple[str, str]]:
@@ -46,7 +36,7 @@ def environment() -> list[tuple[str, str]]:
         ("torch threads", str(torch.get_num_threads())),
         ("cpu count", str(os.cpu_count())),
         ("cpu", cpu_model()),
-        ("cpu features", cpu_flags()),
+        ("cpu features", cpu_flag_summary()),
         ("cuda available", str(torch.cuda.is_available())),
     ]
     if torch.cuda.is_available():

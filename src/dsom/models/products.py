@@ -11,21 +11,15 @@ from typing import Any
 
 import torch
 
+from dsom.perf import cpu_flags
+
 PRECISIONS = ("bf16", "fp32", "bf16sim")
 
 
 def cpu_has_fast_bf16() -> bool:
     """True where the CPU multiplies bf16 natively (AMX or AVX512-BF16). On AVX2-only CPUs a bf16
     product is emulated and runs several times *slower* than fp32."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
-    except OSError:
-        pass
-    return False
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
