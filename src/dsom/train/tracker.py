@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsom import distributed
+from dsom import __version__, distributed
 from dsom.errors import ConfigError, DsomError
 
 if TYPE_CHECKING:
@@ -321,8 +321,6 @@ class MlflowTracker(ExternalTracker):
                 raise DsomError(f"mlflow: experiment {name!r} is deleted in {self.uri}; restore it or choose another "
                                 "with --set track.experiment=NAME")
             exp_id = exp.experiment_id
-        from dsom import __version__
-
         run = self.client.create_run(exp_id, run_name=run_dir.resolve().name, tags={
             "dsom.run_dir": str(run_dir.resolve()), "dsom.version": __version__,
             "dsom.dataset": str(cfg.data.dataset)})
