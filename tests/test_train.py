@@ -4,12 +4,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsom.config import Config, set_value
+from dsom.config import Config, apply_dict, set_value
 from dsom.evaluate import evaluate
+from dsom.perf import set_deterministic
 from dsom.train.checkpoint import load_checkpoint
 from dsom.train.loop import ComplExTrainer, epoch_permutation
 
-from toy import clustered_graph
+from toy import clustered_graph, random_graph
 
 
 def _cfg(**kw):
@@ -118,3 +119,28 @@ def test_bf16_training_runs_and_stays_close_to_fp32(tmp_path):
     # measured here: fp32 0.201, bf16 0.212 (gap 0.011); 0.03 is about 15% of the MRR, so a bf16 path that
     # loses a quarter of the accuracy fails
     assert abs(res["bf16"] - res["fp32"]) < 0.03
+
+
+def test_train_deterministic_makes_the_embedding_backward_reproducible_across_threads(tmp_path):
+    """train.deterministic (default on): the gather backward accumulates in a fixed order, so repeated steps give
+    bit-identical gradients with 2 threads; the option reaches torch when a trainer is built."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        set_deterministic(True)
+        g = torch.Generator().manual_seed(0)
+        w, idx, up = torch.randn(3000, 64, generator=g), torch.randint(3000, (1000,), generator=g), torch.randn(1000, 64)
+        grads = []
+        for _ in range(10):
+            p = w.clone().requires_grad_(True)
+            (p[idx] * up).sum().backward()
+            grads.append(p.grad)
+        assert all(torch.equal(x, grads[0]) for x in grads)
+        for on in (False, True):
+            cfg = Config()
+            apply_dict(cfg, {"model.rank": 4, "train.epochs": 1, "train.deterministic": on})
+            ComplExTrainer(random_graph(), cfg, tmp_path / str(on), progress=False)
+            assert torch.are_deterministic_algorithms_enabled() is on
+    finally:
+        set_deterministic(True)
+        torch.set_num_threads(threads)

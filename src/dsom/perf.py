@@ -15,6 +15,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MB = 512  # blocks up to this size are reused from the heap (WN18 (M, B, E) stacks: 491 MB)
@@ -37,6 +39,18 @@ def cpuinfo(field: str) -> str | None:
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (empty where unknown)."""
     return set((cpuinfo("flags") or "").split())
+
+
+def set_deterministic(on: bool, device_type: str = "cpu") -> None:
+    """``train.deterministic``: ask torch for run-to-run reproducible kernels (``torch.use_deterministic_algorithms``).
+    On CUDA it only warns where an op has no deterministic kernel (cuBLAS also needs ``CUBLAS_WORKSPACE_CONFIG``,
+    set here when CUDA has not started yet)."""
+    if on and device_type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=device_type == "cuda")
+    # torch would otherwise fill every torch.empty with NaN in this mode: a B x E write per score block, for
+    # buffers dsom always overwrites
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def tune_allocator() -> bool:
@@ -69,8 +83,6 @@ class MaybeCompiled:
         if not self.enabled:
             return self.fn(*args, **kwargs)
         if self._compiled is None:
-            import torch
-
             self._compiled = torch.compile(self.fn, dynamic=True)
         try:
             return self._compiled(*args, **kwargs)

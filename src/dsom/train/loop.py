@@ -42,7 +42,7 @@ from dsom.models.chunked import chunked_cross_entropy, entity_chunk
 from dsom.models.complex import ComplEx, regularizer
 from dsom.models.products import matmul_scores, resolve_precision
 from dsom.numerics import cross_entropy
-from dsom.perf import release_memory
+from dsom.perf import release_memory, set_deterministic
 from dsom.ranks import TIE_POLICIES
 from dsom.train.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from dsom.train.checkpoint import (
@@ -202,6 +202,7 @@ class Trainer(abc.ABC):
         self.ckpt_dir = self.run_dir / "checkpoints" / checkpoint_subdir
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
+        set_deterministic(cfg.train.deterministic, self.device.type)
         self.model = self.build_model(torch.Generator().manual_seed(cfg.train.seed)).to(self.device)
         self.optimizer = make_optimizer(self.trainable_parameters(), cfg)
         self.scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(
