@@ -5,6 +5,7 @@ an independent brute-force computation."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -158,15 +159,44 @@ def test_pair_batched_training_learns_and_resumes_bit_identically(tmp_path):
     assert epochs == list(range(1, 7))
 
 
-def test_stage_two_keeps_triple_batching(tmp_path):
+@pytest.mark.parametrize("selector", ["avg", "rl"])
+def test_stage_two_scores_each_pair_once_with_the_same_losses_and_gradients(tmp_path, selector):
+    """train.batching=pairs in stage 2: the student and the teachers score each distinct (entity, relation) pair of
+    the batch once and every query reads its pair's row. On the same queries, losses (CE, NDKD, the policy's RC) and
+    every gradient equal those of scoring each query on its own; the policy still samples one action per query."""
     from dsom.models.teachers import FrozenTeachers
+    from dsom.train.loop import group_pairs
     from dsom.train.student import StudentTrainer
 
     ds = clustered_graph(num_entities=40)
     g = torch.Generator().manual_seed(0)
-    frozen = FrozenTeachers(["structure"], torch.randn(1, ds.num_entities, 16, generator=g),
-                            torch.randn(1, 2 * ds.num_relations, 16, generator=g))
-    st = StudentTrainer(ds, _cfg(**{"train.batching": "pairs"}), tmp_path, frozen, progress=False)
-    assert st.batching == "triples"
+    frozen = FrozenTeachers(["structure", "text"], torch.randn(2, ds.num_entities, 16, generator=g),
+                            torch.randn(2, 2 * ds.num_relations, 16, generator=g))
+    cfg = _cfg(**{"train.batching": "pairs", "distill.selector": selector, "distill.policy_hidden": 8,
+                  "train.precision": "fp32"})
+    st = StudentTrainer(ds, cfg, tmp_path, frozen, progress=False)
+    assert st.batching == "pairs"
     order, offsets = st.epoch_batches(1)
-    assert offsets == [*range(0, len(order), 64), len(order)]
+    batch = st.train_queries[order[offsets[0]:offsets[1]]]
+    ph, pr, rows = group_pairs(batch)
+    assert len(ph) < len(batch)  # the batch really repeats pairs
+    nb = st._neighbour_mask(batch, batch)
+    out = {}
+    for mode in ("triples", "pairs"):
+        st.model.zero_grad(set_to_none=True)
+        losses, stats = st.model(batch, nb, precision="fp32", generator=torch.Generator().manual_seed(3),
+                                 pairs=(ph, pr, rows) if mode == "pairs" else None)
+        sum(losses.values()).backward()
+        out[mode] = ({k: v.detach() for k, v in losses.items()},
+                     {n: p.grad.clone() for n, p in st.model.named_parameters() if p.grad is not None}, stats)
+    (l1, g1, s1), (l2, g2, s2) = out["triples"], out["pairs"]
+    assert set(l1) == set(l2) and ("rc" in l1) == (selector == "rl")
+    for k in l1:
+        torch.testing.assert_close(l2[k], l1[k], rtol=1e-5, atol=1e-6)
+    assert set(g1) == set(g2) and g1
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-6)
+    if selector == "rl":
+        assert torch.equal(s1["actions"], s2["actions"])
+    state = st.fit()  # the trainer's own path: pair batches through group_pairs, to the end
+    assert state.epoch == 4 and all(math.isfinite(v["value"]) for v in state.history)

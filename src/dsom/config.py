@@ -78,13 +78,14 @@ class TrainConfig:
     deterministic: bool = opt(True, "same seed, same result on a machine with the same thread count: torch.use_deterministic_algorithms (the backward of an embedding lookup then accumulates in a fixed order; with 2+ CPU threads it otherwise varies by ~1e-7 from run to run, which training amplifies to ~1e-4 MRR). Off: that order is left to the threads")
     compile: str = opt("auto", "torch.compile the stage-2 distillation losses (fuses their B x E element-wise work; "
                        "~20 s to compile once). auto = on for CUDA and for B x E >= 4M on CPU", ("auto", "on", "off"))
-    batching: str = opt("triples", "how stage 1 and plain ComplEx batch their training queries. 'triples': "
+    batching: str = opt("triples", "how the trainers batch their training queries. 'triples': "
                         "batch_size shuffled reciprocal triples per step, each scored on its own (the paper's loop). "
                         "'pairs': batch_size shuffled distinct (entity, relation) pairs per step with all their "
                         "training tails (PyKEEN's LCWA batching); each pair is scored once and its row is shared by "
                         "its targets. The loss is the same mean CE + regulariser over the batch's triples, an epoch "
                         "has fewer, larger steps and fewer products (DB15K: 75,105 pairs for 158,444 queries). "
-                        "Stage 2 always batches triples", ("triples", "pairs"))
+                        "In stage 2 the student and the teachers score each pair once; the policy still chooses, "
+                        "and is rewarded, per query", ("triples", "pairs"))
     block_mb: float = opt(256.0, "largest B x E float32 score block one teacher's training loss materialises; larger "
                           "1-vs-all losses (big graphs) run over entity chunks with recomputation (4 products "
                           "instead of 3, memory O(B x chunk)). 0 = never chunk. Stage 1 and plain ComplEx only")

@@ -118,16 +118,23 @@ class Distiller(nn.Module):
                 generator: torch.Generator | None = None, reward_rows: torch.Tensor | None = None,
                 draw_rows: tuple[int, int, int] | None = None,
                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Losses and step statistics for reciprocal queries ``(B, 3)``; ``neighbours (B, E)`` bool holds each
         query's training answers (target included); ``reward_rows (B,)`` bool marks the queries whose triples
         the teachers never trained on (the only ones the policy is rewarded on; ``None`` = all). ``draw_rows``
         and ``reduce``: under torchrun, which rows of the global batch these are and a sum over processes
         (:class:`~dsom.distill.selectors.SelectionBatch`); the policy's ``rc`` then is this process's part of the
-        whole batch's loss, every other loss the mean over this process's rows."""
+        whole batch's loss, every other loss the mean over this process's rows. ``pairs = (heads (P,), relations (P,),
+        pair of each query (B,))``: the batch's distinct (entity, relation) pairs (``train.batching=pairs``); the
+        student and the teachers then score each pair once and every query reads its pair's row, which gives the
+        same per-query losses with fewer products."""
         cfg = self.cfg
         h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
-        student = self.student.score_all(h, r, precision=precision)
+        if pairs is None:
+            student = self.student.score_all(h, r, precision=precision)
+        else:
+            student = self.student.score_all(pairs[0], pairs[1], precision=precision)[pairs[2]]
         losses: dict[str, torch.Tensor] = {}
         if regularizer != "none" and reg > 0:
             losses["reg"] = penalty(regularizer, self.student.factors(h, r, t), reg)
@@ -136,7 +143,8 @@ class Distiller(nn.Module):
             losses["ce"] = per_query_ce(student, t).mean()
             return losses, {}
         gamma = cfg.gamma if kd_weight is None else kd_weight
-        tea_all = self.teacher_scores(h, r, precision)
+        tea_all = (self.teacher_scores(h, r, precision) if pairs is None
+                   else self.teacher_scores(pairs[0], pairs[1], precision)[:, pairs[2]])
         detached = student.detach()
         choice = sel(SelectionBatch(tea_all, h, r, t,
                                     student_ce=per_query_ce(detached / cfg.reward_tau, t) if sel.needs_student else None,

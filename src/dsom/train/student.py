@@ -29,7 +29,7 @@ from dsom.errors import DsomError
 from dsom.models.teachers import FrozenTeachers
 from dsom.perf import compile_enabled
 from dsom.train.checkpoint import save_checkpoint
-from dsom.train.loop import BatchHook, StepLoss, Trainer, epoch_permutation
+from dsom.train.loop import BatchHook, StepLoss, Trainer, epoch_permutation, group_pairs
 
 TRAIN_FORMAT = "dsom-student-train/2"
 
@@ -45,6 +45,7 @@ def student_config(cfg: Config, overrides: Mapping[str, Any] | None = None) -> C
 
 class StudentTrainer(Trainer):
     checkpoint_format = TRAIN_FORMAT
+    supports_pair_batching = True  # the student and teachers score each pair once; rewards stay per query
 
     def __init__(self, dataset: KGDataset, cfg: Config, run_dir: str | Path, teachers: FrozenTeachers,
                  name: str = "student", progress: bool = True, batch_hook: BatchHook | None = None,
@@ -210,7 +211,8 @@ class StudentTrainer(Trainer):
                                    precision=self.precision, regularizer=tr.regularizer, reg=tr.reg,
                                    kd_weight=kd_weight, generator=gen, reward_rows=rows,
                                    draw_rows=share.draw_rows if share is not None else None,
-                                   reduce=distributed.sum_ if share is not None else None)
+                                   reduce=distributed.sum_ if share is not None else None,
+                                   pairs=group_pairs(batch) if self.batching == "pairs" else None)
         self._stats = stats
         return StepLoss(losses)
 
