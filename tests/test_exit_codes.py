@@ -48,8 +48,11 @@ def test_ctrl_c_during_training_exits_130_and_the_run_resumes(tmp_path):
     args = ["--rank", "8", "--epochs", "40", "--set", "data.synthetic.num_train=3000", "--set",
             "data.synthetic.num_entities=300", "--set", "train.threads=1", "--set", "distill.epochs=1",
             "--set", "distill.variants=[]", "--set", "ensemble.mi_epochs=1", "-q"]
+    # a shell's background job (`pytest ... &`) inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: give the child the default disposition, as a terminal would
     proc = subprocess.Popen([sys.executable, "-m", "dsom", "run", "-o", str(out), *args], stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = out / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
