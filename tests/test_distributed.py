@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from safetensors.numpy import load_file
 
 from dsom.cli import main
 
-from toy import clustered_graph, write_canonical
+from toy import KILL_LAUNCHER, clustered_graph, write_canonical
 
 
 def _torchrun(args, tmp_path, module=True):
@@ -109,25 +108,6 @@ def test_two_processes_train_the_weights_of_one_process_exactly_up_to_rounding(t
     assert _models(tmp_path / "two") == _models(tmp_path / "one")
 
 
-LAUNCHER = textwrap.dedent("""
-    import os, signal, sys
-    from dsom.train import loop
-
-    stage, epoch, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    init = loop.Trainer.__init__
-
-    def patched(self, *a, **k):
-        init(self, *a, **k)
-        if self.stage == stage:
-            def hook(e, b):
-                if (e, b) == (epoch, batch):
-                    os.kill(os.getpid(), signal.SIGKILL)
-            self.batch_hook = hook
-
-    loop.Trainer.__init__ = patched
-    from dsom.cli import main
-    sys.exit(main(sys.argv[4:]))
-""")
 
 
 @pytest.mark.slow
@@ -145,7 +125,7 @@ def test_two_processes_with_the_default_optimizers_and_a_killed_run_resumes(tmp_
     _compare(tmp_path / "one", tmp_path / "two", atol=1e-3)
 
     launcher = tmp_path / "launch.py"
-    launcher.write_text(LAUNCHER)
+    launcher.write_text(KILL_LAUNCHER)
     killed = tmp_path / "killed"
     proc = _torchrun([str(launcher), "distill", "2", "0", "run", "-o", str(killed), *args], tmp_path, module=False)
     assert proc.returncode != 0

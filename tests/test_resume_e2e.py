@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -22,34 +21,13 @@ from safetensors.numpy import load_file
 
 from dsom.cli import main
 
+from toy import KILL_LAUNCHER
+
 RUN = ["--rank", "8", "--epochs", "3", "--set", "data.synthetic.num_train=3000", "--set",
        "data.synthetic.num_entities=400", "--set", "ensemble.mi_epochs=1", "--set", "distill.policy_hidden=16",
        "--set", "train.valid_every=1", "--set", "distill.epochs=3", "--set", "distill.variants=[]",
        "--set", "train.threads=1", "-q"]
 
-LAUNCHER = textwrap.dedent("""
-    import os, signal, sys
-    from dsom.train import loop
-
-    stage, epoch, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    init = loop.Trainer.__init__
-
-    def patched(self, *a, **k):
-        init(self, *a, **k)
-        if self.stage == stage:
-            inner = self.batch_hook
-
-            def hook(e, b):
-                if (e, b) == (epoch, batch):
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if inner is not None:
-                    inner(e, b)
-            self.batch_hook = hook
-
-    loop.Trainer.__init__ = patched
-    from dsom.cli import main
-    sys.exit(main(sys.argv[4:]))
-""")
 
 
 def _models(run: Path) -> dict:
@@ -80,7 +58,7 @@ def test_a_run_killed_inside_a_stage_resumes_to_the_same_results(reference, tmp_
     ``last.old``, a half-written ``last.tmp`` left behind): the resume must fall back to ``last.old``."""
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", LAUNCHER, stage, str(epoch), str(batch), "run", "-o", str(out), *RUN],
+    proc = subprocess.run([sys.executable, "-c", KILL_LAUNCHER, stage, str(epoch), str(batch), "run", "-o", str(out), *RUN],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not (out / "results.json").exists()

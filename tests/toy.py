@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 
 from dsom.data import KGDataset, Vocabulary
@@ -63,3 +65,30 @@ def write_canonical(ds: KGDataset, folder) -> None:
         with open(folder / f"{split}.tsv", "w", encoding="utf-8") as fh:
             for h, r, t in ds.splits[split]:
                 fh.write(f"{ds.entities.labels[h]}\t{ds.relations.labels[r]}\t{ds.entities.labels[t]}\n")
+
+
+#: ``python -c KILL_LAUNCHER STAGE EPOCH BATCH ARGS...``: the ``dsom`` command with ARGS, SIGKILLed after batch BATCH
+#: of epoch EPOCH of the trainer of stage STAGE (any batch hook already there still runs); for resume tests
+KILL_LAUNCHER = textwrap.dedent("""
+    import os, signal, sys
+    from dsom.train import loop
+
+    stage, epoch, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    init = loop.Trainer.__init__
+
+    def patched(self, *a, **k):
+        init(self, *a, **k)
+        if self.stage == stage:
+            inner = self.batch_hook
+
+            def hook(e, b):
+                if (e, b) == (epoch, batch):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if inner is not None:
+                    inner(e, b)
+            self.batch_hook = hook
+
+    loop.Trainer.__init__ = patched
+    from dsom.cli import main
+    sys.exit(main(sys.argv[4:]))
+""")
