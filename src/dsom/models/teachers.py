@@ -60,12 +60,14 @@ class ModalityTeachers(nn.Module):
     def feature_matrix(self, i: int) -> torch.Tensor:
         return getattr(self, f"features_{i}")
 
+    def entity_table_list(self) -> list[torch.Tensor]:
+        """The M entity tables ``(E, 2d)``: the structural table, then ``X_m W_m / scale`` per feature modality."""
+        return [self.structure, *(projected_table(self.feature_matrix(i), w, self.scale)
+                                  for i, w in enumerate(self.projections))]
+
     def entity_tables(self) -> torch.Tensor:
-        """``(M, E, 2d)``: the structural table, then ``X_m W_m / scale`` per feature modality."""
-        tables = [self.structure]
-        for i, w in enumerate(self.projections):
-            tables.append(projected_table(self.feature_matrix(i), w, self.scale))
-        return torch.stack(tables)
+        """``(M, E, 2d)``: :meth:`entity_table_list` stacked."""
+        return torch.stack(self.entity_table_list())
 
     def queries(self, tables: torch.Tensor, head: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
         """``(M, B, 2d)`` query vectors of every teacher for ids ``(B,)``."""

@@ -40,9 +40,9 @@ from dsom.errors import DsomError
 from dsom.evaluate import evaluate
 from dsom.models.chunked import chunked_cross_entropy, entity_chunk
 from dsom.models.complex import ComplEx, regularizer
-from dsom.models.products import matmul_scores, resolve_precision
-from dsom.numerics import cross_entropy
-from dsom.perf import release_memory, set_deterministic
+from dsom.models.fused import CETails, complex_cross_entropy, fused_factors
+from dsom.models.products import resolve_precision
+from dsom.perf import compile_enabled, release_memory, set_deterministic
 from dsom.ranks import TIE_POLICIES
 from dsom.train.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from dsom.train.checkpoint import (
@@ -271,6 +271,16 @@ class Trainer(abc.ABC):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())
+
+    _tails: CETails | None = None
+
+    def ce_tails(self) -> CETails:
+        """The cross-entropy tails of :func:`~dsom.models.fused.complex_cross_entropy`, compiled where
+        ``train.compile`` says so for this trainer's ``batch_size x E`` score blocks."""
+        if self._tails is None:
+            cells = self.cfg.train.batch_size * self.ds.num_entities
+            self._tails = CETails(compile_enabled(self.cfg.train.compile, self.device.type, cells))
+        return self._tails
 
     # ----------------------------------------------------------------------------------- checkpoints
     def _meta(self) -> dict[str, Any]:
@@ -513,20 +523,24 @@ class ComplExTrainer(Trainer):
         h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
         model: ComplEx = self.model
         rows = None
+        ph, pr = h, r
         if self.batching == "pairs":  # one query vector and score row per distinct (h, r), shared by its targets
             ph, pr, rows = group_pairs(batch)
+        chunk = entity_chunk(len(ph), model.num_entities, self.cfg.train.block_mb)
+        if chunk < model.num_entities:
             query = model.query(ph, pr)
-        else:
-            query = model.query(h, r)
-        chunk = entity_chunk(len(query), model.num_entities, self.cfg.train.block_mb)
+        tr = self.cfg.train
         if chunk < model.num_entities:
             ce = chunked_cross_entropy(query, model.entity, t, chunk, self.precision, rows=rows).mean()
-        else:
-            ce = cross_entropy(matmul_scores(query, model.entity, self.precision), t, rows).mean()
+            factors = model.factors(h, r, t)
+        else:  # one autograd node: no dense gather gradients, scores kept in the product precision
+            out = complex_cross_entropy([model.entity], model.relation.unsqueeze(0), ph, pr, t, rows, self.precision,
+                                        self.ce_tails())
+            ce = out.ce[0].mean()
+            factors = tuple(f[0] for f in fused_factors(out, rows))
         terms = {"ce": ce}
-        tr = self.cfg.train
         if tr.regularizer != "none" and tr.reg > 0:
-            terms["reg"] = regularizer(tr.regularizer, model.factors(h, r, t), tr.reg)
+            terms["reg"] = regularizer(tr.regularizer, factors, tr.reg)
         return StepLoss(terms)
 
 

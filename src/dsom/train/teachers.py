@@ -22,9 +22,8 @@ from dsom.errors import DsomError
 from dsom.evaluate import split_counts, split_metrics
 from dsom.models.chunked import chunked_cross_entropy, entity_chunk
 from dsom.models.complex import regularizer
-from dsom.models.products import matmul_scores
+from dsom.models.fused import complex_cross_entropy, fused_factors
 from dsom.models.teachers import TEACHERS_FORMAT, AllViews, FrozenTeachers, ModalityTeachers
-from dsom.numerics import cross_entropy
 from dsom.ranks import TIE_POLICIES, RankCounts, metrics_from_ranks, min_rank_counts
 from dsom.train.checkpoint import check_teachers, read_checkpoint, write_checkpoint
 from dsom.train.loop import BatchHook, StepLoss, Trainer, group_pairs
@@ -74,24 +73,26 @@ class TeacherTrainer(Trainer):
     def loss(self, batch: torch.Tensor) -> StepLoss:
         h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
         model: ModalityTeachers = self.model
-        tables = model.entity_tables()
-        M, B, E = len(model.modalities), len(batch), model.num_entities
+        B, E = len(batch), model.num_entities
         rows = None
+        ph, pr = h, r
         if self.batching == "pairs":  # one query and score row per distinct (h, r) and teacher, shared by its targets
             ph, pr, rows = group_pairs(batch)
-            queries = model.queries(tables, ph, pr)
-        else:
-            queries = model.queries(tables, h, r)
-        chunk = entity_chunk(queries.shape[1], E, self.cfg.train.block_mb)
+        chunk = entity_chunk(len(ph), E, self.cfg.train.block_mb)
         if chunk < E:
+            tables = model.entity_tables()
+            queries = model.queries(tables, ph, pr)
             ce = chunked_cross_entropy(queries, tables, t, chunk, self.precision, rows=rows).mean(1)
-        else:  # one (B, E) block per teacher: mm is faster than bmm here and no (M, B, E) stack is held
-            ce = torch.stack([cross_entropy(matmul_scores(queries[m], tables[m], self.precision), t, rows).mean()
-                              for m in range(M)])
+            factors = model.factors(tables, h, r, t)
+        else:  # one autograd node for every teacher (dsom.models.fused): one (B, E) block per teacher, no stack
+            out = complex_cross_entropy(model.entity_table_list(), model.relations, ph, pr, t, rows, self.precision,
+                                        self.ce_tails())
+            ce = out.ce.mean(1)
+            factors = fused_factors(out, rows)
         terms = {"ce": ce.sum()}
         tr = self.cfg.train
         if tr.regularizer != "none" and tr.reg > 0:
-            terms["reg"] = regularizer(tr.regularizer, model.factors(tables, h, r, t), tr.reg, batch=B)
+            terms["reg"] = regularizer(tr.regularizer, factors, tr.reg, batch=B)
         return StepLoss(terms, {f"ce/{m}": ce[k] for k, m in enumerate(model.modalities)})
 
     def all_view_metrics(self, split: str, max_triples: int | None = None) -> dict[str, dict[str, Any]]:
