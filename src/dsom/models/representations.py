@@ -26,5 +26,8 @@ def xavier_projection(in_dim: int, out_dim: int, generator: torch.Generator | No
 
 
 def projected_table(features: torch.Tensor, projection: torch.Tensor, scale: float) -> torch.Tensor:
-    """Entity rows of a feature teacher: ``features (E, F) @ projection (F, 2d) / scale`` -> ``(E, 2d)``."""
-    return features @ projection / scale
+    """Entity rows of a feature teacher: ``features (E, F) @ projection (F, 2d) / scale`` -> ``(E, 2d)``.
+
+    Computed as ``features @ (projection / scale)``: the division touches the ``F x 2d`` projection instead of the
+    ``E x 2d`` table (forward and backward; the same values up to fp32 rounding)."""
+    return features @ (projection / scale)
