@@ -82,10 +82,14 @@ class _ChunkedCE(torch.autograd.Function):
                     dt[k, lo:lo + chunk] = _mm(p.T, query[k], precision)
         g3 = g_t.unsqueeze(-1)
         if dq is not None:
-            dq.index_add_(1, rows, -g3 * _rounded(table[:, target], precision))
+            dq_rows = -g3 * _rounded(table[:, target], precision)
+            for k in range(K):  # index_put_(accumulate) rather than index_add_: much faster on CPU (models/fused.py)
+                dq[k].index_put_((rows,), dq_rows[k], accumulate=True)
             dq = dq.to(query.dtype)
         if dt is not None:
-            dt.index_add_(1, target, -g3 * _rounded(query[:, rows], precision))
+            dt_rows = -g3 * _rounded(query[:, rows], precision)
+            for k in range(K):
+                dt[k].index_put_((target,), dt_rows[k], accumulate=True)
             dt = dt.to(table.dtype)
         return dq, dt, None, None, None, None
 

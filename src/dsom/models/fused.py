@@ -7,7 +7,9 @@ N3 on gathered rows) spends outside the products, per step, and what this node d
 * every ``table[ids]`` gather (query heads, N3 heads, N3 tails) has a backward that zero-fills a dense
   ``(E, 2d)`` gradient and scatters into it, and autograd then adds these dense tensors together. Here the rows are
   gathered once, and their gradients (from the query and from whatever the caller computes on the returned rows, e.g.
-  N3) are ``index_add``-ed into the one dense gradient the backward product writes anyway;
+  N3) are added into the one dense gradient the backward product writes anyway (``index_put_`` with
+  ``accumulate``: on the 2-core Xeon (AMX) dev machine ``index_add_`` of 1,000 rows into a 12,842 x 1,000 table
+  took 58 ms against 0.7-8 ms);
 * the ``(P, E)`` scores stay in the product's precision (bf16: half the bytes), are never cast to float32 as a
   whole, and the loss tail reads them in place: the forward needs only the log-sum-exp per row, the backward
   recomputes the softmax from the saved scores and writes the product-precision gradient block directly.
@@ -133,13 +135,15 @@ class _ComplExCE(torch.autograd.Function):
             d_rel += g_rel
         for k in range(K):
             if ctx.needs_input_grad[7 + k]:
-                d_tables[k].index_add_(0, head, d_ent[k])
+                d_tables[k].index_put_((head,), d_ent[k], accumulate=True)
                 if g_tail is not None:
-                    d_tables[k].index_add_(0, target, g_tail[k].float())
+                    d_tables[k].index_put_((target,), g_tail[k].float(), accumulate=True)
         d_relations = None
         if ctx.needs_input_grad[0]:
             d_relations = torch.zeros(ctx.relations_shape, dtype=torch.float32, device=query.device)
-            d_relations = d_relations.index_add_(1, relation, d_rel).to(ctx.relations_dtype)
+            for k in range(K):
+                d_relations[k].index_put_((relation,), d_rel[k], accumulate=True)
+            d_relations = d_relations.to(ctx.relations_dtype)
         grads = [dt.to(dtype) if need else None for dt, dtype, need in zip(d_tables, ctx.dtypes, ctx.needs_input_grad[7:])]
         return (d_relations, None, None, None, None, None, None, *grads)
 
