@@ -251,17 +251,18 @@ def phase_dsom_distill(ds: KGDataset, args: argparse.Namespace, device: torch.de
     tr = StudentTrainer(ds, cfg, tmp, frozen, progress=False)
     tr.tracker.log = lambda record: None  # type: ignore[method-assign]  # no per-step file writes in the timing
     seconds, timed, prof = time_trainer_steps(tr, args.batches, device, args.profile_steps)
-    n_epoch = -(-len(tr.train_queries) // args.batch_size)
-    B, H, N = args.batch_size, args.policy_hidden, len(tr.train_queries)
+    n_epoch = len(tr.epoch_batches(1)[1]) - 1
+    H, N = args.policy_hidden, len(tr.train_queries)
 
     def scoring(rows: int) -> int:  # teachers forward only; student forward + 2 backward products
         return 2 * rows * two_d * E * M + 3 * 2 * rows * two_d * E
 
     policy = 2 * 2 * N * M * E * H if args.policy_state != "summary" else 0  # layer 1 forward + weight gradient
     return {"epoch_s": seconds / timed * n_epoch, "batches_timed": timed, "batches_per_epoch": n_epoch,
-            "queries_per_s": timed * B / seconds, "flop_per_epoch": scoring(N) + policy,
-            "dedup_flop_per_epoch": scoring(args.pairs) + policy, "policy_flop_per_epoch": policy, "teachers": M,
-            "policy_hidden": H, "precision": tr.precision, "batching": "triples", "profile": prof}
+            "queries_per_s": N / (seconds / timed * n_epoch), "flop_per_epoch": scoring(score_rows(tr)) + policy,
+            "score_rows_per_epoch": score_rows(tr), "dedup_flop_per_epoch": scoring(args.pairs) + policy,
+            "policy_flop_per_epoch": policy, "teachers": M, "policy_hidden": H, "policy_state": args.policy_state,
+            "precision": tr.precision, "batching": tr.batching, "profile": prof}
 
 
 def phase_dsom_eval(ds: KGDataset, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "dsom's summary")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--batching", default=Config().train.batching, choices=["triples", "pairs"],
-                   help="train.batching of ComplEx and stage 1 (stage 2 always batches triples)")
+                   help="train.batching of every training phase (ComplEx, stage 1 and stage 2)")
     p.add_argument("--device", default="auto")
     p.add_argument("--profile-steps", type=int, default=2,
                    help="training steps per phase run under torch.profiler for the in/outside-products split (0 = none)")
@@ -483,11 +484,13 @@ def print_table(res: dict[str, Any]) -> None:
     if profiled:
         print("time per step under torch.profiler: inside the matrix products (self time of "
               f"{', '.join(x.removeprefix('aten::') for x in MATMUL_OPS)}) and outside (the rest of the wall time)")
-        print(f"{'phase':<16} {'step s':>8} {'products s':>10} {'outside s':>9} {'outside %':>9}  largest outside ops (s)")
+        print(f"{'phase':<16} {'step s':>8} {'products s':>10} {'outside s':>9} {'outside %':>9} {'out/prod':>8}  "
+              "largest outside ops (s)")
         for name, pr in profiled.items():
-            top = ", ".join(f"{k.removeprefix('aten::')} {v:.3f}" for k, v in list(pr["top_outside"].items())[:4])
+            top = ", ".join(f"{k.removeprefix('aten::')[:40]} {v:.3f}" for k, v in list(pr["top_outside"].items())[:4])
+            ratio = pr["outside_s"] / pr["matmul_s"] if pr["matmul_s"] > 0 else math.nan
             print(f"{name:<16} {pr['step_s']:8.3f} {pr['matmul_s']:10.3f} {pr['outside_s']:9.3f} "
-                  f"{100 * pr['outside_fraction']:8.1f}%  {top}")
+                  f"{100 * pr['outside_fraction']:8.1f}% {ratio:8.2f}  {top}")
     for k in ("dsom_vs_pykeen_train", "dsom_vs_pykeen_eval", "complex_roofline_fraction", "stage1_roofline_fraction",
               "stage2_roofline_fraction"):
         if k in res:
