@@ -63,6 +63,12 @@ def step_terms(student: torch.Tensor, teacher_logits: torch.Tensor | None, weigh
     return out
 
 
+def scaled_ce(logits: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
+    """Per-query cross-entropy ``(B,)`` of ``logits / tau`` (the student's CE the reward compares with; one function so
+    ``torch.compile`` fuses its ``B x E`` passes)."""
+    return per_query_ce(logits / tau, target)
+
+
 class Distiller(nn.Module):
     """Args:
     teachers: frozen, materialised teachers (``M`` of them).
@@ -79,6 +85,7 @@ class Distiller(nn.Module):
                  temperatures: torch.Tensor | None = None, entity_stats: torch.Tensor | None = None) -> None:
         super().__init__()
         self._step_terms = MaybeCompiled(step_terms, compile)
+        self._scaled_ce = MaybeCompiled(scaled_ce, compile)
         self.cfg = config
         self.teachers = teachers
         self.num_teachers = teachers.num_teachers
@@ -147,7 +154,7 @@ class Distiller(nn.Module):
                    else self.teacher_scores(pairs[0], pairs[1], precision)[:, pairs[2]])
         detached = student.detach()
         choice = sel(SelectionBatch(tea_all, h, r, t,
-                                    student_ce=per_query_ce(detached / cfg.reward_tau, t) if sel.needs_student else None,
+                                    student_ce=self._scaled_ce(detached, t, cfg.reward_tau) if sel.needs_student else None,
                                     student_logits=detached if sel.needs_student else None,
                                     reward_rows=reward_rows, generator=generator, draw_rows=draw_rows,
                                     reduce=reduce))
