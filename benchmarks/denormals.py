@@ -35,6 +35,24 @@ def _cases(zt: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> dict[str, C
         cases["dsom cross_entropy"] = lambda zs: cross_entropy(zs, t).mean()
     except ImportError:
         pass
+    try:  # the tails of dsom.models.fused (log-sum-exp forward, softmax recomputed in the backward)
+        from dsom.models.fused import _lse, _softmax_grad
+
+        class _Tails(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, s):  # type: ignore[no-untyped-def]
+                lse = _lse(s)
+                ctx.save_for_backward(s, lse)
+                return lse.sum()
+
+            @staticmethod
+            def backward(ctx, g):  # type: ignore[no-untyped-def]
+                s, lse = ctx.saved_tensors
+                return _softmax_grad(s, lse, g.expand(len(s)))
+
+        cases["fused CE tails"] = lambda zs: _Tails.apply(zs)
+    except ImportError:
+        pass
     return cases
 
 
