@@ -76,8 +76,9 @@ class TrainConfig:
     device: str = opt("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     threads: int = opt(0, "torch intra-op threads (0 = torch default)")
     deterministic: bool = opt(True, "same seed, same result on a machine with the same thread count: torch.use_deterministic_algorithms (the backward of an embedding lookup then accumulates in a fixed order; with 2+ CPU threads it otherwise varies by ~1e-7 from run to run, which training amplifies to ~1e-4 MRR). Off: that order is left to the threads")
-    compile: str = opt("auto", "torch.compile the stage-2 distillation losses (fuses their B x E element-wise work; "
-                       "~20 s to compile once). auto = on for CUDA and for B x E >= 4M on CPU", ("auto", "on", "off"))
+    compile: str = opt("auto", "torch.compile the B x E element-wise loss tails (the cross-entropy of ComplEx and the "
+                       "teachers, the stage-2 distillation losses; ~20 s to compile once). auto = on for CUDA and for "
+                       "B x E >= 4M on CPU", ("auto", "on", "off"))
     batching: str = opt("triples", "how the trainers batch their training queries. 'triples': "
                         "batch_size shuffled reciprocal triples per step, each scored on its own (the paper's loop). "
                         "'pairs': batch_size shuffled distinct (entity, relation) pairs per step with all their "
