@@ -61,3 +61,21 @@ def test_db15k_sized_module_has_the_papers_parameter_count():
     feats = {"image": torch.zeros(12842, 768), "text": torch.zeros(12842, 768)}
     t = ModalityTeachers(12842, 2 * 279, 2000, feats)
     assert t.num_parameters() == 64_208_000
+
+
+def test_frozen_teachers_bf16_cache_gives_the_same_logits():
+    """FrozenTeachers keeps its tables cast to bf16 once; the logits equal the uncached bf16 product exactly, for the
+    whole table and for a slice of candidates, and a second call reuses the cast."""
+    import dsom.models.interaction as interaction
+    from dsom.models.teachers import FrozenTeachers
+
+    g = torch.Generator().manual_seed(3)
+    frozen = FrozenTeachers(["structure", "text"], torch.randn(2, 30, 8, generator=g), torch.randn(2, 6, 8, generator=g))
+    h, r = torch.randint(0, 30, (7,), generator=g), torch.randint(0, 6, (7,), generator=g)
+    want = interaction.score_all(frozen.tables, frozen.relations, h, r, "bf16")
+    assert torch.equal(frozen.score_all(h, r, "bf16"), want)
+    cached = frozen._bf16_tables
+    assert cached is not None and cached.dtype == torch.bfloat16
+    assert torch.equal(frozen.score_all(h, r, "bf16", 5, 20), want[:, :, 5:20])
+    assert frozen._bf16_tables is cached
+    assert torch.equal(frozen.score_all(h, r, "fp32"), interaction.score_all(frozen.tables, frozen.relations, h, r))

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import dsom.models.interaction as interaction
+from dsom.models.products import matmul_scores
 from dsom.models.representations import normal_table, projected_table, xavier_projection
 
 STRUCTURE = "structure"
@@ -116,6 +117,7 @@ class FrozenTeachers:
         self.modalities = list(modalities)
         self.tables = tables
         self.relations = relations
+        self._bf16_tables: torch.Tensor | None = None  # the tables as bf16 product operands, cast once
 
     @property
     def num_teachers(self) -> int:
@@ -142,8 +144,17 @@ class FrozenTeachers:
     @torch.no_grad()
     def score_all(self, head: torch.Tensor, relation: torch.Tensor, precision: str = "fp32",
                   start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """``(M, B, stop - start)`` float32 logits of every teacher, one batched product."""
-        return interaction.score_all(self.tables, self.relations, head, relation, precision, start, stop)
+        """``(M, B, stop - start)`` float32 logits of every teacher, one batched product.
+
+        With ``bf16`` products the frozen tables are cast to bf16 once and kept (``M x E x 2d`` more bytes), instead of
+        once per batch; the queries are still formed in float32, so the logits are the same."""
+        if precision != "bf16":
+            return interaction.score_all(self.tables, self.relations, head, relation, precision, start, stop)
+        if self._bf16_tables is None or self._bf16_tables.device != self.tables.device:
+            self._bf16_tables = self.tables.to(torch.bfloat16)
+        query = interaction.complex_query(self.tables[:, head], self.relations[:, relation])
+        whole = start == 0 and stop is None
+        return matmul_scores(query, self._bf16_tables if whole else self._bf16_tables[:, start:stop], precision)
 
     def index(self, modality: str) -> int:
         if modality not in self.modalities:
