@@ -36,7 +36,8 @@ def _cases(zt: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> dict[str, C
     except ImportError:
         pass
     try:  # the tails of dsom.models.fused (log-sum-exp forward, softmax recomputed in the backward)
-        from dsom.models.fused import _lse, _softmax_grad
+        from dsom.models.fused import _lse_eager as _lse
+        from dsom.models.fused import _softmax_grad_eager as _softmax_grad
 
         class _Tails(torch.autograd.Function):
             @staticmethod

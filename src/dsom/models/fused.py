@@ -39,23 +39,36 @@ from dsom.perf import MaybeCompiled
 
 
 def _lse(s: torch.Tensor) -> torch.Tensor:
-    """``(P, E)`` scores (any float dtype) -> ``(P,)`` float32 log-sum-exp, exponents floored at ``EXP_FLOOR``."""
+    """``(P, E)`` scores (any float dtype) -> ``(P,)`` float32 log-sum-exp, exponents floored at ``EXP_FLOOR``.
+    Written for ``torch.compile`` (one fused pass); :func:`_lse_eager` is the same in place."""
     top = s.amax(-1, keepdim=True).float()
     return (s.float() - top).clamp_min(EXP_FLOOR).exp().sum(-1).log() + top.squeeze(-1)
 
 
 def _softmax_grad(s: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``softmax(s) * g[:, None]`` in ``s``'s dtype, from the saved log-sum-exp (no ``(P, E)`` float32 block saved)."""
+    """``softmax(s) * g[:, None]`` in ``s``'s dtype, from the saved log-sum-exp (no ``(P, E)`` float32 block saved).
+    Written for ``torch.compile``; :func:`_softmax_grad_eager` is the same in place."""
     return ((s.float() - lse.unsqueeze(-1)).clamp_min(EXP_FLOOR).exp() * g.unsqueeze(-1)).to(s.dtype)
 
 
+def _lse_eager(s: torch.Tensor) -> torch.Tensor:
+    top = s.amax(-1, keepdim=True).float()
+    p = torch.sub(s, top).clamp_min_(EXP_FLOOR).exp_()  # one float32 (P, E) buffer, reused in place
+    return p.sum(-1).log_().add_(top.squeeze(-1))
+
+
+def _softmax_grad_eager(s: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    p = torch.sub(s, lse.unsqueeze(-1)).clamp_min_(EXP_FLOOR).exp_().mul_(g.unsqueeze(-1))
+    return p.to(s.dtype)
+
+
 class CETails:
-    """The two element-wise tails of :func:`complex_cross_entropy`, eager or fused by ``torch.compile``
-    (``train.compile``; :class:`~dsom.perf.MaybeCompiled` falls back to eager if compilation fails)."""
+    """The two element-wise tails of :func:`complex_cross_entropy`: fused by ``torch.compile`` (``train.compile``;
+    :class:`~dsom.perf.MaybeCompiled` falls back to eager if compilation fails) or eager with in-place passes."""
 
     def __init__(self, compile: bool = False) -> None:
-        self.lse = MaybeCompiled(_lse, compile)
-        self.softmax_grad = MaybeCompiled(_softmax_grad, compile)
+        self.lse = MaybeCompiled(_lse, True) if compile else _lse_eager
+        self.softmax_grad = MaybeCompiled(_softmax_grad, True) if compile else _softmax_grad_eager
 
 
 EAGER = CETails(False)
