@@ -394,3 +394,25 @@ def test_the_trained_policy_avoids_a_misleading_teacher(tmp_path):
     took_liar, took_good = float(members[:, 1].float().mean()), float(members[:, 0].float().mean())
     assert took_liar < 0.1, took_liar
     assert took_good > 0.9, took_good
+
+
+def test_fused_reward_ces_equal_the_per_action_loop():
+    """The reward CEs of every action (compiled, no (A, n, E) block) and of the chosen subset equal the per-action
+    loop of policy.action_ces on teacher logits divided by the reward temperature."""
+    from dsom.distill.actions import subset_matrix
+    from dsom.distill.losses import per_query_ce
+    from dsom.distill.policy import action_ces
+    from dsom.distill.selectors import _all_action_ces, _all_action_ces_eager, _chosen_action_ces
+    from dsom.perf import MaybeCompiled
+
+    g = torch.Generator().manual_seed(0)
+    tea = torch.randn(3, 9, 40, generator=g) * 3
+    target = torch.randint(0, 40, (9,), generator=g)
+    subsets = subset_matrix(3)
+    want = action_ces(tea / 4.0, subsets, target)
+    for fn in (_all_action_ces_eager, _all_action_ces, MaybeCompiled(_all_action_ces, True)):
+        torch.testing.assert_close(fn(tea, subsets, target, 4.0), want, rtol=1e-5, atol=1e-5)
+    pick = torch.randint(0, len(subsets), (9,), generator=g)
+    got = _chosen_action_ces(tea, subsets[pick], target, 4.0)
+    torch.testing.assert_close(got[0], want[pick, torch.arange(9)], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], per_query_ce((tea / 4.0).mean(0), target), rtol=1e-5, atol=1e-5)

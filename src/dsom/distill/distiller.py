@@ -97,7 +97,8 @@ class Distiller(nn.Module):
         self.register_buffer("inv_temperature", 1.0 / temps)
         self._calibrated = bool((temps != 1).any())  # decided once: no device sync per step
         self.selector: Selector | None = make_selector(
-            config.selector, SelectorContext(teachers.modalities, E, num_relations, config, generator, entity_stats))
+            config.selector, SelectorContext(teachers.modalities, E, num_relations, config, generator, entity_stats,
+                                            compile))
 
     @property
     def policy(self) -> nn.Module | None:

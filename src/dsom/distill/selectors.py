@@ -39,6 +39,7 @@ from dsom.distill.policy import (
     policy_state,
     reinforce_loss,
 )
+from dsom.perf import MaybeCompiled
 
 
 @dataclass
@@ -51,6 +52,7 @@ class SelectorContext:
     config: DistillConfig
     generator: torch.Generator | None = None
     entity_stats: torch.Tensor | None = None  # (E, M) per-entity teacher reliability (holdout.entity_reliability)
+    compile: bool = False  # torch.compile the reward CEs over (M, B, E) blocks (train.compile)
 
     @property
     def num_teachers(self) -> int:
@@ -241,6 +243,25 @@ def policy_logits(policy: nn.Module, kind: str, teacher_logits: torch.Tensor, he
     return policy(policy_state(teacher_logits, kind))
 
 
+def _all_action_ces(tea: torch.Tensor, subsets: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
+    """``(A, n)`` CE of every action's combined teacher ``sum_m C[a, m] F^m / tau``, written for ``torch.compile`` (no
+    ``(A, n, E)`` block is materialised once fused)."""
+    z = (subsets[:, :, None, None] * (tea / tau)[None]).sum(1)
+    return per_query_ce(z, target)
+
+
+def _all_action_ces_eager(tea: torch.Tensor, subsets: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
+    """:func:`_all_action_ces` one ``(n, E)`` block at a time (eager)."""
+    return action_ces(tea / tau if tau != 1.0 else tea, subsets, target)
+
+
+def _chosen_action_ces(tea: torch.Tensor, weights: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
+    """``(2, n)``: the CE of each row's chosen subset ``sum_m w[b, m] F^m / tau`` and of the all-teacher mean."""
+    scaled = tea / tau if tau != 1.0 else tea
+    chosen = per_query_ce(torch.einsum("bm,mbe->be", weights, scaled), target)
+    return torch.stack([chosen, per_query_ce(scaled.mean(0), target)])
+
+
 @register("rl")
 class PolicySelector(Selector):
     """DSoM's reinforced selector. Per query it samples a subset from the policy; on the reward rows it pays
@@ -253,6 +274,9 @@ class PolicySelector(Selector):
     def __init__(self, ctx: SelectorContext, arg: str = "") -> None:
         super().__init__(ctx, arg)
         self.policy = build_policy(ctx)
+        # the reward CEs read the (M, n, E) teacher block once per action: fused under torch.compile
+        self._all_ces = MaybeCompiled(_all_action_ces, True) if ctx.compile else _all_action_ces_eager
+        self._chosen_ces = MaybeCompiled(_chosen_action_ces, ctx.compile)
 
     def action_logits(self, batch: SelectionBatch) -> torch.Tensor:
         return policy_logits(self.policy, self.ctx.config.policy_state, batch.teacher_logits, batch.head,
@@ -299,19 +323,17 @@ class PolicySelector(Selector):
         def mean(x: torch.Tensor) -> torch.Tensor:
             return x.mean() if red is None else x.sum() / total
 
-        tea = batch.teacher_logits[:, idx]
-        if c.reward_tau != 1.0:
-            tea = tea / c.reward_tau
-        target = batch.target[idx]
+        every = batch.reward_rows is None  # idx = every row: no (M, n, E) copy
+        tea = batch.teacher_logits if every else batch.teacher_logits[:, idx]
+        target = batch.target if every else batch.target[idx]
         a = actions[idx]
         student_ce = (batch.student_ce[idx] if batch.student_ce is not None
                       else torch.zeros(len(idx), device=tea.device))
         full = self.subsets.shape[0] - 1
         if c.baseline == "expected" or c.policy_gradient == "expected":
-            ces = action_ces(tea, self.subsets, target)  # (A, n)
+            ces = self._all_ces(tea, self.subsets, target, c.reward_tau)  # (A, n)
         else:  # only the chosen subset and the all-teacher mean are needed
-            chosen = per_query_ce(torch.einsum("bm,mbe->be", self.subsets[a], tea), target)
-            ces = torch.stack([chosen, per_query_ce(tea.mean(0), target)])
+            ces = self._chosen_ces(tea, self.subsets[a], target, c.reward_tau)  # (2, n)
         rewards = action_rewards(ces, student_ce, c.reward, c.reward_positive, c.reward_negative)
         p = probs[idx]
         if ces.shape[0] == 2:
