@@ -1,0 +1,53 @@
+"""The three matrix products of a 1-vs-all training step, timed alone in bf16 and fp32 (issue 12: do the backward
+products run at the forward's speed?).
+
+    python benchmarks/gemm_layouts.py --queries 1000 --entities 12842 --dim 1000
+
+``fwd``: scores ``q @ T^T``; ``dq``: ``G @ T``; ``dT``: ``G^T @ q`` (as the backward computes them), plus two
+alternative layouts of ``dT``. Best of ``--repeats`` calls after a warm-up; TFLOP/s = ``2 P E D / seconds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def best_of(fn: Callable[[], torch.Tensor], repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--entities", type=int, default=12842)
+    p.add_argument("--dim", type=int, default=1000, help="2d (the rows' real width)")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    P, E, D = args.queries, args.entities, args.dim
+    out: dict[str, float] = {}
+    print(f"P={P}, E={E}, 2d={D}, threads {torch.get_num_threads()}")
+    for dt in (torch.bfloat16, torch.float32):
+        q, T, G = torch.randn(P, D).to(dt), torch.randn(E, D).to(dt), torch.randn(P, E).to(dt)
+        cases: dict[str, Callable[[], torch.Tensor]] = {
+            "fwd q @ T^T": lambda q=q, T=T: q @ T.T, "dq G @ T": lambda G=G, T=T: G @ T,
+            "dT G^T @ q": lambda G=G, q=q: G.T @ q, "dT^T q^T @ G": lambda G=G, q=q: q.T @ G,
+            "dT (G^T copied) @ q": lambda G=G, q=q: G.T.contiguous() @ q}
+        for name, fn in cases.items():
+            s = best_of(fn, args.repeats)
+            out[f"{dt} {name}"] = s
+            print(f"{str(dt).removeprefix('torch.'):9s} {name:22s} {s * 1e3:8.1f} ms {2 * P * E * D / s / 1e12:6.2f} TFLOP/s")
+    return out
+
+
+if __name__ == "__main__":
+    main()
