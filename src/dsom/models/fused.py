@@ -89,6 +89,12 @@ def _mm(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
     return bf16_round(out) if precision == "bf16sim" else out
 
 
+def _conj(x: torch.Tensor) -> torch.Tensor:
+    """Complex conjugate of ``[re | im]`` rows."""
+    d = x.shape[-1] // 2
+    return torch.cat([x[..., :d], -x[..., d:]], -1)
+
+
 class _ComplExCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, relations: torch.Tensor, head: torch.Tensor, relation: torch.Tensor, target: torch.Tensor,
@@ -125,23 +131,22 @@ class _ComplExCE(torch.autograd.Function):
         d_tables: list[torch.Tensor] = []
         for k in range(K):
             need_table = ctx.needs_input_grad[7 + k]
-            d_table = torch.zeros(ctx.shapes[k], dtype=torch.float32, device=query.device) if (
-                need_table and g_ce is None) else torch.empty(ctx.shapes[k] if need_table else (0,), device=query.device)
+            shape = ctx.shapes[k] if need_table else (0,)
+            # written whole by the product below when there is a CE gradient: no zero fill then
+            d_table = torch.empty(shape, device=query.device) if g_ce is not None else torch.zeros(shape,
+                                                                                                   device=query.device)
             if g_ce is not None:
                 g = g_ce[k].float()
                 per_row = torch.zeros(P, dtype=torch.float32, device=g.device).index_add_(0, rows, g)
                 grad_s = tails.softmax_grad(scores[k], lse[k], per_row)  # (P, E), product precision
                 grad_s.index_put_((rows, target), (-g).to(grad_s.dtype), accumulate=True)
                 d_query[k] = _mm(grad_s, cast_tables[k], precision)
-                if need_table:  # written whole by the product: no zero fill
+                if need_table:
                     d_table.copy_(_mm(grad_s.T, query[k], precision))
             d_tables.append(d_table)
-        # the complex product q = ent * rel, backward (conjugate multiplication), then the row gradients
-        d = ent.shape[-1] // 2
-        a, b, c, w = ent[..., :d], ent[..., d:], rel[..., :d], rel[..., d:]
-        qr, qi = d_query[..., :d], d_query[..., d:]
-        d_ent = torch.cat([qr * c + qi * w, qi * c - qr * w], -1)
-        d_rel = torch.cat([qr * a + qi * b, qi * a - qr * b], -1)
+        # backward of the complex product q = ent * rel: dL/d ent = dq * conj(rel), dL/d rel = dq * conj(ent)
+        d_ent = complex_query(d_query, _conj(rel))
+        d_rel = complex_query(d_query, _conj(ent))
         if g_ent is not None:
             d_ent += g_ent
         if g_rel is not None:

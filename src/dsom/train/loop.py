@@ -527,11 +527,9 @@ class ComplExTrainer(Trainer):
         if self.batching == "pairs":  # one query vector and score row per distinct (h, r), shared by its targets
             ph, pr, rows = group_pairs(batch)
         chunk = entity_chunk(len(ph), model.num_entities, self.cfg.train.block_mb)
-        if chunk < model.num_entities:
-            query = model.query(ph, pr)
         tr = self.cfg.train
         if chunk < model.num_entities:
-            ce = chunked_cross_entropy(query, model.entity, t, chunk, self.precision, rows=rows).mean()
+            ce = chunked_cross_entropy(model.query(ph, pr), model.entity, t, chunk, self.precision, rows=rows).mean()
             factors = model.factors(h, r, t)
         else:  # one autograd node: no dense gather gradients, scores kept in the product precision
             out = complex_cross_entropy([model.entity], model.relation.unsqueeze(0), ph, pr, t, rows, self.precision,
