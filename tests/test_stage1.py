@@ -13,6 +13,7 @@ from dsom.config import Config, set_value
 from dsom.data import registry
 from dsom.data.graph import KGDataset
 from dsom.data.modality import ModalityTable
+from dsom.distill.holdout import teacher_dataset
 from dsom.ensemble import (
     MetaLearner,
     WeightedTeachers,
@@ -21,9 +22,11 @@ from dsom.ensemble import (
     pattern_counts,
     train_meta_learner,
 )
+from dsom.errors import ConfigError
 from dsom.evaluate import evaluate, split_counts
 from dsom.models.complex import ComplEx
 from dsom.models.teachers import AllViews, FrozenTeachers
+from dsom.runs.results import ensemble_results
 from dsom.train.checkpoint import load_checkpoint
 from dsom.train.teachers import TeacherTrainer
 
@@ -144,6 +147,29 @@ def test_boosting_on_pattern_counts_equals_the_dense_procedure():
         np.testing.assert_allclose(weights[r].numpy(), ref, rtol=1e-4, atol=1e-6)
         checked += 1
     assert checked >= 2
+
+
+def test_ensembles_fit_on_the_train_triples_held_out_from_the_teachers():
+    # 5 valid triples: every relation would get uniform MoSE-BI weights; the held-out slice of train is large
+    ds = random_graph(num_entities=40, num_relations=2, num_triples=700, valid=5, test=20)
+    frozen = _frozen(ds, M=3)
+    cpu = torch.device("cpu")
+    on_valid = _cfg(**{"ensemble.models": ["mose_bi"], "distill.holdout": 0.3})
+    _, info_valid = ensemble_results(frozen, ds, on_valid, cpu, False)
+    assert info_valid["fitted_on"] == {"split": "valid", "triples": 5}
+    assert info_valid["mose_bi"]["uniform_relations"] == 4
+    cfg = _cfg(**{"ensemble.models": ["mose_bi"], "distill.holdout": 0.3, "ensemble.fit_on": "holdout"})
+    _, info = ensemble_results(frozen, ds, cfg, cpu, False)
+    # the fitting triples are exactly the train triples the teachers did not train on
+    keys = lambda a: {tuple(t) for t in a.tolist()}  # noqa: E731
+    held = np.array(sorted(keys(ds.train) - keys(teacher_dataset(ds, 0.3, cfg.distill.holdout_seed).train)))
+    assert len(held) == round(0.3 * len(ds.train))
+    assert info["fitted_on"] == {"split": "held-out train triples", "triples": len(held)}
+    ref = boosting_weights(frozen, ds.with_split("valid", held), "valid", cfg.ensemble.bi_min_queries)
+    assert info["mose_bi"]["uniform_relations"] == int((ref == 1 / 3).all(1).sum()) < 4
+    assert info["mose_bi"]["mean_weight"] == {m: round(float(x), 4) for m, x in zip(frozen.modalities, ref.mean(0))}
+    with pytest.raises(ConfigError, match="distill.holdout"):
+        ensemble_results(frozen, ds, _cfg(**{"ensemble.fit_on": "holdout", "distill.holdout": 0.0}), cpu, False)
 
 
 def test_pattern_counts_cover_every_cell_and_uniform_weights_give_the_mean():

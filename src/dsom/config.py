@@ -125,7 +125,10 @@ class FeaturesConfig:
 class EnsembleConfig:
     models: list = opt(["teacher_avg", "mose_bi", "mose_mi"], "ensemble baselines evaluated after the teachers "
                        "(SPEC §3)")
-    bi_min_queries: int = opt(10, "MoSE-BI: relations with fewer valid queries get uniform weights")
+    fit_on: str = opt("valid", "where MoSE-BI and MoSE-MI are fitted: 'valid' (MoSE) or 'holdout' = the train triples "
+                      "held out from the teachers (distill.holdout; for a valid split that is small or overlaps test, "
+                      "e.g. DB15K's: data.valid=clean leaves 73 triples)", ("valid", "holdout"))
+    bi_min_queries: int = opt(10, "MoSE-BI: relations with fewer fitting queries get uniform weights")
     mi_hidden: int = opt(32, "MoSE-MI: hidden width of the per-candidate meta-learner MLP")
     mi_output: str = opt("linear", "MoSE-MI: the meta-learner's output layer: 'linear' (dsom) or 'relu' (MoSE's "
                          "meta_learner.py). With 'relu' the output can die: every score 0, every candidate tied, no "

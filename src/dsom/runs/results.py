@@ -7,6 +7,7 @@ per-direction metrics.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -15,12 +16,18 @@ import torch
 from dsom import __version__, distributed
 from dsom.config import Config
 from dsom.data.graph import KGDataset
+from dsom.distill.holdout import holdout_mask
 from dsom.ensemble import WeightedTeachers, boosting_weights, train_meta_learner
+from dsom.errors import ConfigError
 from dsom.evaluate import evaluate, split_counts
 from dsom.models.teachers import AllViews
 from dsom.ranks import TIE_POLICIES
 from dsom.schema import Results
 from dsom.train.teachers import view_metrics
+
+log = logging.getLogger("dsom")
+
+SMALL_FIT = 1000  # fewer fitting triples than this: warn that the ensembles may learn little (DB15K clean: 73)
 
 
 def split_results(metrics_by_split: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -66,20 +73,39 @@ def frozen_teacher_results(frozen: Any, ds: KGDataset, cfg: Config, device: torc
     return {k: split_results(v) for k, v in per.items()}, oracle
 
 
+def ensemble_fit_data(ds: KGDataset, cfg: Config) -> tuple[KGDataset, str]:
+    """The dataset whose ``valid`` split the ensembles are fitted on (``ensemble.fit_on``) and its name: valid
+    itself, or the train triples held out from the teachers (``distill.holdout``) put in the place of valid."""
+    if cfg.ensemble.fit_on == "valid":
+        return ds, "valid"
+    if cfg.distill.holdout <= 0:
+        raise ConfigError("ensemble.fit_on=holdout needs train triples the teachers never saw: set distill.holdout > 0 "
+                          "(e.g. 0.1) or ensemble.fit_on=valid")
+    held = ds.train[holdout_mask(len(ds.train), cfg.distill.holdout, cfg.distill.holdout_seed)]
+    return ds.with_split("valid", held), "held-out train triples"
+
+
 def ensemble_results(frozen: Any, ds: KGDataset, cfg: Config, device: torch.device,
                      progress: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """MoSE-BI and MoSE-MI (SPEC §3), trained on valid; needs at least two teachers and valid triples."""
+    """MoSE-BI and MoSE-MI (SPEC §3), fitted on valid or on the held-out train triples (``ensemble.fit_on``) and
+    evaluated on ``ds``; needs at least two teachers and triples to fit on."""
     models: dict[str, Any] = {}
     info: dict[str, Any] = {}
     wanted = [m for m in cfg.ensemble.models if m in ("mose_bi", "mose_mi")]
     if not wanted:
         return models, info
-    if frozen.num_teachers < 2 or len(ds.valid) == 0:
-        info["skipped"] = "MoSE-BI/MI need at least two teachers and a non-empty valid split"
+    fit_ds, where = ensemble_fit_data(ds, cfg)
+    if frozen.num_teachers < 2 or len(fit_ds.valid) == 0:
+        info["skipped"] = f"MoSE-BI/MI need at least two teachers and triples to fit on ({where}: none)"
         return models, info
+    info["fitted_on"] = {"split": where, "triples": int(len(fit_ds.valid))}
+    if cfg.ensemble.fit_on == "valid" and len(fit_ds.valid) < SMALL_FIT and cfg.distill.holdout > 0:
+        log.warning("MoSE-BI/MI are fitted on only %d valid triples; ensemble.fit_on=holdout fits them on the %d "
+                    "train triples held out from the teachers", len(fit_ds.valid),
+                    int(round(cfg.distill.holdout * len(ds.train))))
     if "mose_bi" in wanted:
         t0 = time.perf_counter()
-        w = boosting_weights(frozen, ds, "valid", cfg.ensemble.bi_min_queries, device=device, progress=progress)
+        w = boosting_weights(frozen, fit_ds, "valid", cfg.ensemble.bi_min_queries, device=device, progress=progress)
         models["mose_bi"] = model_results(WeightedTeachers(frozen, w), ds, cfg, device, progress,
                                           memory_scale=frozen.num_teachers + 1)
         info["mose_bi"] = {"seconds": round(time.perf_counter() - t0, 3),
@@ -88,7 +114,7 @@ def ensemble_results(frozen: Any, ds: KGDataset, cfg: Config, device: torch.devi
     if "mose_mi" in wanted:
         t0 = time.perf_counter()
         scale = cfg.ensemble.mi_hidden + frozen.num_teachers + 2
-        scorer, mi = train_meta_learner(frozen, ds, cfg.ensemble, device=device,
+        scorer, mi = train_meta_learner(frozen, fit_ds, cfg.ensemble, device=device,
                                         memory_budget_mb=cfg.eval.memory_budget_mb, progress=progress,
                                         selection_policy=cfg.train.selection_policy)
         distributed.broadcast_module(scorer.net)  # trained alike on every process; rank 0's copy, to be exact
