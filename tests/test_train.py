@@ -144,3 +144,26 @@ def test_train_deterministic_makes_the_embedding_backward_reproducible_across_th
     finally:
         set_deterministic(True)
         torch.set_num_threads(threads)
+
+
+def test_time_cap_trains_the_epochs_that_fit_says_so_and_lifts_on_resume(tmp_path, caplog):
+    ds = random_graph(num_triples=600, valid=20, test=20)  # 560 train triples: 9 batches of 128 queries
+    cfg = _cfg(**{"train.epochs": 4, "train.valid_every": 0, "train.max_minutes": 1e-9})
+    tr = ComplExTrainer(ds, cfg, tmp_path, progress=False)
+    assert tr.max_minutes() == 1e-9
+    with caplog.at_level("WARNING", logger="dsom"):
+        state = tr.fit()
+    assert (state.epoch, state.epoch_cap) == (1, 1)  # any real epoch takes longer than 1e-9 minutes
+    assert "training 1 to fit train.max_minutes=1e-09" in caplog.text
+    # the arithmetic: 20 epochs of 10 s under a 1-minute cap -> 6 epochs; a cap that fits every epoch -> none
+    tr2 = ComplExTrainer(ds, _cfg(**{"train.epochs": 20, "train.max_minutes": 1.0}), tmp_path / "b", progress=False)
+    tr2._apply_time_cap(10.0)
+    assert tr2.epoch_limit() == tr2.state.epoch_cap == 6
+    tr2._apply_time_cap(2.0)
+    assert tr2.epoch_limit() == 20 and tr2.state.epoch_cap == 0
+    # auto: one hour per stage on a CPU
+    assert ComplExTrainer(ds, _cfg(**{"train.max_minutes": -1}), tmp_path / "c", progress=False).max_minutes() == 60
+    # resumed with the cap lifted, the run trains the rest of its epochs
+    resumed = ComplExTrainer(ds, _cfg(**{"train.epochs": 4, "train.valid_every": 0, "train.max_minutes": 0}),
+                             tmp_path, progress=False)
+    assert resumed.fit(resume=True).epoch == 4

@@ -99,7 +99,7 @@ def distill_stage(frozen: Any, ds: KGDataset, cfg: Config, out: Path, device: to
             "selector": vcfg.distill.selector, "kd": vcfg.distill.kd, "rank": trainer.model.student.rank,
             "parameters": trainer.num_parameters(), "extra_parameters": trainer.extra_parameters(),
             "epochs_run": state.epoch, "best_epoch": state.best_epoch or state.epoch,
-            "stopped_early": state.stopped_early, "train_s": round(state.train_seconds, 3),
+            "stopped_early": state.stopped_early, "epoch_cap": state.epoch_cap, "train_s": round(state.train_seconds, 3),
             "epoch_s": round(state.train_seconds / max(len(state.epoch_seconds), 1), 3),
             "wall_s": round(time.perf_counter() - t0, 3)}
         analysis = trainer.policy_analysis()
@@ -221,6 +221,9 @@ def describe_plan(cfg: Config, ds: KGDataset, variants: list[str], stages: str =
         students = ["student", *variants]
         parts.append(f"{len(students)} student{'s' if len(students) > 1 else ''} ({', '.join(students)}) rank "
                      f"{cfg.distill.student_rank or cfg.model.rank}, {cfg.distill.epochs or t.epochs} epochs each")
+    if t.max_minutes != 0:
+        cap = f"{t.max_minutes:g} min" if t.max_minutes > 0 else "60 min on a CPU (auto)"
+        parts.append(f"each stage capped at {cap} (train.max_minutes; 0 = no cap)")
     return "plan: " + "; ".join(parts)
 
 
@@ -251,7 +254,7 @@ def _run_stages(cfg: Config, ds: KGDataset, out: Path, warnings_: list[str], tab
         selection={"metric": f"valid {cfg.train.teacher_selection} {cfg.train.selection_policy} "
                              f"{cfg.train.selection_metric}",
                    "best_epoch": state.best_epoch or state.epoch, "epochs_run": state.epoch,
-                   "stopped_early": state.stopped_early},
+                   "stopped_early": state.stopped_early, "epoch_cap": state.epoch_cap},
         parameters={"teachers": trainer.num_parameters(),
                     "teachers_formula": trainer.model.parameter_count(
                         ds.num_entities, 2 * ds.num_relations, cfg.model.rank, [t.dim for t in tables.values()])},

@@ -55,6 +55,7 @@ from dsom.train.checkpoint import (
 from dsom.train.tracker import make_tracker
 
 log = logging.getLogger("dsom")
+AUTO_CPU_MINUTES = 60.0  # train.max_minutes = -1 on a CPU: each stage fits in an hour by default
 ETA_BATCHES = (1, 6)  # the estimate times batches 2..6 of the first epoch a process trains (batch 1 warms up)
 
 BatchHook = Callable[[int, int], None]
@@ -177,6 +178,7 @@ class TrainState:
     train_seconds: float = 0.0
     epoch_seconds: list[float] = field(default_factory=list)
     stopped_early: bool = False
+    epoch_cap: int = 0  # epochs that fit in train.max_minutes when fewer than train.epochs (0 = no cap applied)
     history: list[dict[str, Any]] = field(default_factory=list)  # validation records
 
 
@@ -445,11 +447,36 @@ class Trainer(abc.ABC):
         if timed < 1:
             return
         per_epoch = (now - self._eta_start) / timed * num_batches
-        left = max(self.cfg.train.epochs - self.state.epoch, 1)
+        self._apply_time_cap(per_epoch)
+        left = max(self.epoch_limit() - self.state.epoch, 1)
         log.info("%s: about %.3g s per epoch (%d batches; timed on batches %d-%d), %d epoch%s to go: about %s%s",
                  self.stage, per_epoch, num_batches, ETA_BATCHES[0] + 2, b + 1, left, "s" if left > 1 else "",
                  _duration(per_epoch * left), " (less if it stops early)" if self.cfg.train.patience > 0
                  and self.cfg.train.valid_every > 0 else "")
+
+    def max_minutes(self) -> float:
+        """``train.max_minutes`` resolved: ``-1`` (auto) is :data:`AUTO_CPU_MINUTES` on a CPU and no cap on a GPU."""
+        m = self.cfg.train.max_minutes
+        return m if m >= 0 else (0.0 if self.device.type == "cuda" else AUTO_CPU_MINUTES)
+
+    def epoch_limit(self) -> int:
+        """The epochs this stage trains at most: ``train.epochs``, or fewer under the time cap."""
+        return min(self.cfg.train.epochs, self.state.epoch_cap) if self.state.epoch_cap else self.cfg.train.epochs
+
+    def _apply_time_cap(self, per_epoch: float) -> None:
+        """Cap the stage at the epochs that fit in ``max_minutes`` at ``per_epoch`` seconds each (decided in each
+        process from its own timing, so a run resumed elsewhere fits that machine; under torchrun rank 0's)."""
+        minutes = self.max_minutes()
+        fit = max(int(minutes * 60 // max(per_epoch, 1e-9)), 1) if minutes > 0 else 0
+        fit = int(distributed.broadcast_object(fit))
+        if fit and fit < self.cfg.train.epochs:
+            self.state.epoch_cap = max(fit, self.state.epoch)
+            log.warning("%s: %d epochs at about %.3g s each would take about %s; training %d to fit "
+                        "train.max_minutes=%g (%s). For the whole budget: --set train.max_minutes=0",
+                        self.stage, self.cfg.train.epochs, per_epoch, _duration(per_epoch * self.cfg.train.epochs),
+                        self.state.epoch_cap, minutes, "auto on CPU" if self.cfg.train.max_minutes < 0 else "set")
+        else:
+            self.state.epoch_cap = 0
 
     def fit(self, resume: bool = False) -> TrainState:
         t = self.cfg.train
@@ -459,8 +486,10 @@ class Trainer(abc.ABC):
             self.tracker.log_params({"stage": self.stage, "parameters": self.num_parameters(),
                                      "train_queries": int(len(self.train_queries)), "device": str(self.device),
                                      "precision": self.precision})
+        if self.max_minutes() == 0:  # no cap now, whatever an earlier process decided
+            self.state.epoch_cap = 0
         can_validate = t.valid_every > 0 and len(self.ds.valid) > 0
-        while self.state.epoch < t.epochs and not self.state.stopped_early:
+        while self.state.epoch < self.epoch_limit() and not self.state.stopped_early:
             epoch = self.state.epoch + 1
             t0 = time.perf_counter()
             losses = self.train_epoch(epoch)
@@ -492,7 +521,7 @@ class Trainer(abc.ABC):
             release_memory()
             if self.progress:
                 tqdm.write(_epoch_line(record, t))
-            if epoch % max(t.checkpoint_every, 1) == 0 or epoch == t.epochs or self.state.stopped_early:
+            if epoch % max(t.checkpoint_every, 1) == 0 or epoch == self.epoch_limit() or self.state.stopped_early:
                 self._save_last()
         if t.restore_best and self.state.best_epoch > 0:
             if distributed.is_main():  # rank 0 reads the selected weights back and sends them to the others
