@@ -126,6 +126,9 @@ def _parser_reproduce(sub: Any) -> None:
     p.add_argument("--seeds", type=int, help="seeds per dataset (default: the budget's, 3 or 1)")
     p.add_argument("--modalities", help="comma-separated modalities for every dataset (default: those it has here)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applied to every sub-run")
+    p.add_argument("--ablation", action="append", default=[], metavar="NAME",
+                   help="also train this ablation's students in every sub-run (table2, table4, ...; repeatable), so "
+                        "the claims table tests them; finished sub-runs are extended, not retrained")
     p.add_argument("-o", "--output", default="runs/reproduce", help="output folder (default: runs/reproduce)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -362,7 +365,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise DsomError(f"--seeds {args.seeds}: give at least 1")
     mods = [m.strip() for m in args.modalities.split(",") if m.strip()] if args.modalities else None
     out, _ = reproduce(args.datasets, args.output, budget=args.budget, seeds=args.seeds, modalities=mods,
-                       overrides=[parse_assignment(s) for s in args.set], progress=not args.quiet)
+                       overrides=[parse_assignment(s) for s in args.set], progress=not args.quiet,
+                       ablations=args.ablation)
     print((out / "reproduction.md").read_text(encoding="utf-8"))
     print(f"tables: {out / 'reproduction.md'}")
     return 0

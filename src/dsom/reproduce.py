@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsom.config import Config
+from dsom.config import Config, apply_dict, load_yaml
 from dsom.data import registry
 from dsom.errors import ConfigError
 from dsom.ranks import TIE_POLICIES
 from dsom.runs import pipeline
 from dsom.runs.setup import build_config
+from dsom.runs.variants import ABLATIONS, resolve_variants
 from dsom.schema import read_results
 
 log = logging.getLogger("dsom")
@@ -103,6 +104,7 @@ CAVEATS: dict[str, str] = {
     "WN18": "text = names + WordNet glosses; test leaks through inverse relations (known; scores near 95% for that "
             "reason); the 30 sample images are not used",
 }
+HEURISTICS = ("student/conf", "student/best_teacher", "student/best_strategy", "student/mulde")  # Table 2
 # rows of our table: results.json model key -> label
 OUR_ROWS = {"student": "DSoM student (rl)", "student/ndkd_avg": "student, avg selector (all teachers, NDKD)",
             "student/plain": "plain ComplEx (student rank and budget)", "teacher_avg": "Teacher Avg. (MoSE-AI)",
@@ -146,21 +148,43 @@ def plan(datasets: Sequence[str], budget: str, seeds: int | None, modalities: li
     return out
 
 
-def sub_config(entry: dict[str, Any], seed: int, budget: str, overrides: list[tuple[str, Any]]) -> Config:
+def sub_config(entry: dict[str, Any], seed: int, budget: str, overrides: list[tuple[str, Any]],
+               ablations: Sequence[str] = ()) -> Config:
     settings: list[tuple[str, Any]] = [("modalities", entry["modalities"]), ("train.seed", seed),
                                        ("distill.variants", list(VARIANTS))]
     settings += list({**(SMALL_SETTINGS if budget == "small" else PAPER_SETTINGS),
                       **DATASET_SETTINGS.get(entry["name"], {}), **entry["budget"].overrides()}.items())
-    return build_config(entry["dataset"], overrides=settings + list(overrides))
+    cfg = build_config(entry["dataset"], overrides=settings + list(overrides))
+    for name in ablations:  # the ablation's students train beside the others, on the same teachers
+        cfg.distill.variants = resolve_variants(cfg, name)
+    return cfg
+
+
+def up_to_date(sub: Path, cfg: Config) -> bool:
+    """Whether ``sub`` finished with the ensembles and student variants ``cfg`` asks for. If not, it is resumed:
+    teachers and finished students are loaded, new students trained, the ensembles refitted, everything
+    re-evaluated (a run interrupted after ``config.yaml`` was rewritten is older than its config, so resumed)."""
+    res, saved = sub / "results.json", sub / "config.yaml"
+    if not res.exists() or not saved.exists() or res.stat().st_mtime_ns < saved.stat().st_mtime_ns:
+        return False
+    old = Config()
+    apply_dict(old, load_yaml(saved))
+    return old.ensemble == cfg.ensemble and set(cfg.distill.variants) <= set(old.distill.variants)
 
 
 def reproduce(datasets: Sequence[str], output: str | Path, budget: str = "small", seeds: int | None = None,
               modalities: list[str] | None = None, overrides: list[tuple[str, Any]] | None = None,
-              progress: bool = True) -> tuple[Path, dict[str, Any]]:
-    """Run (or resume) every sub-run, then write ``reproduction.md`` and ``reproduction.json`` in ``output``."""
+              progress: bool = True, ablations: Sequence[str] = ()) -> tuple[Path, dict[str, Any]]:
+    """Run (or resume) every sub-run, then write ``reproduction.md`` and ``reproduction.json`` in ``output``.
+    ``ablations`` (keys of :data:`~dsom.runs.variants.ABLATIONS`, e.g. ``table2``, ``table4``) add their students
+    to every sub-run, so that the claims table can test them."""
     out = Path(output)
+    for name in ablations:
+        if name not in ABLATIONS:
+            raise ConfigError(f"--ablation {name}: choose one of {', '.join(ABLATIONS)}")
     entries = plan(datasets or BENCHMARKS, budget, seeds, modalities)
-    configs = {(e["name"], s): sub_config(e, s, budget, overrides or []) for e in entries for s in e["seeds"]}
+    configs = {(e["name"], s): sub_config(e, s, budget, overrides or [], ablations)
+               for e in entries for s in e["seeds"]}
     for e in entries:  # what will run, as configured (after --set)
         c = configs[e["name"], e["seeds"][0]]
         e["actual"] = {"rank": c.model.rank, "student_rank": c.distill.student_rank or c.model.rank,
@@ -176,9 +200,11 @@ def reproduce(datasets: Sequence[str], output: str | Path, budget: str = "small"
     for e in entries:
         for s in e["seeds"]:
             sub = out / e["name"] / f"seed-{s}"
-            if (sub / "results.json").exists():
+            if up_to_date(sub, configs[e["name"], s]):
                 continue
-            key, t0 = f"{e['name']}/seed-{s}", time.perf_counter()
+            # the time of bringing a finished sub-run up to date is kept apart from its first run's
+            key = f"{e['name']}/seed-{s}" + ("/update" if (sub / "results.json").exists() else "")
+            t0 = time.perf_counter()
             try:
                 pipeline.run(configs[e["name"], s], sub, resume=(sub / "config.yaml").exists(), progress=progress)
             finally:
@@ -201,6 +227,8 @@ def summarise(out: Path, entries: list[dict[str, Any]], budget: str, walls: dict
         runs = [read_results(out / e["name"] / f"seed-{s}" / "results.json")
                 for s in e["seeds"] if (out / e["name"] / f"seed-{s}" / "results.json").exists()]
         keys = [k for k in OUR_ROWS if all(k in r["models"] for r in runs)]
+        keys += sorted({k for r in runs for k in r["models"] if k.startswith("student/") and k not in OUR_ROWS
+                        and all(k in x["models"] for x in runs)})
         keys += sorted({k for r in runs for k in r["models"] if k.startswith("teacher/")})
         models: dict[str, Any] = {}
         for k in keys:
@@ -233,13 +261,42 @@ def claims(models: dict[str, Any]) -> list[dict[str, str]]:
         return {"claim": claim, "verdict": word,
                 "numbers": f"{x[0]:.2f} ± {x[1]:.2f} vs {y[0]:.2f} ± {y[1]:.2f} ({gap:+.2f})"}
 
+    def chain(claim: str, keys: list[str]) -> dict[str, str]:
+        """``keys[0] > keys[1] > ...``: confirmed if every step is, refuted if any step is."""
+        steps = [verdict(claim, a, b) for a, b in zip(keys, keys[1:])]
+        if any(st["verdict"] == "not tested here" for st in steps):
+            return {"claim": claim, "verdict": "not tested here", "numbers": ""}
+        words = {st["verdict"] for st in steps}
+        word = ("refuted" if "refuted" in words else "confirmed" if words == {"confirmed"}
+                else "not separable (within one std)")
+        numbers = " vs ".join(f"{mrr(k)[0]:.2f} ± {mrr(k)[1]:.2f}" for k in keys)  # type: ignore[index]
+        return {"claim": claim, "verdict": word, "numbers": f"{numbers} ({', '.join(keys)})"}
+
     out = [verdict("DSoM student > Teacher Avg.", "student", "teacher_avg"),
            verdict("DSoM student > MoSE-MI", "student", "mose_mi"),
            verdict("learned selection > all teachers (avg selector)", "student", "student/ndkd_avg"),
            verdict("distillation > a plain ComplEx of the same rank and budget", "student", "student/plain")]
-    for claim in ("RL selection > heuristic selectors (Table 2: run --ablation table2)",
-                  "NDKD > DKD > vanilla KD (Table 4: run --ablation table4)",
-                  "d = 64 student close to d = 2000 (needs rank-2000 teachers: --budget paper)",
+    heuristics = [k for k in HEURISTICS if k in models]
+    if heuristics:
+        best = max(heuristics, key=lambda k: mrr(k)[0])  # type: ignore[index]
+        row = verdict("RL selection > heuristic selectors (Table 2)", "student", best)
+        row["numbers"] += f"; best heuristic {best.split('/')[1]}; " + ", ".join(
+            f"{k.split('/')[1]} {mrr(k)[0]:.2f}" for k in heuristics)  # type: ignore[index]
+        out.append(row)
+    else:
+        out.append({"claim": "RL selection > heuristic selectors (Table 2)",
+                    "verdict": "not tested (add --ablation table2)", "numbers": ""})
+    if all(k in models for k in ("student/dkd", "student/vanilla_kd")):
+        out.append(chain("NDKD > DKD > vanilla KD (Table 4, each with the RL selector)",
+                         ["student", "student/dkd", "student/vanilla_kd"]))
+        for half in ("student/nekd", "student/nnkd"):
+            if half in models:
+                out.append(verdict(f"NDKD > {half.split('/')[1].upper()} (one half of NDKD, Table 4)", "student",
+                                   half))
+    else:
+        out.append({"claim": "NDKD > DKD > vanilla KD (Table 4)", "verdict": "not tested (add --ablation table4)",
+                    "numbers": ""})
+    for claim in ("d = 64 student close to d = 2000 (needs rank-2000 teachers: --budget paper)",
                   "graceful degradation with missing modalities (needs images: not available here)"):
         out.append({"claim": claim, "verdict": "not tested by this command", "numbers": ""})
     return out
