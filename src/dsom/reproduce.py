@@ -172,6 +172,14 @@ def up_to_date(sub: Path, cfg: Config) -> bool:
     return old.ensemble == cfg.ensemble and set(cfg.distill.variants) <= set(old.distill.variants)
 
 
+def keep_variants(sub: Path, cfg: Config) -> None:
+    """Add to ``cfg`` the student variants ``sub`` was last run with, so that resuming it (to refit ensembles or
+    finish an interrupted extension) keeps the students an earlier ``--ablation`` trained in its results."""
+    if (sub / "config.yaml").exists():
+        saved = load_yaml(sub / "config.yaml").get("distill", {}).get("variants", []) or []
+        cfg.distill.variants = [*cfg.distill.variants, *(v for v in saved if v not in cfg.distill.variants)]
+
+
 def reproduce(datasets: Sequence[str], output: str | Path, budget: str = "small", seeds: int | None = None,
               modalities: list[str] | None = None, overrides: list[tuple[str, Any]] | None = None,
               progress: bool = True, ablations: Sequence[str] = ()) -> tuple[Path, dict[str, Any]]:
@@ -202,6 +210,7 @@ def reproduce(datasets: Sequence[str], output: str | Path, budget: str = "small"
             sub = out / e["name"] / f"seed-{s}"
             if up_to_date(sub, configs[e["name"], s]):
                 continue
+            keep_variants(sub, configs[e["name"], s])
             # the time of bringing a finished sub-run up to date is kept apart from its first run's
             key = f"{e['name']}/seed-{s}" + ("/update" if (sub / "results.json").exists() else "")
             t0 = time.perf_counter()
