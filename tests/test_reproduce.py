@@ -48,6 +48,7 @@ def test_reproduce_two_datasets_two_seeds_resumes_and_tabulates(tmp_path, capsys
             assert mean == pytest.approx(statistics.mean(vals)) and std == pytest.approx(statistics.stdev(vals))
         student = summary["datasets"][d]["models"]["student"]["realistic"]["mrr"]
         assert f"| DSoM student (rl) | {student[0]:.2f} ± {student[1]:.2f} |" in md
+        assert f"| {d} | 2 | {student[0]:.2f} ± {student[1]:.2f} |" in md  # the overview row
     assert "mose_mi" not in summary["datasets"]["B"]["models"]  # one teacher: no MoSE ensembles
     claim = summary["datasets"]["A"]["claims"][0]
     assert claim["claim"] == "DSoM student > Teacher Avg." and claim["verdict"] in (

@@ -318,10 +318,33 @@ def _cell(v: tuple[float, float] | None, metric: str) -> str:
     return f"{v[0]:.0f} ± {v[1]:.0f}" if metric == "mr" else f"{v[0]:.2f} ± {v[1]:.2f}"
 
 
+OVERVIEW = ("student", "student/ndkd_avg", "student/plain", "teacher_avg", "mose_bi", "mose_mi")
+
+
+def overview(summary: dict[str, Any]) -> list[str]:
+    """One row per dataset: test MRR (realistic) of our main rows, the paper's DSoM, and the wall time per seed."""
+    head = ["DSoM student", "avg selector", "plain ComplEx", "Teacher Avg.", "MoSE-BI", "MoSE-MI"]
+    lines = ["## Overview (test MRR, realistic, %)", "",
+             f"| dataset | seeds | {' | '.join(head)} | paper DSoM | student H@10 / paper H@10 | wall per seed (min) |",
+             "|---|---|" + "---|" * (len(head) + 3)]
+    for name, d in summary["datasets"].items():
+        cells = [_cell(d["models"][k]["realistic"]["mrr"], "mrr") if k in d["models"] else "—" for k in OVERVIEW]
+        paper_row = PAPER_ROWS.get(name, {}).get("DSoM", {})
+        paper = paper_row.get("mrr")
+        h10 = _cell(d["models"]["student"]["realistic"]["hits@10"], "hits@10") if "student" in d["models"] else "—"
+        h10 += f" / {paper_row['hits@10']:g}" if "hits@10" in paper_row else ""
+        walls = [w for w in d["wall_s"] if w is not None]
+        wall = f"{statistics.mean(walls) / 60:.0f}" if walls else "—"
+        lines.append(f"| {name} | {d['finished']} | {' | '.join(cells)} | {'—' if paper is None else f'{paper:g}'} "
+                     f"| {h10} | {wall} |")
+    return [*lines, ""]
+
+
 def markdown(summary: dict[str, Any]) -> str:
     lines = [f"# Reproduction of the paper's main tables (`--budget {summary['budget']}`)", "",
              "Test split, filtered, realistic ties unless stated; mean ± std over the seeds listed; percentages "
              "(MR in ranks). Paper rows are copied from SPEC §8 (the paper's Tables 1 and 3).", ""]
+    lines += overview(summary)
     for name, d in summary["datasets"].items():
         metrics = RANK_METRICS if name in ("FB15K-237", "WN18") else LINK_METRICS
         b = d["budget"]
