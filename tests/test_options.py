@@ -162,7 +162,8 @@ def test_a_run_logs_its_plan_and_an_estimate_per_stage(tmp_path, caplog):
     train = 2 * len(clustered_graph(num_entities=40).train)
     assert plan == [f"plan: teachers structure rank 4, up to 3 epochs of {-(-train // 20):,} batches ({train:,} "
                     "queries), early stopping after 10 epochs without gain; ensembles teacher_avg, mose_bi, mose_mi; "
-                    "1 student (student) rank 4, 2 epochs each"]
+                    "1 student (student) rank 4, 2 epochs each; each stage's time capped by train.max_minutes (auto: "
+                    "60 min on a CPU, none on a GPU; 0 = no cap)"]
     eta = [x for x in lines if " s per epoch (" in x]
     assert [x.split(":")[0] for x in eta] == ["pretrain", "distill"]
     assert "3 epochs to go" in eta[0] and "2 epochs to go" in eta[1]

@@ -222,8 +222,8 @@ def describe_plan(cfg: Config, ds: KGDataset, variants: list[str], stages: str =
         parts.append(f"{len(students)} student{'s' if len(students) > 1 else ''} ({', '.join(students)}) rank "
                      f"{cfg.distill.student_rank or cfg.model.rank}, {cfg.distill.epochs or t.epochs} epochs each")
     if t.max_minutes != 0:
-        cap = f"{t.max_minutes:g} min" if t.max_minutes > 0 else "60 min on a CPU, none on a GPU (auto)"
-        parts.append(f"each stage capped at {cap} (train.max_minutes; 0 = no cap)")
+        cap = f"{t.max_minutes:g} min" if t.max_minutes > 0 else "auto: 60 min on a CPU, none on a GPU"
+        parts.append(f"each stage's time capped by train.max_minutes ({cap}; 0 = no cap)")
     return "plan: " + "; ".join(parts)
 
 
