@@ -50,6 +50,8 @@ def test_reproduce_two_datasets_two_seeds_resumes_and_tabulates(tmp_path, capsys
         assert f"| DSoM student (rl) | {student[0]:.2f} ± {student[1]:.2f} |" in md
         assert f"| {d} | 2 | {student[0]:.2f} ± {student[1]:.2f} |" in md  # the overview row
     assert "mose_mi" not in summary["datasets"]["B"]["models"]  # one teacher: no MoSE ensembles
+    selection = {c["claim"]: c["verdict"] for c in summary["datasets"]["B"]["claims"]}
+    assert selection["learned selection > all teachers (avg selector)"] == "not tested here (one teacher: nothing to select)"
     claim = summary["datasets"]["A"]["claims"][0]
     assert claim["claim"] == "DSoM student > Teacher Avg." and claim["verdict"] in (
         "confirmed", "refuted", "not separable (within one std)")
@@ -107,10 +109,10 @@ def test_ablations_and_changed_ensembles_extend_finished_sub_runs(tmp_path, caps
                                                                         "student/vanilla_kd")}
     row = next(c for c in json.loads((out / "reproduction.json").read_text())["datasets"]["A"]["claims"]
                if c["claim"].startswith("NDKD > DKD > vanilla KD"))
-    # one seed, so no noise band: confirmed iff strictly ordered, refuted iff some step goes the other way
+    # one seed: no std, so the verdict only says whether the order holds
     ordered = mrr["student"] > mrr["student/dkd"] > mrr["student/vanilla_kd"]
-    against = mrr["student"] < mrr["student/dkd"] or mrr["student/dkd"] < mrr["student/vanilla_kd"]
-    assert row["verdict"] == ("confirmed" if ordered else "refuted" if against else "not separable (within one std)")
+    assert row["verdict"] == ("ordered as claimed" if ordered else "not ordered as claimed") + " on one seed (no std)"
+    assert row["numbers"].startswith(f"{mrr['student']:.2f} vs {mrr['student/dkd']:.2f} vs ")
     # up to date now: a third call leaves it alone; a changed ensemble setting refits the ensembles only
     stamp = (sub / "results.json").stat().st_mtime_ns
     assert main([*one, "--ablation", "table4"]) == 0
