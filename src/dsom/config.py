@@ -266,7 +266,8 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
 _GT0, _GE0, _GE1 = (0, False, None, False), (0, True, None, False), (1, True, None, False)
 VALUE_RANGES: dict[str, tuple[float, bool, float | None, bool]] = {
     "model.rank": _GE1, "model.init_scale": _GT0, "model.teacher_scale": _GT0,
-    "train.epochs": _GE1, "train.max_minutes": (-1, True, None, False), "train.batch_size": _GE1, "train.lr": _GT0, "train.reg": _GE0, "train.seed": _GE0,
+    "train.epochs": _GE1, "train.max_minutes": (-1, True, None, False), "train.batch_size": _GE1, "train.lr": _GT0,
+    "train.reg": _GE0, "train.seed": _GE0,
     "train.valid_every": _GE0, "train.valid_max_triples": _GE0, "train.patience": _GE0,
     "train.scheduler_patience": _GE0, "train.scheduler_factor": (0, False, 1, False),
     "train.scheduler_threshold": _GE0, "train.checkpoint_every": _GE1, "train.threads": _GE0, "train.block_mb": _GE0,

@@ -69,7 +69,8 @@ PAPER = Budget(2000, 2000, 200, 200, 1, "the paper's configuration (SPEC 5.7): r
 # fitted on the train triples held out from the teachers instead.
 DATASET_SETTINGS: dict[str, dict[str, Any]] = {"DB15K": {"data.valid": "clean", "ensemble.fit_on": "holdout"}}
 # Both budgets train exactly their epochs (no time cap: the table must not depend on the machine's speed).
-SMALL_SETTINGS: dict[str, Any] = {"train.max_minutes": 0, "train.valid_every": 0, "distill.policy_hidden": 128, "ensemble.mi_epochs": 5}
+SMALL_SETTINGS: dict[str, Any] = {"train.max_minutes": 0, "train.valid_every": 0, "distill.policy_hidden": 128,
+                                  "ensemble.mi_epochs": 5}
 PAPER_SETTINGS: dict[str, Any] = {"train.max_minutes": 0, "train.valid_every": 3, "train.patience": 10}
 VARIANTS = ["ndkd_avg", "plain"]
 
@@ -160,24 +161,32 @@ def sub_config(entry: dict[str, Any], seed: int, budget: str, overrides: list[tu
     return cfg
 
 
+def _saved_config(sub: Path) -> Config | None:
+    """The configuration ``sub`` was last (re)started with, or None when it never started."""
+    if not (sub / "config.yaml").exists():
+        return None
+    saved = Config()
+    apply_dict(saved, load_yaml(sub / "config.yaml"))
+    return saved
+
+
 def up_to_date(sub: Path, cfg: Config) -> bool:
     """Whether ``sub`` finished with the ensembles and student variants ``cfg`` asks for. If not, it is resumed:
     teachers and finished students are loaded, new students trained, the ensembles refitted, everything
     re-evaluated (a run interrupted after ``config.yaml`` was rewritten is older than its config, so resumed)."""
-    res, saved = sub / "results.json", sub / "config.yaml"
-    if not res.exists() or not saved.exists() or res.stat().st_mtime_ns < saved.stat().st_mtime_ns:
+    res, saved = sub / "results.json", _saved_config(sub)
+    if saved is None or not res.exists() or res.stat().st_mtime_ns < (sub / "config.yaml").stat().st_mtime_ns:
         return False
-    old = Config()
-    apply_dict(old, load_yaml(saved))
-    return old.ensemble == cfg.ensemble and set(cfg.distill.variants) <= set(old.distill.variants)
+    return saved.ensemble == cfg.ensemble and set(cfg.distill.variants) <= set(saved.distill.variants)
 
 
 def keep_variants(sub: Path, cfg: Config) -> None:
     """Add to ``cfg`` the student variants ``sub`` was last run with, so that resuming it (to refit ensembles or
     finish an interrupted extension) keeps the students an earlier ``--ablation`` trained in its results."""
-    if (sub / "config.yaml").exists():
-        saved = load_yaml(sub / "config.yaml").get("distill", {}).get("variants", []) or []
-        cfg.distill.variants = [*cfg.distill.variants, *(v for v in saved if v not in cfg.distill.variants)]
+    saved = _saved_config(sub)
+    if saved is not None:
+        cfg.distill.variants = [*cfg.distill.variants,
+                                *(v for v in saved.distill.variants if v not in cfg.distill.variants)]
 
 
 def reproduce(datasets: Sequence[str], output: str | Path, budget: str = "small", seeds: int | None = None,

@@ -43,7 +43,7 @@ from dsom.runs.setup import build_features, dataset_warnings, load_dataset
 from dsom.runs.variants import EVAL_BASELINES, resolve_variants, variant_overrides
 from dsom.schema import Results
 from dsom.train.checkpoint import check_vocabulary
-from dsom.train.loop import resolve_device
+from dsom.train.loop import AUTO_CPU_MINUTES, resolve_device
 from dsom.train.student import StudentTrainer, student_config
 from dsom.train.teachers import TeacherTrainer, load_frozen_teachers
 from dsom.train.tracker import log_final
@@ -99,7 +99,8 @@ def distill_stage(frozen: Any, ds: KGDataset, cfg: Config, out: Path, device: to
             "selector": vcfg.distill.selector, "kd": vcfg.distill.kd, "rank": trainer.model.student.rank,
             "parameters": trainer.num_parameters(), "extra_parameters": trainer.extra_parameters(),
             "epochs_run": state.epoch, "best_epoch": state.best_epoch or state.epoch,
-            "stopped_early": state.stopped_early, "epoch_cap": state.epoch_cap, "train_s": round(state.train_seconds, 3),
+            "stopped_early": state.stopped_early, "epoch_cap": state.epoch_cap,
+            "train_s": round(state.train_seconds, 3),
             "epoch_s": round(state.train_seconds / max(len(state.epoch_seconds), 1), 3),
             "wall_s": round(time.perf_counter() - t0, 3)}
         analysis = trainer.policy_analysis()
@@ -222,7 +223,8 @@ def describe_plan(cfg: Config, ds: KGDataset, variants: list[str], stages: str =
         parts.append(f"{len(students)} student{'s' if len(students) > 1 else ''} ({', '.join(students)}) rank "
                      f"{cfg.distill.student_rank or cfg.model.rank}, {cfg.distill.epochs or t.epochs} epochs each")
     if t.max_minutes != 0:
-        cap = f"{t.max_minutes:g} min" if t.max_minutes > 0 else "auto: 60 min on a CPU, none on a GPU"
+        cap = (f"{t.max_minutes:g} min" if t.max_minutes > 0
+               else f"auto: {AUTO_CPU_MINUTES:g} min on a CPU, none on a GPU")
         parts.append(f"each stage's time capped by train.max_minutes ({cap}; 0 = no cap)")
     return "plan: " + "; ".join(parts)
 

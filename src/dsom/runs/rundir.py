@@ -29,8 +29,8 @@ def default_output(cfg: Config) -> Path:
 
 
 # Keys a resumed run may change: budgets, evaluation and hardware settings, never what the checkpoints hold.
-RESUME_MAY_CHANGE = ("train.epochs", "train.max_minutes", "train.patience", "train.device", "train.threads", "train.compile",
-                     "train.block_mb", "train.checkpoint_every", "distill.epochs", "distill.variants", "eval.",
+RESUME_MAY_CHANGE = ("train.epochs", "train.max_minutes", "train.patience", "train.device", "train.threads",
+                     "train.compile", "train.block_mb", "train.checkpoint_every", "distill.epochs", "distill.variants", "eval.",
                      "ensemble.", "track.")
 
 
