@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsom.models.fused import EAGER, CETails, complex_cross_entropy, fused_factors
+from dsom.models.complex import regularizer
+from dsom.models.fused import EAGER, CETails, ComplExCE, complex_cross_entropy, fused_factors, fused_penalty
 from dsom.models.interaction import complex_modulus, complex_query
 
 
@@ -104,3 +105,41 @@ def test_mismatched_relation_tables_rejected():
     free, feats, proj, relations, head, relation, rows, target = _setup()
     with pytest.raises(ValueError, match="relation tables"):
         complex_cross_entropy([free], relations, head, relation, target, rows)
+
+
+@pytest.mark.parametrize("kind", ["n3", "f2"])
+@pytest.mark.parametrize("with_rows", [True, False])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_penalty_matches_autograd_of_the_regularizer(kind, with_rows, compiled):
+    """The closed-form penalty (a query row weighted by its number of targets) equals autograd through
+    ``regularizer(kind, fused_factors(...))``, which gathers the rows once per target, in value and gradient."""
+    free, feats, proj, relations, head, relation, rows, target = _setup(seed=5)
+    feats = feats.double()
+    feats[head[0]] = 0.0  # a zero row: modulus at the floor, zero gradient (not NaN)
+    leaves = [free.detach().double().requires_grad_(), proj.detach().double().requires_grad_(),
+              relations.detach().double().requires_grad_()]
+    if not with_rows:
+        head, relation, target, rows = head[rows], relation[rows], target, None
+    results = []
+    for fused in (True, False):
+        tables = [leaves[0], feats @ leaves[1] / 3.0]  # the rows the CE node returns, here in float64
+        out = ComplExCE(torch.zeros(0), torch.stack([t[head] for t in tables]), leaves[2][:, relation],
+                        torch.stack([t[target] for t in tables]))
+        if fused:
+            pen = fused_penalty(out, rows, kind, 0.05, 7, CETails(compiled))
+        else:
+            pen = regularizer(kind, fused_factors(out, rows), 0.05, batch=7)
+        results.append((pen.detach(), *torch.autograd.grad(pen, leaves)))
+    for a, b in zip(*results):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert results[0][2].abs().sum() > 0  # the projection gets a penalty gradient
+
+
+def test_fused_penalty_off_and_unknown():
+    free, feats, proj, relations, head, relation, rows, target = _setup()
+    out = complex_cross_entropy([free], relations[:1], head, relation, target, rows, "fp32")
+    assert fused_penalty(out, rows, "none", 0.1, 5) is None
+    assert fused_penalty(out, rows, "n3", 0.0, 5) is None
+    with pytest.raises(ValueError, match="unknown regularizer"):
+        fused_penalty(out, rows, "l1", 0.1, 5)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from dsom.models.complex import REGULARIZERS
 from dsom.models.interaction import complex_modulus, complex_query
 from dsom.models.products import PRECISIONS, bf16_round
 from dsom.numerics import EXP_FLOOR
@@ -62,13 +63,99 @@ def _softmax_grad_eager(s: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> 
     return p.to(s.dtype)
 
 
+def _query(ent: torch.Tensor, rel: torch.Tensor, precision: str) -> torch.Tensor:
+    """The queries ``ent * rel`` (complex product of ``(K, P, 2d)`` rows) as product operands."""
+    return _cast(complex_query(ent, rel), precision)
+
+
+def _times_conj(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x * conj(y)`` of ``[re | im]`` rows (halves as views and one ``stack``: compiles to one pass)."""
+    a, b = x.unflatten(-1, (2, -1)).unbind(-2)
+    c, g = y.unflatten(-1, (2, -1)).unbind(-2)
+    return torch.stack([a * c + b * g, b * c - a * g], -2).flatten(-2)
+
+
+def _query_grads(d_query: torch.Tensor, ent: torch.Tensor, rel: torch.Tensor, g_ent: torch.Tensor | None,
+                 g_rel: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of ``q = ent * rel``: ``dL/d ent = dq * conj(rel)``, ``dL/d rel = dq * conj(ent)``, plus the gradients
+    the caller sent to the returned rows (``g_ent``, ``g_rel``; ``None``: none)."""
+    d_ent = _times_conj(d_query, rel)
+    d_rel = _times_conj(d_query, ent)
+    if g_ent is not None:
+        d_ent = d_ent + g_ent
+    if g_rel is not None:
+        d_rel = d_rel + g_rel
+    return d_ent, d_rel
+
+
+MODULUS_FLOOR = 1e-30  # the clamp of :func:`~dsom.models.interaction.complex_modulus` on the squared modulus
+
+
+def _penalty_value(head: torch.Tensor, relation: torch.Tensor, tail: torch.Tensor, counts: torch.Tensor,
+                   power: int) -> torch.Tensor:
+    """``sum_k [sum_p counts[p] (|head[k, p]|^power + |relation[k, p]|^power) + sum_t |tail[k, t]|^power]`` with
+    ``|x|`` the element-wise complex modulus of ``[re | im]`` rows: the N3 (``power`` 3) or F2 (2) sum of every
+    target's triple, a query's head and relation counted once per target. ``power`` is 2 or 3."""
+
+    def per_row(x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1] // 2
+        sq = (x[..., :d] ** 2 + x[..., d:] ** 2).clamp_min(MODULUS_FLOOR)
+        return (sq * sq.sqrt() if power == 3 else sq).sum(-1)  # |x|^3 or |x|^2, no generic pow
+
+    return ((per_row(head) + per_row(relation)) * counts).sum() + per_row(tail).sum()
+
+
+def _penalty_grads(head: torch.Tensor, relation: torch.Tensor, tail: torch.Tensor, counts: torch.Tensor, power: int,
+                   scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``scale * _penalty_value(...)`` (closed form: ``d |x|^p / d re = p |x|^(p-2) re`` where the squared
+    modulus is above the floor, else 0)."""
+
+    def grad(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        parts = x.unflatten(-1, (2, x.shape[-1] // 2))  # (..., 2, d): real and imaginary halves, no cat
+        sq = (parts ** 2).sum(-2, keepdim=True)
+        slope = sq.sqrt() * 3.0 if power == 3 else torch.full_like(sq, 2.0)  # p |x|^(p-2)
+        return (parts * (torch.where(sq > MODULUS_FLOOR, slope, 0.0) * weight)).flatten(-2)
+
+    w = (counts * scale)[:, None, None]
+    return grad(head, w), grad(relation, w), grad(tail, scale)
+
+
+class _Penalty(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, head: torch.Tensor, relation: torch.Tensor, tail: torch.Tensor, counts: torch.Tensor,
+                power: int, scale: float, tails: CETails) -> torch.Tensor:
+        ctx.save_for_backward(head, relation, tail, counts)
+        ctx.power, ctx.scale, ctx.tails = power, scale, tails
+        return tails.penalty_value(head, relation, tail, counts, power) * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
+        head, relation, tail, counts = ctx.saved_tensors
+        grads = ctx.tails.penalty_grads(head, relation, tail, counts, ctx.power, g * ctx.scale)
+        return (*grads, None, None, None, None)
+
+
 class CETails:
-    """The two element-wise tails of :func:`complex_cross_entropy`: fused by ``torch.compile`` (``train.compile``;
-    :class:`~dsom.perf.MaybeCompiled` falls back to eager if compilation fails) or eager with in-place passes."""
+    """The element-wise work of :func:`complex_cross_entropy` and of the N3 penalty on its rows: fused by
+    ``torch.compile`` (``train.compile``; :class:`~dsom.perf.MaybeCompiled` falls back to eager if compilation
+    fails) or eager (the two loss tails with in-place passes).
+
+    * ``lse`` / ``softmax_grad``: the two ``(P, E)`` loss tails;
+    * ``query`` / ``query_grads``: the complex product of the gathered rows and its backward (a dozen small ops on
+      ``(K, P, 2d)`` rows eagerly, about 15% of a ComplEx step at rank 500 on the 2-core AMX dev machine);
+    * ``penalty_value`` / ``penalty_grads``: the regularizer on the returned rows and its closed-form gradient
+      (:func:`fused_penalty`; autograd through the eager graph is about 10 ms per step there, mostly ``pow``, ``sgn``,
+      ``where`` on ``(K, P, 2d)`` rows)."""
 
     def __init__(self, compile: bool = False) -> None:
+        self.compiled = compile
         self.lse = MaybeCompiled(_lse, True) if compile else _lse_eager
         self.softmax_grad = MaybeCompiled(_softmax_grad, True) if compile else _softmax_grad_eager
+        self.query = MaybeCompiled(_query, compile)
+        self.query_grads = MaybeCompiled(_query_grads, compile)
+        self.penalty_value = MaybeCompiled(_penalty_value, compile)
+        self.penalty_grads = MaybeCompiled(_penalty_grads, compile)
 
 
 EAGER = CETails(False)
@@ -89,12 +176,6 @@ def _mm(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
     return bf16_round(out) if precision == "bf16sim" else out
 
 
-def _conj(x: torch.Tensor) -> torch.Tensor:
-    """Complex conjugate of ``[re | im]`` rows."""
-    d = x.shape[-1] // 2
-    return torch.cat([x[..., :d], -x[..., d:]], -1)
-
-
 class _ComplExCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, relations: torch.Tensor, head: torch.Tensor, relation: torch.Tensor, target: torch.Tensor,
@@ -102,7 +183,7 @@ class _ComplExCE(torch.autograd.Function):
         ent = torch.stack([t[head] for t in tables])  # (K, P, 2d): each table's rows gathered once
         rel = relations[:, relation]  # (K, P, 2d)
         tail = torch.stack([t[target] for t in tables])  # (K, T, 2d)
-        query = _cast(complex_query(ent, rel), precision)
+        query = tails.query(ent, rel, precision)
         cast_tables, scores, lse = [], [], []
         for k, table in enumerate(tables):
             ct = _cast(table, precision)
@@ -144,13 +225,7 @@ class _ComplExCE(torch.autograd.Function):
                 if need_table:
                     d_table.copy_(_mm(grad_s.T, query[k], precision))
             d_tables.append(d_table)
-        # backward of the complex product q = ent * rel: dL/d ent = dq * conj(rel), dL/d rel = dq * conj(ent)
-        d_ent = complex_query(d_query, _conj(rel))
-        d_rel = complex_query(d_query, _conj(ent))
-        if g_ent is not None:
-            d_ent += g_ent
-        if g_rel is not None:
-            d_rel += g_rel
+        d_ent, d_rel = tails.query_grads(d_query, ent, rel, g_ent, g_rel)
         for k in range(K):
             if ctx.needs_input_grad[7 + k]:
                 d_tables[k].index_put_((head,), d_ent[k], accumulate=True)
@@ -209,3 +284,21 @@ def fused_factors(out: ComplExCE, rows: torch.Tensor | None = None) -> tuple[tor
     :func:`~dsom.models.interaction.factors` on the triples)."""
     head, rel = (out.head, out.relation) if rows is None else (out.head[:, rows], out.relation[:, rows])
     return complex_modulus(head), complex_modulus(rel), complex_modulus(out.tail)
+
+
+def fused_penalty(out: ComplExCE, rows: torch.Tensor | None, kind: str, weight: float, batch: int,
+                  tails: CETails = EAGER) -> torch.Tensor | None:
+    """``train.regularizer`` (:func:`~dsom.models.complex.regularizer`: ``kind`` ``n3``, ``f2`` or ``none``) of the
+    factors of every target's triple, summed over the K models and divided by ``batch``; ``None`` when off.
+
+    The value of ``regularizer(kind, fused_factors(out, rows), weight, batch)``, without gathering a query's rows once
+    per target (a row's term is weighted by its number of targets), with a closed-form backward, each one pass (compiled
+    when ``tails`` are)."""
+    if kind == "none" or weight <= 0:
+        return None
+    if kind not in REGULARIZERS:
+        raise ValueError(f"unknown regularizer {kind!r}; choose one of {', '.join(REGULARIZERS)}")
+    P = out.head.shape[1]
+    counts = (torch.ones(P, dtype=out.head.dtype, device=out.head.device) if rows is None
+              else torch.bincount(rows, minlength=P).to(out.head.dtype))
+    return _Penalty.apply(out.head, out.relation, out.tail, counts, 3 if kind == "n3" else 2, weight / batch, tails)

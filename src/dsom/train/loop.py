@@ -40,7 +40,7 @@ from dsom.errors import DsomError
 from dsom.evaluate import evaluate
 from dsom.models.chunked import chunked_cross_entropy, entity_chunk
 from dsom.models.complex import ComplEx, regularizer
-from dsom.models.fused import CETails, complex_cross_entropy, fused_factors
+from dsom.models.fused import CETails, complex_cross_entropy, fused_penalty
 from dsom.models.products import resolve_precision
 from dsom.perf import compile_enabled, release_memory, set_deterministic
 from dsom.ranks import TIE_POLICIES
@@ -559,15 +559,16 @@ class ComplExTrainer(Trainer):
         tr = self.cfg.train
         if chunk < model.num_entities:
             ce = chunked_cross_entropy(model.query(ph, pr), model.entity, t, chunk, self.precision, rows=rows).mean()
-            factors = model.factors(h, r, t)
+            reg = regularizer(tr.regularizer, model.factors(h, r, t), tr.reg)
         else:  # one autograd node: no dense gather gradients, scores kept in the product precision
+            tails = self.ce_tails()
             out = complex_cross_entropy([model.entity], model.relation.unsqueeze(0), ph, pr, t, rows, self.precision,
-                                        self.ce_tails())
+                                        tails)
             ce = out.ce[0].mean()
-            factors = tuple(f[0] for f in fused_factors(out, rows))
+            reg = fused_penalty(out, rows, tr.regularizer, tr.reg, len(t), tails)
         terms = {"ce": ce}
-        if tr.regularizer != "none" and tr.reg > 0:
-            terms["reg"] = regularizer(tr.regularizer, factors, tr.reg)
+        if reg is not None:
+            terms["reg"] = reg
         return StepLoss(terms)
 
 

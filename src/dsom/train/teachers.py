@@ -22,7 +22,7 @@ from dsom.errors import DsomError
 from dsom.evaluate import split_counts, split_metrics
 from dsom.models.chunked import chunked_cross_entropy, entity_chunk
 from dsom.models.complex import regularizer
-from dsom.models.fused import complex_cross_entropy, fused_factors
+from dsom.models.fused import complex_cross_entropy, fused_penalty
 from dsom.models.teachers import TEACHERS_FORMAT, AllViews, FrozenTeachers, ModalityTeachers
 from dsom.ranks import TIE_POLICIES, RankCounts, metrics_from_ranks, min_rank_counts
 from dsom.train.checkpoint import check_teachers, read_checkpoint, write_checkpoint
@@ -74,6 +74,7 @@ class TeacherTrainer(Trainer):
         h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
         model: ModalityTeachers = self.model
         B, E = len(batch), model.num_entities
+        tr = self.cfg.train
         rows = None
         ph, pr = h, r
         if self.batching == "pairs":  # one query and score row per distinct (h, r) and teacher, shared by its targets
@@ -83,16 +84,16 @@ class TeacherTrainer(Trainer):
             tables = model.entity_tables()
             queries = model.queries(tables, ph, pr)
             ce = chunked_cross_entropy(queries, tables, t, chunk, self.precision, rows=rows).mean(1)
-            factors = model.factors(tables, h, r, t)
+            reg = regularizer(tr.regularizer, model.factors(tables, h, r, t), tr.reg, batch=B)
         else:  # one autograd node for every teacher (dsom.models.fused): one (B, E) block per teacher, no stack
+            tails = self.ce_tails()
             out = complex_cross_entropy(model.entity_table_list(), model.relations, ph, pr, t, rows, self.precision,
-                                        self.ce_tails())
+                                        tails)
             ce = out.ce.mean(1)
-            factors = fused_factors(out, rows)
+            reg = fused_penalty(out, rows, tr.regularizer, tr.reg, B, tails)
         terms = {"ce": ce.sum()}
-        tr = self.cfg.train
-        if tr.regularizer != "none" and tr.reg > 0:
-            terms["reg"] = regularizer(tr.regularizer, factors, tr.reg, batch=B)
+        if reg is not None:
+            terms["reg"] = reg
         return StepLoss(terms, {f"ce/{m}": ce[k] for k, m in enumerate(model.modalities)})
 
     def all_view_metrics(self, split: str, max_triples: int | None = None) -> dict[str, dict[str, Any]]:
