@@ -2,6 +2,7 @@
 under all three tie policies and the seconds each ensemble took (training on valid plus evaluation).
 
     DSOM_DATA=../shared/data python benchmarks/ensembles.py runs/study-mkgy/dsom-2022 [--set ensemble.mi_output=relu]
+    DSOM_DATA=../shared/data python benchmarks/ensembles.py runs/reproduce/DB15K/seed-2022 --models mose_mi [--mi-reference]
 
 The run's own config.yaml gives the dataset and every ensemble option; ``--set`` overrides them. Nothing in the
 run directory is written.
@@ -15,6 +16,7 @@ import json
 import torch
 
 from dsom.config import Config, apply_dict, load_yaml, parse_assignment
+from dsom.ensemble import MetaLearner
 from dsom.runs.results import ensemble_results
 from dsom.runs.setup import check_config, load_dataset
 from dsom.train.teachers import load_frozen_teachers
@@ -26,6 +28,10 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="config override KEY=VALUE (repeatable)")
     p.add_argument("--models", default="mose_bi,mose_mi")
     p.add_argument("--json", help="also write the numbers to this file")
+    p.add_argument("--mi-reference", action="store_true",
+                   help="train MoSE-MI's meta-learner through MetaLearner.reference (nn.Sequential on the whole "
+                        "(B, N) block, the implementation before issue 12) instead of the blocked forward: the "
+                        "'before' of an end-to-end before/after")
     args = p.parse_args()
     cfg = Config()
     apply_dict(cfg, load_yaml(f"{args.run_dir}/config.yaml"))
@@ -33,6 +39,8 @@ def main() -> None:
         key, value = parse_assignment(s)
         apply_dict(cfg, {key: value})
     cfg.ensemble.models = args.models.split(",")
+    if args.mi_reference:
+        MetaLearner.forward = MetaLearner.reference  # type: ignore[method-assign]
     check_config(cfg)
     ds = load_dataset(cfg)
     frozen, _ = load_frozen_teachers(args.run_dir)
