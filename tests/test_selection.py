@@ -416,3 +416,25 @@ def test_fused_reward_ces_equal_the_per_action_loop():
     got = _chosen_action_ces(tea, subsets[pick], target, 4.0)
     torch.testing.assert_close(got[0], want[pick, torch.arange(9)], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], per_query_ce((tea / 4.0).mean(0), target), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_summary_features_equal_the_log_softmax_topk_definition(compile):
+    """The three-pass summary (max, masked max, one exponential pass) equals the definition through log_softmax and
+    topk, eager and compiled, on a block with a huge logit (denormal-range exponentials) and ties at the top."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(3, 6, 50, generator=g) * 4
+    z[0, 0, 7] = 300.0  # one dominant entity: every other exponential underflows
+    z[1, 1, [3, 9]] = 20.0  # a tie at the top: margin 0; the first index is the top entity
+    f = summary_features(z, compile=compile)
+    M, B, E = z.shape
+    logp = torch.log_softmax(z.double(), -1)
+    le = math.log(E)
+    ent = -(logp.exp() * logp).sum(-1) / le
+    top = z.double().topk(2, dim=-1)
+    idx = z.argmax(-1)
+    cross = [logp[m].gather(-1, idx[k].unsqueeze(-1)).squeeze(-1) / le for m in range(M) for k in range(M) if k != m]
+    want = torch.cat([ent, logp.amax(-1) / le, (top.values[..., 0] - top.values[..., 1]) / le,
+                      torch.stack(cross)]).T
+    torch.testing.assert_close(f.double(), want, atol=2e-6, rtol=1e-5)
+    assert float(f[1, 3 + 3 + 1]) == 0.0  # the tie's margin

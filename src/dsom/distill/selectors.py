@@ -231,7 +231,7 @@ def build_policy(ctx: SelectorContext) -> nn.Module:
     if c.policy_state == "summary":
         return SummaryPolicy(M, num_actions(M), ctx.num_relations, ctx.num_entities, c.policy_hidden,
                              c.policy_relation_dim, c.policy_entity_dim, generator=ctx.generator,
-                             entity_stats=ctx.entity_stats, stats_of=c.policy_entity_stats)
+                             entity_stats=ctx.entity_stats, stats_of=c.policy_entity_stats, compile=ctx.compile)
     return Policy(M * ctx.num_entities, num_actions(M), c.policy_hidden, generator=ctx.generator)
 
 
