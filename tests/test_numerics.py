@@ -200,3 +200,29 @@ def test_chunked_cross_entropy_sharpened_is_denormal_free_and_exact():
 def test_floor_constant_keeps_products_normal():
     assert EXP_FLOOR > LOG_TINY + math.log(1e10)  # exp(floor) times a scale >= 1e-10 is still a normal float
     assert 1e20 * math.exp(EXP_FLOOR) < 2.0**-24  # E * exp(floor) is below half an fp32 ulp of 1
+
+
+def test_split_logsumexp_equals_two_masked_logsumexps():
+    """One exponential per entry, each set shifted by its own maximum: the same values and gradients as a
+    log-sum-exp of each set alone (float64 torch reference), with sets far apart, a full row and an empty one."""
+    from dsom.numerics import split_logsumexp
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 30, generator=g, dtype=torch.float64) * 5).requires_grad_()
+    keep = torch.rand(5, 30, generator=g) < 0.3
+    keep[0] = True  # nothing outside
+    keep[1] = False  # nothing inside
+    with torch.no_grad():
+        x[2, keep[2]] -= 500.0  # the inside set 500 below the outside one: a shared shift would underflow it
+    lin, lout = split_logsumexp(x, keep)
+    (lin[[0, 2, 3, 4]].sum() + 2 * lout[1:].sum()).backward()
+    got = x.grad.clone()
+    x.grad = None
+    neg = -torch.inf
+    want_in = torch.logsumexp(torch.where(keep, x, neg), -1)
+    want_out = torch.logsumexp(torch.where(keep, neg, x), -1)
+    torch.testing.assert_close(lin[[0, 2, 3, 4]], want_in[[0, 2, 3, 4]])
+    torch.testing.assert_close(lout[1:], want_out[1:])
+    (want_in[[0, 2, 3, 4]].sum() + 2 * want_out[1:].sum()).backward()
+    torch.testing.assert_close(got, x.grad)
+    assert torch.isfinite(lin[1]) and torch.isfinite(lout[0])  # empty sets: finite stand-ins (zero gradient above)

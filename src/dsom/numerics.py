@@ -20,6 +20,7 @@ What: every exponent is clamped below at :data:`EXP_FLOOR` ``= -64`` *relative t
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -41,6 +42,25 @@ def logsumexp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """
     floor = x.detach().amax(dim, keepdim=True) + EXP_FLOOR
     return torch.logsumexp(x.clamp_min(floor), dim)
+
+
+def split_logsumexp(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log sum_{keep} exp x, log sum_{not keep} exp x)`` over the last dimension, each as :func:`logsumexp` of its
+    own entries (exponents floored at ``EXP_FLOOR`` below that set's maximum), from one exponential per element:
+    every entry is shifted by its own set's maximum. An empty set gives a finite stand-in (``log`` of the smallest
+    normal float plus 0) with a zero gradient, for the caller to replace; NDKD's neighbour split (:mod:`dsom.distill.
+    losses`) reads a row twice this way instead of two masked log-sum-exps with an exponential each."""
+    neg = torch.tensor(-math.inf, dtype=x.dtype, device=x.device)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    m_in = torch.where(keep, x, neg).detach().amax(-1, keepdim=True)
+    m_out = torch.where(keep, neg, x).detach().amax(-1, keepdim=True)
+    m_in = torch.where(torch.isfinite(m_in), m_in, zero)
+    m_out = torch.where(torch.isfinite(m_out), m_out, zero)
+    e = (x - torch.where(keep, m_in, m_out)).clamp_min(EXP_FLOOR).exp()
+    tiny = torch.finfo(x.dtype).tiny
+    s_in = torch.where(keep, e, zero).sum(-1).clamp_min(tiny)
+    s_out = torch.where(keep, zero, e).sum(-1).clamp_min(tiny)
+    return s_in.log() + m_in.squeeze(-1), s_out.log() + m_out.squeeze(-1)
 
 
 class _FloorCE(torch.autograd.Function):

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from dsom.numerics import floor_exp, logsumexp
+from dsom.numerics import floor_exp, logsumexp, split_logsumexp
 
 
 def per_query_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -48,9 +48,7 @@ class _Split:
     0 for an empty set (safe to subtract and differentiate)."""
 
     def __init__(self, z: torch.Tensor, neighbours: torch.Tensor, has_in: torch.Tensor, has_out: torch.Tensor) -> None:
-        neg = torch.finfo(z.dtype).min
-        lin = logsumexp(z.masked_fill(~neighbours, neg), -1)
-        lout = logsumexp(z.masked_fill(neighbours, neg), -1)
+        lin, lout = split_logsumexp(z, neighbours)  # one exponential per entry for both sets
         self.inside = torch.where(has_in, lin, -math.inf)
         self.outside = torch.where(has_out, lout, -math.inf)
         self.outside_finite = torch.where(has_out, lout, 0.0)
