@@ -35,7 +35,9 @@ from dsom.distill.selectors import (
     make_selector,
 )
 from dsom.models.complex import ComplEx
-from dsom.models.complex import regularizer as penalty
+from dsom.models.fused import CETails, ComplExCE, fused_penalty
+from dsom.models.interaction import complex_query
+from dsom.models.products import matmul_scores
 from dsom.models.teachers import FrozenTeachers
 from dsom.perf import MaybeCompiled
 
@@ -86,6 +88,7 @@ class Distiller(nn.Module):
         super().__init__()
         self._step_terms = MaybeCompiled(step_terms, compile)
         self._scaled_ce = MaybeCompiled(scaled_ce, compile)
+        self._row_ops = CETails(compile)  # the student's N3 penalty: closed form, compiled
         self.cfg = config
         self.teachers = teachers
         self.num_teachers = teachers.num_teachers
@@ -139,13 +142,18 @@ class Distiller(nn.Module):
         same per-query losses with fewer products."""
         cfg = self.cfg
         h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
-        if pairs is None:
-            student = self.student.score_all(h, r, precision=precision)
-        else:
-            student = self.student.score_all(pairs[0], pairs[1], precision=precision)[pairs[2]]
+        qh, qr, rows = (h, r, None) if pairs is None else pairs
+        # the query heads' and the targets' rows in one gather (one dense gradient for the table, not three)
+        ent = self.student.entity[torch.cat([qh, t])]
+        heads, tails, rels = ent[:len(qh)], ent[len(qh):], self.student.relation[qr]
+        student = matmul_scores(complex_query(heads, rels), self.student.entity, precision)
+        if rows is not None:
+            student = student[rows]
         losses: dict[str, torch.Tensor] = {}
-        if regularizer != "none" and reg > 0:
-            losses["reg"] = penalty(regularizer, self.student.factors(h, r, t), reg)
+        pen = fused_penalty(ComplExCE(student, heads[None], rels[None], tails[None]), rows, regularizer, reg, len(t),
+                            self._row_ops)
+        if pen is not None:  # = regularizer(regularizer, self.student.factors(h, r, t), reg)
+            losses["reg"] = pen
         sel = self.selector
         if sel is None:
             losses["ce"] = per_query_ce(student, t).mean()
