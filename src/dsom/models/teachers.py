@@ -146,12 +146,15 @@ class FrozenTeachers:
                   start: int = 0, stop: int | None = None) -> torch.Tensor:
         """``(M, B, stop - start)`` float32 logits of every teacher, one batched product.
 
-        With ``bf16`` products the frozen tables are cast to bf16 once and kept (``M x E x 2d`` more bytes), instead of
-        once per batch; the queries are still formed in float32, so the logits are the same."""
+        With ``bf16`` products the frozen tables are cast to bf16 once and kept (``M x E x 2d`` more bytes, laid out
+        entity-minor for the product), instead of once per batch; the queries are still formed in float32, so the
+        logits are the same."""
         if precision != "bf16":
             return interaction.score_all(self.tables, self.relations, head, relation, precision, start, stop)
         if self._bf16_tables is None or self._bf16_tables.device != self.tables.device:
-            self._bf16_tables = self.tables.to(torch.bfloat16)
+            # stored (M, 2d, E): the product below then reads contiguous operands (on the 2-core AMX dev machine a
+            # (1000 x 1000) x (1000 x 12842) bf16 product takes 10.6 ms so against 16.9 ms from an (E, 2d) table)
+            self._bf16_tables = self.tables.transpose(1, 2).to(torch.bfloat16).contiguous().transpose(1, 2)
         query = interaction.complex_query(self.tables[:, head], self.relations[:, relation])
         whole = start == 0 and stop is None
         return matmul_scores(query, self._bf16_tables if whole else self._bf16_tables[:, start:stop], precision)
