@@ -143,3 +143,21 @@ def test_fused_penalty_off_and_unknown():
     assert fused_penalty(out, rows, "n3", 0.0, 5) is None
     with pytest.raises(ValueError, match="unknown regularizer"):
         fused_penalty(out, rows, "l1", 0.1, 5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_transposed_score_layout_equals_the_row_layout(precision, compiled):
+    """Scores built as ``(E, P) = T @ q^T`` (the bf16 default) give the loss and every gradient of the ``(P, E)``
+    layout: to fp32 rounding in fp32, within bf16 rounding of the products in bf16."""
+    free, feats, proj, relations, head, relation, rows, target = _setup(seed=6, E=300)
+    res = []
+    for transposed in (False, True):
+        out = complex_cross_entropy([free, feats @ proj / 3.0], relations, head, relation, target, rows, precision,
+                                    CETails(compiled), transposed=transposed)
+        loss = out.ce.mean(1).sum() + 0.05 * sum((f ** 3).sum() for f in fused_factors(out, rows)) / len(target)
+        res.append((out.ce.detach(), *torch.autograd.grad(loss, [free, proj, relations])))
+    tol = {"fp32": dict(rtol=1e-5, atol=1e-6), "bf16": dict(rtol=2e-2, atol=2e-3)}[precision]
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, **tol)
+    assert res[1][1].abs().sum() > 0
