@@ -43,6 +43,14 @@ def student_config(cfg: Config, overrides: Mapping[str, Any] | None = None) -> C
     return out
 
 
+
+def _policy_adam(params: Any, lr: float) -> torch.optim.Adam:
+    """The policy's Adam, with torch's fused kernel: one pass over the weights instead of about ten (the paper's
+    logits policy has 39.5M weights on DB15K; its unfused update took 290 ms per step on the 2-core AMX dev machine).
+    The same update to float rounding."""
+    params = list(params)
+    return torch.optim.Adam(params, lr=lr, fused=True if params else None)
+
 class StudentTrainer(Trainer):
     checkpoint_format = TRAIN_FORMAT
     supports_pair_batching = True  # the student and teachers score each pair once; rewards stay per query
@@ -73,8 +81,7 @@ class StudentTrainer(Trainer):
         self.reward_rows = reward_rows.to(self.device) if use_rows else None
         self.policy_optimizer: torch.optim.Optimizer | None = None
         if self._own_policy_optimizer():
-            self.policy_optimizer = torch.optim.Adam(self.model.selector.parameters(),
-                                                     lr=self.cfg.distill.policy_lr or 1e-3)
+            self.policy_optimizer = _policy_adam(self.model.selector.parameters(), self.cfg.distill.policy_lr or 1e-3)
 
     def fit(self, resume: bool = False) -> Any:
         if not (resume and self.resume_available()) and self.cfg.distill.policy_pretrain_epochs > 0:
@@ -98,7 +105,7 @@ class StudentTrainer(Trainer):
         if dc.reward != "margin":
             raise DsomError("distill.policy_pretrain_epochs needs distill.reward=margin (the binary reward compares "
                             "with a student that does not exist yet)")
-        opt = self.policy_optimizer or torch.optim.Adam(model.selector.parameters(), lr=dc.policy_lr or 1e-3)
+        opt = self.policy_optimizer or _policy_adam(model.selector.parameters(), dc.policy_lr or 1e-3)
         q = self.train_queries[self.reward_rows]
         bs = self.cfg.train.batch_size
         model.train()
