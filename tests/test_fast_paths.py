@@ -194,3 +194,28 @@ def test_teacher_scores_make_the_policy_state_without_a_copy():
     state = policy_state(s)
     assert state.data_ptr() == s.data_ptr()  # a view
     torch.testing.assert_close(state, torch.cat([s[m] for m in range(3)], dim=1))
+
+
+def test_compile_cache_is_kept_apart_per_vector_isa(tmp_path):
+    """torch's FX-graph cache key omits the vector ISA: a graph generated for AVX2 and loaded on an AVX-512 CPU writes
+    past its buffers. dsom gives each ISA its own inductor folder, unless the user named one."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os; from dsom.perf import isolate_compile_cache as f; r = f(); "
+            "print(r, os.environ['TORCHINDUCTOR_CACHE_DIR'], sep='|')")
+
+    def run(**env):
+        base = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
+        out = subprocess.run([sys.executable, "-c", code], env={**base, "TMPDIR": str(tmp_path), **env},
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip().split("|")
+
+    returned, folder = run(ATEN_CPU_CAPABILITY="avx2")
+    assert returned == folder and os.path.basename(folder) == "dsom-avx2"
+    assert os.path.dirname(folder).startswith(str(tmp_path))  # under inductor's own default folder
+    returned, folder = run()
+    assert returned == folder and os.path.basename(folder).startswith("dsom-")
+    returned, folder = run(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "mine"))  # the user's choice is kept
+    assert returned == "None" and folder == str(tmp_path / "mine")

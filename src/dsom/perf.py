@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -83,6 +84,7 @@ class MaybeCompiled:
         if not self.enabled:
             return self.fn(*args, **kwargs)
         if self._compiled is None:
+            isolate_compile_cache()
             self._compiled = torch.compile(self.fn, dynamic=True)
         try:
             return self._compiled(*args, **kwargs)
@@ -93,6 +95,33 @@ class MaybeCompiled:
                           "running eagerly (set train.compile=off to skip the attempt)", stacklevel=2)
             self.enabled = False
             return self.fn(*args, **kwargs)
+
+
+def compile_cache_dir(isa: str, base: str | None = None) -> str:
+    """The inductor cache folder dsom uses for vector ISA ``isa``: ``<inductor's default>/dsom-<isa>``."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", isa.strip()) or "none"
+    return os.path.join(base or default_cache_dir(), f"dsom-{name}")
+
+
+def isolate_compile_cache() -> str | None:
+    """Give every vector ISA its own inductor cache folder (unless ``TORCHINDUCTOR_CACHE_DIR`` names another one).
+
+    torch 2.13's FX-graph cache key leaves out the ISA the kernels were generated for, while the cached C++ is
+    rebuilt with the current ISA's flags: a graph cached under AVX2 (``ATEN_CPU_CAPABILITY=avx2``, or an AVX2 machine
+    sharing ``/tmp``) and loaded on an AVX-512 CPU steps 8 floats per 16-float store and writes past its buffers
+    (heap corruption: "double free or corruption" in stage 2, aborts in the test suite); the other way round it
+    would leave half of each row unwritten. Returns the folder set (``None`` where the user chose one)."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is not None and os.path.abspath(current) != os.path.abspath(default_cache_dir()):
+        return None  # the user's (or an outer tool's) choice
+    folder = compile_cache_dir(str(pick_vec_isa()))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return folder
 
 
 def _is_compile_failure(exc: Exception) -> bool:
