@@ -34,3 +34,13 @@ def action_names(modalities: list[str]) -> list[str]:
 def full_action(num_teachers: int) -> int:
     """Index of the all-teacher subset."""
     return num_actions(num_teachers) - 1
+
+
+def combine(weights: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The combined teacher ``sum_m w[b, m] F^m``: ``weights (B, M)`` and ``logits (M, B, E)`` (float32, or bfloat16
+    from bf16 products) -> ``(B, E)`` float32. Written as ``M`` element-wise terms, not a batched product, so under
+    ``torch.compile`` it fuses into the loss that reads it (no ``(B, E)`` block, no upcast copy of the logits)."""
+    out = weights[:, 0, None] * logits[0].float()
+    for m in range(1, logits.shape[0]):
+        out = out + weights[:, m, None] * logits[m].float()
+    return out

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dsom.config import DistillConfig
-from dsom.distill.actions import full_action
+from dsom.distill.actions import combine, full_action
 from dsom.distill.kd import NO_KD, kd_loss
 from dsom.distill.losses import per_query_ce
 from dsom.distill.selectors import (
@@ -60,7 +60,7 @@ def step_terms(student: torch.Tensor, teacher_logits: torch.Tensor | None, weigh
     out = {"ce": per_query_ce(student, target)}
     if kd:
         if teacher is None:
-            teacher = torch.einsum("bm,mbe->be", weights, teacher_logits)
+            teacher = combine(weights, teacher_logits)
         out["kd"] = kd_rows(teacher, student, target, neighbours, cfg, kd_kind)
     return out
 
@@ -117,11 +117,9 @@ class Distiller(nn.Module):
 
     @torch.no_grad()
     def teacher_scores(self, head: torch.Tensor, relation: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-        """``(M, B, E)`` teacher logits divided by the teachers' temperatures."""
-        scores = self.teachers.score_all(head, relation, precision=precision)
-        if self._calibrated:
-            scores.mul_(self.inv_temperature.view(-1, 1, 1))
-        return scores
+        """``(M, B, E)`` teacher logits divided by the teachers' temperatures (folded into the queries), float32 or,
+        under ``bf16``, the products' bfloat16 (:meth:`~dsom.models.teachers.FrozenTeachers.logits`)."""
+        return self.teachers.logits(head, relation, precision, self.inv_temperature if self._calibrated else None)
 
     # ------------------------------------------------------------------------------------------ step
     def forward(self, batch: torch.Tensor, neighbours: torch.Tensor | None, precision: str = "fp32",

@@ -32,8 +32,9 @@ def policy_state(teacher_logits: torch.Tensor, kind: str = "logits") -> torch.Te
     """``(M, B, E)`` teacher logits -> ``(B, M * E)`` policy input (constant w.r.t. every parameter)."""
     x = teacher_logits.detach()
     if kind == "probs":
-        x = x.softmax(-1)
+        x = x.float().softmax(-1)
     elif kind == "standardised":
+        x = x.float()
         x = (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp(min=1e-6)
     elif kind != "logits":
         raise ValueError(f"unknown full-logit policy state {kind!r}; choose one of {STATES[:3]}")
@@ -120,8 +121,15 @@ class Policy(nn.Module):
                     layer.bias.uniform_(-bound, bound, generator=generator)
 
     def forward(self, state: torch.Tensor) -> torch.Tensor:
-        """Action logits ``(B, A)``."""
-        return self.net(state)
+        """Action logits ``(B, A)``, float32. A bfloat16 ``state`` (teacher logits from bf16 products) runs the first
+        layer as a bf16 product (its ``M * E * hidden`` weights cast per step, gradients flowing back to the float32
+        weights; the largest product of a stage-2 step under the paper's state); the rest stays float32."""
+        first, act, last = self.net
+        if state.dtype == torch.bfloat16:
+            hidden = F.linear(state, first.weight.to(torch.bfloat16), first.bias.to(torch.bfloat16)).float()
+        else:
+            hidden = first(state)
+        return last(act(hidden))
 
 
 class SummaryPolicy(nn.Module):

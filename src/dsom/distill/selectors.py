@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsom.config import DistillConfig
-from dsom.distill.actions import num_actions, subset_matrix
+from dsom.distill.actions import combine, num_actions, subset_matrix
 from dsom.distill.losses import per_query_ce
 from dsom.distill.policy import (
     Policy,
@@ -71,7 +71,7 @@ class SelectionBatch:
     samples are those of one process), and ``reduce`` sums a tensor over processes (in place), for statistics
     of the whole batch (``None`` = the batch is whole)."""
 
-    teacher_logits: torch.Tensor
+    teacher_logits: torch.Tensor  # float32, or bfloat16 from bf16 products: upcast where read (see ``logits32``)
     head: torch.Tensor
     relation: torch.Tensor
     target: torch.Tensor
@@ -81,6 +81,11 @@ class SelectionBatch:
     generator: torch.Generator | None = None
     draw_rows: tuple[int, int, int] | None = None
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def logits32(self) -> torch.Tensor:
+        """The teacher logits as float32 (a copy only when they are bfloat16), for the eager heuristics."""
+        return self.teacher_logits.float()
 
 
 def sample_actions(probs: torch.Tensor, generator: torch.Generator | None = None,
@@ -202,7 +207,7 @@ class MostConfident(Selector):
     """The teacher with the largest top probability (ties to the lower index)."""
 
     def select(self, batch: SelectionBatch) -> Selection:
-        conf = batch.teacher_logits.softmax(-1).amax(-1)  # (M, B)
+        conf = batch.logits32.softmax(-1).amax(-1)  # (M, B)
         return Selection(_one_hot(conf.argmax(0), conf.shape[0]))
 
 
@@ -211,7 +216,7 @@ class BestTeacher(Selector):
     """The teacher with the lowest CE on the query's target."""
 
     def select(self, batch: SelectionBatch) -> Selection:
-        ce = per_query_ce(batch.teacher_logits, batch.target)
+        ce = per_query_ce(batch.logits32, batch.target)
         return Selection(_one_hot(ce.argmin(0), ce.shape[0]))
 
 
@@ -220,7 +225,7 @@ class BestStrategy(Selector):
     """The subset whose mean logits have the lowest CE on the target."""
 
     def select(self, batch: SelectionBatch) -> Selection:
-        ces = action_ces(batch.teacher_logits, self.subsets, batch.target)
+        ces = action_ces(batch.logits32, self.subsets, batch.target)
         return Selection(self.subsets[ces.argmin(0)])
 
 
@@ -246,20 +251,21 @@ def policy_logits(policy: nn.Module, kind: str, teacher_logits: torch.Tensor, he
 def _all_action_ces(tea: torch.Tensor, subsets: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
     """``(A, n)`` CE of every action's combined teacher ``sum_m C[a, m] F^m / tau``, written for ``torch.compile`` (no
     ``(A, n, E)`` block is materialised once fused)."""
-    z = (subsets[:, :, None, None] * (tea / tau)[None]).sum(1)
+    z = (subsets[:, :, None, None] * (tea.float() / tau)[None]).sum(1)
     return per_query_ce(z, target)
 
 
 def _all_action_ces_eager(tea: torch.Tensor, subsets: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
     """:func:`_all_action_ces` one ``(n, E)`` block at a time (eager)."""
+    tea = tea.float()
     return action_ces(tea / tau if tau != 1.0 else tea, subsets, target)
 
 
 def _chosen_action_ces(tea: torch.Tensor, weights: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
     """``(2, n)``: the CE of each row's chosen subset ``sum_m w[b, m] F^m / tau`` and of the all-teacher mean."""
-    scaled = tea / tau if tau != 1.0 else tea
-    chosen = per_query_ce(torch.einsum("bm,mbe->be", weights, scaled), target)
-    return torch.stack([chosen, per_query_ce(scaled.mean(0), target)])
+    M = tea.shape[0]
+    chosen = per_query_ce(combine(weights / tau, tea), target)
+    return torch.stack([chosen, per_query_ce(combine(torch.full_like(weights, 1.0 / (M * tau)), tea), target)])
 
 
 @register("rl")
@@ -388,7 +394,7 @@ class MulDESenior(Selector):
     def select(self, batch: SelectionBatch) -> Selection:
         c = self.ctx.config
         assert batch.student_logits is not None
-        scaled = F.softplus(self.scale[batch.relation]).T.unsqueeze(-1) * batch.teacher_logits  # (M, B, E)
+        scaled = F.softplus(self.scale[batch.relation]).T.unsqueeze(-1) * batch.logits32  # (M, B, E)
         ls = F.log_softmax(batch.student_logits / c.tau, -1)
         kl = (F.softmax(scaled / c.tau, -1) * (F.log_softmax(scaled / c.tau, -1) - ls)).sum(-1)  # (M, B)
         attention = torch.softmax(-kl / c.mulde_attention_temperature, 0)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import dsom.models.interaction as interaction
-from dsom.models.products import matmul_scores
+from dsom.models.products import matmul_scores, stacked_scores
 from dsom.models.representations import normal_table, projected_table, xavier_projection
 
 STRUCTURE = "structure"
@@ -146,18 +146,41 @@ class FrozenTeachers:
                   start: int = 0, stop: int | None = None) -> torch.Tensor:
         """``(M, B, stop - start)`` float32 logits of every teacher, one batched product.
 
-        With ``bf16`` products the frozen tables are cast to bf16 once and kept (``M x E x 2d`` more bytes, laid out
-        entity-minor for the product), instead of once per batch; the queries are still formed in float32, so the
-        logits are the same."""
+        With ``bf16`` products the frozen tables are cast to bf16 once and kept (:meth:`_bf16`), instead of once per
+        batch; the queries are still formed in float32, so the logits are the same."""
         if precision != "bf16":
             return interaction.score_all(self.tables, self.relations, head, relation, precision, start, stop)
-        if self._bf16_tables is None or self._bf16_tables.device != self.tables.device:
-            # stored (M, 2d, E): the product below then reads contiguous operands (on the 2-core AMX dev machine a
-            # (1000 x 1000) x (1000 x 12842) bf16 product takes 10.6 ms so against 16.9 ms from an (E, 2d) table)
-            self._bf16_tables = self.tables.transpose(1, 2).to(torch.bfloat16).contiguous().transpose(1, 2)
         query = interaction.complex_query(self.tables[:, head], self.relations[:, relation])
+        tables = self._bf16().transpose(1, 2)  # (M, E, 2d) view of the entity-minor cast
         whole = start == 0 and stop is None
-        return matmul_scores(query, self._bf16_tables if whole else self._bf16_tables[:, start:stop], precision)
+        return matmul_scores(query, tables if whole else tables[:, start:stop], precision)
+
+    @torch.no_grad()
+    def logits(self, head: torch.Tensor, relation: torch.Tensor, precision: str = "fp32",
+               scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``(M, B, E)`` logits for stage 2, in the products' own dtype: float32, or bfloat16 under ``bf16`` (the
+        product's result is bf16-rounded either way, so keeping it bf16 loses nothing and saves a cast of the whole
+        block; consumers upcast inside their fused kernels). ``scale (M,)`` multiplies each teacher's logits, folded
+        into its queries (ComplEx scores are linear in the query): no pass over the block.
+
+        Float32 logits are laid out ``(B, M, E)`` and returned as an ``(M, B, E)`` view, so the paper's policy state
+        ``(B, M * E)`` is a free reshape (:func:`~dsom.models.products.stacked_scores`); bf16 ones are contiguous
+        ``(M, B, E)`` (one batched product), the layout the compiled readers of bf16 run fastest on (the summary
+        state: 24 ms against 41 ms from the ``(B, M, E)`` view on the 2-core AMX dev machine)."""
+        query = interaction.complex_query(self.tables[:, head], self.relations[:, relation])
+        if scale is not None:
+            query = query * scale.to(query.dtype).view(-1, 1, 1)
+        if precision != "bf16":
+            return stacked_scores(query, self.tables, precision)
+        return torch.matmul(query.to(torch.bfloat16), self._bf16())
+
+    def _bf16(self) -> torch.Tensor:
+        """The tables as bf16 product operands ``(M, 2d, E)``, cast once and kept (``M x E x 2d`` more bytes), laid
+        out entity-minor: the product then reads contiguous operands (on the 2-core AMX dev machine a
+        (1000 x 1000) x (1000 x 12842) bf16 product takes 10.6 ms so against 16.9 ms from an (E, 2d) table)."""
+        if self._bf16_tables is None or self._bf16_tables.device != self.tables.device:
+            self._bf16_tables = self.tables.transpose(1, 2).to(torch.bfloat16).contiguous()
+        return self._bf16_tables
 
     def index(self, modality: str) -> int:
         if modality not in self.modalities:

@@ -1,0 +1,134 @@
+"""Stage 2 under bf16 products (issue 12): the frozen teachers' logits stay bfloat16 (the product's own rounding),
+the temperatures are folded into the queries, and every consumer upcasts inside its kernels. Checked against the
+float32 computations on the same values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsom.config import Config, set_value
+from dsom.distill.actions import combine, subset_matrix
+from dsom.distill.policy import Policy, policy_state
+from dsom.models.products import bf16_round
+from dsom.models.teachers import FrozenTeachers
+
+from toy import clustered_graph
+
+
+def _teachers(E=37, R2=6, d2=16, M=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return FrozenTeachers(["structure", "text", "numeric"][:M], torch.randn(M, E, d2, generator=g),
+                          torch.randn(M, R2, d2, generator=g))
+
+
+def test_teacher_logits_fold_the_scale_into_the_queries_in_both_precisions():
+    t = _teachers()
+    h, r = torch.tensor([0, 5, 7, 36, 5]), torch.tensor([1, 0, 5, 2, 1])
+    scale = torch.tensor([0.5, 1.7, 3.0])
+    ref = t.score_all(h, r) * scale.view(-1, 1, 1)  # fp32 logits, then divided by the temperatures
+    out = t.logits(h, r, "fp32", scale)
+    assert out.dtype == torch.float32 and out.shape == (3, 5, 37)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t.logits(h, r, "fp32"), t.score_all(h, r))
+    low = t.logits(h, r, "bf16", scale)
+    assert low.dtype == torch.bfloat16
+    # bf16 operands and result: within bf16 rounding of the fp32 logits (relative 2^-8 per operand and the result)
+    torch.testing.assert_close(low.float(), ref, rtol=3e-2, atol=0.15 * float(ref.abs().mean()))
+    assert not torch.equal(low.float(), ref)  # really rounded
+    # and the same as the (unscaled) bf16 scorer used by evaluation, without the scale
+    torch.testing.assert_close(t.logits(h, r, "bf16").float(), t.score_all(h, r, "bf16"), rtol=1e-2, atol=1e-2)
+    assert policy_state(out).data_ptr() == out.data_ptr()  # the paper's policy state: a view in float32
+    torch.testing.assert_close(policy_state(low), torch.cat(list(low), dim=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_equals_the_weighted_sum_in_float32(dtype):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 6, 11, generator=g).to(dtype)
+    w = torch.rand(6, 3, generator=g)
+    out = combine(w, logits)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.einsum("bm,mbe->be", w, logits.float()))
+    subsets = subset_matrix(3)
+    torch.testing.assert_close(combine(subsets[torch.tensor([6, 0, 3, 2, 6, 5])], logits)[1], logits[0, 1].float())
+
+
+def test_policy_runs_its_first_layer_as_a_bf16_product_on_a_bf16_state():
+    g = torch.Generator().manual_seed(2)
+    pol = Policy(40, 7, hidden=16, generator=g)
+    state = torch.randn(9, 40, generator=g).to(torch.bfloat16)
+    out = pol(state)
+    assert out.dtype == torch.float32
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in pol.parameters()]
+    pol.zero_grad()
+    # reference: the same bf16 values in float32 with bf16-rounded first-layer weights
+    first, act, last = pol.net
+    hidden = bf16_round(state.float() @ bf16_round(first.weight).T + bf16_round(first.bias))
+    ref = last(act(hidden))
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    ref.square().sum().backward()
+    for a, b in zip(grads, [p.grad for p in pol.parameters()]):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+    assert all(float(g_.abs().sum()) > 0 for g_ in grads)
+
+
+def _student(tmp_path, state, selector="rl", temps=(0.7, 1.3, 2.0)):
+    from dsom.train.student import StudentTrainer
+
+    ds = clustered_graph(num_entities=40)
+    cfg = Config()
+    for k, v in {"model.rank": 8, "train.batch_size": 64, "train.precision": "fp32", "train.seed": 5,
+                 "distill.selector": selector, "distill.policy_hidden": 8, "distill.policy_state": state}.items():
+        set_value(cfg, k, v)
+    g = torch.Generator().manual_seed(0)
+    frozen = FrozenTeachers(["structure", "text", "numeric"], torch.randn(3, ds.num_entities, 16, generator=g),
+                            torch.randn(3, 2 * ds.num_relations, 16, generator=g))
+    return StudentTrainer(ds, cfg, tmp_path, frozen, progress=False, temperatures=torch.tensor(temps))
+
+
+@pytest.mark.parametrize("selector,state", [("rl", "summary"), ("rl", "logits"), ("avg", "summary"),
+                                            ("best_strategy", "summary"), ("conf", "summary"), ("mulde", "summary")])
+def test_bf16_teacher_logits_give_the_losses_of_their_float32_copy(tmp_path, monkeypatch, selector, state):
+    """A stage-2 step on bf16 teacher logits equals the same step on those logits upcast to float32 first (the
+    path before): losses and student gradients to float32 rounding; the paper's policy (its first layer then a
+    bf16 product) to bf16 rounding."""
+    st = _student(tmp_path, state, selector)
+    d = st.model
+    batch = st.train_queries[:50]
+    nb = st._neighbour_mask(batch, batch)
+    rows = torch.zeros(50, dtype=torch.bool)
+    rows[::3] = True
+    real = d.teachers.logits
+    seen = []
+
+    def run(upcast):
+        def logits(*a, **k):
+            out = real(*a, **k)
+            seen.append(out.dtype)
+            return out.float() if upcast else out
+        monkeypatch.setattr(d.teachers, "logits", logits)
+        d.zero_grad(set_to_none=True)
+        losses, stats = d(batch, nb, precision="bf16", reward_rows=rows, generator=torch.Generator().manual_seed(3))
+        sum(losses.values()).backward()
+        return ({k: v.detach() for k, v in losses.items()},
+                {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}, stats)
+
+    (l1, g1, s1), (l2, g2, s2) = run(False), run(True)
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert set(l1) == set(l2) and "kd" in l1
+    loose = state == "logits"  # the policy's first layer: a bf16 product against a float32 one
+    for k in l1:
+        if k == "rc" and loose:
+            torch.testing.assert_close(l1[k], l2[k], rtol=5e-2, atol=5e-2)
+        else:
+            torch.testing.assert_close(l1[k], l2[k], rtol=1e-5, atol=1e-6)
+    for k in g1:
+        if k.startswith("selector.policy") and loose:  # bf16 rounding of the first layer's operands (a hidden
+            # unit near 0 may switch its ReLU), as a whole: a wrong weight or state would be off by ~100%
+            assert float((g1[k] - g2[k]).norm()) < 0.15 * float(g2[k].norm())
+        else:
+            torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6)
+    if "actions" in s1 and not loose:
+        assert torch.equal(s1["actions"], s2["actions"])
