@@ -159,11 +159,15 @@ def test_pair_batched_training_learns_and_resumes_bit_identically(tmp_path):
     assert epochs == list(range(1, 7))
 
 
-@pytest.mark.parametrize("selector", ["avg", "rl"])
-def test_stage_two_scores_each_pair_once_with_the_same_losses_and_gradients(tmp_path, selector):
+@pytest.mark.parametrize("selector,extra", [("avg", {}), ("rl", {}), ("rl", {"distill.policy_state": "logits"}),
+                                            ("rl", {"distill.kd": "dkd"}), ("best_teacher", {}), ("mulde", {}),
+                                            ("single:text", {"distill.kd": "vanilla"})])
+def test_stage_two_scores_each_pair_once_with_the_same_losses_and_gradients(tmp_path, selector, extra):
     """train.batching=pairs in stage 2: the student and the teachers score each distinct (entity, relation) pair of
-    the batch once and every query reads its pair's row. On the same queries, losses (CE, NDKD, the policy's RC) and
-    every gradient equal those of scoring each query on its own; the policy still samples one action per query."""
+    the batch once, the policy reads each pair's state once, the CE uses each pair's log-sum-exp and NDKD runs once per
+    distinct (pair, teacher weights) (losses that read the target, and MulDE, per query). On the same queries, losses
+    (CE, KD, the policy's RC) and every gradient equal those of scoring each query on its own; the policy still samples
+    one action per query."""
     from dsom.models.teachers import FrozenTeachers
     from dsom.train.loop import group_pairs
     from dsom.train.student import StudentTrainer
@@ -173,7 +177,7 @@ def test_stage_two_scores_each_pair_once_with_the_same_losses_and_gradients(tmp_
     frozen = FrozenTeachers(["structure", "text"], torch.randn(2, ds.num_entities, 16, generator=g),
                             torch.randn(2, 2 * ds.num_relations, 16, generator=g))
     cfg = _cfg(**{"train.batching": "pairs", "distill.selector": selector, "distill.policy_hidden": 8,
-                  "train.precision": "fp32"})
+                  "train.precision": "fp32", **extra})
     st = StudentTrainer(ds, cfg, tmp_path, frozen, progress=False)
     assert st.batching == "pairs"
     order, offsets = st.epoch_batches(1)
@@ -181,16 +185,19 @@ def test_stage_two_scores_each_pair_once_with_the_same_losses_and_gradients(tmp_
     ph, pr, rows = group_pairs(batch)
     assert len(ph) < len(batch)  # the batch really repeats pairs
     nb = st._neighbour_mask(batch, batch)
+    nb_pairs = st._neighbour_mask(batch, batch, pairs=(ph, pr, rows))
+    assert nb_pairs.shape == (len(ph), ds.num_entities) and torch.equal(nb_pairs[rows], nb)  # one row per pair
     out = {}
     for mode in ("triples", "pairs"):
         st.model.zero_grad(set_to_none=True)
-        losses, stats = st.model(batch, nb, precision="fp32", generator=torch.Generator().manual_seed(3),
+        losses, stats = st.model(batch, nb if mode == "triples" else nb_pairs, precision="fp32",
+                                 generator=torch.Generator().manual_seed(3),
                                  pairs=(ph, pr, rows) if mode == "pairs" else None)
         sum(losses.values()).backward()
         out[mode] = ({k: v.detach() for k, v in losses.items()},
                      {n: p.grad.clone() for n, p in st.model.named_parameters() if p.grad is not None}, stats)
     (l1, g1, s1), (l2, g2, s2) = out["triples"], out["pairs"]
-    assert set(l1) == set(l2) and ("rc" in l1) == (selector == "rl")
+    assert set(l1) == set(l2) and ("rc" in l1) == (selector == "rl") and "kd" in l1
     for k in l1:
         torch.testing.assert_close(l2[k], l1[k], rtol=1e-5, atol=1e-6)
     assert set(g1) == set(g2) and g1

@@ -23,7 +23,7 @@ from torch import nn
 
 from dsom.config import DistillConfig
 from dsom.distill.actions import combine, full_action
-from dsom.distill.kd import NO_KD, kd_loss
+from dsom.distill.kd import KD_LOSSES, NO_KD, kd_loss
 from dsom.distill.losses import per_query_ce
 from dsom.distill.selectors import (
     SELECTORS,
@@ -53,11 +53,12 @@ def kd_rows(teacher: torch.Tensor, student: torch.Tensor, target: torch.Tensor, 
 
 def step_terms(student: torch.Tensor, teacher_logits: torch.Tensor | None, weights: torch.Tensor | None,
                target: torch.Tensor, neighbours: torch.Tensor | None, cfg: DistillConfig, kd: bool,
-               teacher: torch.Tensor | None = None, kd_kind: str | None = None) -> dict[str, torch.Tensor]:
+               teacher: torch.Tensor | None = None, kd_kind: str | None = None,
+               ce: bool = True) -> dict[str, torch.Tensor]:
     """The element-wise part of a stage-2 step after the matrix products (one function so ``torch.compile``
-    can fuse it): per-query student CE, the combined teacher ``sum_m w_m F^m`` (unless ``teacher`` is given)
-    and the distillation loss. ``(B,)`` tensors keyed ``ce`` and ``kd``."""
-    out = {"ce": per_query_ce(student, target)}
+    can fuse it): per-query student CE (unless ``ce`` is off), the combined teacher ``sum_m w_m F^m`` (unless
+    ``teacher`` is given) and the distillation loss. ``(B,)`` tensors keyed ``ce`` and ``kd``."""
+    out = {"ce": per_query_ce(student, target)} if ce else {}
     if kd:
         if teacher is None:
             teacher = combine(weights, teacher_logits)
@@ -65,10 +66,19 @@ def step_terms(student: torch.Tensor, teacher_logits: torch.Tensor | None, weigh
     return out
 
 
-def scaled_ce(logits: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
+def scaled_ce(logits: torch.Tensor, target: torch.Tensor, tau: float, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Per-query cross-entropy ``(B,)`` of ``logits / tau`` (the student's CE the reward compares with; one function so
-    ``torch.compile`` fuses its ``B x E`` passes)."""
-    return per_query_ce(logits / tau, target)
+    ``torch.compile`` fuses its ``B x E`` passes); ``rows``: logits per pair (:func:`per_query_ce`)."""
+    return per_query_ce(logits / tau, target, rows)
+
+
+def pair_kd_rows(rows: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct (pair, teacher weights) of a pair batch: their pairs ``(U,)``, weights ``(U, M)`` and the one of
+    each query ``(B,)``. A neighbour-decoupled KD term depends on nothing else (the neighbour set is the pair's known
+    answers, which hold every target), so it is computed once per distinct row."""
+    key = torch.cat([rows.unsqueeze(1).to(weights.dtype), weights], 1)  # pair ids < 2^24: exact in float32
+    uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+    return uniq[:, 0].long(), uniq[:, 1:], inverse
 
 
 class Distiller(nn.Module):
@@ -129,45 +139,58 @@ class Distiller(nn.Module):
                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Losses and step statistics for reciprocal queries ``(B, 3)``; ``neighbours (B, E)`` bool holds each
+        """Losses and step statistics for reciprocal queries ``(B, 3)``; ``neighbours (B, E)`` bool (``(P, E)``, one
+        row per pair, with ``pairs``) holds each
         query's training answers (target included); ``reward_rows (B,)`` bool marks the queries whose triples
         the teachers never trained on (the only ones the policy is rewarded on; ``None`` = all). ``draw_rows``
         and ``reduce``: under torchrun, which rows of the global batch these are and a sum over processes
         (:class:`~dsom.distill.selectors.SelectionBatch`); the policy's ``rc`` then is this process's part of the
         whole batch's loss, every other loss the mean over this process's rows. ``pairs = (heads (P,), relations (P,),
         pair of each query (B,))``: the batch's distinct (entity, relation) pairs (``train.batching=pairs``); the
-        student and the teachers then score each pair once and every query reads its pair's row, which gives the
-        same per-query losses with fewer products."""
+        student and the teachers score each pair once, the policy reads each pair's state once, the CE uses each
+        pair's log-sum-exp and a neighbour-decoupled KD term is computed once per distinct (pair, teacher weights):
+        the same per-query losses with fewer products and fewer passes over score blocks."""
         cfg = self.cfg
         h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
         qh, qr, rows = (h, r, None) if pairs is None else pairs
         # the query heads' and the targets' rows in one gather (one dense gradient for the table, not three)
         ent = self.student.entity[torch.cat([qh, t])]
         heads, tails, rels = ent[:len(qh)], ent[len(qh):], self.student.relation[qr]
-        student = matmul_scores(complex_query(heads, rels), self.student.entity, precision)
-        if rows is not None:
-            student = student[rows]
+        student = matmul_scores(complex_query(heads, rels), self.student.entity, precision)  # (B or P, E)
         losses: dict[str, torch.Tensor] = {}
+        # (the penalty reads only the factor rows, not the CE field)
         pen = fused_penalty(ComplExCE(student, heads[None], rels[None], tails[None]), rows, regularizer, reg, len(t),
                             self._row_ops)
         if pen is not None:  # = regularizer(regularizer, self.student.factors(h, r, t), reg)
             losses["reg"] = pen
         sel = self.selector
         if sel is None:
-            losses["ce"] = per_query_ce(student, t).mean()
+            losses["ce"] = per_query_ce(student, t, rows).mean()
             return losses, {}
         gamma = cfg.gamma if kd_weight is None else kd_weight
-        tea_all = (self.teacher_scores(h, r, precision) if pairs is None
-                   else self.teacher_scores(pairs[0], pairs[1], precision)[:, pairs[2]])
+        tea_all = self.teacher_scores(qh, qr, precision)  # (M, B or P, E)
         detached = student.detach()
         choice = sel(SelectionBatch(tea_all, h, r, t,
-                                    student_ce=self._scaled_ce(detached, t, cfg.reward_tau) if sel.needs_student else None,
+                                    student_ce=(self._scaled_ce(detached, t, cfg.reward_tau, rows)
+                                                if sel.needs_student else None),
                                     student_logits=detached if sel.needs_student else None,
                                     reward_rows=reward_rows, generator=generator, draw_rows=draw_rows,
-                                    reduce=reduce))
+                                    reduce=reduce, pair_of=rows))
         kind = sel.kd_override or cfg.kd
         use_kd = kind != NO_KD and gamma > 0
-        terms = self._step_terms(student, tea_all, choice.weights, t, neighbours, cfg, use_kd, choice.teacher, kind)
+        if rows is None:
+            terms = self._step_terms(student, tea_all, choice.weights, t, neighbours, cfg, use_kd, choice.teacher,
+                                     kind)
+        elif use_kd and choice.teacher is None and KD_LOSSES[kind].needs_neighbours:
+            # pair batches: CE from each pair's log-sum-exp; KD once per distinct (pair, teacher weights)
+            u_pair, u_weights, inverse = pair_kd_rows(rows, choice.weights)
+            kd = self._step_terms(student[u_pair], tea_all[:, u_pair], u_weights, t[:0], neighbours[u_pair], cfg,
+                                  True, None, kind, ce=False)["kd"]
+            terms = {"ce": self._scaled_ce(student, t, 1.0, rows), "kd": kd[inverse]}
+        else:  # a loss that reads the target, or MulDE's own teacher: per query
+            nb = None if neighbours is None else neighbours[rows]
+            terms = self._step_terms(student[rows], tea_all[:, rows], choice.weights, t, nb, cfg, use_kd,
+                                     choice.teacher, kind)
         losses["ce"] = terms["ce"].mean()
         if use_kd:
             losses["kd"] = gamma * terms["kd"].mean()

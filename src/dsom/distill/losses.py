@@ -20,9 +20,12 @@ import torch
 from dsom.numerics import floor_exp, logsumexp, split_logsumexp
 
 
-def per_query_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def per_query_ce(logits: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy ``(..., B)`` of ``(..., B, E)`` logits against ``target (B,)``, as ``logsumexp - target logit``
-    (no log-softmax copy of the block)."""
+    (no log-softmax copy of the block). With ``rows (B,)`` the logits are one row per (entity, relation) pair,
+    ``(..., P, E)``, and query ``b`` reads row ``rows[b]``: each pair's log-sum-exp is computed once."""
+    if rows is not None:
+        return logsumexp(logits, -1)[..., rows] - logits[..., rows, target]
     idx = target.view(*([1] * (logits.dim() - 2)), -1, 1).expand(*logits.shape[:-1], 1)
     return logsumexp(logits, -1) - logits.gather(-1, idx).squeeze(-1)
 

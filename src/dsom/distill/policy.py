@@ -120,15 +120,19 @@ class Policy(nn.Module):
                     layer.weight.uniform_(-bound, bound, generator=generator)
                     layer.bias.uniform_(-bound, bound, generator=generator)
 
-    def forward(self, state: torch.Tensor) -> torch.Tensor:
+    def forward(self, state: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Action logits ``(B, A)``, float32. A bfloat16 ``state`` (teacher logits from bf16 products) runs the first
         layer as a bf16 product (its ``M * E * hidden`` weights cast per step, gradients flowing back to the float32
-        weights; the largest product of a stage-2 step under the paper's state); the rest stays float32."""
+        weights; the largest product of a stage-2 step under the paper's state); the rest stays float32. ``rows
+        (B,)``: the states are one per pair, ``(P, S)``; the first layer runs once per pair and query ``b`` reads row
+        ``rows[b]`` of it."""
         first, act, last = self.net
         if state.dtype == torch.bfloat16:
             hidden = F.linear(state, first.weight.to(torch.bfloat16), first.bias.to(torch.bfloat16)).float()
         else:
             hidden = first(state)
+        if rows is not None:
+            hidden = hidden[rows]
         return last(act(hidden))
 
 
@@ -167,10 +171,12 @@ class SummaryPolicy(nn.Module):
                     emb.weight.normal_(0.0, 0.1, generator=generator)
 
     def forward(self, teacher_logits: torch.Tensor, head: torch.Tensor, relation: torch.Tensor,
-                target: torch.Tensor | None = None) -> torch.Tensor:
+                target: torch.Tensor | None = None, pair_of: torch.Tensor | None = None) -> torch.Tensor:
         """Action logits ``(B, A)`` from ``(M, B, E)`` teacher logits, the queries' entity and relation and (for
-        ``stats_of="query+target"``) their target."""
-        parts = [summary_features(teacher_logits, self.compile)]
+        ``stats_of="query+target"``) their target; ``pair_of (B,)``: the logits are ``(M, P, E)``, one row per pair,
+        whose statistics are computed once."""
+        feats = summary_features(teacher_logits, self.compile)
+        parts = [feats if pair_of is None else feats[pair_of]]
         if self.relation is not None:
             parts.append(self.relation(relation))
         if self.entity is not None:

@@ -64,7 +64,9 @@ class SelectionBatch:
     """One batch as a selector sees it. ``teacher_logits`` are the (calibrated) frozen teachers' ``(M, B, E)``
     logits; ``student_ce`` the current student's detached CE ``(B,)`` (selectors with ``needs_student``);
     ``reward_rows`` marks the queries the teachers never trained on (``None`` = every row); ``student_logits``
-    the detached student logits (MulDE only).
+    the detached student logits (MulDE only). Under pair batching ``teacher_logits`` and ``student_logits`` hold one
+    row per (entity, relation) pair and ``pair_of`` maps each query to its row (the policy's state is a function of
+    the pair).
 
     Under torchrun a process holds only its share of the global batch: ``draw_rows = (start, stop, size)`` says
     which rows of a batch of ``size`` these are (the random draws of the whole batch are made and sliced, so the
@@ -81,11 +83,20 @@ class SelectionBatch:
     generator: torch.Generator | None = None
     draw_rows: tuple[int, int, int] | None = None
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    pair_of: torch.Tensor | None = None  # (B,): teacher_logits are (M, P, E), one row per pair; query b reads pair_of[b]
 
     @property
     def logits32(self) -> torch.Tensor:
-        """The teacher logits as float32 (a copy only when they are bfloat16), for the eager heuristics."""
-        return self.teacher_logits.float()
+        """Every query's teacher logits ``(M, B, E)`` as float32 (a copy where they are bfloat16 or per pair), for the
+        eager heuristics."""
+        tea = self.teacher_logits if self.pair_of is None else self.teacher_logits[:, self.pair_of]
+        return tea.float()
+
+    def query_logits(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher logits of queries ``idx`` (``None`` = all) in their own dtype, ``(M, n, E)``."""
+        if self.pair_of is not None:
+            return self.teacher_logits[:, self.pair_of if idx is None else self.pair_of[idx]]
+        return self.teacher_logits if idx is None else self.teacher_logits[:, idx]
 
 
 def sample_actions(probs: torch.Tensor, generator: torch.Generator | None = None,
@@ -185,7 +196,7 @@ class AllTeachers(Selector):
     chooses = False
 
     def select(self, batch: SelectionBatch) -> Selection:
-        M, B = batch.teacher_logits.shape[:2]
+        M, B = batch.teacher_logits.shape[0], len(batch.target)
         return Selection(torch.full((B, M), 1.0 / M, device=batch.teacher_logits.device))
 
 
@@ -198,7 +209,7 @@ class SingleTeacher(Selector):
         self.index = ctx.modalities.index(arg)
 
     def select(self, batch: SelectionBatch) -> Selection:
-        M, B = batch.teacher_logits.shape[:2]
+        M, B = batch.teacher_logits.shape[0], len(batch.target)
         return Selection(_one_hot(torch.full((B,), self.index, device=batch.target.device), M))
 
 
@@ -241,11 +252,13 @@ def build_policy(ctx: SelectorContext) -> nn.Module:
 
 
 def policy_logits(policy: nn.Module, kind: str, teacher_logits: torch.Tensor, head: torch.Tensor,
-                  relation: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-    """Action logits ``(B, A)`` of either policy network."""
+                  relation: torch.Tensor, target: torch.Tensor | None = None,
+                  pair_of: torch.Tensor | None = None) -> torch.Tensor:
+    """Action logits ``(B, A)`` of either policy network; ``pair_of``: the logits are per pair (the state of each pair
+    is read once)."""
     if isinstance(policy, SummaryPolicy):
-        return policy(teacher_logits, head, relation, target)
-    return policy(policy_state(teacher_logits, kind))
+        return policy(teacher_logits, head, relation, target, pair_of)
+    return policy(policy_state(teacher_logits, kind), pair_of)
 
 
 def _all_action_ces(tea: torch.Tensor, subsets: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
@@ -286,7 +299,7 @@ class PolicySelector(Selector):
 
     def action_logits(self, batch: SelectionBatch) -> torch.Tensor:
         return policy_logits(self.policy, self.ctx.config.policy_state, batch.teacher_logits, batch.head,
-                             batch.relation, batch.target)
+                             batch.relation, batch.target, batch.pair_of)
 
     @torch.no_grad()
     def greedy(self, teacher_logits: torch.Tensor, head: torch.Tensor, relation: torch.Tensor,
@@ -330,7 +343,7 @@ class PolicySelector(Selector):
             return x.mean() if red is None else x.sum() / total
 
         every = batch.reward_rows is None  # idx = every row: no (M, n, E) copy
-        tea = batch.teacher_logits if every else batch.teacher_logits[:, idx]
+        tea = batch.query_logits(None if every else idx)
         target = batch.target if every else batch.target[idx]
         a = actions[idx]
         student_ce = (batch.student_ce[idx] if batch.student_ce is not None
@@ -395,7 +408,8 @@ class MulDESenior(Selector):
         c = self.ctx.config
         assert batch.student_logits is not None
         scaled = F.softplus(self.scale[batch.relation]).T.unsqueeze(-1) * batch.logits32  # (M, B, E)
-        ls = F.log_softmax(batch.student_logits / c.tau, -1)
+        student = batch.student_logits if batch.pair_of is None else batch.student_logits[batch.pair_of]
+        ls = F.log_softmax(student / c.tau, -1)
         kl = (F.softmax(scaled / c.tau, -1) * (F.log_softmax(scaled / c.tau, -1) - ls)).sum(-1)  # (M, B)
         attention = torch.softmax(-kl / c.mulde_attention_temperature, 0)
         senior = (attention.unsqueeze(-1) * scaled).sum(0)

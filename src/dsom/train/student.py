@@ -178,23 +178,28 @@ class StudentTrainer(Trainer):
                 "teachers": self.teachers.modalities, "selector": self.cfg.distill.selector, "kd": self.cfg.distill.kd}
 
     def _neighbour_mask(self, batch: torch.Tensor, batch_cpu: torch.Tensor | None = None,
-                        host_lookup: bool | None = None) -> torch.Tensor:
-        """``(B, E)`` bool mask of each query's training answers and its target, on the batch's device.
+                        host_lookup: bool | None = None,
+                        pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``(B, E)`` bool mask of each query's training answers and its target, on the batch's device; with
+        ``pairs`` (:func:`~dsom.train.loop.group_pairs` of the batch) ``(P, E)``, one row per pair (its answers and
+        all its queries' targets).
 
         The CSR lookup has a data-dependent size; on a GPU it runs on the host copy of the batch and only the
         (row, column) pairs are copied over asynchronously, so the step never waits for the device."""
-        e, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
-        mask = torch.zeros(len(batch), self.ds.num_entities, dtype=torch.bool, device=batch.device)
+        t = batch[:, 2]
+        e, r, of = (batch[:, 0], batch[:, 1], None) if pairs is None else pairs
+        mask = torch.zeros(len(e), self.ds.num_entities, dtype=torch.bool, device=batch.device)
         if host_lookup is None:
             host_lookup = batch.device.type != "cpu" and batch_cpu is not None
         if host_lookup:
             assert batch_cpu is not None
-            rows, cols = self.neighbours_cpu.pairs(batch_cpu[:, 0], batch_cpu[:, 1])
+            he, hr = ((batch_cpu[:, 0], batch_cpu[:, 1]) if pairs is None else group_pairs(batch_cpu)[:2])
+            rows, cols = self.neighbours_cpu.pairs(he, hr)
             rows, cols = _async_to(rows, batch.device), _async_to(cols, batch.device)
         else:
             rows, cols = self.neighbours.pairs(e, r)
         mask[rows, cols] = True
-        mask[torch.arange(len(batch), device=batch.device), t] = True
+        mask[torch.arange(len(batch), device=batch.device) if of is None else of, t] = True
         return mask
 
     def loss(self, batch: torch.Tensor) -> StepLoss:
@@ -214,12 +219,13 @@ class StudentTrainer(Trainer):
         share = self.share  # under torchrun: this process's rows of the batch
         if share is not None and share.weight == 0:  # a stand-in row: rewarded nowhere
             rows = torch.zeros(len(batch), dtype=torch.bool, device=batch.device)
-        losses, stats = self.model(batch, self._neighbour_mask(batch, batch_cpu) if needs_mask else None,
+        pairs = group_pairs(batch) if self.batching == "pairs" else None
+        losses, stats = self.model(batch, self._neighbour_mask(batch, batch_cpu, pairs=pairs) if needs_mask else None,
                                    precision=self.precision, regularizer=tr.regularizer, reg=tr.reg,
                                    kd_weight=kd_weight, generator=gen, reward_rows=rows,
                                    draw_rows=share.draw_rows if share is not None else None,
                                    reduce=distributed.sum_ if share is not None else None,
-                                   pairs=group_pairs(batch) if self.batching == "pairs" else None)
+                                   pairs=pairs)
         self._stats = stats
         return StepLoss(losses)
 
