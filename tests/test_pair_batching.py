@@ -207,3 +207,22 @@ def test_stage_two_scores_each_pair_once_with_the_same_losses_and_gradients(tmp_
         assert torch.equal(s1["actions"], s2["actions"])
     state = st.fit()  # the trainer's own path: pair batches through group_pairs, to the end
     assert state.epoch == 4 and all(math.isfinite(v["value"]) for v in state.history)
+
+
+def test_pair_kd_rows_are_the_distinct_pair_weight_rows_and_rebuild_every_query():
+    from dsom.distill.actions import subset_matrix
+    from dsom.distill.distiller import pair_kd_rows
+
+    subsets = subset_matrix(3)
+    rows = torch.tensor([2, 0, 2, 1, 0, 2, 3])
+    actions = torch.tensor([6, 6, 6, 0, 3, 1, 6])
+    u_pair, u_w, inverse = pair_kd_rows(rows, subsets[actions])
+    # brute force: the set of distinct (pair, action)
+    distinct = sorted({(p, a) for p, a in zip(rows.tolist(), actions.tolist())})
+    assert len(u_pair) == len(distinct) == 6
+    assert torch.equal(u_pair[inverse], rows) and torch.equal(u_w[inverse], subsets[actions])
+    assert u_pair.tolist() == sorted(u_pair.tolist())
+    # one weight row per pair: the distinct rows are the pairs 0..P-1 in order (the no-gather case)
+    same = subsets[torch.tensor([6, 0, 6, 2, 0, 6, 1])]
+    u_pair, _, inverse = pair_kd_rows(rows, same)
+    assert u_pair.tolist() == [0, 1, 2, 3] and torch.equal(inverse, rows)

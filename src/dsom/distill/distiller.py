@@ -184,8 +184,12 @@ class Distiller(nn.Module):
         elif use_kd and choice.teacher is None and KD_LOSSES[kind].needs_neighbours:
             # pair batches: CE from each pair's log-sum-exp; KD once per distinct (pair, teacher weights)
             u_pair, u_weights, inverse = pair_kd_rows(rows, choice.weights)
-            kd = self._step_terms(student[u_pair], tea_all[:, u_pair], u_weights, t[:0], neighbours[u_pair], cfg,
-                                  True, None, kind, ce=False)["kd"]
+            if len(u_pair) == len(qh):  # one weight row per pair: u_pair is 0..P-1 (sorted), no gathers
+                kd = self._step_terms(student, tea_all, u_weights, t[:0], neighbours, cfg, True, None, kind,
+                                      ce=False)["kd"]
+            else:
+                kd = self._step_terms(student[u_pair], tea_all[:, u_pair], u_weights, t[:0], neighbours[u_pair], cfg,
+                                      True, None, kind, ce=False)["kd"]
             terms = {"ce": self._scaled_ce(student, t, 1.0, rows), "kd": kd[inverse]}
         else:  # a loss that reads the target, or MulDE's own teacher: per query
             nb = None if neighbours is None else neighbours[rows]
