@@ -72,6 +72,15 @@ def scaled_ce(logits: torch.Tensor, target: torch.Tensor, tau: float, rows: torc
     return per_query_ce(logits / tau, target, rows)
 
 
+def gathered_kd(student: torch.Tensor, teacher_logits: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                neighbours: torch.Tensor, cfg: DistillConfig, kd_kind: str) -> torch.Tensor:
+    """``(U,)`` distillation loss of the rows ``index (U,)`` of per-pair logits (student ``(P, E)``, teachers
+    ``(M, P, E)``, neighbours ``(P, E)``), with ``weights (U, M)``: the rows are gathered inside the function, so
+    under ``torch.compile`` they are read in place (a DB15K pair step: 113 -> 75 ms forward, 98 -> 89 ms backward)."""
+    return step_terms(student[index], teacher_logits[:, index], weights, index[:0], neighbours[index], cfg, True, None,
+                      kd_kind, ce=False)["kd"]
+
+
 def pair_kd_rows(rows: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The distinct (pair, teacher weights) of a pair batch: their pairs ``(U,)``, weights ``(U, M)`` and the one of
     each query ``(B,)``. A neighbour-decoupled KD term depends on nothing else (the neighbour set is the pair's known
@@ -97,6 +106,7 @@ class Distiller(nn.Module):
                  temperatures: torch.Tensor | None = None, entity_stats: torch.Tensor | None = None) -> None:
         super().__init__()
         self._step_terms = MaybeCompiled(step_terms, compile)
+        self._gathered_kd = MaybeCompiled(gathered_kd, compile)
         self._scaled_ce = MaybeCompiled(scaled_ce, compile)
         self._row_ops = CETails(compile)  # the student's N3 penalty: closed form, compiled
         self.cfg = config
@@ -188,8 +198,7 @@ class Distiller(nn.Module):
                 kd = self._step_terms(student, tea_all, u_weights, t[:0], neighbours, cfg, True, None, kind,
                                       ce=False)["kd"]
             else:
-                kd = self._step_terms(student[u_pair], tea_all[:, u_pair], u_weights, t[:0], neighbours[u_pair], cfg,
-                                      True, None, kind, ce=False)["kd"]
+                kd = self._gathered_kd(student, tea_all, u_pair, u_weights, neighbours, cfg, kind)
             terms = {"ce": self._scaled_ce(student, t, 1.0, rows), "kd": kd[inverse]}
         else:  # a loss that reads the target, or MulDE's own teacher: per query
             nb = None if neighbours is None else neighbours[rows]
