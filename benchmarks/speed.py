@@ -269,12 +269,12 @@ def phase_dsom_distill(ds: KGDataset, args: argparse.Namespace, device: torch.de
         return 2 * rows * two_d * E * M + 3 * 2 * rows * two_d * E
 
     # layer 1 forward + weight gradient, once per score row (per pair under pair batching: the state is the pair's)
-    rows = score_rows(tr)
-    policy = 2 * 2 * rows * M * E * H if args.policy_state != "summary" else 0
+    n_rows = score_rows(tr)
+    policy = 2 * 2 * n_rows * M * E * H if args.policy_state != "summary" else 0
     dedup_policy = 2 * 2 * args.pairs * M * E * H if args.policy_state != "summary" else 0
     return {"epoch_s": seconds / timed * n_epoch, "batches_timed": timed, "batches_per_epoch": n_epoch,
-            "queries_per_s": N / (seconds / timed * n_epoch), "flop_per_epoch": scoring(rows) + policy,
-            "score_rows_per_epoch": rows, "dedup_flop_per_epoch": scoring(args.pairs) + dedup_policy,
+            "queries_per_s": N / (seconds / timed * n_epoch), "flop_per_epoch": scoring(n_rows) + policy,
+            "score_rows_per_epoch": n_rows, "dedup_flop_per_epoch": scoring(args.pairs) + dedup_policy,
             "policy_flop_per_epoch": policy, "teachers": M, "policy_hidden": H, "policy_state": args.policy_state,
             "rewards": args.rewards, "reward_rows_fraction": 1.0 if rows is None else float(rows.float().mean()),
             "temperatures": None if temps is None else temps.tolist(),
