@@ -1,0 +1,35 @@
+"""The benchmark scripts run end to end on the synthetic graph (their numbers are not checked here; their plumbing is:
+a phase that crashes reports nothing)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SPEED = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+
+
+def _speed():
+    spec = importlib.util.spec_from_file_location("dsom_bench_speed", SPEED)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("batching,state,rewards", [("triples", "summary", "all"), ("pairs", "logits", "holdout")])
+def test_speed_benchmark_stage_phases_run_and_report(tmp_path, batching, state, rewards):
+    out = tmp_path / "speed.json"
+    res = _speed().main(["synthetic", "--rank", "8", "--batches", "2", "--batching", batching, "--policy-state", state,
+                         "--rewards", rewards, "--skip", "pykeen,eval", "--profile-steps", "1", "--precision", "fp32",
+                         "--json", str(out)])
+    saved = json.loads(out.read_text())
+    for phase in ("dsom_complex", "dsom_teachers", "dsom_distill"):
+        assert res[phase]["epoch_s"] > 0 and saved[phase]["batching"] == batching
+    d = saved["dsom_distill"]
+    assert d["rewards"] == rewards and (d["temperatures"] is None) == (rewards == "all")
+    assert (d["reward_rows_fraction"] < 0.5) == (rewards == "holdout")
+    assert (d["policy_flop_per_epoch"] > 0) == (state == "logits")
+    assert d["score_rows_per_epoch"] <= d["batches_per_epoch"] * 10**6 and d["profile"]["step_s"] > 0
