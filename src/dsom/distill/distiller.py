@@ -191,7 +191,7 @@ class Distiller(nn.Module):
         if rows is None:
             terms = self._step_terms(student, tea_all, choice.weights, t, neighbours, cfg, use_kd, choice.teacher,
                                      kind)
-        elif use_kd and choice.teacher is None and KD_LOSSES[kind].needs_neighbours:
+        elif use_kd and choice.teacher is None and KD_LOSSES[kind].needs_neighbours and neighbours is not None:
             # pair batches: CE from each pair's log-sum-exp; KD once per distinct (pair, teacher weights)
             u_pair, u_weights, inverse = pair_kd_rows(rows, choice.weights)
             if len(u_pair) == len(qh):  # one weight row per pair: u_pair is 0..P-1 (sorted), no gathers
