@@ -255,11 +255,11 @@ def phase_dsom_distill(ds: KGDataset, args: argparse.Namespace, device: torch.de
     E, R2, two_d = ds.num_entities, 2 * ds.num_relations, 2 * args.rank
     frozen = FrozenTeachers(args.modalities.split(","), torch.randn(M, E, two_d, generator=g) * 0.1,
                             torch.randn(M, R2, two_d, generator=g) * 0.1)
-    rows = temps = None
+    rewarded = temps = None
     if args.rewards == "holdout":  # dsom's defaults: rewards on the held-out triples only, calibrated teachers
-        rows = reward_rows(ds, cfg.distill.holdout, cfg.distill.holdout_seed)
+        rewarded = reward_rows(ds, cfg.distill.holdout, cfg.distill.holdout_seed)
         temps = torch.tensor(CALIBRATION[:M] + [1.0] * max(M - len(CALIBRATION), 0))
-    tr = StudentTrainer(ds, cfg, tmp, frozen, progress=False, reward_rows=rows, temperatures=temps)
+    tr = StudentTrainer(ds, cfg, tmp, frozen, progress=False, reward_rows=rewarded, temperatures=temps)
     tr.tracker.log = lambda record: None  # type: ignore[method-assign]  # no per-step file writes in the timing
     seconds, timed, prof = time_trainer_steps(tr, args.batches, device, args.profile_steps)
     n_epoch = len(tr.epoch_batches(1)[1]) - 1
@@ -276,7 +276,7 @@ def phase_dsom_distill(ds: KGDataset, args: argparse.Namespace, device: torch.de
             "queries_per_s": N / (seconds / timed * n_epoch), "flop_per_epoch": scoring(n_rows) + policy,
             "score_rows_per_epoch": n_rows, "dedup_flop_per_epoch": scoring(args.pairs) + dedup_policy,
             "policy_flop_per_epoch": policy, "teachers": M, "policy_hidden": H, "policy_state": args.policy_state,
-            "rewards": args.rewards, "reward_rows_fraction": 1.0 if rows is None else float(rows.float().mean()),
+            "rewards": args.rewards, "reward_rows_fraction": 1.0 if rewarded is None else float(rewarded.float().mean()),
             "temperatures": None if temps is None else temps.tolist(),
             "precision": tr.precision, "batching": tr.batching, "profile": prof}
 

@@ -89,8 +89,7 @@ class SelectionBatch:
     def logits32(self) -> torch.Tensor:
         """Every query's teacher logits ``(M, B, E)`` as float32 (a copy where they are bfloat16 or per pair), for the
         eager heuristics."""
-        tea = self.teacher_logits if self.pair_of is None else self.teacher_logits[:, self.pair_of]
-        return tea.float()
+        return self.query_logits().float()
 
     def query_logits(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         """The teacher logits of queries ``idx`` (``None`` = all) in their own dtype, ``(M, n, E)``."""
