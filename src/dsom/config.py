@@ -167,6 +167,10 @@ class DistillConfig:
                             "pairwise agreement (dsom; size independent of E), or the paper's raw teacher logits "
                             "('logits'), their softmax ('probs') or per-row standardised logits",
                             ("summary", "logits", "probs", "standardised"))
+    summary_cache: bool = opt(True, "keep each training (entity, relation) pair's summary policy state after its first "
+                              "computation (a function of the frozen teachers only, so it never changes): from the "
+                              "second epoch the statistics pass over the (M, B, E) teacher block is skipped; false = "
+                              "recompute every step (same values up to float rounding)")
     policy_relation_dim: int = opt(16, "width of a learned relation embedding in the summary state (0 = none)")
     policy_entity_dim: int = opt(0, "width of a learned query-entity embedding in the summary state (0 = none)")
     policy_entity_stats: str = opt("query+target", "per-entity teacher reliability in the summary state (each "

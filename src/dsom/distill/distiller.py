@@ -99,11 +99,14 @@ class Distiller(nn.Module):
     temperatures: ``(M,)`` per-teacher temperatures dividing the teacher logits (``None`` = 1).
     entity_stats: ``(E, M)`` per-entity teacher reliability for the policy state (``distill.policy_entity_stats``).
     compile: run the distillation loss through ``torch.compile`` (:class:`~dsom.perf.MaybeCompiled`).
+    num_pairs: the distinct training (entity, relation) pairs; the summary policy caches their state
+        (``distill.summary_cache``; ``pair_keys`` of :meth:`forward`).
     """
 
     def __init__(self, teachers: FrozenTeachers, num_relations: int, rank: int, config: DistillConfig,
                  init_scale: float = 1e-3, generator: torch.Generator | None = None, compile: bool = False,
-                 temperatures: torch.Tensor | None = None, entity_stats: torch.Tensor | None = None) -> None:
+                 temperatures: torch.Tensor | None = None, entity_stats: torch.Tensor | None = None,
+                 num_pairs: int = 0) -> None:
         super().__init__()
         self._step_terms = MaybeCompiled(step_terms, compile)
         self._gathered_kd = MaybeCompiled(gathered_kd, compile)
@@ -121,7 +124,7 @@ class Distiller(nn.Module):
         self._calibrated = bool((temps != 1).any())  # decided once: no device sync per step
         self.selector: Selector | None = make_selector(
             config.selector, SelectorContext(teachers.modalities, E, num_relations, config, generator, entity_stats,
-                                            compile))
+                                            compile, num_pairs))
 
     @property
     def policy(self) -> nn.Module | None:
@@ -148,6 +151,7 @@ class Distiller(nn.Module):
                 draw_rows: tuple[int, int, int] | None = None,
                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                pair_keys: torch.Tensor | None = None,
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Losses and step statistics for reciprocal queries ``(B, 3)``; ``neighbours (B, E)`` bool (``(P, E)``, one
         row per pair, with ``pairs``) holds each
@@ -159,7 +163,9 @@ class Distiller(nn.Module):
         pair of each query (B,))``: the batch's distinct (entity, relation) pairs (``train.batching=pairs``); the
         student and the teachers score each pair once, the policy reads each pair's state once, the CE uses each
         pair's log-sum-exp and a neighbour-decoupled KD term is computed once per distinct (pair, teacher weights):
-        the same per-query losses with fewer products and fewer passes over score blocks."""
+        the same per-query losses with fewer products and fewer passes over score blocks. ``pair_keys`` (``(B,)``, or
+        ``(P,)`` with ``pairs``): the training-pair id of each scored row, for the policy-state cache (``None`` =
+        no cache)."""
         cfg = self.cfg
         h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
         qh, qr, rows = (h, r, None) if pairs is None else pairs
@@ -185,7 +191,7 @@ class Distiller(nn.Module):
                                                 if sel.needs_student else None),
                                     student_logits=detached if sel.needs_student else None,
                                     reward_rows=reward_rows, generator=generator, draw_rows=draw_rows,
-                                    reduce=reduce, pair_of=rows))
+                                    reduce=reduce, pair_of=rows, pair_keys=pair_keys))
         kind = sel.kd_override or cfg.kd
         use_kd = kind != NO_KD and gamma > 0
         if rows is None:

@@ -148,13 +148,23 @@ class SummaryPolicy(nn.Module):
         relation_dim: width of the learned relation embedding (0 = none).
         entity_dim: width of the learned query-entity embedding (0 = none).
         compile: compute :func:`summary_features` through ``torch.compile``.
+        cache_pairs: keep the summary features of this many keyed (entity, relation) pairs (0 = no cache): the
+            features are a function of the frozen teachers' logits of the pair only, so after every pair has been
+            computed once (:meth:`seal_cache`) they are read instead of recomputed.
     """
 
     def __init__(self, num_teachers: int, num_actions: int, num_relations: int, num_entities: int, hidden: int = 128,
                  relation_dim: int = 16, entity_dim: int = 0, generator: torch.Generator | None = None,
-                 entity_stats: torch.Tensor | None = None, stats_of: str = "none", compile: bool = False) -> None:
+                 entity_stats: torch.Tensor | None = None, stats_of: str = "none", compile: bool = False,
+                 cache_pairs: int = 0) -> None:
         super().__init__()
         self.compile = compile  # summary_features through torch.compile
+        width_summary = num_summary_features(num_teachers)
+        self.register_buffer("cache", torch.zeros(cache_pairs, width_summary) if cache_pairs > 0 else None,
+                             persistent=False)
+        self.register_buffer("cache_filled", torch.zeros(cache_pairs, dtype=torch.bool) if cache_pairs > 0 else None,
+                             persistent=False)
+        self.cache_sealed = False  # every cached row filled: read, never recompute
         self.relation = nn.Embedding(num_relations, relation_dim) if relation_dim > 0 else None
         self.entity = nn.Embedding(num_entities, entity_dim) if entity_dim > 0 else None
         if stats_of not in ("none", "query", "query+target"):
@@ -163,19 +173,41 @@ class SummaryPolicy(nn.Module):
         self.register_buffer("entity_stats", entity_stats.float() if entity_stats is not None else None,
                              persistent=False)
         n_stats = 0 if self.stats_of == "none" else num_teachers * (2 if self.stats_of == "query+target" else 1)
-        width = num_summary_features(num_teachers) + relation_dim + entity_dim + n_stats
+        width = width_summary + relation_dim + entity_dim + n_stats
         self.mlp = Policy(width, num_actions, hidden, generator=generator)
         with torch.no_grad():
             for emb in (self.relation, self.entity):
                 if emb is not None:
                     emb.weight.normal_(0.0, 0.1, generator=generator)
 
+    def summary(self, teacher_logits: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """:func:`summary_features` of the rows of ``(M, n, E)`` teacher logits; ``keys (n,)``: each row's pair id in
+        the cache (``None`` = compute without the cache). Until the cache is sealed the features are computed and
+        stored; after, they are read (no pass over the logits, no host sync)."""
+        if keys is None or self.cache is None:
+            return summary_features(teacher_logits, self.compile)
+        if self.cache_sealed:
+            return self.cache[keys]
+        feats = summary_features(teacher_logits, self.compile)
+        self.cache[keys] = feats
+        self.cache_filled[keys] = True
+        return feats
+
+    def seal_cache(self) -> bool:
+        """Seal the cache once every pair has been stored (one host sync; call after an epoch, which visits every
+        training pair). Returns whether it is sealed. A process that sees only its share of the batches (torchrun)
+        never fills every row, so it keeps computing."""
+        if self.cache is not None and not self.cache_sealed:
+            self.cache_sealed = bool(self.cache_filled.all())
+        return self.cache_sealed
+
     def forward(self, teacher_logits: torch.Tensor, head: torch.Tensor, relation: torch.Tensor,
-                target: torch.Tensor | None = None, pair_of: torch.Tensor | None = None) -> torch.Tensor:
+                target: torch.Tensor | None = None, pair_of: torch.Tensor | None = None,
+                keys: torch.Tensor | None = None) -> torch.Tensor:
         """Action logits ``(B, A)`` from ``(M, B, E)`` teacher logits, the queries' entity and relation and (for
         ``stats_of="query+target"``) their target; ``pair_of (B,)``: the logits are ``(M, P, E)``, one row per pair,
-        whose statistics are computed once."""
-        feats = summary_features(teacher_logits, self.compile)
+        whose statistics are computed once; ``keys``: the cache key of each row of the logits (:meth:`summary`)."""
+        feats = self.summary(teacher_logits, keys)
         parts = [feats if pair_of is None else feats[pair_of]]
         if self.relation is not None:
             parts.append(self.relation(relation))

@@ -53,6 +53,7 @@ class SelectorContext:
     generator: torch.Generator | None = None
     entity_stats: torch.Tensor | None = None  # (E, M) per-entity teacher reliability (holdout.entity_reliability)
     compile: bool = False  # torch.compile the reward CEs over (M, B, E) blocks (train.compile)
+    num_pairs: int = 0  # distinct training (entity, relation) pairs: the summary policy caches their state (0 = off)
 
     @property
     def num_teachers(self) -> int:
@@ -84,6 +85,7 @@ class SelectionBatch:
     draw_rows: tuple[int, int, int] | None = None
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     pair_of: torch.Tensor | None = None  # (B,): teacher_logits are (M, P, E), one row per pair; query b reads pair_of[b]
+    pair_keys: torch.Tensor | None = None  # the training-pair id of each row of teacher_logits (the policy-state cache)
 
     @property
     def logits32(self) -> torch.Tensor:
@@ -246,17 +248,18 @@ def build_policy(ctx: SelectorContext) -> nn.Module:
     if c.policy_state == "summary":
         return SummaryPolicy(M, num_actions(M), ctx.num_relations, ctx.num_entities, c.policy_hidden,
                              c.policy_relation_dim, c.policy_entity_dim, generator=ctx.generator,
-                             entity_stats=ctx.entity_stats, stats_of=c.policy_entity_stats, compile=ctx.compile)
+                             entity_stats=ctx.entity_stats, stats_of=c.policy_entity_stats, compile=ctx.compile,
+                             cache_pairs=ctx.num_pairs if c.summary_cache else 0)
     return Policy(M * ctx.num_entities, num_actions(M), c.policy_hidden, generator=ctx.generator)
 
 
 def policy_logits(policy: nn.Module, kind: str, teacher_logits: torch.Tensor, head: torch.Tensor,
                   relation: torch.Tensor, target: torch.Tensor | None = None,
-                  pair_of: torch.Tensor | None = None) -> torch.Tensor:
+                  pair_of: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
     """Action logits ``(B, A)`` of either policy network; ``pair_of``: the logits are per pair (the state of each pair
-    is read once)."""
+    is read once); ``keys``: the training-pair id of each row of the logits (the summary state's cache)."""
     if isinstance(policy, SummaryPolicy):
-        return policy(teacher_logits, head, relation, target, pair_of)
+        return policy(teacher_logits, head, relation, target, pair_of, keys)
     return policy(policy_state(teacher_logits, kind), pair_of)
 
 
@@ -298,7 +301,7 @@ class PolicySelector(Selector):
 
     def action_logits(self, batch: SelectionBatch) -> torch.Tensor:
         return policy_logits(self.policy, self.ctx.config.policy_state, batch.teacher_logits, batch.head,
-                             batch.relation, batch.target, batch.pair_of)
+                             batch.relation, batch.target, batch.pair_of, batch.pair_keys)
 
     @torch.no_grad()
     def greedy(self, teacher_logits: torch.Tensor, head: torch.Tensor, relation: torch.Tensor,

@@ -24,12 +24,13 @@ from dsom.data.graph import KGDataset
 from dsom.distill.actions import action_names
 from dsom.distill.distiller import Distiller
 from dsom.distill.kd import KD_LOSSES, NO_KD
+from dsom.distill.policy import SummaryPolicy
 from dsom.distill.selectors import SelectionBatch
 from dsom.errors import DsomError
 from dsom.models.teachers import FrozenTeachers
 from dsom.perf import compile_enabled
 from dsom.train.checkpoint import save_checkpoint
-from dsom.train.loop import BatchHook, StepLoss, Trainer, epoch_permutation, group_pairs
+from dsom.train.loop import BatchHook, PairIndex, StepLoss, Trainer, epoch_permutation, group_pairs
 
 TRAIN_FORMAT = "dsom-student-train/2"
 
@@ -70,9 +71,14 @@ class StudentTrainer(Trainer):
         self._step_stats: list[tuple[int, int]] = []  # (epoch, step) of the rows of _step_buffer filled this epoch
         self._step_buffer: torch.Tensor | None = None  # (steps, 3): delta, R, R_hat per step, on the device
         self._stats: dict[str, torch.Tensor] = {}
+        # the distinct (entity, relation) pair of every training query: batches under train.batching=pairs and the
+        # keys of the summary policy's state cache
+        self.query_pairs = PairIndex(torch.from_numpy(dataset.queries("train")))
         cfg = student_config(cfg)
         super().__init__(dataset, cfg, run_dir, stage="distill" if name == "student" else f"distill:{name}",
                          progress=progress, batch_hook=batch_hook, checkpoint_subdir=name)
+        self._pairs = self.query_pairs
+        self._query_pair_ids = self.query_pairs.pair_of.to(self.device)
         self.neighbours_cpu = dataset.neighbour_index
         self.neighbours = self.neighbours_cpu.to(self.device)
         if reward_rows is not None and len(reward_rows) != len(self.train_queries):
@@ -149,7 +155,8 @@ class StudentTrainer(Trainer):
         return Distiller(self.teachers.to(self.device), 2 * self.ds.num_relations, rank, self.cfg.distill,
                          self.cfg.model.init_scale, generator=generator,
                          compile=compile_enabled(self.cfg.train.compile, self.device.type, cells),
-                         temperatures=self.temperatures, entity_stats=self.entity_stats)
+                         temperatures=self.temperatures, entity_stats=self.entity_stats,
+                         num_pairs=self.query_pairs.num_pairs)
 
     def trainable_parameters(self) -> list[Any]:
         model: Distiller = self.model
@@ -220,12 +227,17 @@ class StudentTrainer(Trainer):
         if share is not None and share.weight == 0:  # a stand-in row: rewarded nowhere
             rows = torch.zeros(len(batch), dtype=torch.bool, device=batch.device)
         pairs = group_pairs(batch) if self.batching == "pairs" else None
+        keys = None  # the training-pair id of each scored row: the summary policy's state cache
+        if self._summary_cache() is not None and self.current_batch_index is not None:
+            keys = self._query_pair_ids[self.current_batch_index]
+            if pairs is not None:  # one row per pair of the batch: any of its queries names it
+                keys = keys.new_empty(len(pairs[0])).scatter_(0, pairs[2], keys)
         losses, stats = self.model(batch, self._neighbour_mask(batch, batch_cpu, pairs=pairs) if needs_mask else None,
                                    precision=self.precision, regularizer=tr.regularizer, reg=tr.reg,
                                    kd_weight=kd_weight, generator=gen, reward_rows=rows,
                                    draw_rows=share.draw_rows if share is not None else None,
                                    reduce=distributed.sum_ if share is not None else None,
-                                   pairs=pairs)
+                                   pairs=pairs, pair_keys=keys)
         self._stats = stats
         return StepLoss(losses)
 
@@ -239,12 +251,27 @@ class StudentTrainer(Trainer):
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer, *([self.policy_optimizer] if self.policy_optimizer is not None else [])]
 
+    def _summary_cache(self) -> SummaryPolicy | None:
+        """The summary policy when it caches its states (``distill.summary_cache``)."""
+        policy = self.model.policy
+        return policy if isinstance(policy, SummaryPolicy) and policy.cache is not None else None
+
     def extra_train_state(self) -> dict[str, Any]:
-        return {"policy_optimizer": self.policy_optimizer.state_dict()} if self.policy_optimizer else {}
+        out: dict[str, Any] = {"policy_optimizer": self.policy_optimizer.state_dict()} if self.policy_optimizer else {}
+        cached = self._summary_cache()
+        if cached is not None:  # saved so a resumed run reads the same states as an uninterrupted one
+            out["summary_cache"] = {"values": cached.cache.cpu(), "filled": cached.cache_filled.cpu()}
+        return out
 
     def load_extra_train_state(self, state: dict[str, Any]) -> None:
         if self.policy_optimizer is not None and "policy_optimizer" in state:
             self.policy_optimizer.load_state_dict(state["policy_optimizer"])
+        cached = self._summary_cache()
+        saved = state.get("summary_cache")
+        if cached is not None and saved is not None and saved["values"].shape == cached.cache.shape:
+            cached.cache.copy_(saved["values"])
+            cached.cache_filled.copy_(saved["filled"])
+            cached.seal_cache()
 
     def after_step(self, epoch: int, batch: int) -> None:
         if self.policy_optimizer is not None:
@@ -284,6 +311,9 @@ class StudentTrainer(Trainer):
         self._step_stats.clear()
 
     def epoch_extras(self, epoch: int) -> dict[str, Any]:
+        cached = self._summary_cache()
+        if cached is not None:  # an epoch visits every training pair: from now on the states are read
+            cached.seal_cache()
         self._flush_step_stats()
         if distributed.active():  # the epoch's counts over every process's shares (the same keys everywhere)
             self._epoch_sums = {k: distributed.sum_(v.to(self.device)) for k, v in sorted(self._epoch_sums.items())}

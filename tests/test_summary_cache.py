@@ -1,0 +1,98 @@
+"""The summary policy's state cache (``distill.summary_cache``): a training pair's state is a function of the frozen
+teachers only, so after one epoch it is read instead of recomputed, with the same values."""
+
+import pytest
+import torch
+
+import dsom.distill.policy as policy_module
+from dsom.config import Config, set_value
+from dsom.distill.policy import SummaryPolicy, summary_features
+from dsom.models.teachers import FrozenTeachers
+from dsom.train.student import StudentTrainer
+
+from toy import clustered_graph
+
+
+def _cfg(**kw):
+    cfg = Config()
+    base = {"model.rank": 8, "train.epochs": 2, "train.batch_size": 100, "train.valid_every": 0,
+            "train.precision": "fp32", "train.seed": 5, "distill.policy_hidden": 8}
+    base.update(kw)
+    for k, v in base.items():
+        set_value(cfg, k, v)
+    return cfg
+
+
+def _frozen(ds, M=3, d=8):
+    g = torch.Generator().manual_seed(7)
+    return FrozenTeachers([f"m{i}" for i in range(M)], torch.randn(M, ds.num_entities, 2 * d, generator=g) * 0.3,
+                          torch.randn(M, 2 * ds.num_relations, 2 * d, generator=g) * 0.3)
+
+
+def test_the_policy_stores_states_until_every_pair_is_in_then_reads_them():
+    g = torch.Generator().manual_seed(0)
+    M, P, E = 3, 6, 20
+    logits = torch.randn(M, P, E, generator=g) * 3
+    pol = SummaryPolicy(M, 7, num_relations=4, num_entities=E, hidden=8, relation_dim=2, generator=g, cache_pairs=P)
+    keys = torch.arange(P)
+    zero = torch.zeros(P, dtype=torch.int64)
+    pol(logits[:, :4], zero[:4], zero[:4], keys=keys[:4])
+    assert not pol.seal_cache()  # pairs 4 and 5 were never seen: keep computing
+    torch.testing.assert_close(pol.cache[:4], summary_features(logits[:, :4]))
+    assert not bool(pol.cache_filled[4:].any())
+    pol(logits[:, 3:], zero[3:], zero[3:], keys=keys[3:])
+    assert pol.seal_cache()
+    torch.testing.assert_close(pol.cache, summary_features(logits))
+    # sealed: the logits are not read any more (zeros give the states of the real logits), repeated keys allowed
+    rows = torch.tensor([5, 0, 3, 3, 1])
+    rel = torch.tensor([1, 2, 3, 0, 1])
+    got = pol(torch.zeros(M, len(rows), E), zero[:5], rel, keys=rows)
+    want = pol(logits[:, rows], zero[:5], rel)  # no keys: computed from the logits
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("batching", ["triples", "pairs"])
+def test_after_one_epoch_the_trainer_reads_every_state_and_they_equal_a_direct_computation(tmp_path, monkeypatch,
+                                                                                           batching):
+    ds = clustered_graph(num_entities=60)
+    frozen = _frozen(ds)
+    rows_computed: list[int] = []
+    real = policy_module.summary_features
+
+    def counting(teacher_logits, compile=False):
+        rows_computed.append(teacher_logits.shape[1])
+        return real(teacher_logits, compile)
+
+    monkeypatch.setattr(policy_module, "summary_features", counting)
+    epochs: list[int] = []
+    st = StudentTrainer(ds, _cfg(**{"train.batching": batching}), tmp_path / "run", frozen, progress=False,
+                        batch_hook=lambda epoch, batch: epochs.append(epoch))
+    st.fit()
+    per_epoch = {e: sum(n for n, ep in zip(rows_computed, epochs) if ep == e) for e in (1, 2)}
+    queries = st.query_pairs
+    expected_rows = queries.num_pairs if batching == "pairs" else len(st.train_queries)
+    assert per_epoch == {1: expected_rows, 2: 0}
+    cache = st.model.policy
+    assert cache.cache_sealed and cache.cache.shape[0] == queries.num_pairs
+    # independent: every pair's teacher logits scored directly (one block), their statistics
+    q = st.train_queries_cpu
+    first = torch.zeros(queries.num_pairs, dtype=torch.int64).scatter_(0, queries.pair_of.flip(0),
+                                                                       torch.arange(len(q)).flip(0))
+    head, rel = q[first, 0], q[first, 1]
+    assert torch.equal(queries.pair_of[first], torch.arange(queries.num_pairs))
+    want = real(st.model.teacher_scores(head, rel))
+    torch.testing.assert_close(cache.cache, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_cache_off_gives_the_same_training(tmp_path):
+    ds = clustered_graph(num_entities=60)
+    frozen = _frozen(ds)
+    runs = {}
+    for on in (True, False):
+        st = StudentTrainer(ds, _cfg(**{"distill.summary_cache": on, "train.epochs": 3}), tmp_path / str(on), frozen,
+                            progress=False)
+        st.fit()
+        runs[on] = st
+    assert runs[True].model.policy.cache_sealed and runs[False].model.policy.cache is None
+    for a, b in zip(runs[True].model.parameters(), runs[False].model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
