@@ -32,4 +32,5 @@ def test_speed_benchmark_stage_phases_run_and_report(tmp_path, batching, state, 
     assert d["rewards"] == rewards and (d["temperatures"] is None) == (rewards == "all")
     assert (d["reward_rows_fraction"] < 0.5) == (rewards == "holdout")
     assert (d["policy_flop_per_epoch"] > 0) == (state == "logits")
+    assert d["summary_cache"] == ("read" if state == "summary" else "computed")
     assert d["score_rows_per_epoch"] <= d["batches_per_epoch"] * 10**6 and d["profile"]["step_s"] > 0
