@@ -464,6 +464,7 @@ def test_neighbour_mask_from_the_host_copy_equals_the_device_lookup(tmp_path):
     device = st._neighbour_mask(batch)
     host = st._neighbour_mask(batch, batch.clone(), host_lookup=True)
     assert torch.equal(device, host) and int(device.sum()) > 40  # neighbours beyond the targets
+    assert device.dtype == torch.bfloat16 and set(device.unique().tolist()) == {0.0, 1.0}  # CPU: 0/1 bf16 mask
     for i, (e, r, t) in enumerate(batch.tolist()):
         expect = set(ds.neighbour_index.answers_of(e, r).tolist()) | {t}
         assert set(device[i].nonzero().squeeze(1).tolist()) == expect
@@ -492,6 +493,8 @@ def test_kd_registry_matches_the_losses_and_takes_a_new_loss_by_name():
     assert set(kdmod.KD_LOSSES) == set(expect)
     for name, want in expect.items():
         torch.testing.assert_close(kd_rows(tea, stu, t, nb, cfg, name), want)
+        # the 0/1 bfloat16 mask the CPU trainer builds (NEIGHBOUR_MASK_DTYPE) means the same set
+        torch.testing.assert_close(kd_rows(tea, stu, t, nb.to(torch.bfloat16), cfg, name), want)
     assert {n for n, k in kdmod.KD_LOSSES.items() if k.needs_neighbours} == {"ndkd", "nekd", "nnkd"}
     # without a neighbour mask the target alone is the neighbour set
     torch.testing.assert_close(kd_rows(tea, stu, t, None, cfg, "ndkd"), expect["dkd"])

@@ -43,11 +43,19 @@ from dsom.perf import MaybeCompiled
 
 HEURISTICS = ("avg", "conf", "best_teacher", "best_strategy")
 
+# The dtype of the stage-2 neighbour mask per device type. On CPUs torch.compile's kernels load a bool mask 2-4x slower
+# than a bfloat16 0/1 mask that they compare to 0 (one thread, B = 1,000, E = 12,842: the split log-sum-exp 34 -> 11 ms,
+# NDKD 78 -> 38 ms on AVX-512; 58 -> 16 and 142 -> 71 ms on AVX2; benchmarks/kd_mask.py); GPUs keep the 1-byte bool.
+NEIGHBOUR_MASK_DTYPE = {"cpu": torch.bfloat16}
+
 
 def kd_rows(teacher: torch.Tensor, student: torch.Tensor, target: torch.Tensor, neighbours: torch.Tensor | None,
             cfg: DistillConfig, kind: str | None = None) -> torch.Tensor:
     """Per-query distillation loss ``(B,)`` of ``kind`` (default ``distill.kd``; :mod:`dsom.distill.kd`) without
-    gamma."""
+    gamma. ``neighbours`` may be bool or a 0/1 float mask (:data:`NEIGHBOUR_MASK_DTYPE`): compared here, inside the
+    compiled function, so every pass of the fused kernels reads the float mask."""
+    if neighbours is not None and neighbours.dtype != torch.bool:
+        neighbours = neighbours > 0
     return kd_loss(kind or cfg.kd)(teacher, student, target, neighbours, cfg)
 
 
@@ -153,7 +161,7 @@ class Distiller(nn.Module):
                 pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                 pair_keys: torch.Tensor | None = None,
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Losses and step statistics for reciprocal queries ``(B, 3)``; ``neighbours (B, E)`` bool (``(P, E)``, one
+        """Losses and step statistics for reciprocal queries ``(B, 3)``; ``neighbours (B, E)`` bool or 0/1 float (``(P, E)``, one
         row per pair, with ``pairs``) holds each
         query's training answers (target included); ``reward_rows (B,)`` bool marks the queries whose triples
         the teachers never trained on (the only ones the policy is rewarded on; ``None`` = all). ``draw_rows``
