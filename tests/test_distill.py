@@ -408,8 +408,11 @@ def test_ndkd_and_vanilla_gradients_match_a_float64_probability_space_reference(
     torch.testing.assert_close(zs.grad, expect, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("kd", ["ndkd", "vanilla"])
-def test_compiled_distillation_loss_equals_eager_losses_and_gradients(kd):
+@pytest.mark.parametrize(("kd", "mask_dtype"), [("ndkd", torch.bool), ("ndkd", torch.bfloat16),
+                                                ("vanilla", torch.bool)])
+def test_compiled_distillation_loss_equals_eager_losses_and_gradients(kd, mask_dtype):
+    """The compiled terms (with the float mask: its comparison recomputed in the backward, ``mask_recomputed``) equal
+    the eager ones on the bool mask."""
     ds = clustered_graph(num_entities=40)
     results = []
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -421,6 +424,7 @@ def test_compiled_distillation_loss_equals_eager_losses_and_gradients(kd):
             batch = torch.from_numpy(ds.queries("train")[:n])
             mask = target_mask(batch[:, 2], ds.num_entities)
             mask[:, :3] = True
+            mask = mask.to(mask_dtype) if compile_ else mask
             losses, _ = d(batch, mask, generator=torch.Generator().manual_seed(1))
             d.zero_grad(set_to_none=True)
             losses["kd"].backward()

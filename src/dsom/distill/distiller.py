@@ -15,11 +15,14 @@ The distiller never updates the teachers: they are a plain tensor holder, not a 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from dsom.config import DistillConfig
 from dsom.distill.actions import combine, full_action
@@ -46,7 +49,42 @@ HEURISTICS = ("avg", "conf", "best_teacher", "best_strategy")
 # The dtype of the stage-2 neighbour mask per device type. On CPUs torch.compile's kernels load a bool mask 2-4x slower
 # than a bfloat16 0/1 mask that they compare to 0 (one thread, B = 1,000, E = 12,842: the split log-sum-exp 34 -> 11 ms,
 # NDKD 78 -> 38 ms on AVX-512; 58 -> 16 and 142 -> 71 ms on AVX2; benchmarks/kd_mask.py); GPUs keep the 1-byte bool.
+# In training the comparison must be recomputed in the backward, not saved (:func:`mask_recomputed`).
 NEIGHBOUR_MASK_DTYPE = {"cpu": torch.bfloat16}
+
+
+class _KnownSafeCheckpoint(logging.Filter):
+    """Drops torch's one-time notice that a checkpoint ``context_fn`` is traced (it asks to check for in-place ops:
+    the functions :func:`mask_recomputed` wraps have none)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "context_fn is passed to torch.utils.checkpoint" not in record.getMessage()
+
+
+logging.getLogger("torch._higher_order_ops.wrap").addFilter(_KnownSafeCheckpoint())
+
+
+def _recompute_comparisons(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_RECOMPUTE if op is torch.ops.aten.gt.Scalar else CheckpointPolicy.PREFER_SAVE
+
+
+def mask_recomputed(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` that, while ``torch.compile`` traces it with autograd on, has its ``x > scalar`` comparisons recomputed in
+    the backward instead of saved (selective activation checkpointing; everything else is saved as usual).
+
+    Left alone, the partitioner saves the bool ``neighbours > 0`` of :func:`kd_rows` (1 byte per entry, smaller than
+    the bfloat16 mask it came from): the forward then writes a ``(B, E)`` bool block and the backward reads it, the slow
+    bool loads the float mask exists to avoid. Recomputed, the backward reads the mask itself: the compiled stage-2
+    terms (CE + NDKD, three teachers) forward and backward 120 -> 73 ms (bool mask: 104 ms) at B = 1,000,
+    E = 12,842 on the 2-core AMX dev machine. Eager calls run ``fn`` as is."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not (torch.is_grad_enabled() and torch.compiler.is_compiling()):
+            return fn(*args, **kwargs)
+        return checkpoint(fn, *args, use_reentrant=False,
+                          context_fn=partial(create_selective_checkpoint_contexts, _recompute_comparisons), **kwargs)
+
+    return run
 
 
 def kd_rows(teacher: torch.Tensor, student: torch.Tensor, target: torch.Tensor, neighbours: torch.Tensor | None,
@@ -116,8 +154,8 @@ class Distiller(nn.Module):
                  temperatures: torch.Tensor | None = None, entity_stats: torch.Tensor | None = None,
                  num_pairs: int = 0) -> None:
         super().__init__()
-        self._step_terms = MaybeCompiled(step_terms, compile)
-        self._gathered_kd = MaybeCompiled(gathered_kd, compile)
+        self._step_terms = MaybeCompiled(mask_recomputed(step_terms), compile)
+        self._gathered_kd = MaybeCompiled(mask_recomputed(gathered_kd), compile)
         self._scaled_ce = MaybeCompiled(scaled_ce, compile)
         self._row_ops = CETails(compile)  # the student's N3 penalty: closed form, compiled
         self.cfg = config
