@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p.add_argument("--teachers", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--dtypes", default="bool,bfloat16,float16,float32,uint8", help="mask dtypes, comma-separated")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     isolate_compile_cache()
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     print(f"B={args.batch}, E={args.entities}, {args.threads} thread(s), torch {torch.__version__}, "
           f"capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"{'mask dtype':<10} {'split lse ms':>12} {'NDKD ms':>9} {'train saved ms':>15} {'train recomputed ms':>20}")
-    for dtype in (torch.bool, torch.bfloat16, torch.float16, torch.float32, torch.uint8):
+    for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
         m = mask.to(dtype)
 
         def known(k: torch.Tensor) -> torch.Tensor:

@@ -34,3 +34,24 @@ def test_speed_benchmark_stage_phases_run_and_report(tmp_path, batching, state, 
     assert (d["policy_flop_per_epoch"] > 0) == (state == "logits")
     assert d["summary_cache"] == ("read" if state == "summary" else "computed")
     assert d["score_rows_per_epoch"] <= d["batches_per_epoch"] * 10**6 and d["profile"]["step_s"] > 0
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"dsom_bench_{name}", SPEED.parent / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kd_mask_benchmark_times_every_dtype_asked():
+    res = _script("kd_mask").main(["--batch", "6", "--entities", "40", "--teachers", "2", "--repeats", "1",
+                                   "--dtypes", "bool,bfloat16"])
+    assert set(res) == {"bool", "bfloat16"}
+    assert all(v > 0 for row in res.values() for v in row.values()) and len(res["bool"]) == 4
+
+
+def test_outside_floor_benchmark_reports_the_floor_as_the_sum_of_its_passes():
+    t = _script("outside_floor").main(["--entities", "50", "--rank", "4", "--batch", "6", "--repeats", "1"])
+    assert t["floor_outside"] == pytest.approx(t["lse_t"] + t["softmax_grad_t"] + t["adagrad_fused"])
+    assert t["products"] == pytest.approx(t["mm_forward"] + t["mm_d_query"] + t["mm_d_table"])
+    assert t["today_outside_subset"] > t["floor_outside"] > 0

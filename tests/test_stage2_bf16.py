@@ -74,13 +74,14 @@ def test_policy_runs_its_first_layer_as_a_bf16_product_on_a_bf16_state():
     assert all(float(g_.abs().sum()) > 0 for g_ in grads)
 
 
-def _student(tmp_path, state, selector="rl", temps=(0.7, 1.3, 2.0)):
+def _student(tmp_path, state, selector="rl", temps=(0.7, 1.3, 2.0), compile_="off"):
     from dsom.train.student import StudentTrainer
 
     ds = clustered_graph(num_entities=40)
     cfg = Config()
     for k, v in {"model.rank": 8, "train.batch_size": 64, "train.precision": "fp32", "train.seed": 5,
-                 "distill.selector": selector, "distill.policy_hidden": 8, "distill.policy_state": state}.items():
+                 "distill.selector": selector, "distill.policy_hidden": 8, "distill.policy_state": state,
+                 "train.compile": compile_}.items():
         set_value(cfg, k, v)
     g = torch.Generator().manual_seed(0)
     frozen = FrozenTeachers(["structure", "text", "numeric"], torch.randn(3, ds.num_entities, 16, generator=g),
@@ -132,3 +133,46 @@ def test_bf16_teacher_logits_give_the_losses_of_their_float32_copy(tmp_path, mon
             torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6)
     if "actions" in s1 and not loose:
         assert torch.equal(s1["actions"], s2["actions"])
+
+
+@pytest.mark.parametrize("selector,batching,compile_", [("rl", "triples", "off"), ("rl", "pairs", "off"),
+                                                        ("mulde", "triples", "off"), ("none", "triples", "off"),
+                                                        ("rl", "triples", "on")])
+def test_bf16_student_scores_give_the_losses_of_their_float32_copy(tmp_path, monkeypatch, selector, batching,
+                                                                   compile_):
+    """Under bf16 the student's score block stays bfloat16 (``product_scores``) and every consumer reads it as float32:
+    the same losses and gradients as the float32 copy of that block (the path before) to float32 rounding."""
+    from dsom.distill import distiller as distiller_mod
+
+    st = _student(tmp_path, "summary", selector, compile_=compile_)
+    d = st.model
+    batch = st.train_queries[:50]
+    pairs = None
+    if batching == "pairs":
+        uniq, of = torch.unique(batch[:, :2], dim=0, return_inverse=True)
+        pairs = (uniq[:, 0], uniq[:, 1], of)
+    nb = st._neighbour_mask(batch, batch, pairs=pairs)
+    real = distiller_mod.product_scores
+    seen = []
+
+    def run(upcast):
+        def scores(*a, **k):
+            out = real(*a, **k)
+            seen.append(out.dtype)
+            return out.float() if upcast else out
+        monkeypatch.setattr(distiller_mod, "product_scores", scores)
+        d.zero_grad(set_to_none=True)
+        losses, _ = d(batch, nb, precision="bf16", generator=torch.Generator().manual_seed(3), pairs=pairs)
+        sum(losses.values()).backward()
+        return ({k: v.detach() for k, v in losses.items()},
+                {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None})
+
+    (l1, g1), (l2, g2) = run(False), run(True)
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert d._step_terms.enabled == (compile_ == "on")  # not silently eager
+    assert set(l1) == set(l2) and "ce" in l1 and ("kd" in l1) == (selector != "none")
+    for k in l1:
+        torch.testing.assert_close(l1[k], l2[k], rtol=1e-5, atol=1e-6)
+    assert "student.entity" in g1
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6)

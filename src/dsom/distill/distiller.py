@@ -40,7 +40,7 @@ from dsom.distill.selectors import (
 from dsom.models.complex import ComplEx
 from dsom.models.fused import CETails, ComplExCE, fused_penalty
 from dsom.models.interaction import complex_query
-from dsom.models.products import matmul_scores
+from dsom.models.products import product_scores
 from dsom.models.teachers import FrozenTeachers
 from dsom.perf import MaybeCompiled
 
@@ -103,7 +103,9 @@ def step_terms(student: torch.Tensor, teacher_logits: torch.Tensor | None, weigh
                ce: bool = True) -> dict[str, torch.Tensor]:
     """The element-wise part of a stage-2 step after the matrix products (one function so ``torch.compile``
     can fuse it): per-query student CE (unless ``ce`` is off), the combined teacher ``sum_m w_m F^m`` (unless
-    ``teacher`` is given) and the distillation loss. ``(B,)`` tensors keyed ``ce`` and ``kd``."""
+    ``teacher`` is given) and the distillation loss. ``(B,)`` tensors keyed ``ce`` and ``kd``. ``student`` may be the
+    product's bfloat16 (:func:`~dsom.models.products.product_scores`): it is read as float32."""
+    student = student.float()
     out = {"ce": per_query_ce(student, target)} if ce else {}
     if kd:
         if teacher is None:
@@ -115,7 +117,7 @@ def step_terms(student: torch.Tensor, teacher_logits: torch.Tensor | None, weigh
 def scaled_ce(logits: torch.Tensor, target: torch.Tensor, tau: float, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Per-query cross-entropy ``(B,)`` of ``logits / tau`` (the student's CE the reward compares with; one function so
     ``torch.compile`` fuses its ``B x E`` passes); ``rows``: logits per pair (:func:`per_query_ce`)."""
-    return per_query_ce(logits / tau, target, rows)
+    return per_query_ce(logits.float() / tau, target, rows)
 
 
 def gathered_kd(student: torch.Tensor, teacher_logits: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
@@ -218,7 +220,8 @@ class Distiller(nn.Module):
         # the query heads' and the targets' rows in one gather (one dense gradient for the table, not three)
         ent = self.student.entity[torch.cat([qh, t])]
         heads, tails, rels = ent[:len(qh)], ent[len(qh):], self.student.relation[qr]
-        student = matmul_scores(complex_query(heads, rels), self.student.entity, precision)  # (B or P, E)
+        # (B or P, E) in the product's dtype (bf16: read as float32 inside the compiled terms, no float32 copy)
+        student = product_scores(complex_query(heads, rels), self.student.entity, precision)
         losses: dict[str, torch.Tensor] = {}
         # (the penalty reads only the factor rows, not the CE field)
         pen = fused_penalty(ComplExCE(student, heads[None], rels[None], tails[None]), rows, regularizer, reg, len(t),
@@ -227,7 +230,7 @@ class Distiller(nn.Module):
             losses["reg"] = pen
         sel = self.selector
         if sel is None:
-            losses["ce"] = per_query_ce(student, t, rows).mean()
+            losses["ce"] = per_query_ce(student.float(), t, rows).mean()
             return losses, {}
         gamma = cfg.gamma if kd_weight is None else kd_weight
         tea_all = self.teacher_scores(qh, qr, precision)  # (M, B or P, E)

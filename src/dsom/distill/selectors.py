@@ -411,7 +411,7 @@ class MulDESenior(Selector):
         assert batch.student_logits is not None
         scaled = F.softplus(self.scale[batch.relation]).T.unsqueeze(-1) * batch.logits32  # (M, B, E)
         student = batch.student_logits if batch.pair_of is None else batch.student_logits[batch.pair_of]
-        ls = F.log_softmax(student / c.tau, -1)
+        ls = F.log_softmax(student.float() / c.tau, -1)
         kl = (F.softmax(scaled / c.tau, -1) * (F.log_softmax(scaled / c.tau, -1) - ls)).sum(-1)  # (M, B)
         attention = torch.softmax(-kl / c.mulde_attention_temperature, 0)
         senior = (attention.unsqueeze(-1) * scaled).sum(0)

@@ -81,6 +81,15 @@ def matmul_scores(query: torch.Tensor, candidates: torch.Tensor, precision: str 
     return precise_matmul(query, candidates.transpose(-1, -2), precision)
 
 
+def product_scores(query: torch.Tensor, candidates: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """:func:`matmul_scores` left in the product's dtype: bfloat16 under ``bf16`` (no float32 copy of the block and no
+    cast of its gradient back, two passes over it per step; the consumer converts as it reads, inside a compiled
+    function), float32 otherwise (``bf16sim``: bf16-rounded float32)."""
+    if precision == "bf16":
+        return torch.matmul(query.to(torch.bfloat16), candidates.to(torch.bfloat16).transpose(-1, -2))
+    return matmul_scores(query, candidates, precision)
+
+
 def stacked_scores(query: torch.Tensor, candidates: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """``(M, B, 2d) x (M, N, 2d) -> (M, B, N)`` scores of M models at once (teachers), float32.
 
