@@ -161,28 +161,3 @@ def test_transposed_score_layout_equals_the_row_layout(precision, compiled):
     for a, b in zip(*res):
         torch.testing.assert_close(a, b, **tol)
     assert res[1][1].abs().sum() > 0
-
-
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_compiled_transposed_path_with_both_gradient_layouts_matches_eager(precision):
-    """Compiled, the transposed path's query gradient reads a ``(P, E)`` copy of the gradient block computed alongside
-    the ``(E, P)`` one; eagerly it reads the transposed view: the same loss and gradients (fp32: to rounding)."""
-    from dsom.models.fused import _softmax_grad_t, _softmax_grad_t_both
-
-    free, feats, proj, relations, head, relation, rows, target = _setup(seed=8, E=300)
-    res = []
-    tails = CETails(True)
-    assert tails.softmax_grad_t_both is not None and CETails(False).softmax_grad_t_both is None
-    for t in (EAGER, tails):
-        out = complex_cross_entropy([free, feats @ proj / 3.0], relations, head, relation, target, rows, precision,
-                                    t, transposed=True)
-        res.append((out.ce.detach(), *torch.autograd.grad(out.ce.mean(1).sum(), [free, proj, relations])))
-    assert tails.softmax_grad_t_both.enabled  # not silently eager
-    tol = {"fp32": dict(rtol=1e-5, atol=1e-7), "bf16": dict(rtol=2e-2, atol=2e-3)}[precision]
-    for a, b in zip(*res):
-        torch.testing.assert_close(a, b, **tol)
-    g = torch.Generator().manual_seed(0)
-    s = torch.randn(50, 7, generator=g).to(torch.bfloat16)
-    lse, w = torch.logsumexp(s.float(), 0), torch.rand(7, generator=g)
-    cols, rows_layout = _softmax_grad_t_both(s, lse, w)
-    assert torch.equal(cols, _softmax_grad_t(s, lse, w)) and torch.equal(rows_layout, cols.T)

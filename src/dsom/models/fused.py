@@ -63,16 +63,6 @@ def _softmax_grad_t(s: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> torc
     return ((s.float() - lse.unsqueeze(0)).clamp_min(EXP_FLOOR).exp() * g.unsqueeze(0)).to(s.dtype)
 
 
-def _softmax_grad_t_both(s: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_softmax_grad_t` ``(E, P)`` and the same block laid out ``(P, E)``, the second recomputed from the
-    transposed scores rather than transposed: under ``torch.compile`` both come from one tiled pass costing about what
-    the first alone does (4.2 against 4.0 ms; a transposing copy takes 30 ms), and the query gradient ``G^T T`` then
-    reads a contiguous ``(P, E)`` operand (oneDNN bf16: 13 instead of 19 ms at P = 1,000, E = 12,842, 2d = 1,000 on
-    the 2-core AMX dev machine; ``benchmarks/outside_floor.py``)."""
-    rows = ((s.T.float() - lse.unsqueeze(-1)).clamp_min(EXP_FLOOR).exp() * g.unsqueeze(-1)).to(s.dtype)
-    return _softmax_grad_t(s, lse, g), rows
-
-
 def _lse_eager(s: torch.Tensor) -> torch.Tensor:
     top = s.amax(-1, keepdim=True).float()
     p = torch.sub(s, top).clamp_min_(EXP_FLOOR).exp_()  # one float32 (P, E) buffer, reused in place
@@ -174,7 +164,7 @@ class CETails:
     fails) or eager (the two loss tails with in-place passes).
 
     * ``lse`` / ``softmax_grad``: the two ``(P, E)`` loss tails; ``lse_t`` / ``softmax_grad_t`` the same on
-      transposed ``(E, P)`` scores; ``softmax_grad_t_both`` (compiled only, else ``None``) the latter in both layouts;
+      transposed ``(E, P)`` scores;
     * ``query`` / ``query_grads``: the complex product of the gathered rows and its backward (a dozen small ops on
       ``(K, P, 2d)`` rows eagerly, about 15% of a ComplEx step at rank 500 on the 2-core AMX dev machine);
     * ``penalty_value`` / ``penalty_grads``: the regularizer on the returned rows and its closed-form gradient
@@ -187,8 +177,6 @@ class CETails:
         self.softmax_grad = MaybeCompiled(_softmax_grad, True) if compile else _softmax_grad_eager
         self.lse_t = MaybeCompiled(_lse_t, True) if compile else _lse_t_eager
         self.softmax_grad_t = MaybeCompiled(_softmax_grad_t, True) if compile else _softmax_grad_t_eager
-        # both layouts of the transposed path's gradient block: only where a compiler fuses them (eagerly a transpose)
-        self.softmax_grad_t_both = MaybeCompiled(_softmax_grad_t_both, True) if compile else None
         self.query = MaybeCompiled(_query, compile)
         self.query_grads = MaybeCompiled(_query_grads, compile)
         self.penalty_value = MaybeCompiled(_penalty_value, compile)
@@ -262,15 +250,9 @@ class _ComplExCE(torch.autograd.Function):
                 g = g_ce[k].float()
                 per_row = torch.zeros(P, dtype=torch.float32, device=g.device).index_add_(0, rows, g)
                 if ctx.transposed:  # (E, P): dT = G^T @ q reads contiguous operands
-                    if tails.softmax_grad_t_both is not None:  # and dq = G T too, from a (P, E) copy of G
-                        grad_s, grad_rows = tails.softmax_grad_t_both(scores[k], lse[k], per_row)
-                        grad_rows.index_put_((rows, target), (-g).to(grad_rows.dtype), accumulate=True)
-                    else:
-                        grad_s = tails.softmax_grad_t(scores[k], lse[k], per_row)
+                    grad_s = tails.softmax_grad_t(scores[k], lse[k], per_row)
                     grad_s.index_put_((target, rows), (-g).to(grad_s.dtype), accumulate=True)
-                    if tails.softmax_grad_t_both is None:
-                        grad_rows = grad_s.T
-                    d_query[k] = _mm(grad_rows, cast_tables[k], precision)
+                    d_query[k] = _mm(grad_s.T, cast_tables[k], precision)
                     if need_table:
                         d_table.copy_(_mm(grad_s, query[k], precision))
                 else:
