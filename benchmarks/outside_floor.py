@@ -8,6 +8,8 @@ ComplEx step with Adagrad on float32 master weights cannot skip some element-wis
 * the optimizer: Adagrad reads the float32 table, its gradient and its state and writes the table and the state
   (PyTorch's fused CPU kernel), five passes over ``E x 2d`` float32.
 
+Every call is timed with cold caches (:func:`median_ms`), as in a step.
+
 This script times those passes alone at the step's shapes, the three bf16 products of the step, and the passes the
 code does today that a different design could drop (the cast of the table to bf16 before the forward product; the
 copy of the bf16 table gradient into float32), together with the alternatives: an Adagrad that writes the next
@@ -31,11 +33,20 @@ from dsom.models import fused
 from dsom.perf import isolate_compile_cache
 
 
+_FLUSH: list[torch.Tensor] = []
+
+
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn`` in ms, each call after a pass over a 512 MB buffer: in a training step every operand
+    has just been evicted by other passes, while a loop of the same call finds its 25-50 MB operands in the last-level
+    cache (a product timed warm ran in 13 ms, 25 ms inside the step)."""
+    if not _FLUSH:
+        _FLUSH.append(torch.zeros(128 << 20))
     for _ in range(2):
         fn()
     times = []
     for _ in range(repeats):
+        _FLUSH[0].add_(1.0)
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)

@@ -83,13 +83,13 @@ class _ChunkedCE(torch.autograd.Function):
         g3 = g_t.unsqueeze(-1)
         if dq is not None:
             dq_rows = -g3 * _rounded(table[:, target], precision)
-            for k in range(K):  # index_put_(accumulate) rather than index_add_: much faster on CPU (models/fused.py)
-                dq[k].index_put_((rows,), dq_rows[k], accumulate=True)
+            for k in range(K):  # index_add_ rather than index_put_(accumulate): much faster on CPU (models/fused.py)
+                dq[k].index_add_(0, rows, dq_rows[k])
             dq = dq.to(query.dtype)
         if dt is not None:
             dt_rows = -g3 * _rounded(query[:, rows], precision)
             for k in range(K):
-                dt[k].index_put_((target,), dt_rows[k], accumulate=True)
+                dt[k].index_add_(0, target, dt_rows[k])
             dt = dt.to(table.dtype)
         return dq, dt, None, None, None, None
 
