@@ -32,7 +32,6 @@ import torch
 from dsom.models import fused
 from dsom.perf import isolate_compile_cache
 
-
 _FLUSH: list[torch.Tensor] = []
 
 
