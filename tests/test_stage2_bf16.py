@@ -154,6 +154,9 @@ def test_bf16_student_scores_give_the_losses_of_their_float32_copy(tmp_path, mon
     nb = st._neighbour_mask(batch, batch, pairs=pairs)
     real = distiller_mod.product_scores
     seen = []
+    gathered = []
+    inner = d._gathered_kd
+    d._gathered_kd = lambda *a, **k: gathered.append(1) or inner(*a, **k)
 
     def run(upcast):
         def scores(*a, **k):
@@ -176,3 +179,27 @@ def test_bf16_student_scores_give_the_losses_of_their_float32_copy(tmp_path, mon
     assert "student.entity" in g1
     for k in g1:
         torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6)
+    if batching == "pairs":  # pairs whose queries drew different teacher subsets: KD on gathered rows
+        assert gathered
+
+
+def test_gathered_kd_on_a_bf16_block_sums_each_pairs_rows_in_float32():
+    """``gathered_kd`` on a bfloat16 student block (the bf16 path) gives the float64 gradient of its float32 copy up to
+    one bf16 rounding: a pair's repeated rows are summed before rounding, not each rounded and summed in bf16."""
+    from dsom.config import DistillConfig
+    from dsom.distill.distiller import gathered_kd
+    from dsom.distill.losses import target_mask
+
+    g = torch.Generator().manual_seed(0)
+    P, E, M = 3, 40, 2
+    student = (torch.randn(P, E, generator=g) * 3).to(torch.bfloat16).requires_grad_(True)
+    tea = (torch.randn(M, P, E, generator=g) * 3).to(torch.bfloat16)
+    index = torch.tensor([0] * 8 + [1] * 8 + [2])
+    weights = torch.rand(len(index), M, generator=g)
+    nb = target_mask(torch.tensor([1, 2, 3]), E) | (torch.rand(P, E, generator=g) < 0.2)
+    cfg = DistillConfig()
+    gathered_kd(student, tea, index, weights, nb, cfg, "ndkd").sum().backward()
+    ref = student.detach().double().requires_grad_(True)
+    gathered_kd(ref, tea.double(), index, weights.double(), nb, cfg, "ndkd").sum().backward()
+    assert student.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(student.grad.double(), ref.grad.to(torch.bfloat16).double(), rtol=8e-3, atol=1e-6)
