@@ -17,7 +17,7 @@ from dsom.models.teachers import FrozenTeachers
 from dsom.train.loop import ComplExTrainer
 from dsom.train.student import StudentTrainer, planted_agreement
 
-from toy import clustered_graph
+from toy import clustered_graph, random_teachers
 
 
 def _kl(p, q):
@@ -165,10 +165,7 @@ def _paper() -> DistillConfig:
     return cfg.distill
 
 
-def _frozen(ds, M=3, d=8):
-    g = torch.Generator().manual_seed(7)
-    return FrozenTeachers([f"m{i}" for i in range(M)], torch.randn(M, ds.num_entities, 2 * d, generator=g) * 0.3,
-                          torch.randn(M, 2 * ds.num_relations, 2 * d, generator=g) * 0.3)
+_frozen = random_teachers
 
 
 def test_gamma_zero_with_the_full_set_reduces_to_plain_training(tmp_path):

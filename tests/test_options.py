@@ -14,11 +14,10 @@ import torch
 from dsom.cli import main
 from dsom.config import Config, apply_dict
 from dsom.distill.policy import policy_state
-from dsom.models.teachers import FrozenTeachers
 from dsom.train.student import StudentTrainer
 from dsom.train.tracker import JsonlTracker
 
-from toy import clustered_graph, write_canonical
+from toy import clustered_graph, random_teachers, write_canonical
 
 
 @pytest.mark.parametrize("kind", ["logits", "probs", "standardised"])
@@ -135,10 +134,7 @@ def _cfg(extra: dict) -> Config:
     return cfg
 
 
-def _teachers(ds, M=3, d=8):
-    g = torch.Generator().manual_seed(7)
-    return FrozenTeachers([f"m{i}" for i in range(M)], torch.randn(M, ds.num_entities, 2 * d, generator=g) * 0.3,
-                          torch.randn(M, 2 * ds.num_relations, 2 * d, generator=g) * 0.3)
+_teachers = random_teachers
 
 
 def test_dimension_study_ranks():

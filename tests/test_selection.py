@@ -16,13 +16,11 @@ from dsom.distill.selectors import SELECTORS, PolicySelector, SelectionBatch, Se
 from dsom.errors import ConfigError
 from dsom.models.teachers import FrozenTeachers
 
-from toy import clustered_graph
+from toy import clustered_graph, random_teachers
 
 
 def _frozen(ds, M=3, d=8, seed=7):
-    g = torch.Generator().manual_seed(seed)
-    return FrozenTeachers([f"m{i}" for i in range(M)], torch.randn(M, ds.num_entities, 2 * d, generator=g) * 0.5,
-                          torch.randn(M, 2 * ds.num_relations, 2 * d, generator=g) * 0.5)
+    return random_teachers(ds, M, d, seed, scale=0.5)
 
 
 def test_holdout_mask_is_seeded_sized_and_both_directions():

@@ -7,10 +7,9 @@ import torch
 import dsom.distill.policy as policy_module
 from dsom.config import Config, set_value
 from dsom.distill.policy import SummaryPolicy, summary_features
-from dsom.models.teachers import FrozenTeachers
 from dsom.train.student import StudentTrainer
 
-from toy import clustered_graph
+from toy import clustered_graph, random_teachers
 
 
 def _cfg(**kw):
@@ -23,10 +22,7 @@ def _cfg(**kw):
     return cfg
 
 
-def _frozen(ds, M=3, d=8):
-    g = torch.Generator().manual_seed(7)
-    return FrozenTeachers([f"m{i}" for i in range(M)], torch.randn(M, ds.num_entities, 2 * d, generator=g) * 0.3,
-                          torch.randn(M, 2 * ds.num_relations, 2 * d, generator=g) * 0.3)
+_frozen = random_teachers
 
 
 def test_the_policy_stores_states_until_every_pair_is_in_then_reads_them():

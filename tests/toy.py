@@ -5,8 +5,10 @@ from __future__ import annotations
 import textwrap
 
 import numpy as np
+import torch
 
 from dsom.data import KGDataset, Vocabulary
+from dsom.models.teachers import FrozenTeachers
 
 
 def random_graph(num_entities: int = 60, num_relations: int = 4, num_triples: int = 400, seed: int = 0,
@@ -92,3 +94,10 @@ KILL_LAUNCHER = textwrap.dedent("""
     from dsom.cli import main
     sys.exit(main(sys.argv[4:]))
 """)
+
+
+def random_teachers(ds: KGDataset, M: int = 3, d: int = 8, seed: int = 7, scale: float = 0.3) -> FrozenTeachers:
+    """``M`` frozen teachers ``m0 .. m{M-1}`` with random rank-``d`` tables for ``ds`` (entries ~ N(0, scale^2))."""
+    g = torch.Generator().manual_seed(seed)
+    return FrozenTeachers([f"m{i}" for i in range(M)], torch.randn(M, ds.num_entities, 2 * d, generator=g) * scale,
+                          torch.randn(M, 2 * ds.num_relations, 2 * d, generator=g) * scale)
