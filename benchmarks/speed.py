@@ -131,6 +131,7 @@ def score_rows(tr: Trainer) -> int:
     return tr._pairs.num_pairs
 
 
+OUTSIDE_OPS_KEPT = 25
 MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm", "aten::matmul", "aten::dot",
               "aten::mv")
 
@@ -138,8 +139,8 @@ MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::ad
 def split_profile(run: Callable[[], None], device: torch.device, steps: int) -> dict[str, Any]:
     """Wall time of ``steps`` calls of ``run`` under ``torch.profiler``, split into the matrix products (the self
     time of :data:`MATMUL_OPS`: on CPU the calling thread's time in them, which includes waiting for their worker
-    threads; on CUDA their kernel time) and everything else (wall time minus that). Per call, and the five
-    largest other ops by self time."""
+    threads; on CUDA their kernel time) and everything else (wall time minus that). Per call, and the
+    :data:`OUTSIDE_OPS_KEPT` largest other ops by self time."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -159,10 +160,10 @@ def split_profile(run: Callable[[], None], device: torch.device, steps: int) -> 
             other[ev.key] = other.get(ev.key, 0.0) + us
     step = wall / steps
     mm = mm_us / 1e6 / steps
-    top = sorted(other.items(), key=lambda kv: -kv[1])[:5]
+    top = sorted(other.items(), key=lambda kv: -kv[1])[:OUTSIDE_OPS_KEPT]
     return {"profiled_steps": steps, "step_s": step, "matmul_s": mm, "outside_s": max(step - mm, 0.0),
             "outside_fraction": max(step - mm, 0.0) / step if step > 0 else math.nan,
-            "top_outside": {k: round(v / 1e6 / steps, 4) for k, v in top}}
+            "top_outside": {k: round(v / 1e6 / steps, 5) for k, v in top}}
 
 
 def time_trainer_steps(tr: Trainer, batches: int, device: torch.device,
@@ -416,6 +417,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default="auto")
     p.add_argument("--profile-steps", type=int, default=2,
                    help="training steps per phase run under torch.profiler for the in/outside-products split (0 = none)")
+    p.add_argument("--outside-ops", type=int, default=4,
+                   help=f"also list this many of the largest outside ops per profiled phase (at most {OUTSIDE_OPS_KEPT})")
     p.add_argument("--skip", default="", help="comma-separated phases to skip (pykeen, teachers, distill, eval)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -482,14 +485,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "dsom_distill" in res:
         summary["stage2_roofline_fraction"] = res["dsom_distill"]["roofline_fraction"]
     res = {**summary, **res}
-    print_table(res)
+    print_table(res, args.outside_ops)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=2)
     return res
 
 
-def print_table(res: dict[str, Any]) -> None:
+def print_table(res: dict[str, Any], outside_ops: int = 4) -> None:
     m, s = res["machine"], res["setup"]
     print(f"machine: {m['processor']}, {m['threads']} threads, {m['device']}"
           f"{' (' + m['gpu'] + ')' if m['gpu'] else ''}, torch {m['torch']}, capability {m['cpu_capability']}")
@@ -525,6 +528,11 @@ def print_table(res: dict[str, Any]) -> None:
             ratio = pr["outside_s"] / pr["matmul_s"] if pr["matmul_s"] > 0 else math.nan
             print(f"{name:<16} {pr['step_s']:8.3f} {pr['matmul_s']:10.3f} {pr['outside_s']:9.3f} "
                   f"{100 * pr['outside_fraction']:8.1f}% {ratio:8.2f}  {top}")
+        if outside_ops > 4:
+            for name, pr in profiled.items():
+                print(f"{name}: the {outside_ops} largest outside ops, ms per step")
+                for k, v in list(pr["top_outside"].items())[:outside_ops]:
+                    print(f"    {1e3 * v:8.2f}  {k[:90]}")
     for k in ("dsom_vs_pykeen_train", "dsom_vs_pykeen_eval", "complex_roofline_fraction", "stage1_roofline_fraction",
               "stage2_roofline_fraction"):
         if k in res:

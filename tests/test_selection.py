@@ -436,3 +436,61 @@ def test_summary_features_equal_the_log_softmax_topk_definition(compile):
                       torch.stack(cross)]).T
     torch.testing.assert_close(f.double(), want, atol=2e-6, rtol=1e-5)
     assert float(f[1, 3 + 3 + 1]) == 0.0  # the tie's margin
+
+
+@pytest.mark.parametrize("batching", ["triples", "pairs"])
+def test_the_student_reward_ce_is_computed_on_the_reward_rows_only_and_gives_the_full_ce_step(tmp_path, monkeypatch,
+                                                                                               batching):
+    """The policy's reward reads the student's CE at ``distill.reward_tau`` of the reward rows only, so the distiller
+    computes it there (NaN elsewhere): equal to a brute-force cross-entropy on those rows, and a step with it has the
+    losses, gradients and statistics of a step handed the CE of every row (the path before)."""
+    from dsom.config import set_value
+    from dsom.train.loop import group_pairs
+    from dsom.train.student import StudentTrainer
+
+    ds = clustered_graph(num_entities=40)
+    cfg = Config()
+    for k, v in {"model.rank": 8, "train.batch_size": 64, "train.precision": "fp32", "train.seed": 5,
+                 "model.init_scale": 0.3, "distill.selector": "rl", "distill.policy_hidden": 8,
+                 "distill.reward_tau": 2.0, "train.batching": batching}.items():
+        set_value(cfg, k, v)
+    st = StudentTrainer(ds, cfg, tmp_path, _frozen(ds), progress=False)
+    d = st.model
+    batch = st.train_queries[:64]
+    h, r, t = batch.unbind(1)
+    pairs = group_pairs(batch) if batching == "pairs" else None
+    qh, qr, rows = pairs if pairs is not None else (h, r, None)
+    if pairs is not None:
+        assert len(qh) < len(batch)  # the batch repeats pairs
+    nb = st._neighbour_mask(batch, batch, pairs=pairs) if pairs is not None else st._neighbour_mask(batch, batch)
+    reward = torch.zeros(len(batch), dtype=torch.bool)
+    reward[1::3] = True
+
+    logits = torch.randn(len(qh), ds.num_entities, generator=torch.Generator().manual_seed(1)) * 3
+    got = d.reward_ce(logits, t, rows, reward)
+    per_query = logits if rows is None else logits[rows]
+    brute = torch.stack([-(per_query[b] / 2.0).log_softmax(-1)[t[b]] for b in range(len(batch))])
+    torch.testing.assert_close(got[reward], brute[reward])
+    assert torch.isnan(got[~reward]).all()
+    torch.testing.assert_close(d.reward_ce(logits, t, rows, None), brute)
+
+    def step():
+        d.zero_grad(set_to_none=True)
+        losses, stats = d(batch, nb, precision="fp32", reward_rows=reward, generator=torch.Generator().manual_seed(3),
+                          pairs=pairs)
+        sum(losses.values()).backward()
+        return ({k: v.detach() for k, v in losses.items()},
+                {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}, stats)
+
+    (l1, g1, s1) = step()
+    monkeypatch.setattr(d, "reward_ce", lambda student, target, rows_, reward_rows_: d._scaled_ce(
+        student, target, 2.0, rows_))
+    (l2, g2, s2) = step()
+    assert set(l1) == set(l2) and "rc" in l1 and float(l1["rc"]) != 0.0
+    for k in l1:
+        torch.testing.assert_close(l1[k], l2[k], rtol=0, atol=0)
+    assert set(g1) == set(g2) and any(k.startswith("selector.policy") for k in g1)
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=0, atol=0)
+    for k in ("actions", "delta", "reward", "advantage_sum"):
+        torch.testing.assert_close(s1[k], s2[k], rtol=0, atol=0)

@@ -63,9 +63,9 @@ class SelectorContext:
 @dataclass
 class SelectionBatch:
     """One batch as a selector sees it. ``teacher_logits`` are the (calibrated) frozen teachers' ``(M, B, E)``
-    logits; ``student_ce`` the current student's detached CE ``(B,)`` (selectors with ``needs_student``);
-    ``reward_rows`` marks the queries the teachers never trained on (``None`` = every row); ``student_logits``
-    the detached student logits (MulDE only). Under pair batching ``teacher_logits`` and ``student_logits`` hold one
+    logits; ``student_ce`` the current student's detached CE ``(B,)`` (selectors with ``needs_student``; NaN outside
+    ``reward_rows``, where no reward reads it); ``reward_rows`` marks the queries the teachers never trained on
+    (``None`` = every row); ``student_logits`` the detached student logits (MulDE only). Under pair batching ``teacher_logits`` and ``student_logits`` hold one
     row per (entity, relation) pair and ``pair_of`` maps each query to its row (the policy's state is a function of
     the pair).
 
