@@ -226,3 +226,29 @@ def test_split_logsumexp_equals_two_masked_logsumexps():
     (want_in[[0, 2, 3, 4]].sum() + 2 * want_out[1:].sum()).backward()
     torch.testing.assert_close(got, x.grad)
     assert torch.isfinite(lin[1]) and torch.isfinite(lout[0])  # empty sets: finite stand-ins (zero gradient above)
+
+
+def test_split_logsumexp_weighted_mean_is_the_renormalised_expectation_outside():
+    """The third result of ``split_logsumexp(x, keep, weight)``: ``sum_{not keep} softmax(x)_i weight_i`` with the
+    softmax renormalised over the entries not kept, its value and gradients (to ``x`` and to ``weight``) those of a
+    float64 masked-softmax reference, 0 (finite, zero gradient) for a row with nothing outside."""
+    from dsom.numerics import split_logsumexp
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 25, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    w = torch.randn(4, 25, generator=g, dtype=torch.float64).requires_grad_()
+    keep = torch.rand(4, 25, generator=g) < 0.4
+    keep[0] = True  # nothing outside
+    keep[1] = False  # nothing inside
+    *_, mean = split_logsumexp(x, keep, w)
+    c = torch.rand(4, generator=g, dtype=torch.float64)
+    (mean * c).sum().backward()
+    got_x, got_w = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    want = torch.stack([(torch.softmax(x[i][~keep[i]], -1) * w[i][~keep[i]]).sum() for i in (1, 2, 3)])
+    torch.testing.assert_close(mean[1:], want)
+    assert float(mean[0]) == 0.0
+    (want * c[1:]).sum().backward()
+    torch.testing.assert_close(got_x, x.grad)
+    torch.testing.assert_close(got_w, w.grad)
+    assert float(got_x[0].abs().sum()) == 0.0 and float(got_w[0].abs().sum()) == 0.0

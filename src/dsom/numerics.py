@@ -44,12 +44,18 @@ def logsumexp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.logsumexp(x.clamp_min(floor), dim)
 
 
-def split_logsumexp(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def split_logsumexp(x: torch.Tensor, keep: torch.Tensor,
+                    weight: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """``(log sum_{keep} exp x, log sum_{not keep} exp x)`` over the last dimension, each as :func:`logsumexp` of its
     own entries (exponents floored at ``EXP_FLOOR`` below that set's maximum), from one exponential per element:
     every entry is shifted by its own set's maximum. An empty set gives a finite stand-in (``log`` of the smallest
     normal float plus 0) with a zero gradient, for the caller to replace; NDKD's neighbour split (:mod:`dsom.distill.
-    losses`) reads a row twice this way instead of two masked log-sum-exps with an exponential each."""
+    losses`) reads a row twice this way instead of two masked log-sum-exps with an exponential each.
+
+    With ``weight`` (same shape as ``x``) a third result: ``sum_{not keep} softmax(x)_i weight_i`` with the softmax
+    renormalised over the entries not kept (0 for an empty set), the expectation of ``weight`` under that
+    distribution, from the same exponentials and in the same pass as their sum (NDKD's non-neighbour cross term; a
+    separate ``exp(x - lse)`` pass after the log-sum-exp would read the row and exponentiate it again)."""
     neg = torch.tensor(-math.inf, dtype=x.dtype, device=x.device)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     m_in = torch.where(keep, x, neg).detach().amax(-1, keepdim=True)
@@ -59,8 +65,12 @@ def split_logsumexp(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, 
     e = (x - torch.where(keep, m_in, m_out)).clamp_min(EXP_FLOOR).exp()
     tiny = torch.finfo(x.dtype).tiny
     s_in = torch.where(keep, e, zero).sum(-1).clamp_min(tiny)
-    s_out = torch.where(keep, zero, e).sum(-1).clamp_min(tiny)
-    return s_in.log() + m_in.squeeze(-1), s_out.log() + m_out.squeeze(-1)
+    e_out = torch.where(keep, zero, e)
+    s_out = e_out.sum(-1).clamp_min(tiny)
+    lse = (s_in.log() + m_in.squeeze(-1), s_out.log() + m_out.squeeze(-1))
+    if weight is None:
+        return lse
+    return (*lse, (e_out * weight).sum(-1) / s_out)
 
 
 class _FloorCE(torch.autograd.Function):

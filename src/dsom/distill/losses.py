@@ -48,13 +48,16 @@ def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor, keep: torch.Tensor | Non
 class _Split:
     """Log-masses of one row of logits ``z`` split by a neighbour mask: ``inside`` = log sum over N,
     ``outside`` = log sum over the rest (``-inf`` for an empty set), ``outside_finite`` = the same with
-    0 for an empty set (safe to subtract and differentiate)."""
+    0 for an empty set (safe to subtract and differentiate); with ``weight``, ``outside_mean`` = the mean of
+    ``weight`` under ``softmax(z)`` renormalised over the rest (:func:`~dsom.numerics.split_logsumexp`)."""
 
-    def __init__(self, z: torch.Tensor, neighbours: torch.Tensor, has_in: torch.Tensor, has_out: torch.Tensor) -> None:
-        lin, lout = split_logsumexp(z, neighbours)  # one exponential per entry for both sets
+    def __init__(self, z: torch.Tensor, neighbours: torch.Tensor, has_in: torch.Tensor, has_out: torch.Tensor,
+                 weight: torch.Tensor | None = None) -> None:
+        lin, lout, *mean = split_logsumexp(z, neighbours, weight)  # one exponential per entry for both sets
         self.inside = torch.where(has_in, lin, -math.inf)
         self.outside = torch.where(has_out, lout, -math.inf)
         self.outside_finite = torch.where(has_out, lout, 0.0)
+        self.outside_mean = mean[0] if mean else None
 
 
 def _log_binary(split: _Split, n: torch.Tensor, mode: str) -> torch.Tensor:
@@ -75,19 +78,22 @@ def _ndkd_terms(teacher: torch.Tensor, student: torch.Tensor, neighbours: torch.
 
     The renormalised non-neighbour KL is written as ``sum_{i not in N} p~_t,i (z_t,i - z_s,i) - L_t + L_s`` with
     ``L`` the non-neighbour log-sum-exp of ``z = logits / tau`` and ``p~_t = exp(z_t - L_t)`` on the
-    non-neighbours: one weighted sum over the student's logits instead of two normalised log-distributions.
+    non-neighbours: one weighted sum over the student's logits instead of two normalised log-distributions, taken
+    from the teacher's split exponentials in the pass that sums them (no second exponential per entry; the stage-2
+    terms' forward and backward 56 -> 47 ms at B = 1,000, E = 12,842, three teachers, compiled, on the 2-core AMX
+    dev machine).
     """
     zt, zs = teacher / tau, student / tau
     n = neighbours.sum(-1).to(zs.dtype)
     has_in, has_out = n > 0, n < zs.shape[-1]
-    st, ss = _Split(zt, neighbours, has_in, has_out), _Split(zs, neighbours, has_in, has_out)
+    st = _Split(zt, neighbours, has_in, has_out, (zt - zs) if need_rest else None)
+    ss = _Split(zs, neighbours, has_in, has_out)
     zero = torch.zeros(zs.shape[0], dtype=zs.dtype, device=zs.device)
     binary = _kl_terms(_log_binary(st, n, mode), _log_binary(ss, n, mode)) if need_binary else zero
     rest = zero
     if need_rest:
-        p_rest = floor_exp(zt - st.outside_finite.unsqueeze(-1)).masked_fill(neighbours, 0.0)
-        cross = (p_rest * (zt - zs)).sum(-1)
-        rest = torch.where(has_out, cross - st.outside_finite + ss.outside_finite, zero)
+        assert st.outside_mean is not None
+        rest = torch.where(has_out, st.outside_mean - st.outside_finite + ss.outside_finite, zero)
     return binary, rest
 
 
