@@ -42,6 +42,29 @@ def test_teacher_logits_fold_the_scale_into_the_queries_in_both_precisions():
     torch.testing.assert_close(policy_state(low), torch.cat(list(low), dim=1))
 
 
+def test_compiled_teacher_queries_give_the_eager_logits():
+    """The distiller's teacher queries through ``torch.compile`` (one pass over the gathered rows) give the logits of
+    the eager queries: the same float32 queries (to rounding of the fused multiply-adds) and bf16 casts at most one
+    bf16 step apart; with and without the temperature scale; ids repeated."""
+    from dsom.models.teachers import teacher_queries
+    from dsom.perf import MaybeCompiled
+
+    t = _teachers()
+    h, r = torch.tensor([0, 5, 7, 36, 5, 5]), torch.tensor([1, 0, 5, 2, 1, 1])
+    compiled = MaybeCompiled(teacher_queries, True)
+    for scale in (None, torch.tensor([0.5, 1.7, 3.0])):
+        for dtype in (torch.float32, torch.bfloat16):
+            eager = teacher_queries(t.tables, t.relations, h, r, scale, dtype)
+            got = compiled(t.tables, t.relations, h, r, scale, dtype)
+            assert got.dtype == dtype and got.shape == (3, 6, 16)
+            if dtype == torch.float32:
+                torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-6)
+            else:  # a float32 rounding difference may move a value across a bf16 rounding boundary
+                assert float((got.float() - eager.float()).abs().max()) <= 2 ** -7 * float(eager.float().abs().max())
+        want = t.score_all(h, r) * (1.0 if scale is None else scale.view(-1, 1, 1))
+        torch.testing.assert_close(t.logits(h, r, "fp32", scale, compiled), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_combine_equals_the_weighted_sum_in_float32(dtype):
     g = torch.Generator().manual_seed(1)

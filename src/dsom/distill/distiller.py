@@ -40,9 +40,8 @@ from dsom.distill.selectors import (
 )
 from dsom.models.complex import ComplEx
 from dsom.models.fused import CETails, ComplExCE, fused_penalty
-from dsom.models.interaction import complex_query
 from dsom.models.products import product_scores
-from dsom.models.teachers import FrozenTeachers
+from dsom.models.teachers import FrozenTeachers, teacher_queries
 from dsom.perf import MaybeCompiled
 
 HEURISTICS = ("avg", "conf", "best_teacher", "best_strategy")
@@ -164,6 +163,7 @@ class Distiller(nn.Module):
         self._gathered_kd = MaybeCompiled(mask_recomputed(gathered_kd), compile)
         self._scaled_ce = MaybeCompiled(scaled_ce, compile)
         self._row_ops = CETails(compile)  # the student's N3 penalty: closed form, compiled
+        self._teacher_queries = MaybeCompiled(teacher_queries, compile)
         self.cfg = config
         self.teachers = teachers
         self.num_teachers = teachers.num_teachers
@@ -194,7 +194,8 @@ class Distiller(nn.Module):
     def teacher_scores(self, head: torch.Tensor, relation: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
         """``(M, B, E)`` teacher logits divided by the teachers' temperatures (folded into the queries), float32 or,
         under ``bf16``, the products' bfloat16 (:meth:`~dsom.models.teachers.FrozenTeachers.logits`)."""
-        return self.teachers.logits(head, relation, precision, self.inv_temperature if self._calibrated else None)
+        return self.teachers.logits(head, relation, precision, self.inv_temperature if self._calibrated else None,
+                                    self._teacher_queries)
 
     # ------------------------------------------------------------------------------------------ step
     def forward(self, batch: torch.Tensor, neighbours: torch.Tensor | None, precision: str = "fp32",
@@ -227,7 +228,9 @@ class Distiller(nn.Module):
         ent = torch.index_select(self.student.entity, 0, torch.cat([qh, t]))
         heads, tails, rels = ent[:len(qh)], ent[len(qh):], torch.index_select(self.student.relation, 0, qr)
         # (B or P, E) in the product's dtype (bf16: read as float32 inside the compiled terms, no float32 copy)
-        student = product_scores(complex_query(heads, rels), self.student.entity, precision)
+        # (the queries as the product's operand in one compiled pass, forward and backward: CETails.query)
+        student = product_scores(self._row_ops.query(heads[None], rels[None], precision)[0], self.student.entity,
+                                 precision)
         losses: dict[str, torch.Tensor] = {}
         # (the penalty reads only the factor rows, not the CE field)
         pen = fused_penalty(ComplExCE(student, heads[None], rels[None], tails[None]), rows, regularizer, reg, len(t),
