@@ -161,3 +161,46 @@ def test_transposed_score_layout_equals_the_row_layout(precision, compiled):
     for a, b in zip(*res):
         torch.testing.assert_close(a, b, **tol)
     assert res[1][1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16sim", "bf16"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_complex_scores_equal_gathered_rows_and_product_scores(precision, compiled):
+    """``complex_scores`` (stage 2's student: scores and rows as one node, the rows' gradients added into the
+    product's dense table gradient) equals the autograd graph it replaces: ``index_select`` of the rows, the complex
+    product, ``product_scores``; values and the gradients of the table and the relations, with a loss on the scores
+    and an N3 penalty on the returned rows, repeated heads and targets. (Both read the queries from the same, eager or
+    compiled, ``CETails.query``: a compiled complex product may round differently, and bf16 rounds that again.)"""
+    from dsom.models.fused import complex_scores
+    from dsom.models.products import product_scores
+
+    g = torch.Generator().manual_seed(4)
+    E, R2, D, P = 40, 10, 12, 15
+    table = (torch.randn(E, D, generator=g) * 0.7).requires_grad_()
+    relations = (torch.randn(R2, D, generator=g) * 0.7).requires_grad_()
+    head = torch.cat([torch.randint(0, E, (P - 3,), generator=g), torch.tensor([3, 3, 3])])
+    relation = torch.randint(0, R2, (P,), generator=g)
+    target = torch.cat([head[:4], torch.randint(0, E, (P - 4,), generator=g)])  # some rows are heads and targets
+    w = torch.randn(P, E, generator=g)
+
+    def loss(scores, h, r, t):
+        pen = sum((complex_modulus(x) ** 3).sum() for x in (h, r, t))
+        return (scores.float() * w).sum() + 0.3 * pen
+
+    tails = CETails(compile=True) if compiled else EAGER
+    out = complex_scores(table, relations, head, relation, target, precision, tails)
+    got = loss(out.ce, out.head[0], out.relation[0], out.tail[0])
+    gt, gr = torch.autograd.grad(got, (table, relations))
+    assert out.ce.shape == (P, E) and out.ce.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+
+    h, r, t = table.index_select(0, head), relations.index_select(0, relation), table.index_select(0, target)
+    ref_scores = product_scores(tails.query(h[None], r[None], precision)[0], table, precision)  # (rounds bf16sim)
+    ref = loss(ref_scores, h, r, t)
+    rt, rr = torch.autograd.grad(ref, (table, relations))
+    torch.testing.assert_close(out.ce, ref_scores, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # bf16: the backward products' bf16 results are the same; the float32 additions differ in order
+    tol = dict(rtol=1e-5, atol=1e-5) if precision != "bf16" else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gt, rt, **tol)
+    torch.testing.assert_close(gr, rr, **tol)
+    assert float(gt[head].abs().sum()) > 0 and float(gt[3].abs().sum()) > 0

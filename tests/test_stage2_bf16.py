@@ -163,7 +163,7 @@ def test_bf16_teacher_logits_give_the_losses_of_their_float32_copy(tmp_path, mon
                                                         ("rl", "triples", "on")])
 def test_bf16_student_scores_give_the_losses_of_their_float32_copy(tmp_path, monkeypatch, selector, batching,
                                                                    compile_):
-    """Under bf16 the student's score block stays bfloat16 (``product_scores``) and every consumer reads it as float32:
+    """Under bf16 the student's score block stays bfloat16 (``complex_scores``) and every consumer reads it as float32:
     the same losses and gradients as the float32 copy of that block (the path before) to float32 rounding."""
     from dsom.distill import distiller as distiller_mod
 
@@ -175,7 +175,9 @@ def test_bf16_student_scores_give_the_losses_of_their_float32_copy(tmp_path, mon
         uniq, of = torch.unique(batch[:, :2], dim=0, return_inverse=True)
         pairs = (uniq[:, 0], uniq[:, 1], of)
     nb = st._neighbour_mask(batch, batch, pairs=pairs)
-    real = distiller_mod.product_scores
+    from dsom.models.fused import ComplExCE
+
+    real = distiller_mod.complex_scores
     seen = []
     gathered = []
     inner = d._gathered_kd
@@ -184,9 +186,9 @@ def test_bf16_student_scores_give_the_losses_of_their_float32_copy(tmp_path, mon
     def run(upcast):
         def scores(*a, **k):
             out = real(*a, **k)
-            seen.append(out.dtype)
-            return out.float() if upcast else out
-        monkeypatch.setattr(distiller_mod, "product_scores", scores)
+            seen.append(out.ce.dtype)
+            return ComplExCE(out.ce.float(), out.head, out.relation, out.tail) if upcast else out
+        monkeypatch.setattr(distiller_mod, "complex_scores", scores)
         d.zero_grad(set_to_none=True)
         losses, _ = d(batch, nb, precision="bf16", generator=torch.Generator().manual_seed(3), pairs=pairs)
         sum(losses.values()).backward()

@@ -39,8 +39,7 @@ from dsom.distill.selectors import (
     make_selector,
 )
 from dsom.models.complex import ComplEx
-from dsom.models.fused import CETails, ComplExCE, fused_penalty
-from dsom.models.products import product_scores
+from dsom.models.fused import CETails, complex_scores, fused_penalty
 from dsom.models.teachers import FrozenTeachers, teacher_queries
 from dsom.perf import MaybeCompiled
 
@@ -222,19 +221,14 @@ class Distiller(nn.Module):
         cfg = self.cfg
         h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
         qh, qr, rows = (h, r, None) if pairs is None else pairs
-        # the query heads' and the targets' rows in one gather (one dense gradient for the table, not three)
-        # (index_select: its backward adds the rows with index_add_, several times faster on CPU than the
-        # accumulating index_put_ of a plain gather's backward; models/fused.py)
-        ent = torch.index_select(self.student.entity, 0, torch.cat([qh, t]))
-        heads, tails, rels = ent[:len(qh)], ent[len(qh):], torch.index_select(self.student.relation, 0, qr)
-        # (B or P, E) in the product's dtype (bf16: read as float32 inside the compiled terms, no float32 copy)
-        # (the queries as the product's operand in one compiled pass, forward and backward: CETails.query)
-        student = product_scores(self._row_ops.query(heads[None], rels[None], precision)[0], self.student.entity,
-                                 precision)
+        # (B or P, E) scores in the product's dtype (bf16: read as float32 inside the compiled terms, no float32 copy)
+        # and the rows the N3 penalty reads, as one node: the rows' gradients are added into the table's one dense
+        # gradient (models/fused.py)
+        scored = complex_scores(self.student.entity, self.student.relation, qh, qr, t, precision, self._row_ops)
+        student = scored.ce
         losses: dict[str, torch.Tensor] = {}
         # (the penalty reads only the factor rows, not the CE field)
-        pen = fused_penalty(ComplExCE(student, heads[None], rels[None], tails[None]), rows, regularizer, reg, len(t),
-                            self._row_ops)
+        pen = fused_penalty(scored, rows, regularizer, reg, len(t), self._row_ops)
         if pen is not None:  # = regularizer(regularizer, self.student.factors(h, r, t), reg)
             losses["reg"] = pen
         sel = self.selector
