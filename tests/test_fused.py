@@ -204,3 +204,29 @@ def test_complex_scores_equal_gathered_rows_and_product_scores(precision, compil
     torch.testing.assert_close(gt, rt, **tol)
     torch.testing.assert_close(gr, rr, **tol)
     assert float(gt[head].abs().sum()) > 0 and float(gt[3].abs().sum()) > 0
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_a_bf16_table_gets_the_float32_tables_gradient_rounded_once(transposed):
+    """Stage 1 under bf16 projects the features in bf16, so a feature teacher's table reaches the node as bfloat16. Its
+    gradient is the bf16 product block with the rows' gradients (query heads, N3 on heads and targets; repeated ids)
+    added in float32 and rounded once: the gradient the same node gives the float32 copy of that table, cast to bf16
+    (to one bf16 step where the float32 additions' order differs); the loss and the other table's gradient equal."""
+    free, feats, proj, relations, head, relation, rows, target = _setup(seed=3)
+    low = (feats @ proj).detach().to(torch.bfloat16).requires_grad_()
+    high = low.detach().float().requires_grad_()
+    out = {}
+    for name, table in (("bf16", low), ("fp32", high)):
+        res = complex_cross_entropy([free, table], relations, head, relation, target, rows, "bf16",
+                                    transposed=transposed)
+        loss = res.ce.mean() + fused_penalty(res, rows, "n3", 0.05, len(target))
+        out[name] = (loss.detach(), *torch.autograd.grad(loss, (free, table, relations)))
+    (l1, f1, t1, r1), (l2, f2, t2, r2) = out["bf16"], out["fp32"]
+    assert t1.dtype == torch.bfloat16 and t2.dtype == torch.float32
+    torch.testing.assert_close(l1, l2, rtol=0, atol=0)
+    torch.testing.assert_close(f1, f2, rtol=0, atol=0)
+    torch.testing.assert_close(r1, r2, rtol=0, atol=0)
+    want = t2.to(torch.bfloat16).float()
+    step = want.abs() * 2 ** -7 + 1e-30  # one bf16 step (8 significant bits) at each value
+    assert bool(((t1.float() - want).abs() <= step).all())
+    assert int((t1.float() != want).sum()) <= max(1, int(0.02 * want.numel()))  # almost every value identical

@@ -79,3 +79,31 @@ def test_frozen_teachers_bf16_cache_gives_the_same_logits():
     assert torch.equal(frozen.score_all(h, r, "bf16", 5, 20), want[:, :, 5:20])
     assert frozen._bf16_tables is cached
     assert torch.equal(frozen.score_all(h, r, "fp32"), interaction.score_all(frozen.tables, frozen.relations, h, r))
+
+
+def test_projected_tables_in_bf16_are_the_rounded_product_of_rounded_operands_and_follow_the_features():
+    """Under bf16 a feature teacher's table ``X W / scale`` is one bf16 product (bf16 operands, float32 accumulation,
+    bf16 result): within one bf16 step of the float64 product of the rounded operands, as ``bf16sim`` simulates it;
+    float32 is unchanged. The bf16 copy of the fixed features is made once and made again when the buffer changes."""
+    from dsom.models.representations import projected_table
+
+    t, _ = _teachers(E=30, d=8)
+    x, w = t.feature_matrix(0), t.projections[0]
+    exact = (x.bfloat16().double() @ (w / t.scale).bfloat16().double()).detach()
+    low = projected_table(x, w, t.scale, "bf16")
+    sim = projected_table(x, w, t.scale, "bf16sim")
+    assert low.dtype == torch.bfloat16 and sim.dtype == torch.float32
+    step = exact.abs() * 2 ** -7 + 1e-12
+    assert bool(((low.double() - exact).abs() <= step).all()) and bool(((sim.double() - exact).abs() <= step).all())
+    assert not torch.equal(low.float(), (x @ (w / t.scale)).detach())  # really rounded
+    torch.testing.assert_close(projected_table(x, w, t.scale, "fp32"), x @ (w / t.scale))
+    tables = t.entity_table_list("bf16")
+    assert tables[0] is t.structure and all(tb.dtype == torch.bfloat16 for tb in tables[1:])
+    first = t._features_for(0, "bf16")
+    assert t._features_for(0, "bf16") is first  # cached
+    state = t.state_dict()
+    state["features_0"] = state["features_0"] * 2
+    t.load_state_dict(state)  # written in place
+    again = t._features_for(0, "bf16")
+    assert again is not first and torch.equal(again, (x * 1).bfloat16())  # x is the buffer, now doubled
+    torch.testing.assert_close(again.float(), (first.float() * 2))

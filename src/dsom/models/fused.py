@@ -209,14 +209,27 @@ def _mm(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
     return bf16_round(out) if precision == "bf16sim" else out
 
 
+def _add_rows(table: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """``table[index] += rows`` in place for float32 ``rows (n, 2d)``, ids repeated or not. A float32 ``table``:
+    ``index_add_`` (deterministic on CPU). Otherwise (a bf16 gradient block) each id's rows are summed in float32 and
+    added to its row in float32, rounded once: the float32 block's result, cast."""
+    if table.dtype == torch.float32:
+        table.index_add_(0, index, rows)
+        return
+    ids, inverse = torch.unique(index, return_inverse=True)
+    total = torch.zeros(len(ids), rows.shape[1], dtype=torch.float32, device=rows.device).index_add_(0, inverse, rows)
+    table[ids] = (table[ids].float() + total).to(table.dtype)
+
+
 class _ComplExCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, relations: torch.Tensor, head: torch.Tensor, relation: torch.Tensor, target: torch.Tensor,
                 rows: torch.Tensor, precision: str, tails: CETails, transposed: bool,
                 *tables: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ent = torch.stack([t[head] for t in tables])  # (K, P, 2d): each table's rows gathered once
+        # (K, P, 2d): each table's rows gathered once, as float32 (a bf16 table: bf16 projected features)
+        ent = torch.stack([t[head].float() for t in tables])
         rel = relations[:, relation]  # (K, P, 2d)
-        tail = torch.stack([t[target] for t in tables])  # (K, T, 2d)
+        tail = torch.stack([t[target].float() for t in tables])  # (K, T, 2d)
         query = _query_operand(tails, ent, rel, precision)
         cast_tables, scores, lse = [], [], []
         for k, table in enumerate(tables):
@@ -251,9 +264,7 @@ class _ComplExCE(torch.autograd.Function):
         for k in range(K):
             need_table = ctx.needs_input_grad[8 + k]
             shape = ctx.shapes[k] if need_table else (0,)
-            # written whole by the product below when there is a CE gradient: no zero fill then
-            d_table = torch.empty(shape, device=query.device) if g_ce is not None else torch.zeros(shape,
-                                                                                                   device=query.device)
+            d_table = torch.zeros(shape if g_ce is None else (0,), device=query.device)  # else: the product's below
             if g_ce is not None:
                 g = g_ce[k].float()
                 per_row = torch.zeros(P, dtype=torch.float32, device=g.device).index_add_(0, rows, g)
@@ -261,21 +272,25 @@ class _ComplExCE(torch.autograd.Function):
                     grad_s = tails.softmax_grad_t(scores[k], lse[k], per_row)
                     grad_s.index_put_((target, rows), (-g).to(grad_s.dtype), accumulate=True)
                     d_query[k] = _mm(grad_s.T, cast_tables[k], precision)
-                    if need_table:
-                        d_table.copy_(_mm(grad_s, query[k], precision))
+                    product = _mm(grad_s, query[k], precision) if need_table else None
                 else:
                     grad_s = tails.softmax_grad(scores[k], lse[k], per_row)  # (P, E), product precision
                     grad_s.index_put_((rows, target), (-g).to(grad_s.dtype), accumulate=True)
                     d_query[k] = _mm(grad_s, cast_tables[k], precision)
-                    if need_table:
-                        d_table.copy_(_mm(grad_s.T, query[k], precision))
+                    product = _mm(grad_s.T, query[k], precision) if need_table else None
+                if product is not None:
+                    # a bf16 table (bf16 projected features) takes the bf16 product as its gradient: no float32 copy
+                    # of the block and no cast back; else the product is copied into a float32 block
+                    d_table = product if product.dtype == ctx.dtypes[k] else torch.empty(shape, device=query.device
+                                                                                          ).copy_(product)
             d_tables.append(d_table)
         d_ent, d_rel = tails.query_grads(d_query, ent, rel, g_ent, g_rel)
         for k in range(K):
             if ctx.needs_input_grad[8 + k]:
-                d_tables[k].index_add_(0, head, d_ent[k])
-                if g_tail is not None:
-                    d_tables[k].index_add_(0, target, g_tail[k].float())
+                if g_tail is None:
+                    _add_rows(d_tables[k], head, d_ent[k])
+                else:
+                    _add_rows(d_tables[k], torch.cat([head, target]), torch.cat([d_ent[k], g_tail[k].float()]))
         d_relations = None
         if ctx.needs_input_grad[0]:
             d_relations = torch.zeros(ctx.relations_shape, dtype=torch.float32, device=query.device)

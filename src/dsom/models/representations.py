@@ -25,9 +25,20 @@ def xavier_projection(in_dim: int, out_dim: int, generator: torch.Generator | No
     return w.uniform_(-bound, bound, generator=generator)
 
 
-def projected_table(features: torch.Tensor, projection: torch.Tensor, scale: float) -> torch.Tensor:
+def projected_table(features: torch.Tensor, projection: torch.Tensor, scale: float,
+                    precision: str = "fp32") -> torch.Tensor:
     """Entity rows of a feature teacher: ``features (E, F) @ projection (F, 2d) / scale`` -> ``(E, 2d)``.
 
     Computed as ``features @ (projection / scale)``: the division touches the ``F x 2d`` projection instead of the
-    ``E x 2d`` table (forward and backward; the same values up to fp32 rounding)."""
-    return features @ (projection / scale)
+    ``E x 2d`` table (forward and backward; the same values up to fp32 rounding). ``precision`` is the product's
+    (:mod:`dsom.models.products`): under ``bf16`` the table comes out bfloat16 (``features`` may already be bf16), the
+    operand the scoring products read anyway; ``bf16sim`` simulates that with float32 kernels."""
+    from dsom.models.products import PRECISIONS, precise_matmul
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    if precision == "bf16":
+        return torch.mm(features.to(torch.bfloat16), (projection / scale).to(torch.bfloat16))
+    if precision == "bf16sim":
+        return precise_matmul(features, projection / scale, precision)
+    return features.float() @ (projection / scale)

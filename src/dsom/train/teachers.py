@@ -87,8 +87,8 @@ class TeacherTrainer(Trainer):
             reg = regularizer(tr.regularizer, model.factors(tables, h, r, t), tr.reg, batch=B)
         else:  # one autograd node for every teacher (dsom.models.fused): one (B, E) block per teacher, no stack
             tails = self.ce_tails()
-            out = complex_cross_entropy(model.entity_table_list(), model.relations, ph, pr, t, rows, self.precision,
-                                        tails)
+            out = complex_cross_entropy(model.entity_table_list(self.precision), model.relations, ph, pr, t, rows,
+                                        self.precision, tails)
             ce = out.ce.mean(1)
             reg = fused_penalty(out, rows, tr.regularizer, tr.reg, B, tails)
         terms = {"ce": ce.sum()}
