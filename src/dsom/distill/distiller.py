@@ -252,11 +252,22 @@ class Distiller(nn.Module):
         elif use_kd and choice.teacher is None and KD_LOSSES[kind].needs_neighbours and neighbours is not None:
             # pair batches: CE from each pair's log-sum-exp; KD once per distinct (pair, teacher weights)
             u_pair, u_weights, inverse = pair_kd_rows(rows, choice.weights)
-            if len(u_pair) == len(qh):  # one weight row per pair: u_pair is 0..P-1 (sorted), no gathers
-                kd = self._step_terms(student, tea_all, u_weights, t[:0], neighbours, cfg, True, None, kind,
-                                      ce=False)["kd"]
-            else:
-                kd = self._gathered_kd(student, tea_all, u_pair, u_weights, neighbours, cfg, kind)
+            # each pair's first distinct row is read in place (u_pair is sorted and holds every pair: its first rows
+            # are 0..P-1); only the further rows of pairs whose queries drew different subsets are gathered (the
+            # gather's backward inside the compiled graph is an accumulating index_put_, 22 ms for 1,400 DB15K rows)
+            first = torch.ones_like(u_pair, dtype=torch.bool)
+            first[1:] = u_pair[1:] != u_pair[:-1]
+            kd = self._step_terms(student, tea_all, u_weights[first], t[:0], neighbours, cfg, True, None, kind,
+                                  ce=False)["kd"]
+            if len(u_pair) > len(qh):
+                extra = ~first
+                kd = torch.cat([kd, self._gathered_kd(student, tea_all, u_pair[extra], u_weights[extra], neighbours,
+                                                      cfg, kind)])
+                # the distinct rows in the order of kd: firsts, then extras
+                where = torch.empty_like(u_pair)
+                where[first] = torch.arange(len(qh), device=where.device)
+                where[extra] = torch.arange(len(qh), len(u_pair), device=where.device)
+                inverse = where[inverse]
             terms = {"ce": self._scaled_ce(student, t, 1.0, rows), "kd": kd[inverse]}
         else:  # a loss that reads the target, or MulDE's own teacher: per query
             nb = None if neighbours is None else neighbours[rows]
