@@ -286,11 +286,14 @@ class _ComplExCE(torch.autograd.Function):
             d_tables.append(d_table)
         d_ent, d_rel = tails.query_grads(d_query, ent, rel, g_ent, g_rel)
         for k in range(K):
-            if ctx.needs_input_grad[8 + k]:
-                if g_tail is None:
-                    _add_rows(d_tables[k], head, d_ent[k])
-                else:
-                    _add_rows(d_tables[k], torch.cat([head, target]), torch.cat([d_ent[k], g_tail[k].float()]))
+            if not ctx.needs_input_grad[8 + k]:
+                continue
+            if g_tail is None or d_tables[k].dtype == torch.float32:
+                _add_rows(d_tables[k], head, d_ent[k])
+                if g_tail is not None:
+                    _add_rows(d_tables[k], target, g_tail[k].float())
+            else:  # a bf16 block: every row's additions together, rounded once
+                _add_rows(d_tables[k], torch.cat([head, target]), torch.cat([d_ent[k], g_tail[k].float()]))
         d_relations = None
         if ctx.needs_input_grad[0]:
             d_relations = torch.zeros(ctx.relations_shape, dtype=torch.float32, device=query.device)
