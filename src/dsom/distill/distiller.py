@@ -99,13 +99,15 @@ def kd_rows(teacher: torch.Tensor, student: torch.Tensor, target: torch.Tensor, 
 def step_terms(student: torch.Tensor, teacher_logits: torch.Tensor | None, weights: torch.Tensor | None,
                target: torch.Tensor, neighbours: torch.Tensor | None, cfg: DistillConfig, kd: bool,
                teacher: torch.Tensor | None = None, kd_kind: str | None = None,
-               ce: bool = True) -> dict[str, torch.Tensor]:
+               ce: bool = True, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The element-wise part of a stage-2 step after the matrix products (one function so ``torch.compile``
     can fuse it): per-query student CE (unless ``ce`` is off), the combined teacher ``sum_m w_m F^m`` (unless
     ``teacher`` is given) and the distillation loss. ``(B,)`` tensors keyed ``ce`` and ``kd``. ``student`` may be the
-    product's bfloat16 (:func:`~dsom.models.products.product_scores`): it is read as float32."""
+    product's bfloat16 (:func:`~dsom.models.fused.complex_scores`): it is read as float32. With ``rows (B,)`` the
+    student's logits are one row per pair and the CE is per query (:func:`per_query_ce`); the KD stays per row
+    (a loss that does not read ``target``)."""
     student = student.float()
-    out = {"ce": per_query_ce(student, target)} if ce else {}
+    out = {"ce": per_query_ce(student, target, rows)} if ce else {}
     if kd:
         if teacher is None:
             teacher = combine(weights, teacher_logits)
@@ -257,8 +259,10 @@ class Distiller(nn.Module):
             # gather's backward inside the compiled graph is an accumulating index_put_, 22 ms for 1,400 DB15K rows)
             first = torch.ones_like(u_pair, dtype=torch.bool)
             first[1:] = u_pair[1:] != u_pair[:-1]
-            kd = self._step_terms(student, tea_all, u_weights[first], t[:0], neighbours, cfg, True, None, kind,
-                                  ce=False)["kd"]
+            # (with the per-query CE from each pair's log-sum-exp: one pass and one gradient block for both)
+            firsts = self._step_terms(student, tea_all, u_weights[first], t, neighbours, cfg, True, None, kind,
+                                      rows=rows)
+            kd = firsts["kd"]
             if len(u_pair) > len(qh):
                 extra = ~first
                 kd = torch.cat([kd, self._gathered_kd(student, tea_all, u_pair[extra], u_weights[extra], neighbours,
@@ -268,7 +272,7 @@ class Distiller(nn.Module):
                 where[first] = torch.arange(len(qh), device=where.device)
                 where[extra] = torch.arange(len(qh), len(u_pair), device=where.device)
                 inverse = where[inverse]
-            terms = {"ce": self._scaled_ce(student, t, 1.0, rows), "kd": kd[inverse]}
+            terms = {"ce": firsts["ce"], "kd": kd[inverse]}
         else:  # a loss that reads the target, or MulDE's own teacher: per query
             nb = None if neighbours is None else neighbours[rows]
             terms = self._step_terms(student.float()[rows], tea_all[:, rows], choice.weights, t, nb, cfg, use_kd,
