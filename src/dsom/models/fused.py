@@ -91,13 +91,6 @@ def _query(ent: torch.Tensor, rel: torch.Tensor, precision: str) -> torch.Tensor
     return _cast(complex_query(ent, rel), precision)
 
 
-def _query_operand(tails: CETails, ent: torch.Tensor, rel: torch.Tensor, precision: str) -> torch.Tensor:
-    """``tails.query``: the product operand of the queries. Compiled, ``bf16sim``'s float32 -> bf16 -> float32 round
-    trip is removed by Inductor (it drops such cast pairs unless told to emulate them), so it is rounded again here."""
-    query = tails.query(ent, rel, precision)
-    return bf16_round(query) if precision == "bf16sim" and tails.compiled else query
-
-
 def _times_conj(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x * conj(y)`` of ``[re | im]`` rows (halves as views and one ``stack``: compiles to one pass)."""
     a, b = x.unflatten(-1, (2, -1)).unbind(-2)
@@ -185,10 +178,17 @@ class CETails:
         self.softmax_grad = MaybeCompiled(_softmax_grad, True) if compile else _softmax_grad_eager
         self.lse_t = MaybeCompiled(_lse_t, True) if compile else _lse_t_eager
         self.softmax_grad_t = MaybeCompiled(_softmax_grad_t, True) if compile else _softmax_grad_t_eager
-        self.query = MaybeCompiled(_query, compile)
+        self._query = MaybeCompiled(_query, compile)
         self.query_grads = MaybeCompiled(_query_grads, compile)
         self.penalty_value = MaybeCompiled(_penalty_value, compile)
         self.penalty_grads = MaybeCompiled(_penalty_grads, compile)
+
+    def query(self, ent: torch.Tensor, rel: torch.Tensor, precision: str) -> torch.Tensor:
+        """The queries ``ent * rel`` as product operands (:func:`_query`). Compiled, ``bf16sim``'s float32 -> bf16 ->
+        float32 round trip is removed by Inductor (it drops such cast pairs unless told to emulate them), so the
+        result is rounded again here."""
+        query = self._query(ent, rel, precision)
+        return bf16_round(query) if precision == "bf16sim" and self.compiled else query
 
 
 EAGER = CETails(False)
@@ -230,7 +230,7 @@ class _ComplExCE(torch.autograd.Function):
         ent = torch.stack([t[head].float() for t in tables])
         rel = relations[:, relation]  # (K, P, 2d)
         tail = torch.stack([t[target].float() for t in tables])  # (K, T, 2d)
-        query = _query_operand(tails, ent, rel, precision)
+        query = tails.query(ent, rel, precision)
         cast_tables, scores, lse = [], [], []
         for k, table in enumerate(tables):
             ct = _cast(table, precision)
@@ -311,7 +311,7 @@ class _ComplExScores(torch.autograd.Function):
         ent = table.index_select(0, head)  # (P, 2d)
         rel = relations.index_select(0, relation)
         tail = table.index_select(0, target)  # (T, 2d)
-        query = _query_operand(tails, ent[None], rel[None], precision)[0]
+        query = tails.query(ent[None], rel[None], precision)[0]
         cast_table = _cast(table, precision)
         scores = _mm(query, cast_table.T, precision)  # (P, E) in the product precision
         ctx.save_for_backward(ent, rel, query, head, relation, target, cast_table)

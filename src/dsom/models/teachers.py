@@ -182,7 +182,7 @@ class FrozenTeachers:
         batch; the queries are still formed in float32, so the logits are the same."""
         if precision != "bf16":
             return interaction.score_all(self.tables, self.relations, head, relation, precision, start, stop)
-        query = interaction.complex_query(self.tables[:, head], self.relations[:, relation])
+        query = teacher_queries(self.tables, self.relations, head, relation, None, self.tables.dtype)
         tables = self._bf16().transpose(1, 2)  # (M, E, 2d) view of the entity-minor cast
         whole = start == 0 and stop is None
         return matmul_scores(query, tables if whole else tables[:, start:stop], precision)
