@@ -55,3 +55,22 @@ def test_outside_floor_benchmark_reports_the_floor_as_the_sum_of_its_passes():
     assert t["floor_outside"] == pytest.approx(t["lse_t"] + t["softmax_grad_t"] + t["adagrad_fused"])
     assert t["products"] == pytest.approx(t["mm_forward"] + t["mm_d_query"] + t["mm_d_table"])
     assert t["today_outside_subset"] > t["floor_outside"] > 0
+
+
+def test_split_profile_keeps_the_fastest_round_and_resets_before_each():
+    import time
+
+    import torch
+
+    durations = iter([0.06, 0.06, 0.005, 0.005, 0.03, 0.03])  # per call: round 2 is the fastest
+    resets, calls = [], []
+
+    def run() -> None:
+        calls.append(len(resets))
+        time.sleep(next(durations))
+
+    prof = _speed().split_profile(run, torch.device("cpu"), steps=2, rounds=3, reset=lambda: resets.append(1))
+    assert len(resets) == 3 and calls == [1, 1, 2, 2, 3, 3]
+    assert prof["rounds"] == 3 and len(prof["round_step_s"]) == 3
+    assert prof["step_s"] == pytest.approx(min(prof["round_step_s"]), abs=1e-4)
+    assert prof["step_s"] < 0.02 < prof["round_step_s"][0]
