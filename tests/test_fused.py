@@ -230,3 +230,21 @@ def test_a_bf16_table_gets_the_float32_tables_gradient_rounded_once(transposed):
     step = want.abs() * 2 ** -7 + 1e-30  # one bf16 step (8 significant bits) at each value
     assert bool(((t1.float() - want).abs() <= step).all())
     assert int((t1.float() != want).sum()) <= max(1, int(0.02 * want.numel()))  # almost every value identical
+
+
+@pytest.mark.parametrize("E", [50, 128, 300])  # one block pass (E < 2 blocks), whole blocks, blocks + a remainder
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_column_logsumexp_in_row_blocks_equals_float64_logsumexp(E, dtype, compiled):
+    """``CETails.lse_t`` (blocks of rows, combined) is ``logsumexp`` over dim 0 of the ``(E, P)`` scores, with columns
+    whose maximum sits in the remainder rows, columns spread far beyond the exponent floor, and a constant column."""
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(E, 7, generator=g) * 4
+    s[-1, 0] = 30.0  # maximum in the last row (the remainder when E is not a whole number of blocks)
+    s[:, 1] = torch.linspace(-300, 90, E)  # most of the column more than 64 below its maximum
+    s[:, 2] = -5.0
+    s = s.to(dtype)
+    got = CETails(compiled).lse_t(s)
+    ref = torch.logsumexp(s.double(), 0)
+    assert got.dtype == torch.float32 and got.shape == (7,)
+    torch.testing.assert_close(got.double(), ref, rtol=2e-6, atol=2e-5)

@@ -53,10 +53,31 @@ def _softmax_grad(s: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> torch.
     return ((s.float() - lse.unsqueeze(-1)).clamp_min(EXP_FLOOR).exp() * g.unsqueeze(-1)).to(s.dtype)
 
 
+LSE_T_BLOCK = 64  # rows per block of :func:`_lse_t` (DB15K, P = 1,000: 16 rows 7.0 ms, 32 6.3, 64 6.1, 128 7.2)
+
+
 def _lse_t(s: torch.Tensor) -> torch.Tensor:
-    """:func:`_lse` of transposed scores ``(E, P)``: one log-sum-exp per column."""
-    top = s.amax(0, keepdim=True).float()
-    return (s.float() - top).clamp_min(EXP_FLOOR).exp().sum(0).log() + top.squeeze(0)
+    """:func:`_lse` of transposed scores ``(E, P)``: one log-sum-exp per column.
+
+    A column's maximum and exponential sum, taken over all E rows at once, walk the ``(E, P)`` block column by column
+    (a strided read per row, twice): 10.2 ms for a DB15K bf16 block (E = 12,842, P = 1,000) on the 2-core AMX dev
+    machine. Here each block of :data:`LSE_T_BLOCK` rows gets its own column maxima and sums (the block stays in cache
+    between the two), combined at the end as ``top + log sum_b sum_b' exp(m_b - top)``: 6.1 ms. Each exponent is
+    floored at :data:`~dsom.numerics.EXP_FLOOR` below its block's maximum and each block's scale below ``top`` (the
+    value differs from one floor below ``top`` by under ``exp(EXP_FLOOR)`` relative, no fp32 denormal)."""
+    n = s.shape[0] // LSE_T_BLOCK
+    if n < 2:
+        top = s.amax(0, keepdim=True).float()
+        return (s.float() - top).clamp_min(EXP_FLOOR).exp().sum(0).log() + top.squeeze(0)
+    main = s[: n * LSE_T_BLOCK].unflatten(0, (n, LSE_T_BLOCK))  # (n, block, P), a view
+    block_top = main.amax(1).float()  # (n, P)
+    block_sum = (main.float() - block_top.unsqueeze(1)).clamp_min(EXP_FLOOR).exp().sum(1)
+    rest = s[n * LSE_T_BLOCK:]  # (E mod block, P)
+    top = torch.maximum(block_top.amax(0), rest.amax(0).float()) if rest.shape[0] else block_top.amax(0)
+    total = (block_sum * (block_top - top).clamp_min(EXP_FLOOR).exp()).sum(0)
+    if rest.shape[0]:
+        total = total + (rest.float() - top).clamp_min(EXP_FLOOR).exp().sum(0)
+    return total.log() + top
 
 
 def _softmax_grad_t(s: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -71,9 +92,21 @@ def _lse_eager(s: torch.Tensor) -> torch.Tensor:
 
 
 def _lse_t_eager(s: torch.Tensor) -> torch.Tensor:
-    top = s.amax(0, keepdim=True).float()
-    p = torch.sub(s, top).clamp_min_(EXP_FLOOR).exp_()
-    return p.sum(0).log_().add_(top.squeeze(0))
+    """:func:`_lse_t` with in-place passes (blocks: 18.5 ms instead of 26.7 for the block measured there)."""
+    n = s.shape[0] // LSE_T_BLOCK
+    if n < 2:
+        top = s.amax(0, keepdim=True).float()
+        return torch.sub(s, top).clamp_min_(EXP_FLOOR).exp_().sum(0).log_().add_(top.squeeze(0))
+    main = s[: n * LSE_T_BLOCK].unflatten(0, (n, LSE_T_BLOCK))
+    block_top = main.amax(1, keepdim=True).float()  # (n, 1, P)
+    block_sum = torch.sub(main, block_top).clamp_min_(EXP_FLOOR).exp_().sum(1)  # (n, P)
+    block_top = block_top.squeeze(1)
+    rest = s[n * LSE_T_BLOCK:]
+    top = torch.maximum(block_top.amax(0), rest.amax(0).float()) if rest.shape[0] else block_top.amax(0)
+    total = block_sum.mul_(torch.sub(block_top, top).clamp_min_(EXP_FLOOR).exp_()).sum(0)
+    if rest.shape[0]:
+        total.add_(torch.sub(rest, top).clamp_min_(EXP_FLOOR).exp_().sum(0))
+    return total.log_().add_(top)
 
 
 def _softmax_grad_t_eager(s: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
