@@ -14,7 +14,9 @@ Phases (each timed on the same data, with its peak resident memory and its FLOP 
 With ``--batches N`` each training phase times N batches after one warm-up batch and scales the time to
 an epoch by its own number of batches per epoch (dsom: reciprocal training triples / B; PyKEEN LCWA:
 unique (h, r) pairs including inverses / B). Roofline time = FLOPs / the faster of the measured fp32 and
-bf16 peaks; the roofline fraction is roofline time / measured time (1.0 = at the peak).
+bf16 peaks; the roofline fraction is roofline time / measured time (1.0 = at the peak). The ``median`` column is the
+epoch estimated from the timed batches' median step instead of their mean (on a shared machine it is moved less by a
+step that something else slowed).
 
 ``--batching pairs`` trains ComplEx and stage 1 with ``train.batching=pairs`` (each distinct (entity, relation)
 pair of a batch scored once); the batches timed are then the trainer's own pair batches. "TFLOP" counts the
@@ -197,7 +199,9 @@ def split_profile(run: Callable[[], None], device: torch.device, steps: int, rou
 def time_trainer_steps(tr: Trainer, batches: int, device: torch.device,
                        profile_steps: int = 0, profile_rounds: int = 1) -> tuple[float, int, dict[str, Any]]:
     """Seconds for ``batches`` optimizer steps of a dsom trainer (after one warm-up step), the batches timed, and
-    (``profile_steps > 0``) :func:`split_profile` of that many further steps (``profile_rounds`` times, the fastest kept). The batches are the trainer's own
+    (``profile_steps > 0``) :func:`split_profile` of that many further steps (``profile_rounds`` times, the fastest kept);
+    the latter's dict also holds the timed steps' median (``median_step_s``: the epoch estimate least moved by a step
+    that something else on the machine slowed). The batches are the trainer's own
     for epoch 1 (:meth:`Trainer.epoch_batches`: triples or pairs)."""
     q = tr.train_queries
     order, offsets = tr.epoch_batches(1)
@@ -225,16 +229,17 @@ def time_trainer_steps(tr: Trainer, batches: int, device: torch.device,
         tr.optimizer.step()
         tr.after_step(1, b)
 
-    elapsed = 0.0
+    times = []
     for b in range(batches + 1):
         sync(device)
         t0 = time.perf_counter()
         step()
         sync(device)
         if b > 0:
-            elapsed += time.perf_counter() - t0
+            times.append(time.perf_counter() - t0)
     prof = split_profile(step, device, profile_steps, profile_rounds, reset) if profile_steps > 0 else {}
-    return elapsed, batches, prof
+    prof["median_step_s"] = float(np.median(times)) if times else math.nan
+    return sum(times), batches, prof
 
 
 # ------------------------------------------------------------------------------------------- phases
@@ -251,7 +256,8 @@ def phase_dsom_complex(ds: KGDataset, args: argparse.Namespace, device: torch.de
     seconds, timed, prof = time_trainer_steps(tr, args.batches, device, args.profile_steps, args.profile_rounds)
     n_epoch = len(tr.epoch_batches(1)[1]) - 1
     rows = score_rows(tr)
-    return {"epoch_s": seconds / timed * n_epoch, "batches_timed": timed, "batches_per_epoch": n_epoch,
+    return {"epoch_s": seconds / timed * n_epoch, "median_epoch_s": prof.pop("median_step_s") * n_epoch,
+            "batches_timed": timed, "batches_per_epoch": n_epoch,
             "queries_per_s": len(tr.train_queries) / (seconds / timed * n_epoch),
             "flop_per_epoch": 3 * 2 * rows * 2 * args.rank * ds.num_entities, "score_rows_per_epoch": rows,
             "dedup_flop_per_epoch": 3 * 2 * args.pairs * 2 * args.rank * ds.num_entities,
@@ -274,7 +280,8 @@ def phase_dsom_teachers(ds: KGDataset, args: argparse.Namespace, device: torch.d
     xw = n_epoch * sum(4 * ds.num_entities * FEATURE_DIMS[m] * two_d for m in mods if m != "structure")  # X W, dW
     flop = 3 * 2 * rows * two_d * ds.num_entities * M + xw
     dedup = 3 * 2 * args.pairs * two_d * ds.num_entities * M + xw
-    return {"epoch_s": seconds / timed * n_epoch, "batches_timed": timed, "batches_per_epoch": n_epoch,
+    return {"epoch_s": seconds / timed * n_epoch, "median_epoch_s": prof.pop("median_step_s") * n_epoch,
+            "batches_timed": timed, "batches_per_epoch": n_epoch,
             "queries_per_s": len(tr.train_queries) / (seconds / timed * n_epoch), "flop_per_epoch": flop,
             "score_rows_per_epoch": rows, "dedup_flop_per_epoch": dedup, "batching": tr.batching, "teachers": M,
             "precision": tr.precision, "profile": prof}
@@ -311,7 +318,8 @@ def phase_dsom_distill(ds: KGDataset, args: argparse.Namespace, device: torch.de
     n_rows = score_rows(tr)
     policy_flop = 2 * 2 * n_rows * M * E * H if args.policy_state != "summary" else 0
     dedup_policy = 2 * 2 * args.pairs * M * E * H if args.policy_state != "summary" else 0
-    return {"epoch_s": seconds / timed * n_epoch, "batches_timed": timed, "batches_per_epoch": n_epoch,
+    return {"epoch_s": seconds / timed * n_epoch, "median_epoch_s": prof.pop("median_step_s") * n_epoch,
+            "batches_timed": timed, "batches_per_epoch": n_epoch,
             "queries_per_s": N / (seconds / timed * n_epoch), "flop_per_epoch": scoring(n_rows) + policy_flop,
             "score_rows_per_epoch": n_rows, "dedup_flop_per_epoch": scoring(args.pairs) + dedup_policy,
             "policy_flop_per_epoch": policy_flop, "teachers": M, "policy_hidden": H, "policy_state": args.policy_state,
@@ -542,7 +550,7 @@ def print_table(res: dict[str, Any], outside_ops: int = 4) -> None:
         d = res["dsom_distill"]
         print(f"stage 2: policy state {d['policy_state']} (hidden {d['policy_hidden']}), rewards {d['rewards']}, "
               f"summary states {d.get('summary_cache', 'computed')}")
-    print(f"{'phase':<16} {'s/epoch':>9} {'queries/s':>10} {'TFLOP':>8} {'roofline s':>10} {'fraction':>8} "
+    print(f"{'phase':<16} {'s/epoch':>9} {'median':>7} {'queries/s':>10} {'TFLOP':>8} {'roofline s':>10} {'fraction':>8} "
           f"{'dedup TFLOP':>11} {'dedup frac':>10} {'peak RSS MB':>11}")
     for name, r in res.items():
         if not isinstance(r, dict) or "queries_per_s" not in r:
@@ -550,7 +558,7 @@ def print_table(res: dict[str, Any], outside_ops: int = 4) -> None:
         secs = r.get("epoch_s", r.get("seconds"))
         flop = r.get("flop_per_epoch", r.get("flop", math.nan))
         dedup = r.get("dedup_flop_per_epoch", math.nan)
-        print(f"{name:<16} {secs:9.1f} {r['queries_per_s']:10.0f} {flop / 1e12:8.2f} {r['roofline_s']:10.1f} "
+        print(f"{name:<16} {secs:9.1f} {r.get('median_epoch_s', math.nan):7.1f} {r['queries_per_s']:10.0f} {flop / 1e12:8.2f} {r['roofline_s']:10.1f} "
               f"{r['roofline_fraction']:8.3f} {dedup / 1e12:11.2f} {r.get('dedup_roofline_fraction', math.nan):10.3f} "
               f"{r['peak_rss_mb']:11.0f}" + (f"  GPU {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else ""))
     profiled = {k: r["profile"] for k, r in res.items() if isinstance(r, dict) and r.get("profile")}

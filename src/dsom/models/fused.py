@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from dsom.models.complex import REGULARIZERS
 from dsom.models.interaction import complex_modulus, complex_query
-from dsom.models.products import PRECISIONS, bf16_round
+from dsom.models.products import PRECISIONS, as_bf16, bf16_round
 from dsom.numerics import EXP_FLOOR
 from dsom.perf import MaybeCompiled
 
@@ -232,7 +232,7 @@ def _cast(x: torch.Tensor, precision: str) -> torch.Tensor:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     if precision == "bf16":
-        return x.to(torch.bfloat16)
+        return as_bf16(x)  # an entity table's copy from the optimizer's update where there is one
     return bf16_round(x) if precision == "bf16sim" else x.float()
 
 

@@ -34,6 +34,28 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
+def keep_bf16_shadow(x: torch.Tensor, shadow: torch.Tensor) -> None:
+    """Record ``shadow`` as the bfloat16 copy of ``x`` as it is now (its storage and version); written by the
+    optimizer's update (:class:`~dsom.train.optim.ShadowAdagrad`) so the next forward need not cast ``x`` again."""
+    x._dsom_bf16_shadow = ((x.data_ptr(), x._version), shadow)  # type: ignore[attr-defined]
+
+
+def bf16_shadow(x: torch.Tensor) -> torch.Tensor | None:
+    """The bfloat16 copy recorded by :func:`keep_bf16_shadow`, if ``x`` has not been written since (same storage and
+    version counter; ``load_state_dict``, ``copy_`` or any other in-place write makes it stale); else ``None``."""
+    record = getattr(x, "_dsom_bf16_shadow", None)
+    if record is None or record[0] != (x.data_ptr(), x._version):
+        return None
+    return record[1]
+
+
+def as_bf16(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in bfloat16: its up-to-date shadow (:func:`bf16_shadow`) where there is one, else a cast. The shadow is
+    not connected to ``x`` in autograd: for code that computes ``x``'s gradient itself (an autograd ``Function``)."""
+    shadow = bf16_shadow(x)
+    return shadow if shadow is not None else x.to(torch.bfloat16)
+
+
 def bf16_round(x: torch.Tensor) -> torch.Tensor:
     """``x`` rounded to the nearest bfloat16 value (round-to-nearest-even), kept in float32."""
     return x.to(torch.bfloat16).float()

@@ -1,0 +1,86 @@
+"""Adagrad that keeps a bfloat16 copy of the large tables, written by the update itself (issue 12).
+
+Under ``train.precision=bf16`` every step casts each float32 entity table to bfloat16 for its products
+(:func:`~dsom.models.fused._cast`): a pass that reads the whole table and writes half of it again, right after the
+optimizer wrote the table. :class:`ShadowAdagrad` writes that bfloat16 copy (the table's *shadow*) in the same pass as
+the update, and :func:`~dsom.models.products.bf16_shadow` hands it to the next forward, so the table is not read
+again. The update is torch's Adagrad (``sum += g^2``, ``p -= lr / (1 + (step - 1) lr_decay) * g / (sqrt(sum) + eps)``)
+as one compiled element-wise pass; its state (``step``, ``sum``) is torch's, so checkpoints load either way.
+
+Only parameters with at least :data:`SHADOW_MIN_NUMEL` elements get a shadow (entity tables; a relation table's cast
+costs little), and only where the update is plain: dense float32 gradients, no weight decay, not maximising. Everything
+else goes through torch's own (fused) step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from dsom.models.products import keep_bf16_shadow
+from dsom.perf import MaybeCompiled
+
+SHADOW_MIN_NUMEL = 1 << 20  # DB15K rank 500: the entity table has 12.8M elements, its relation table 0.56M
+
+
+def _adagrad_shadow_update(param: torch.Tensor, grad: torch.Tensor, state_sum: torch.Tensor, shadow: torch.Tensor,
+                           clr: torch.Tensor, eps: float) -> None:
+    """One Adagrad step of ``param`` in place, its bfloat16 copy written into ``shadow`` (one pass compiled)."""
+    total = state_sum + grad * grad
+    new = param - clr * grad / (total.sqrt() + eps)
+    state_sum.copy_(total)
+    param.copy_(new)
+    shadow.copy_(new)
+
+
+class ShadowAdagrad(torch.optim.Adagrad):
+    """:class:`torch.optim.Adagrad` (fused on CPU) whose large parameters also get a bfloat16 shadow per step.
+
+    Args:
+        params, lr, fused: as for :class:`torch.optim.Adagrad`.
+        shadow: whether to keep shadows at all (``train.precision=bf16``).
+        compile: run the shadowed update through ``torch.compile`` (one pass; eager it is torch's step plus a cast).
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float, fused: bool | None = None, shadow: bool = True,
+                 compile: bool = True) -> None:
+        super().__init__(params, lr=lr, fused=fused)
+        self.shadow = shadow
+        self._update = MaybeCompiled(_adagrad_shadow_update, compile)
+        self._shadows: dict[int, torch.Tensor] = {}  # id(param) -> its bfloat16 buffer, reused every step
+
+    def _shadowed(self, group: dict[str, Any], p: torch.Tensor) -> bool:
+        return (self.shadow and p.grad is not None and p.numel() >= SHADOW_MIN_NUMEL and p.dtype == torch.float32
+                and not p.grad.is_sparse and p.grad.dtype == torch.float32 and not group["weight_decay"]
+                and not group["maximize"] and not group.get("differentiable", False))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        held: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not self._shadowed(group, p):
+                    continue
+                state = self.state[p]
+                state["step"] += 1
+                clr = group["lr"] / (1 + (state["step"] - 1) * group["lr_decay"])
+                shadow = self._shadows.get(id(p))
+                if shadow is None or shadow.shape != p.shape or shadow.device != p.device:
+                    shadow = self._shadows[id(p)] = torch.empty_like(p, dtype=torch.bfloat16)
+                clr_t = torch.as_tensor(clr, dtype=torch.float32, device=p.device)
+                self._update(p, p.grad, state["sum"], shadow, clr_t, group["eps"])
+                keep_bf16_shadow(p, shadow)
+                held.append((p, p.grad))
+                p.grad = None  # torch's step below skips it
+        try:
+            super().step()
+        finally:
+            for p, g in held:
+                p.grad = g
+        return loss
