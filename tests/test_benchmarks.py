@@ -55,7 +55,9 @@ def test_outside_floor_benchmark_reports_the_floor_as_the_sum_of_its_passes():
     t = _script("outside_floor").main(["--entities", "50", "--rank", "4", "--batch", "6", "--repeats", "1"])
     assert t["floor_outside"] == pytest.approx(t["lse_t"] + t["softmax_grad_t"] + t["adagrad_fused"])
     assert t["products"] == pytest.approx(t["mm_forward"] + t["mm_d_query"] + t["mm_d_table"])
-    assert t["today_outside_subset"] > t["floor_outside"] > 0
+    assert t["today_outside_subset"] == pytest.approx(t["lse_t"] + t["softmax_grad_t"] + t["adagrad_with_shadow"]
+                                                      + t["copy_grad_to_fp32"])
+    assert t["floor_outside"] > 0
 
 
 def test_split_profile_keeps_the_fastest_round_and_resets_before_each():
