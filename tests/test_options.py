@@ -58,7 +58,7 @@ def test_kd_warmup_scales_the_kd_term_linearly(tmp_path):
                             tmp_path / str(warmup), _teachers(ds), progress=False)
         for epoch in (1, 2, 4, 6):
             st.current_epoch, st.current_batch = epoch, 0
-            kd[warmup, epoch] = float(st.loss(batch).terms["kd"])
+            kd[warmup, epoch] = float(st.loss(batch).terms["kd"].detach())
     for epoch in (1, 2, 4, 6):
         assert kd[4, epoch] == pytest.approx(kd[0, epoch] * min(1.0, epoch / 4), rel=1e-6)
 
