@@ -49,6 +49,16 @@ def bf16_shadow(x: torch.Tensor) -> torch.Tensor | None:
     return record[1]
 
 
+def cached_bf16(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in bfloat16, cast once and kept as its shadow (:func:`keep_bf16_shadow`) until ``x`` is written again: for
+    tensors that rarely change (a teacher's fixed feature matrix)."""
+    shadow = bf16_shadow(x)
+    if shadow is None:
+        shadow = x.to(torch.bfloat16)
+        keep_bf16_shadow(x, shadow)
+    return shadow
+
+
 def as_bf16(x: torch.Tensor) -> torch.Tensor:
     """``x`` in bfloat16: its up-to-date shadow (:func:`bf16_shadow`) where there is one, else a cast. The shadow is
     not connected to ``x`` in autograd: for code that computes ``x``'s gradient itself (an autograd ``Function``)."""

@@ -15,13 +15,12 @@ giving ``(M, B, E)`` logits (SPEC §9.1). Trainable parameters: ``2d * (E + M * 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import torch
 from torch import nn
 
 import dsom.models.interaction as interaction
-from dsom.models.products import matmul_scores, stacked_scores
+from dsom.models.products import cached_bf16, matmul_scores, stacked_scores
 from dsom.models.representations import normal_table, projected_table, xavier_projection
 
 STRUCTURE = "structure"
@@ -63,7 +62,6 @@ class ModalityTeachers(nn.Module):
         self.relations = nn.Parameter(
             normal_table((len(self.modalities), num_relations, 2 * rank), init_scale, generator))
         self.projections = nn.ParameterList()
-        self._bf16_features: dict[int, tuple[tuple[Any, ...], torch.Tensor]] = {}  # see _features_for
         for i, (name, x) in enumerate(features.items()):
             x = torch.as_tensor(x, dtype=torch.float32)
             if x.shape[0] != num_entities:
@@ -88,15 +86,10 @@ class ModalityTeachers(nn.Module):
 
     def _features_for(self, i: int, precision: str) -> torch.Tensor:
         """Feature matrix ``i`` as the projection's operand: under ``bf16`` a bfloat16 copy, made again only when the
-        buffer is another tensor or was written in place (``load_state_dict``, ``.to``)."""
+        buffer is another tensor or was written in place (``load_state_dict``, ``.to``;
+        :func:`~dsom.models.products.cached_bf16`)."""
         x = self.feature_matrix(i)
-        if precision != "bf16":
-            return x
-        key = (x.data_ptr(), x._version, x.device, x.shape)
-        cached = self._bf16_features.get(i)
-        if cached is None or cached[0] != key:
-            cached = self._bf16_features[i] = (key, x.to(torch.bfloat16))
-        return cached[1]
+        return cached_bf16(x) if precision == "bf16" else x
 
     def entity_tables(self) -> torch.Tensor:
         """``(M, E, 2d)``: :meth:`entity_table_list` stacked."""

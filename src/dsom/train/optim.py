@@ -40,20 +40,17 @@ class ShadowAdagrad(torch.optim.Adagrad):
 
     Args:
         params, lr, fused: as for :class:`torch.optim.Adagrad`.
-        shadow: whether to keep shadows at all (``train.precision=bf16``).
         compile: run the shadowed update through ``torch.compile`` (one pass). Eager, or if compilation fails, it is
             torch's fused step followed by a cast of each shadowed table (as fast as before, no faster).
     """
 
-    def __init__(self, params: Iterable[Any], lr: float, fused: bool | None = None, shadow: bool = True,
-                 compile: bool = True) -> None:
+    def __init__(self, params: Iterable[Any], lr: float, fused: bool | None = None, compile: bool = True) -> None:
         super().__init__(params, lr=lr, fused=fused)
-        self.shadow = shadow
         self._update = MaybeCompiled(adagrad_shadow_update, compile)
         self._shadows: dict[int, torch.Tensor] = {}  # id(param) -> its bfloat16 buffer, reused every step
 
     def _shadowed(self, group: dict[str, Any], p: torch.Tensor) -> bool:
-        return (self.shadow and p.grad is not None and p.numel() >= SHADOW_MIN_NUMEL and p.dtype == torch.float32
+        return (p.grad is not None and p.numel() >= SHADOW_MIN_NUMEL and p.dtype == torch.float32
                 and not p.grad.is_sparse and p.grad.dtype == torch.float32 and not group["weight_decay"]
                 and not group["maximize"] and not group.get("differentiable", False))
 
@@ -67,8 +64,7 @@ class ShadowAdagrad(torch.optim.Adagrad):
         if not self._update.enabled:  # eager (or compilation failed): torch's fused step, then one cast per table
             super().step()
             for _, p in shadowed:
-                self._shadow_of(p).copy_(p)
-                keep_bf16_shadow(p, self._shadow_of(p))
+                keep_bf16_shadow(p, self._shadow_of(p).copy_(p))
             return loss
         held: list[tuple[torch.Tensor, torch.Tensor]] = []
         try:
