@@ -27,7 +27,8 @@ With ``--profile-steps K`` (default 2) each training phase runs K more steps und
 evaluation once more): the time inside the matrix products is the self time of ``aten::mm``, ``bmm``,
 ``addmm``, ``baddbmm``, ``addbmm``, ``matmul``, ``dot`` and ``mv`` (CPU: the calling thread's time, which
 includes waiting for the product's worker threads; CUDA: kernel time), the time outside is the rest of the
-wall time of the step; the four largest outside ops by self time are listed.
+wall time of the step; the four largest outside ops by self time are listed (``--outside-ops N``: N of them), a
+compiled graph by the dsom function it runs (``compiled step_terms``, ``compiled step_terms backward``).
 
     DSOM_DATA=../shared/data python benchmarks/speed.py DB15K --rank 500 --batches 10 --json speed.json
 """
@@ -56,7 +57,7 @@ from dsom.evaluate import evaluate
 from dsom.models.complex import ComplEx
 from dsom.models.products import resolve_precision
 from dsom.models.teachers import FrozenTeachers
-from dsom.perf import tune_allocator
+from dsom.perf import PROFILE_PREFIX, tune_allocator
 from dsom.train.loop import ComplExTrainer, PairIndex, Trainer
 from dsom.train.student import StudentTrainer
 from dsom.train.teachers import TeacherTrainer
@@ -142,9 +143,44 @@ def score_rows(tr: Trainer) -> int:
     return tr._pairs.num_pairs
 
 
+SKIPPABLE = ("complex", "pykeen", "teachers", "distill", "eval")
 OUTSIDE_OPS_KEPT = 25
 MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm", "aten::matmul", "aten::dot",
               "aten::mv")
+
+
+COMPILED_GRAPH = "## Call CompiledFxGraph"
+
+
+def compiled_graph_labels(events: list[Any]) -> dict[int, str]:
+    """Readable names for the profiler's ``## Call CompiledFxGraph <hash>`` events, by event id: ``compiled <fn>`` for a
+    graph called inside :class:`~dsom.perf.MaybeCompiled`'s ``dsom:<fn>`` range, ``compiled <fn> backward`` for the
+    backward graph of such a call (its autograd node has the forward call's sequence number). Others keep their name."""
+    def dsom_range(ev: Any) -> str | None:
+        p = ev.cpu_parent
+        while p is not None:
+            if p.name.startswith(PROFILE_PREFIX):
+                return p.name.removeprefix(PROFILE_PREFIX)
+            p = p.cpu_parent
+        return None
+
+    forward_fn: dict[int, str] = {}  # sequence number of a compiled forward's autograd node -> its function
+    for ev in events:
+        if ev.name == "CompiledFunction" and ev.sequence_nr >= 0 and (fn := dsom_range(ev)) is not None:
+            forward_fn[ev.sequence_nr] = fn
+    labels: dict[int, str] = {}
+    for ev in events:
+        if not ev.name.startswith(COMPILED_GRAPH):
+            continue
+        if (fn := dsom_range(ev)) is not None:
+            labels[ev.id] = f"compiled {fn}"
+            continue
+        p = ev.cpu_parent
+        while p is not None and not p.name.endswith("CompiledFunctionBackward"):
+            p = p.cpu_parent
+        if p is not None and p.sequence_nr in forward_fn:
+            labels[ev.id] = f"compiled {forward_fn[p.sequence_nr]} backward"
+    return labels
 
 
 def split_profile(run: Callable[[], None], device: torch.device, steps: int, rounds: int = 1,
@@ -181,12 +217,15 @@ def split_profile(run: Callable[[], None], device: torch.device, steps: int, rou
             best = (wall, prof, faults)
     wall, prof, faults = best
     mm_us, other = 0.0, {}
-    for ev in prof.key_averages():
+    events = prof.events()
+    labels = compiled_graph_labels(events)
+    for ev in events:
         us = ev.self_device_time_total if device.type == "cuda" else ev.self_cpu_time_total
-        if ev.key in MATMUL_OPS:
+        if ev.name in MATMUL_OPS:
             mm_us += us
-        elif not ev.key.startswith(("ProfilerStep", "[memory]")):
-            other[ev.key] = other.get(ev.key, 0.0) + us
+        elif not ev.name.startswith(("ProfilerStep", "[memory]")):
+            key = labels.get(ev.id, ev.name)
+            other[key] = other.get(key, 0.0) + us
     step = wall / steps
     mm = mm_us / 1e6 / steps
     top = sorted(other.items(), key=lambda kv: -kv[1])[:OUTSIDE_OPS_KEPT]
@@ -463,13 +502,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "slow a round; default 3)")
     p.add_argument("--outside-ops", type=int, default=4,
                    help=f"also list this many of the largest outside ops per profiled phase (at most {OUTSIDE_OPS_KEPT})")
-    p.add_argument("--skip", default="", help="comma-separated phases to skip (pykeen, teachers, distill, eval)")
+    p.add_argument("--skip", default="", help=f"comma-separated phases to skip ({', '.join(SKIPPABLE)})")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     tune_allocator()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     skip = set(filter(None, args.skip.split(",")))
+    if skip - set(SKIPPABLE):
+        p.error(f"--skip: unknown phase(s) {', '.join(sorted(skip - set(SKIPPABLE)))}; choose from {', '.join(SKIPPABLE)}")
     ds = registry.load(args.dataset)
     args.pairs = PairIndex(torch.from_numpy(ds.queries("train"))).num_pairs  # distinct (entity, relation) pairs
     tmp = f"/tmp/dsom-speed-{os.getpid()}"
@@ -488,7 +529,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "train_triples": len(ds.train), "test_triples": len(ds.test), "rank": args.rank,
                     "batch_size": args.batch_size, "batches": args.batches, "modalities": args.modalities,
                     "policy_hidden": args.policy_hidden, "batching": args.batching}
-    run_phase("dsom_complex", lambda: phase_dsom_complex(ds, args, device, tmp), device, res)
+    if "complex" not in skip:
+        run_phase("dsom_complex", lambda: phase_dsom_complex(ds, args, device, tmp), device, res)
     pk_model = None
     if "pykeen" not in skip:
         def pk() -> dict[str, Any]:
@@ -519,11 +561,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if "dedup_flop_per_epoch" in r:
                 r["dedup_roofline_fraction"] = r["dedup_flop_per_epoch"] / peak / r["seconds"]
     summary: dict[str, Any] = {}
-    if "pykeen_complex" in res:
+    if "pykeen_complex" in res and "dsom_complex" in res:
         summary["dsom_vs_pykeen_train"] = res["pykeen_complex"]["epoch_s"] / res["dsom_complex"]["epoch_s"]
     if "pykeen_eval" in res:
         summary["dsom_vs_pykeen_eval"] = res["pykeen_eval"]["seconds"] / res["dsom_eval"]["seconds"]
-    summary["complex_roofline_fraction"] = res["dsom_complex"]["roofline_fraction"]
+    if "dsom_complex" in res:
+        summary["complex_roofline_fraction"] = res["dsom_complex"]["roofline_fraction"]
     if "dsom_teachers" in res:
         summary["stage1_roofline_fraction"] = res["dsom_teachers"]["roofline_fraction"]
     if "dsom_distill" in res:

@@ -37,6 +37,18 @@ def test_speed_benchmark_stage_phases_run_and_report(tmp_path, batching, state, 
     assert all(saved[p]["median_epoch_s"] > 0 for p in ("dsom_complex", "dsom_teachers", "dsom_distill"))
 
 
+def test_speed_benchmark_rejects_an_unknown_phase_to_skip(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _speed().main(["synthetic", "--skip", "pykeen,stage2"])
+    assert exc.value.code == 2 and "unknown phase(s) stage2" in capsys.readouterr().err
+
+
+def test_speed_benchmark_can_skip_the_complex_phase(tmp_path):
+    res = _speed().main(["synthetic", "--rank", "8", "--batches", "1", "--skip", "complex,pykeen,teachers,eval",
+                         "--profile-steps", "0", "--precision", "fp32"])
+    assert "dsom_complex" not in res and res["dsom_distill"]["epoch_s"] > 0
+
+
 def _script(name: str):
     spec = importlib.util.spec_from_file_location(f"dsom_bench_{name}", SPEED.parent / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
@@ -77,3 +89,27 @@ def test_split_profile_keeps_the_fastest_round_and_resets_before_each():
     assert prof["rounds"] == 3 and len(prof["round_step_s"]) == 3
     assert prof["step_s"] == pytest.approx(min(prof["round_step_s"]), abs=1e-4)
     assert prof["step_s"] < 0.02 < prof["round_step_s"][0]
+
+
+def test_profile_names_compiled_graphs_by_the_dsom_function_forward_and_backward():
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from dsom.perf import MaybeCompiled, _profiling
+
+    def soft_total(x, w):
+        return torch.logsumexp(x @ w, -1).sum()
+
+    fn = MaybeCompiled(soft_total, True)
+    assert fn.label == "dsom:soft_total" and not _profiling()
+    x, w = torch.randn(8, 4), torch.randn(4, 16, requires_grad=True)
+    fn(x, w).backward()  # compile outside the profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        assert _profiling()
+        fn(x, w).backward()
+    events = prof.events()
+    labels = _speed().compiled_graph_labels(events)
+    graphs = [ev.id for ev in events if ev.name.startswith("## Call CompiledFxGraph")]
+    assert sorted(labels[i] for i in graphs) == ["compiled soft_total", "compiled soft_total backward"]
+    expected = torch.func.grad(lambda w_: torch.logsumexp(x @ w_, -1).sum())(w.detach())
+    assert torch.allclose(w.grad, 2 * expected, atol=1e-5)  # two backward passes, same function compiled as eager

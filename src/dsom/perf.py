@@ -68,16 +68,29 @@ def tune_allocator() -> bool:
         return False
 
 
+PROFILE_PREFIX = "dsom:"
+
+
+def _profiling() -> bool:
+    """Whether a ``torch.profiler`` (or ``torch.autograd.profiler``) session is recording on this thread."""
+    return bool(getattr(torch.autograd.profiler, "_is_profiler_enabled", False))
+
+
 class MaybeCompiled:
     """``fn`` through ``torch.compile`` (dynamic shapes, so the short last batch does not recompile), falling back
     to eager ``fn`` with a warning if compilation fails (for example without a C++ compiler on CPU).
 
     The first call compiles: about 20 s on the 2-core dev machine for the NDKD loss. ``enabled=False`` is eager.
+
+    While ``torch.profiler`` records, each compiled call runs inside a range named :attr:`label`
+    (``dsom:<function name>``), so a profile can name the compiled graphs it calls (``## Call CompiledFxGraph <hash>``
+    otherwise); ``benchmarks/speed.py`` reads it (:func:`profile_label`). Without a profiler nothing is added.
     """
 
-    def __init__(self, fn: Callable[..., Any], enabled: bool) -> None:
+    def __init__(self, fn: Callable[..., Any], enabled: bool, name: str | None = None) -> None:
         self.fn = fn
         self.enabled = enabled
+        self.label = f"{PROFILE_PREFIX}{name or getattr(fn, '__name__', type(fn).__name__)}"
         self._compiled: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -87,6 +100,9 @@ class MaybeCompiled:
             isolate_compile_cache()
             self._compiled = torch.compile(self.fn, dynamic=True)
         try:
+            if _profiling():
+                with torch.profiler.record_function(self.label):
+                    return self._compiled(*args, **kwargs)
             return self._compiled(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
             if not _is_compile_failure(exc):
