@@ -4,7 +4,8 @@ products run at the forward's speed?).
     python benchmarks/gemm_layouts.py --queries 1000 --entities 12842 --dim 1000
 
 ``fwd``: scores ``q @ T^T``; ``dq``: ``G @ T``; ``dT``: ``G^T @ q`` (as the backward computes them), plus two
-alternative layouts of ``dT``. Best of ``--repeats`` calls after a warm-up; TFLOP/s = ``2 P E D / seconds``.
+alternative layouts of ``dT``, and the three products of the transposed ``(E, P)`` score layout. Best of ``--repeats``
+calls after a warm-up; TFLOP/s = ``2 P E D / seconds``.
 """
 
 from __future__ import annotations
@@ -32,16 +33,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--entities", type=int, default=12842)
     p.add_argument("--dim", type=int, default=1000, help="2d (the rows' real width)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated torch dtypes to time")
     args = p.parse_args(argv)
     P, E, D = args.queries, args.entities, args.dim
     out: dict[str, float] = {}
     print(f"P={P}, E={E}, 2d={D}, threads {torch.get_num_threads()}")
-    for dt in (torch.bfloat16, torch.float32):
+    for dt in (getattr(torch, name) for name in args.dtypes.split(",")):
         q, T, G = torch.randn(P, D).to(dt), torch.randn(E, D).to(dt), torch.randn(P, E).to(dt)
+        Gt = G.T.contiguous()  # the gradient block of (E, P) scores
         cases: dict[str, Callable[[], torch.Tensor]] = {
             "fwd q @ T^T": lambda q=q, T=T: q @ T.T, "dq G @ T": lambda G=G, T=T: G @ T,
             "dT G^T @ q": lambda G=G, q=q: G.T @ q, "dT^T q^T @ G": lambda G=G, q=q: q.T @ G,
-            "dT (G^T copied) @ q": lambda G=G, q=q: G.T.contiguous() @ q}
+            "dT (G^T copied) @ q": lambda G=G, q=q: G.T.contiguous() @ q,
+            # the (E, P) layout (models/fused.py, transposed=True): scores T @ q^T, then Gt^T @ T and Gt @ q
+            "(E,P) fwd T @ q^T": lambda q=q, T=T: T @ q.T, "(E,P) dq Gt^T @ T": lambda Gt=Gt, T=T: Gt.T @ T,
+            "(E,P) dT Gt @ q": lambda Gt=Gt, q=q: Gt @ q}
         for name, fn in cases.items():
             s = best_of(fn, args.repeats)
             out[f"{dt} {name}"] = s

@@ -428,10 +428,13 @@ def complex_cross_entropy(tables: Sequence[torch.Tensor], relations: torch.Tenso
         rows: ``(T,)`` the query of each target (``None``: query ``i`` for target ``i``, ``T = P``).
         precision: ``fp32``, ``bf16`` or ``bf16sim`` products (:func:`~dsom.models.products.precise_matmul`).
         tails: eager or compiled loss tails (:class:`CETails`).
-        transposed: score ``(E, P)`` blocks ``T @ q^T`` instead of ``(P, E)`` ones (``None``: for bf16 products). With
-            oneDNN's bf16 kernels on CPU the scores and the table gradient then read contiguous operands: on the 2-core
-            AMX dev machine the products and loss tails of one table take 64.6 ms instead of 72.9 at P = 1,000,
-            E = 12,842, 2d = 1,000; fp32 is the same either way (241 vs 238 ms).
+        transposed: score ``(E, P)`` blocks ``T @ q^T`` instead of ``(P, E)`` ones (``None``: for bf16 products, and
+            for every precision on CPU). With oneDNN's bf16 kernels on CPU the scores and the table gradient then read
+            contiguous operands: on the 2-core AMX dev machine the products and loss tails of one table take 64.6 ms
+            instead of 72.9 at P = 1,000, E = 12,842, 2d = 1,000. fp32 products took the same time either way there
+            (241 vs 238 ms), while on a 2-core AMD EPYC (AVX-512, and under the AVX2 emulation) the three fp32 products
+            take 520 (AVX2: 496) ms in the ``(E, P)`` layout against 611 (623) in the row layout, the row layout's
+            forward ``q @ T^T`` being the slowest (``benchmarks/gemm_layouts.py``).
 
     Equals, in value and gradient up to rounding, ``F.cross_entropy((q @ table.T)[rows], target, reduction="none")``
     with ``q = complex_query(table[head], relations[k, relation])`` for each model ``k``.
@@ -441,7 +444,7 @@ def complex_cross_entropy(tables: Sequence[torch.Tensor], relations: torch.Tenso
     if len(tables) != relations.shape[0]:
         raise ValueError(f"{len(tables)} entity tables but {relations.shape[0]} relation tables")
     if transposed is None:
-        transposed = precision == "bf16"
+        transposed = precision == "bf16" or tables[0].device.type == "cpu"
     ce, ent, rel, tail = _ComplExCE.apply(relations, head, relation, target, rows, precision, tails, transposed,
                                           *tables)
     return ComplExCE(ce, ent, rel, tail)
