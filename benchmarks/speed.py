@@ -156,13 +156,15 @@ def compiled_graph_labels(events: list[Any]) -> dict[int, str]:
     """Readable names for the profiler's ``## Call CompiledFxGraph <hash>`` events, by event id: ``compiled <fn>`` for a
     graph called inside :class:`~dsom.perf.MaybeCompiled`'s ``dsom:<fn>`` range, ``compiled <fn> backward`` for the
     backward graph of such a call (its autograd node has the forward call's sequence number). Others keep their name."""
-    def dsom_range(ev: Any) -> str | None:
+    def ancestor(ev: Any, match: Callable[[str], bool]) -> Any:
         p = ev.cpu_parent
-        while p is not None:
-            if p.name.startswith(PROFILE_PREFIX):
-                return p.name.removeprefix(PROFILE_PREFIX)
+        while p is not None and not match(p.name):
             p = p.cpu_parent
-        return None
+        return p
+
+    def dsom_range(ev: Any) -> str | None:
+        p = ancestor(ev, lambda name: name.startswith(PROFILE_PREFIX))
+        return None if p is None else p.name.removeprefix(PROFILE_PREFIX)
 
     forward_fn: dict[int, str] = {}  # sequence number of a compiled forward's autograd node -> its function
     for ev in events:
@@ -174,12 +176,9 @@ def compiled_graph_labels(events: list[Any]) -> dict[int, str]:
             continue
         if (fn := dsom_range(ev)) is not None:
             labels[ev.id] = f"compiled {fn}"
-            continue
-        p = ev.cpu_parent
-        while p is not None and not p.name.endswith("CompiledFunctionBackward"):
-            p = p.cpu_parent
-        if p is not None and p.sequence_nr in forward_fn:
-            labels[ev.id] = f"compiled {forward_fn[p.sequence_nr]} backward"
+        elif (node := ancestor(ev, lambda name: name.endswith("CompiledFunctionBackward"))) is not None \
+                and node.sequence_nr in forward_fn:
+            labels[ev.id] = f"compiled {forward_fn[node.sequence_nr]} backward"
     return labels
 
 
@@ -509,8 +508,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     skip = set(filter(None, args.skip.split(",")))
-    if skip - set(SKIPPABLE):
-        p.error(f"--skip: unknown phase(s) {', '.join(sorted(skip - set(SKIPPABLE)))}; choose from {', '.join(SKIPPABLE)}")
+    if unknown := skip - set(SKIPPABLE):
+        p.error(f"--skip: unknown phase(s) {', '.join(sorted(unknown))}; choose from {', '.join(SKIPPABLE)}")
     ds = registry.load(args.dataset)
     args.pairs = PairIndex(torch.from_numpy(ds.queries("train"))).num_pairs  # distinct (entity, relation) pairs
     tmp = f"/tmp/dsom-speed-{os.getpid()}"

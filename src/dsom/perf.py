@@ -84,13 +84,13 @@ class MaybeCompiled:
 
     While ``torch.profiler`` records, each compiled call runs inside a range named :attr:`label`
     (``dsom:<function name>``), so a profile can name the compiled graphs it calls (``## Call CompiledFxGraph <hash>``
-    otherwise); ``benchmarks/speed.py`` reads it (:func:`profile_label`). Without a profiler nothing is added.
+    otherwise); ``benchmarks/speed.py`` reads it (``compiled_graph_labels``). Without a profiler nothing is added.
     """
 
-    def __init__(self, fn: Callable[..., Any], enabled: bool, name: str | None = None) -> None:
+    def __init__(self, fn: Callable[..., Any], enabled: bool) -> None:
         self.fn = fn
         self.enabled = enabled
-        self.label = f"{PROFILE_PREFIX}{name or getattr(fn, '__name__', type(fn).__name__)}"
+        self.label = f"{PROFILE_PREFIX}{getattr(fn, '__name__', type(fn).__name__)}"
         self._compiled: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
