@@ -219,3 +219,59 @@ def test_compile_cache_is_kept_apart_per_vector_isa(tmp_path):
     assert returned == folder and os.path.basename(folder).startswith("dsom-")
     returned, folder = run(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "mine"))  # the user's choice is kept
     assert returned == "None" and folder == str(tmp_path / "mine")
+
+
+def test_column_scores_equal_the_row_product_block_by_block(monkeypatch):
+    """fp32 scores on a CPU are computed as ``T @ q^T`` one block of table rows at a time and copied transposed into
+    the ``(B, N)`` result (or into a strided view of a caller's buffer): the same values as the float64 product, for
+    a last block shorter than the others; the stacked teachers and the no-grad ``matmul_scores`` take the same path."""
+    from dsom.models import products
+
+    monkeypatch.setattr(products, "COLUMN_MIN_QUERIES", 1)
+    monkeypatch.setattr(products, "COLUMN_BLOCK_BYTES", 1)
+    monkeypatch.setattr(products, "COLUMN_MIN_ROWS", 16)
+    g = torch.Generator().manual_seed(11)
+    q, t = torch.randn(20, 12, generator=g), torch.randn(45, 12, generator=g)
+    ref = (q.double() @ t.double().T).float()
+    calls = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(a[0].shape) or mm(*a, **k))
+    torch.testing.assert_close(products.column_scores(q, t), ref, rtol=1e-6, atol=1e-5)
+    assert calls == [(16, 12), (16, 12), (13, 12)]  # three blocks of table rows, the last one short
+    buf = torch.full((20, 3, 45), float("nan"))
+    products.column_scores(q, t, buf[:, 1])
+    torch.testing.assert_close(buf[:, 1], ref, rtol=1e-6, atol=1e-5)
+    assert bool(buf[:, 0].isnan().all()) and bool(buf[:, 2].isnan().all())  # only its own slice written
+    with torch.no_grad():
+        torch.testing.assert_close(products.matmul_scores(q, t), ref, rtol=1e-6, atol=1e-5)
+        qs, ts = torch.randn(3, 20, 12, generator=g), torch.randn(3, 45, 12, generator=g)
+        torch.testing.assert_close(products.stacked_scores(qs, ts),
+                                   torch.bmm(qs.double(), ts.double().transpose(1, 2)).float(), rtol=1e-6, atol=1e-5)
+
+
+def test_student_scores_in_column_blocks_keep_values_and_gradients(monkeypatch):
+    """Stage 2's student (``complex_scores``, fp32 on a CPU) scores in column blocks: loss and the gradients of the
+    table and the relations equal the float64 autograd graph of gathered rows, complex product and ``q @ T^T``."""
+    from dsom.models import products
+    from dsom.models.fused import complex_scores
+    from dsom.models.interaction import complex_query
+
+    monkeypatch.setattr(products, "COLUMN_MIN_QUERIES", 1)
+    monkeypatch.setattr(products, "COLUMN_BLOCK_BYTES", 1)
+    monkeypatch.setattr(products, "COLUMN_MIN_ROWS", 16)
+    g = torch.Generator().manual_seed(12)
+    E, R2, D, P = 40, 6, 10, 25
+    table = torch.randn(E, D, generator=g).requires_grad_()
+    relations = torch.randn(R2, D, generator=g).requires_grad_()
+    head, relation = torch.randint(0, E, (P,), generator=g), torch.randint(0, R2, (P,), generator=g)
+    target = torch.randint(0, E, (P,), generator=g)
+    w = torch.randn(P, E, generator=g)
+    out = complex_scores(table, relations, head, relation, target, "fp32")
+    got = (out.ce * w).sum()
+    gt, gr = torch.autograd.grad(got, (table, relations))
+    t64, r64 = table.detach().double().requires_grad_(), relations.detach().double().requires_grad_()
+    ref = ((complex_query(t64[head], r64[relation]) @ t64.T) * w.double()).sum()
+    rt, rr = torch.autograd.grad(ref, (t64, r64))
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gt.double(), rt, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gr.double(), rr, rtol=1e-5, atol=1e-4)

@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from dsom.models.complex import REGULARIZERS
 from dsom.models.interaction import complex_modulus, complex_query
-from dsom.models.products import PRECISIONS, as_bf16, bf16_round
+from dsom.models.products import PRECISIONS, as_bf16, bf16_round, column_scores
 from dsom.numerics import EXP_FLOOR
 from dsom.perf import MaybeCompiled
 
@@ -346,7 +346,10 @@ class _ComplExScores(torch.autograd.Function):
         tail = table.index_select(0, target)  # (T, 2d)
         query = tails.query(ent[None], rel[None], precision)[0]
         cast_table = _cast(table, precision)
-        scores = _mm(query, cast_table.T, precision)  # (P, E) in the product precision
+        if precision == "fp32" and table.device.type == "cpu":  # (P, E) computed as (E, P) blocks: faster in MKL
+            scores = column_scores(query, cast_table)
+        else:
+            scores = _mm(query, cast_table.T, precision)  # (P, E) in the product precision
         ctx.save_for_backward(ent, rel, query, head, relation, target, cast_table)
         ctx.precision, ctx.tails = precision, tails
         ctx.table_shape, ctx.table_dtype = table.shape, table.dtype

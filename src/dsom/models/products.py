@@ -107,9 +107,44 @@ def precise_matmul(a: torch.Tensor, b: torch.Tensor, precision: str = "fp32") ->
     raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
 
 
+COLUMN_BLOCK_BYTES = 8 << 20  # the (rows, B) float32 block of :func:`column_scores` (DB15K, B = 1,000: 2,097 rows)
+COLUMN_MIN_QUERIES = 64  # fewer queries: a plain ``q @ T^T`` (a thin product; nothing to gain from the layout)
+COLUMN_MIN_ROWS = 256  # the fewest table rows per block
+
+
+def column_scores(query: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``query (B, 2d) @ table (N, 2d)^T`` as float32 ``(B, N)`` (written into ``out``, any strides, when given),
+    computed as ``table @ query^T`` one block of table rows at a time, each ``(rows, B)`` block copied transposed into
+    place. Without autograd (the caller's product needs no gradient through here, or computes its own).
+
+    MKL's fp32 GEMM on AVX-512 and AVX2 CPUs without AMX runs the ``(N, B)`` product well above the ``(B, N)`` one:
+    on a 2-core AMD EPYC, three DB15K teacher products (B = 1,000, N = 12,842, 2d = 1,000) take 396 ms as
+    ``T @ q^T`` against 596 ms as ``q @ T^T``, and 413-420 ms with the transposing copies of ~8 MB blocks that keep
+    the ``(B, N)`` layout every reader of the scores expects (the whole ``(N, B)`` block then one copy: 465 ms; AVX2
+    emulation: 581 -> 413 ms; ``benchmarks/gemm_layouts.py``). The values are the same dot products; MKL may sum
+    them in another order (float32 rounding)."""
+    B, N = query.shape[0], table.shape[0]
+    q, t = query.float(), table.float()
+    if out is None:
+        out = torch.empty(B, N, dtype=torch.float32, device=query.device)
+    if B < COLUMN_MIN_QUERIES or query.device.type != "cpu":
+        return torch.mm(q, t.T, out=out)
+    rows = max(COLUMN_MIN_ROWS, COLUMN_BLOCK_BYTES // (4 * B))
+    block = torch.empty(min(rows, N), B, dtype=torch.float32, device=query.device)
+    q_t = q.T
+    for start in range(0, N, rows):
+        n = min(rows, N - start)
+        torch.mm(t[start:start + n], q_t, out=block[:n])
+        out[:, start:start + n].copy_(block[:n].T)
+    return out
+
+
 def matmul_scores(query: torch.Tensor, candidates: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """Scores of every query against every candidate row: ``(..., B, 2d) x (..., N, 2d) -> (..., B, N)`` float32
-    in the given precision (:func:`precise_matmul`)."""
+    in the given precision (:func:`precise_matmul`); fp32 without autograd on a CPU: :func:`column_scores`."""
+    if (precision == "fp32" and query.dim() == 2 and candidates.dim() == 2 and query.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (query.requires_grad or candidates.requires_grad))):
+        return column_scores(query, candidates)
     return precise_matmul(query, candidates.transpose(-1, -2), precision)
 
 
@@ -125,9 +160,9 @@ def product_scores(query: torch.Tensor, candidates: torch.Tensor, precision: str
 def stacked_scores(query: torch.Tensor, candidates: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """``(M, B, 2d) x (M, N, 2d) -> (M, B, N)`` scores of M models at once (teachers), float32.
 
-    Without autograd in fp32 this is one ``mm`` per model written into a preallocated output: on the
+    Without autograd in fp32 this is one product per model written into a preallocated output: on the
     2-core dev machine (MKL/oneDNN sgemm) a loop of ``mm`` is about 1.3x faster than ``bmm`` of the same
-    shapes (benchmarks/speed.py). Elsewhere it is :func:`matmul_scores`.
+    shapes (benchmarks/speed.py); on a CPU each is :func:`column_scores`. Elsewhere it is :func:`matmul_scores`.
     """
     if precision != "fp32" or (torch.is_grad_enabled() and (query.requires_grad or candidates.requires_grad)):
         return matmul_scores(query, candidates, precision)
@@ -135,5 +170,5 @@ def stacked_scores(query: torch.Tensor, candidates: torch.Tensor, precision: str
     # Written as (B, M, N) and returned as an (M, B, N) view: the policy's (B, M * N) state is then a free reshape.
     out = torch.empty(q.shape[1], q.shape[0], c.shape[1], dtype=torch.float32, device=q.device)
     for m in range(q.shape[0]):
-        torch.mm(q[m], c[m].T, out=out[:, m])
+        column_scores(q[m], c[m], out[:, m])
     return out.permute(1, 0, 2)
