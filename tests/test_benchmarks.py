@@ -113,3 +113,16 @@ def test_profile_names_compiled_graphs_by_the_dsom_function_forward_and_backward
     assert sorted(labels[i] for i in graphs) == ["compiled soft_total", "compiled soft_total backward"]
     expected = torch.func.grad(lambda w_: torch.logsumexp(x @ w_, -1).sum())(w.detach())
     assert torch.allclose(w.grad, 2 * expected, atol=1e-5)  # two backward passes, same function compiled as eager
+
+
+def test_score_layout_benchmark_times_both_layouts_interleaved(tmp_path):
+    from dsom.models import products
+
+    default = products.COLUMN_MIN_QUERIES
+    out = tmp_path / "layout.json"
+    res = _script("score_layout").main(["synthetic", "--rank", "8", "--batch-size", "100", "--rounds", "2",
+                                        "--steps", "1", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert set(res["stage2_median_step_s"]) == {"row", "column"} and min(res["stage2_median_step_s"].values()) > 0
+    assert {k: len(v) for k, v in saved["steps_s"].items()} == {"row": 2, "column": 2}
+    assert products.COLUMN_MIN_QUERIES == default  # the module is left as it was

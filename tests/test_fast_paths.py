@@ -224,7 +224,7 @@ def test_compile_cache_is_kept_apart_per_vector_isa(tmp_path):
 def test_column_scores_equal_the_row_product_block_by_block(monkeypatch):
     """fp32 scores on a CPU are computed as ``T @ q^T`` one block of table rows at a time and copied transposed into
     the ``(B, N)`` result (or into a strided view of a caller's buffer): the same values as the float64 product, for
-    a last block shorter than the others; the stacked teachers and the no-grad ``matmul_scores`` take the same path."""
+    a last block shorter than the others; the stacked teachers take the same path."""
     from dsom.models import products
 
     monkeypatch.setattr(products, "COLUMN_MIN_QUERIES", 1)
@@ -243,7 +243,6 @@ def test_column_scores_equal_the_row_product_block_by_block(monkeypatch):
     torch.testing.assert_close(buf[:, 1], ref, rtol=1e-6, atol=1e-5)
     assert bool(buf[:, 0].isnan().all()) and bool(buf[:, 2].isnan().all())  # only its own slice written
     with torch.no_grad():
-        torch.testing.assert_close(products.matmul_scores(q, t), ref, rtol=1e-6, atol=1e-5)
         qs, ts = torch.randn(3, 20, 12, generator=g), torch.randn(3, 45, 12, generator=g)
         torch.testing.assert_close(products.stacked_scores(qs, ts),
                                    torch.bmm(qs.double(), ts.double().transpose(1, 2)).float(), rtol=1e-6, atol=1e-5)

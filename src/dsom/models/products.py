@@ -141,10 +141,8 @@ def column_scores(query: torch.Tensor, table: torch.Tensor, out: torch.Tensor | 
 
 def matmul_scores(query: torch.Tensor, candidates: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """Scores of every query against every candidate row: ``(..., B, 2d) x (..., N, 2d) -> (..., B, N)`` float32
-    in the given precision (:func:`precise_matmul`); fp32 without autograd on a CPU: :func:`column_scores`."""
-    if (precision == "fp32" and query.dim() == 2 and candidates.dim() == 2 and query.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (query.requires_grad or candidates.requires_grad))):
-        return column_scores(query, candidates)
+    in the given precision (:func:`precise_matmul`). (Evaluation's products: :func:`column_scores` gained nothing
+    there, 3.7 s either way for DB15K's test split at rank 500 under the AVX2 emulation.)"""
     return precise_matmul(query, candidates.transpose(-1, -2), precision)
 
 
