@@ -368,7 +368,9 @@ class _ComplExScores(torch.autograd.Function):
             d_query = _mm(g, cast_table, precision).float()
             # written whole by the product: no zero fill, and the rows below are added into it
             d_table = torch.empty(ctx.table_shape if need_table else (0,), device=query.device)
-            if need_table:
+            if need_table and precision == "fp32":
+                torch.mm(g.T, query, out=d_table)  # no (E, 2d) temporary and copy
+            elif need_table:
                 d_table.copy_(_mm(g.T, query, precision))
         else:
             d_query = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
