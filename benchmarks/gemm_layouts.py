@@ -4,7 +4,10 @@ products run at the forward's speed?).
     python benchmarks/gemm_layouts.py --queries 1000 --entities 12842 --dim 1000
 
 ``fwd``: scores ``q @ T^T``; ``dq``: ``G @ T``; ``dT``: ``G^T @ q`` (as the backward computes them), plus two
-alternative layouts of ``dT``, and the three products of the transposed ``(E, P)`` score layout. Best of ``--repeats``
+alternative layouts of ``dT``, and the three products of the transposed ``(E, P)`` score layout. In float32 also the
+products written into preallocated blocks, as stage 2 writes them: the forward as ``q @ T^T`` and as dsom's
+:func:`~dsom.models.products.column_scores` (``T @ q^T`` by blocks of table rows copied transposed into the ``(P, E)``
+block), the table gradient as ``G^T @ q`` and by blocks of ``G``'s columns. Best of ``--repeats``
 calls after a warm-up; TFLOP/s = ``2 P E D / seconds``.
 """
 
@@ -15,6 +18,9 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from dsom.models.products import column_scores
+from dsom.perf import tune_allocator
 
 
 def best_of(fn: Callable[[], torch.Tensor], repeats: int) -> float:
@@ -27,6 +33,19 @@ def best_of(fn: Callable[[], torch.Tensor], repeats: int) -> float:
     return best
 
 
+COLUMN_ROWS = 2048  # rows per block of the blocked table gradient
+
+
+def _blocked_grad(G: torch.Tensor, q: torch.Tensor, out: torch.Tensor, rows: int) -> torch.Tensor:
+    """``G^T @ q`` one block of G's columns at a time, each copied into a contiguous ``(rows, P)`` buffer first."""
+    buf = torch.empty(rows, G.shape[0], dtype=G.dtype)
+    for s in range(0, G.shape[1], rows):
+        n = min(rows, G.shape[1] - s)
+        buf[:n].copy_(G[:, s:s + n].T)
+        torch.mm(buf[:n], q, out=out[s:s + n])
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--queries", type=int, default=1000)
@@ -35,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated torch dtypes to time")
     args = p.parse_args(argv)
+    tune_allocator()  # as in training: blocks reused from the heap where glibc allows
     P, E, D = args.queries, args.entities, args.dim
     out: dict[str, float] = {}
     print(f"P={P}, E={E}, 2d={D}, threads {torch.get_num_threads()}")
@@ -48,10 +68,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             # the (E, P) layout (models/fused.py, transposed=True): scores T @ q^T, then Gt^T @ T and Gt @ q
             "(E,P) fwd T @ q^T": lambda q=q, T=T: T @ q.T, "(E,P) dq Gt^T @ T": lambda Gt=Gt, T=T: Gt.T @ T,
             "(E,P) dT Gt @ q": lambda Gt=Gt, q=q: Gt @ q}
+        if dt == torch.float32:  # the (P, E) scores and table gradient written into preallocated blocks
+            S, dT = torch.empty(P, E), torch.empty(E, D)
+            cases.update({
+                "fwd q @ T^T into S": lambda q=q, T=T, S=S: torch.mm(q, T.T, out=S),
+                # dsom's column_scores: T @ q^T by blocks of table rows, each copied transposed into S
+                "fwd column blocks into S": lambda q=q, T=T, S=S: column_scores(q, T, S),
+                "dT G^T @ q into dT": lambda G=G, q=q, dT=dT: torch.mm(G.T, q, out=dT),
+                # the alternative not taken: blocks of G's columns copied to rows, then (rows, P) @ q
+                "dT column blocks": lambda G=G, q=q, dT=dT: _blocked_grad(G, q, dT, COLUMN_ROWS)})
         for name, fn in cases.items():
             s = best_of(fn, args.repeats)
             out[f"{dt} {name}"] = s
-            print(f"{str(dt).removeprefix('torch.'):9s} {name:22s} {s * 1e3:8.1f} ms {2 * P * E * D / s / 1e12:6.2f} TFLOP/s")
+            print(f"{str(dt).removeprefix('torch.'):9s} {name:26s} {s * 1e3:8.1f} ms {2 * P * E * D / s / 1e12:6.2f} TFLOP/s")
     return out
 
 

@@ -126,3 +126,22 @@ def test_score_layout_benchmark_times_both_layouts_interleaved(tmp_path):
     assert set(res["stage2_median_step_s"]) == {"row", "column"} and min(res["stage2_median_step_s"].values()) > 0
     assert {k: len(v) for k, v in saved["steps_s"].items()} == {"row": 2, "column": 2}
     assert products.COLUMN_MIN_QUERIES == default  # the module is left as it was
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads glibc's allocator")
+def test_alloc_faults_benchmark_counts_each_round_of_each_allocator():
+    res = _script("alloc_faults").main(["--mb", "2", "--repeats", "2"])
+    assert set(res) == {"malloc", "posix_memalign(64)", "torch.empty"}
+    assert all(len(v) == 2 and min(v) >= 0 for v in res.values())
+    assert max(max(v) for v in res.values()) <= 2 * (2 * 10**6 // 4096) + 200  # at most every page, with slack
+
+
+def test_gemm_layouts_benchmark_times_the_preallocated_fp32_products():
+    import torch
+
+    mod = _script("gemm_layouts")
+    res = mod.main(["--queries", "70", "--entities", "300", "--dim", "8", "--repeats", "1", "--dtypes", "float32"])
+    for name in ("fwd q @ T^T into S", "fwd column blocks into S", "dT G^T @ q into dT", "dT column blocks"):
+        assert res[f"torch.float32 {name}"] > 0
+    g, q = torch.randn(70, 300), torch.randn(70, 8)
+    torch.testing.assert_close(mod._blocked_grad(g, q, torch.empty(300, 8), 64), g.T @ q)  # 4 blocks + a short one
