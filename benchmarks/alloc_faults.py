@@ -6,8 +6,8 @@ Allocates a block of ``--mb`` MB, touches every page, frees it, ``--repeats`` ti
 of each round for glibc's ``malloc``, ``posix_memalign`` with torch's 64-byte alignment and ``torch.empty``, after
 :func:`dsom.perf.tune_allocator` (heap blocks up to 512 MB instead of mmap; unless ``--no-tune``). A small allocation
 between rounds stands for everything else a training step allocates. A block that comes back from the heap costs no
-fault; a fresh one costs one per 4 KB page (about 1.3 us each on the 2-core dev VM: 16 ms for a DB15K ``(1000, 12842)``
-float32 block). Linux with glibc only.
+fault; a fresh one costs one per 4 KB page; the time of each round (allocate, write every byte, free) shows what
+they cost. Linux with glibc only.
 
 Found with it (glibc 2.36, tuned): ``malloc`` gets its block back, ``posix_memalign(64)`` and ``torch.empty`` fault
 every page of every round. glibc serves an aligned request of ``n`` bytes from ``n + 96``, frees the unused tail into
@@ -23,6 +23,7 @@ import argparse
 import ctypes
 import resource
 import sys
+import time
 
 import torch
 
@@ -68,15 +69,17 @@ def main(argv: list[str] | None = None) -> dict[str, list[int]]:
     print(f"glibc {libc.gnu_get_libc_version().decode()}, tune_allocator applied: {tuned}, block {args.mb} MB "
           f"({n // 4096} pages)")
     for name, fn in (("malloc", plain), ("posix_memalign(64)", aligned), ("torch.empty", tensor)):
-        counts = []
+        counts, ms = [], []
         for _ in range(args.repeats):
             keep = libc.malloc(64)  # a small allocation between rounds, as a training step makes many
-            f0 = faults()
+            f0, t0 = faults(), time.perf_counter()
             fn()
+            ms.append((time.perf_counter() - t0) * 1e3)
             counts.append(faults() - f0)
             libc.free(keep)
         out[name] = counts
-        print(f"{name:20s} faults per round: {' '.join(str(c) for c in counts)}")
+        print(f"{name:20s} faults per round: {' '.join(str(c) for c in counts)}; ms (allocate, fill, free): "
+              f"{' '.join(f'{m:.1f}' for m in ms)}")
     return out
 
 

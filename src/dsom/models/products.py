@@ -117,12 +117,12 @@ def column_scores(query: torch.Tensor, table: torch.Tensor, out: torch.Tensor | 
     computed as ``table @ query^T`` one block of table rows at a time, each ``(rows, B)`` block copied transposed into
     place. Without autograd (the caller's product needs no gradient through here, or computes its own).
 
-    MKL's fp32 GEMM on AVX-512 and AVX2 CPUs without AMX runs the ``(N, B)`` product well above the ``(B, N)`` one:
-    on a 2-core AMD EPYC, three DB15K teacher products (B = 1,000, N = 12,842, 2d = 1,000) take 396 ms as
-    ``T @ q^T`` against 596 ms as ``q @ T^T``, and 413-420 ms with the transposing copies of ~8 MB blocks that keep
-    the ``(B, N)`` layout every reader of the scores expects (the whole ``(N, B)`` block then one copy: 465 ms; AVX2
-    emulation: 581 -> 413 ms; ``benchmarks/gemm_layouts.py``). The values are the same dot products; MKL may sum
-    them in another order (float32 rounding)."""
+    MKL's fp32 GEMM on AVX-512 and AVX2 CPUs without AMX runs the ``(N, B)`` product well above the ``(B, N)`` one, and
+    the copies keep the ``(B, N)`` layout every reader of the scores expects: on a 2-core AMD EPYC one DB15K product
+    (B = 1,000, N = 12,842, 2d = 1,000) into a ``(B, N)`` block takes 154-163 ms this way against 206-210 ms as
+    ``q @ T^T`` under the AVX2 emulation, 153 against 212 ms with AVX-512 (``benchmarks/gemm_layouts.py --dtypes
+    float32 --repeats 10``); a stage-2 step 1.15-1.29x faster (``benchmarks/score_layout.py``). The values are the same
+    dot products; MKL may sum them in another order (float32 rounding)."""
     B, N = query.shape[0], table.shape[0]
     q, t = query.float(), table.float()
     if out is None:
@@ -141,8 +141,8 @@ def column_scores(query: torch.Tensor, table: torch.Tensor, out: torch.Tensor | 
 
 def matmul_scores(query: torch.Tensor, candidates: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """Scores of every query against every candidate row: ``(..., B, 2d) x (..., N, 2d) -> (..., B, N)`` float32
-    in the given precision (:func:`precise_matmul`). (Evaluation's products: :func:`column_scores` gained nothing
-    there, 3.7 s either way for DB15K's test split at rank 500 under the AVX2 emulation.)"""
+    in the given precision (:func:`precise_matmul`). (Evaluation's products stay in this layout: :func:`column_scores`
+    did not make an evaluation faster when tried.)"""
     return precise_matmul(query, candidates.transpose(-1, -2), precision)
 
 
