@@ -22,19 +22,15 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from speed import CALIBRATION, sync  # noqa: E402  (the benchmark next door)
+from speed import stage2_trainer, sync, trainer_step  # noqa: E402  (the benchmark next door)
 
 from dsom.config import Config, set_value  # noqa: E402
 from dsom.data import registry  # noqa: E402
-from dsom.distill.holdout import reward_rows  # noqa: E402
 from dsom.models import products  # noqa: E402
-from dsom.models.teachers import FrozenTeachers  # noqa: E402
 from dsom.perf import tune_allocator  # noqa: E402
-from dsom.train.student import StudentTrainer  # noqa: E402
 
 LAYOUTS = {"row": 10**12, "column": products.COLUMN_MIN_QUERIES}  # COLUMN_MIN_QUERIES per layout
 
@@ -60,34 +56,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for k, v in {"model.rank": args.rank, "train.batch_size": args.batch_size, "train.precision": "fp32",
                  "train.device": "cpu", "train.valid_every": 0, "distill.policy_state": "summary"}.items():
         set_value(cfg, k, v)
-    M = len(args.modalities.split(","))
-    g = torch.Generator().manual_seed(0)
-    E, R2, two_d = ds.num_entities, 2 * ds.num_relations, 2 * args.rank
-    frozen = FrozenTeachers(args.modalities.split(","), torch.randn(M, E, two_d, generator=g) * 0.1,
-                            torch.randn(M, R2, two_d, generator=g) * 0.1)
-    rewarded = temps = None
-    if args.rewards == "holdout":
-        rewarded = reward_rows(ds, cfg.distill.holdout, cfg.distill.holdout_seed)
-        temps = torch.tensor(CALIBRATION[:M] + [1.0] * max(M - len(CALIBRATION), 0))
-    tr = StudentTrainer(ds, cfg, f"/tmp/dsom-layout-{os.getpid()}", frozen, progress=False, reward_rows=rewarded,
-                        temperatures=temps)
-    tr.tracker.log = lambda record: None  # type: ignore[method-assign]
-    q = tr.train_queries
+    tr, _, _ = stage2_trainer(ds, cfg, args.modalities, args.rewards, f"/tmp/dsom-layout-{os.getpid()}")
     order, offsets = tr.epoch_batches(1)
+    perm = order.to(tr.device)
     n_steps = args.steps
 
     def step(k: int) -> float:
-        sl = slice(int(offsets[k]), int(offsets[k + 1]))
-        tr.current_epoch, tr.current_batch = 1, k
-        tr.current_batch_index = order[sl]
-        tr.current_batch_cpu = tr.train_queries_cpu[order[sl]]
         sync(tr.device)
         t0 = time.perf_counter()
-        loss = tr.loss(q[order[sl]]).total
-        tr.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        tr.optimizer.step()
-        tr.after_step(1, k)
+        trainer_step(tr, order, perm, offsets, k, k)
         sync(tr.device)
         return time.perf_counter() - t0
 

@@ -234,6 +234,21 @@ def split_profile(run: Callable[[], None], device: torch.device, steps: int, rou
             "top_outside": {k: round(v / 1e6 / steps, 5) for k, v in top}}
 
 
+def trainer_step(tr: Trainer, order: torch.Tensor, perm: torch.Tensor, offsets: Any, k: int, b: int) -> None:
+    """One optimizer step of ``tr`` on batch ``k`` of epoch 1's ``order`` (``perm``: the same on the trainer's device;
+    ``offsets``: the batch bounds), counted as batch ``b``, as the epoch loop runs it."""
+    sl = slice(int(offsets[k]), int(offsets[k + 1]))
+    tr.current_epoch, tr.current_batch = 1, b
+    # as the epoch loop sets them: the batch's rows (the student's reward rows) and a host copy (neighbour sets)
+    tr.current_batch_index = perm[sl]
+    tr.current_batch_cpu = tr.train_queries_cpu[order[sl]]
+    loss = tr.loss(tr.train_queries[perm[sl]]).total
+    tr.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    tr.optimizer.step()
+    tr.after_step(1, b)
+
+
 def time_trainer_steps(tr: Trainer, batches: int, device: torch.device,
                        profile_steps: int = 0, profile_rounds: int = 1) -> tuple[float, int, dict[str, Any]]:
     """Seconds for ``batches`` optimizer steps of a dsom trainer (after one warm-up step), the batches timed, and
@@ -241,9 +256,8 @@ def time_trainer_steps(tr: Trainer, batches: int, device: torch.device,
     the latter's dict also holds the timed steps' median (``median_step_s``: the epoch estimate least moved by a step
     that something else on the machine slowed). The batches are the trainer's own
     for epoch 1 (:meth:`Trainer.epoch_batches`: triples or pairs)."""
-    q = tr.train_queries
     order, offsets = tr.epoch_batches(1)
-    perm = order.to(q.device)
+    perm = order.to(tr.train_queries.device)
     n_epoch = len(offsets) - 1
     batches = min(batches, n_epoch) if batches > 0 else n_epoch
     counter = iter(range(10**9))
@@ -255,17 +269,7 @@ def time_trainer_steps(tr: Trainer, batches: int, device: torch.device,
 
     def step() -> None:
         b = next(counter)
-        k = b % n_epoch
-        batch = q[perm[offsets[k]:offsets[k + 1]]]
-        tr.current_epoch, tr.current_batch = 1, b
-        # as the epoch loop sets them: the batch's rows (the student's reward rows) and a host copy (neighbour sets)
-        tr.current_batch_index = perm[offsets[k]:offsets[k + 1]]
-        tr.current_batch_cpu = tr.train_queries_cpu[order[offsets[k]:offsets[k + 1]]]
-        loss = tr.loss(batch).total
-        tr.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        tr.optimizer.step()
-        tr.after_step(1, b)
+        trainer_step(tr, order, perm, offsets, b % n_epoch, b)
 
     times = []
     for b in range(batches + 1):
@@ -325,21 +329,34 @@ def phase_dsom_teachers(ds: KGDataset, args: argparse.Namespace, device: torch.d
             "precision": tr.precision, "profile": prof}
 
 
+def stage2_trainer(ds: KGDataset, cfg: Config, modalities: str, rewards: str,
+                   tmp: str) -> tuple[StudentTrainer, torch.Tensor | None, torch.Tensor | None]:
+    """The benchmark's stage 2: a student of ``cfg`` against random frozen teachers of rank ``cfg.model.rank`` (one
+    per modality of the comma-separated ``modalities``); ``rewards`` ``holdout`` (dsom's defaults: rewards on the
+    held-out triples only, calibrated teachers) or ``all``. The tracker writes nothing per step. Returns the trainer,
+    the rewarded rows given to it and the teachers' temperatures (``None``: every row, no temperatures)."""
+    mods = modalities.split(",")
+    M = len(mods)
+    g = torch.Generator().manual_seed(0)
+    E, R2, two_d = ds.num_entities, 2 * ds.num_relations, 2 * cfg.model.rank
+    frozen = FrozenTeachers(mods, torch.randn(M, E, two_d, generator=g) * 0.1,
+                            torch.randn(M, R2, two_d, generator=g) * 0.1)
+    rewarded = temps = None
+    if rewards == "holdout":
+        rewarded = reward_rows(ds, cfg.distill.holdout, cfg.distill.holdout_seed)
+        temps = torch.tensor(CALIBRATION[:M] + [1.0] * max(M - len(CALIBRATION), 0))
+    tr = StudentTrainer(ds, cfg, tmp, frozen, progress=False, reward_rows=rewarded, temperatures=temps)
+    tr.tracker.log = lambda record: None  # type: ignore[method-assign]  # no per-step file writes in the timing
+    return tr, rewarded, temps
+
+
 def phase_dsom_distill(ds: KGDataset, args: argparse.Namespace, device: torch.device, tmp: str) -> dict[str, Any]:
     cfg = base_config(args, device)
     M = len(args.modalities.split(","))
     set_value(cfg, "distill.policy_hidden", args.policy_hidden)
     set_value(cfg, "distill.policy_state", args.policy_state)
-    g = torch.Generator().manual_seed(0)
-    E, R2, two_d = ds.num_entities, 2 * ds.num_relations, 2 * args.rank
-    frozen = FrozenTeachers(args.modalities.split(","), torch.randn(M, E, two_d, generator=g) * 0.1,
-                            torch.randn(M, R2, two_d, generator=g) * 0.1)
-    rewarded = temps = None
-    if args.rewards == "holdout":  # dsom's defaults: rewards on the held-out triples only, calibrated teachers
-        rewarded = reward_rows(ds, cfg.distill.holdout, cfg.distill.holdout_seed)
-        temps = torch.tensor(CALIBRATION[:M] + [1.0] * max(M - len(CALIBRATION), 0))
-    tr = StudentTrainer(ds, cfg, tmp, frozen, progress=False, reward_rows=rewarded, temperatures=temps)
-    tr.tracker.log = lambda record: None  # type: ignore[method-assign]  # no per-step file writes in the timing
+    E, two_d = ds.num_entities, 2 * args.rank
+    tr, rewarded, temps = stage2_trainer(ds, cfg, args.modalities, args.rewards, tmp)
     policy = tr.model.policy
     cached = getattr(policy, "cache", None) is not None and args.stage2_epoch == "later"
     if cached:  # as from epoch 2 on: every state the timed steps need is in the cache, which is sealed
