@@ -128,6 +128,20 @@ def test_score_layout_benchmark_times_both_layouts_interleaved(tmp_path):
     assert products.COLUMN_MIN_QUERIES == default  # the module is left as it was
 
 
+@pytest.mark.parametrize("selector", ["single:structure", "rl"])
+def test_teacher_rows_benchmark_times_both_modes_and_counts_the_rows_scored(tmp_path, selector):
+    out = tmp_path / "rows.json"
+    res = _script("teacher_rows").main(["synthetic", "--rank", "8", "--batch-size", "100", "--rounds", "2",
+                                        "--steps", "1", "--selector", selector, "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert {k: len(v) for k, v in saved["steps_s"].items()} == {"all": 2, "chosen": 2}
+    assert min(res["stage2_median_step_s"].values()) > 0
+    if selector == "rl":  # chosen subsets, every teacher on the reward rows only
+        assert 0.1 < res["teacher_rows_scored"] < 1.0
+    else:  # one teacher of three
+        assert res["teacher_rows_scored"] == pytest.approx(1 / 3)
+
+
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads glibc's allocator")
 def test_alloc_faults_benchmark_counts_each_round_of_each_allocator():
     res = _script("alloc_faults").main(["--mb", "2", "--repeats", "2"])

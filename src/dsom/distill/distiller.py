@@ -143,6 +143,15 @@ def pair_kd_rows(rows: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tenso
     return uniq[:, 0].long(), uniq[:, 1:], inverse
 
 
+def per_row(needed: torch.Tensor | None, pair_of: torch.Tensor | None, num_rows: int) -> torch.Tensor | None:
+    """``(M, B)`` per-query needed teachers -> ``(M, num_rows)`` per scored row: under pair batching (``pair_of (B,)``)
+    a pair's teacher is scored if any of its queries needs it."""
+    if needed is None or pair_of is None:
+        return needed
+    counts = torch.zeros(needed.shape[0], num_rows, device=needed.device).index_add_(1, pair_of, needed.float())
+    return counts > 0
+
+
 class Distiller(nn.Module):
     """Args:
     teachers: frozen, materialised teachers (``M`` of them).
@@ -193,11 +202,13 @@ class Distiller(nn.Module):
         return self
 
     @torch.no_grad()
-    def teacher_scores(self, head: torch.Tensor, relation: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    def teacher_scores(self, head: torch.Tensor, relation: torch.Tensor, precision: str = "fp32",
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
         """``(M, B, E)`` teacher logits divided by the teachers' temperatures (folded into the queries), float32 or,
-        under ``bf16``, the products' bfloat16 (:meth:`~dsom.models.teachers.FrozenTeachers.logits`)."""
+        under ``bf16``, the products' bfloat16 (:meth:`~dsom.models.teachers.FrozenTeachers.logits`); ``rows (M, B)``
+        bool: teacher ``m`` only on the rows ``rows[m]``, zero elsewhere."""
         return self.teachers.logits(head, relation, precision, self.inv_temperature if self._calibrated else None,
-                                    self._teacher_queries)
+                                    self._teacher_queries, rows)
 
     # ------------------------------------------------------------------------------------------ step
     def forward(self, batch: torch.Tensor, neighbours: torch.Tensor | None, precision: str = "fp32",
@@ -239,16 +250,24 @@ class Distiller(nn.Module):
             losses["ce"] = per_query_ce(student.float(), t, rows).mean()
             return losses, {}
         gamma = cfg.gamma if kd_weight is None else kd_weight
-        tea_all = self.teacher_scores(qh, qr, precision)  # (M, B or P, E)
         detached = student.detach()
-        choice = sel(SelectionBatch(tea_all, h, r, t,
-                                    student_ce=(self.reward_ce(detached, t, rows, reward_rows)
-                                                if sel.needs_student else None),
-                                    student_logits=detached if sel.needs_student else None,
-                                    reward_rows=reward_rows, generator=generator, draw_rows=draw_rows,
-                                    reduce=reduce, pair_of=rows, pair_keys=pair_keys))
+        # the teachers' (M, B or P, E) logits are scored when the selector reads them or, if it chooses without them
+        # (a fixed teacher, a cached policy state), only where the chosen weights are non-zero (and every teacher on
+        # the reward rows): their products are most of a step
+        selection = SelectionBatch(None, h, r, t,
+                                   student_ce=(self.reward_ce(detached, t, rows, reward_rows)
+                                               if sel.needs_student else None),
+                                   student_logits=detached if sel.needs_student else None,
+                                   reward_rows=reward_rows, generator=generator, draw_rows=draw_rows,
+                                   reduce=reduce, pair_of=rows, pair_keys=pair_keys,
+                                   score_teachers=lambda needed: self.teacher_scores(
+                                       qh, qr, precision, per_row(needed, rows, len(qh))))
+        choice = sel(selection)
         kind = sel.kd_override or cfg.kd
         use_kd = kind != NO_KD and gamma > 0
+        # (no distillation: the logits are not needed beyond what the selector read)
+        tea_all = (selection.materialise(choice.weights) if use_kd and choice.teacher is None
+                   else selection.teacher_logits)
         if rows is None:
             terms = self._step_terms(student, tea_all, choice.weights, t, neighbours, cfg, use_kd, choice.teacher,
                                      kind)
@@ -276,8 +295,9 @@ class Distiller(nn.Module):
             terms = {"ce": firsts["ce"], "kd": kd[inverse]}
         else:  # a loss that reads the target, or MulDE's own teacher: per query
             nb = None if neighbours is None else neighbours[rows]
-            terms = self._step_terms(student.float()[rows], tea_all[:, rows], choice.weights, t, nb, cfg, use_kd,
-                                     choice.teacher, kind)
+            tea = None if tea_all is None else tea_all[:, rows]
+            terms = self._step_terms(student.float()[rows], tea, choice.weights, t, nb, cfg, use_kd, choice.teacher,
+                                     kind)
         losses["ce"] = terms["ce"].mean()
         if use_kd:
             losses["kd"] = gamma * terms["kd"].mean()

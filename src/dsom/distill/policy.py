@@ -180,18 +180,25 @@ class SummaryPolicy(nn.Module):
                 if emb is not None:
                     emb.weight.normal_(0.0, 0.1, generator=generator)
 
-    def summary(self, teacher_logits: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+    def summary(self, teacher_logits: torch.Tensor | None, keys: torch.Tensor | None = None) -> torch.Tensor:
         """:func:`summary_features` of the rows of ``(M, n, E)`` teacher logits; ``keys (n,)``: each row's pair id in
         the cache (``None`` = compute without the cache). Until the cache is sealed the features are computed and
-        stored; after, they are read (no pass over the logits, no host sync)."""
+        stored; after, they are read (no pass over the logits, no host sync; ``teacher_logits`` may then be
+        ``None``, :meth:`serves`)."""
+        if self.serves(keys):
+            return self.cache[keys]
+        if teacher_logits is None:
+            raise ValueError("the summary state needs the teacher logits of rows its cache does not hold")
         if keys is None or self.cache is None:
             return summary_features(teacher_logits, self.compile)
-        if self.cache_sealed:
-            return self.cache[keys]
         feats = summary_features(teacher_logits, self.compile)
         self.cache[keys] = feats
         self.cache_filled[keys] = True
         return feats
+
+    def serves(self, keys: torch.Tensor | None) -> bool:
+        """Whether :meth:`summary` of rows ``keys`` is read from the sealed cache (no teacher logits needed)."""
+        return keys is not None and self.cache is not None and self.cache_sealed
 
     def seal_cache(self) -> bool:
         """Seal the cache once every pair has been stored (one host sync; call after an epoch, which visits every
@@ -201,7 +208,7 @@ class SummaryPolicy(nn.Module):
             self.cache_sealed = bool(self.cache_filled.all())
         return self.cache_sealed
 
-    def forward(self, teacher_logits: torch.Tensor, head: torch.Tensor, relation: torch.Tensor,
+    def forward(self, teacher_logits: torch.Tensor | None, head: torch.Tensor, relation: torch.Tensor,
                 target: torch.Tensor | None = None, pair_of: torch.Tensor | None = None,
                 keys: torch.Tensor | None = None) -> torch.Tensor:
         """Action logits ``(B, A)`` from ``(M, B, E)`` teacher logits, the queries' entity and relation and (for

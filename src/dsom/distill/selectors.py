@@ -65,16 +65,21 @@ class SelectionBatch:
     """One batch as a selector sees it. ``teacher_logits`` are the (calibrated) frozen teachers' ``(M, B, E)``
     logits; ``student_ce`` the current student's detached CE ``(B,)`` (selectors with ``needs_student``; NaN outside
     ``reward_rows``, where no reward reads it); ``reward_rows`` marks the queries the teachers never trained on
-    (``None`` = every row); ``student_logits`` the detached student logits (MulDE only). Under pair batching ``teacher_logits`` and ``student_logits`` hold one
-    row per (entity, relation) pair and ``pair_of`` maps each query to its row (the policy's state is a function of
-    the pair).
+    (``None`` = every row); ``student_logits`` the detached student logits (MulDE only). Under pair batching
+    ``teacher_logits`` and ``student_logits`` hold one row per (entity, relation) pair and ``pair_of`` maps each query
+    to its row (the policy's state is a function of the pair).
+
+    ``teacher_logits`` may be ``None`` with a ``score_teachers`` function: the teachers are then scored when a selector
+    first reads them (:meth:`teachers`), or, by a selector that chooses without reading them, only where the chosen
+    weights are non-zero (:meth:`materialise`): the teachers' products are most of stage 2's work, and a query that
+    weights a teacher 0 never reads its logits.
 
     Under torchrun a process holds only its share of the global batch: ``draw_rows = (start, stop, size)`` says
     which rows of a batch of ``size`` these are (the random draws of the whole batch are made and sliced, so the
     samples are those of one process), and ``reduce`` sums a tensor over processes (in place), for statistics
     of the whole batch (``None`` = the batch is whole)."""
 
-    teacher_logits: torch.Tensor  # float32, or bfloat16 from bf16 products: upcast where read (see ``logits32``)
+    teacher_logits: torch.Tensor | None  # float32, or bfloat16 from bf16 products: upcast where read (``logits32``)
     head: torch.Tensor
     relation: torch.Tensor
     target: torch.Tensor
@@ -86,6 +91,28 @@ class SelectionBatch:
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     pair_of: torch.Tensor | None = None  # (B,): teacher_logits are (M, P, E), one row per pair; query b reads pair_of[b]
     pair_keys: torch.Tensor | None = None  # the training-pair id of each row of teacher_logits (the policy-state cache)
+    # (M, B) bool per query -> the (M, rows, E) teacher logits, scored where true and zero elsewhere (None = everywhere)
+    score_teachers: Callable[[torch.Tensor | None], torch.Tensor] | None = None
+
+    def teachers(self) -> torch.Tensor:
+        """The ``(M, rows, E)`` teacher logits, every teacher on every row scored now if they have not been scored."""
+        return self.materialise()
+
+    def materialise(self, weights: torch.Tensor | None = None, rewarded: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher logits, scored by ``score_teachers`` on the first call (later calls return the same block):
+        with ``weights (B, M)`` only teacher ``m`` of query ``b`` where ``weights[b, m] != 0``, and every teacher of the
+        queries ``rewarded (B,)`` bool (the rows a reward reads); the rest are zeros, which a selector that calls this
+        must not read. ``None``: every teacher everywhere."""
+        if self.teacher_logits is None:
+            if self.score_teachers is None:
+                raise ValueError("SelectionBatch has neither teacher_logits nor score_teachers")
+            needed = None
+            if weights is not None:
+                needed = weights.T != 0
+                if rewarded is not None:
+                    needed = needed | rewarded
+            self.teacher_logits = self.score_teachers(needed)
+        return self.teacher_logits
 
     @property
     def logits32(self) -> torch.Tensor:
@@ -95,9 +122,10 @@ class SelectionBatch:
 
     def query_logits(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         """The teacher logits of queries ``idx`` (``None`` = all) in their own dtype, ``(M, n, E)``."""
+        tea = self.teachers()
         if self.pair_of is not None:
-            return self.teacher_logits[:, self.pair_of if idx is None else self.pair_of[idx]]
-        return self.teacher_logits if idx is None else self.teacher_logits[:, idx]
+            return tea[:, self.pair_of if idx is None else self.pair_of[idx]]
+        return tea if idx is None else tea[:, idx]
 
 
 def sample_actions(probs: torch.Tensor, generator: torch.Generator | None = None,
@@ -197,8 +225,8 @@ class AllTeachers(Selector):
     chooses = False
 
     def select(self, batch: SelectionBatch) -> Selection:
-        M, B = batch.teacher_logits.shape[0], len(batch.target)
-        return Selection(torch.full((B, M), 1.0 / M, device=batch.teacher_logits.device))
+        M, B = self.ctx.num_teachers, len(batch.target)
+        return Selection(torch.full((B, M), 1.0 / M, device=batch.target.device))
 
 
 @register("single")
@@ -210,7 +238,7 @@ class SingleTeacher(Selector):
         self.index = ctx.modalities.index(arg)
 
     def select(self, batch: SelectionBatch) -> Selection:
-        M, B = batch.teacher_logits.shape[0], len(batch.target)
+        M, B = self.ctx.num_teachers, len(batch.target)
         return Selection(_one_hot(torch.full((B,), self.index, device=batch.target.device), M))
 
 
@@ -253,13 +281,16 @@ def build_policy(ctx: SelectorContext) -> nn.Module:
     return Policy(M * ctx.num_entities, num_actions(M), c.policy_hidden, generator=ctx.generator)
 
 
-def policy_logits(policy: nn.Module, kind: str, teacher_logits: torch.Tensor, head: torch.Tensor,
+def policy_logits(policy: nn.Module, kind: str, teacher_logits: torch.Tensor | None, head: torch.Tensor,
                   relation: torch.Tensor, target: torch.Tensor | None = None,
                   pair_of: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
     """Action logits ``(B, A)`` of either policy network; ``pair_of``: the logits are per pair (the state of each pair
-    is read once); ``keys``: the training-pair id of each row of the logits (the summary state's cache)."""
+    is read once); ``keys``: the training-pair id of each row of the logits (the summary state's cache, which may
+    make ``teacher_logits`` unnecessary: ``None``)."""
     if isinstance(policy, SummaryPolicy):
         return policy(teacher_logits, head, relation, target, pair_of, keys)
+    if teacher_logits is None:
+        raise ValueError(f"the {kind!r} policy state needs the teacher logits")
     return policy(policy_state(teacher_logits, kind), pair_of)
 
 
@@ -300,8 +331,10 @@ class PolicySelector(Selector):
         self._chosen_ces = MaybeCompiled(_chosen_action_ces, ctx.compile)
 
     def action_logits(self, batch: SelectionBatch) -> torch.Tensor:
-        return policy_logits(self.policy, self.ctx.config.policy_state, batch.teacher_logits, batch.head,
-                             batch.relation, batch.target, batch.pair_of, batch.pair_keys)
+        """The policy's ``(B, A)`` action logits; a summary state read from its cache does not score the teachers."""
+        cached = isinstance(self.policy, SummaryPolicy) and self.policy.serves(batch.pair_keys)
+        return policy_logits(self.policy, self.ctx.config.policy_state, None if cached else batch.teachers(),
+                             batch.head, batch.relation, batch.target, batch.pair_of, batch.pair_keys)
 
     @torch.no_grad()
     def greedy(self, teacher_logits: torch.Tensor, head: torch.Tensor, relation: torch.Tensor,
@@ -325,12 +358,18 @@ class PolicySelector(Selector):
         total = len(idx)  # reward rows in the whole batch (summed over processes under torchrun)
         if batch.reduce is not None:
             total = int(batch.reduce(torch.tensor(float(total), device=logits.device)).item())
+        weights = self.subsets[actions]
         if total > 0 and (batch.student_ce is not None or c.reward == "margin"):
+            # the teachers (unless already scored): every one on the reward rows, elsewhere the chosen ones
+            if rows is None:
+                batch.teachers()
+            else:
+                batch.materialise(weights, rows)
             losses["rc"], more = self._policy_loss(batch, logits, probs, actions, idx, total)
             stats.update(more)
         else:  # no reward row in this batch: no gradient, but keep the graph shape
             losses["rc"] = logits.sum() * 0.0
-        return Selection(self.subsets[actions], losses=losses, stats=stats)
+        return Selection(weights, losses=losses, stats=stats)
 
     def _policy_loss(self, batch: SelectionBatch, logits: torch.Tensor, probs: torch.Tensor, actions: torch.Tensor,
                      idx: torch.Tensor, total: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

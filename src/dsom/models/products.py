@@ -7,6 +7,7 @@ Every score product of every model goes through :func:`matmul_scores` or :func:`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -155,18 +156,50 @@ def product_scores(query: torch.Tensor, candidates: torch.Tensor, precision: str
     return matmul_scores(query, candidates, precision)
 
 
-def stacked_scores(query: torch.Tensor, candidates: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+def stacked_scores(query: torch.Tensor, candidates: torch.Tensor, precision: str = "fp32",
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
     """``(M, B, 2d) x (M, N, 2d) -> (M, B, N)`` scores of M models at once (teachers), float32.
 
     Without autograd in fp32 this is one product per model written into a preallocated output: on the
     2-core dev machine (MKL/oneDNN sgemm) a loop of ``mm`` is about 1.3x faster than ``bmm`` of the same
     shapes (benchmarks/speed.py); on a CPU each is :func:`column_scores`. Elsewhere it is :func:`matmul_scores`.
+    ``rows (M, B)`` bool (no autograd): model ``m`` scores only the queries ``rows[m]``, its other rows are zero
+    (:func:`masked_rows`).
     """
+    partial = rows is not None and not bool(rows.all())
+    if partial and torch.is_grad_enabled() and (query.requires_grad or candidates.requires_grad):
+        raise ValueError("stacked_scores: rows= is for frozen models (no autograd)")
     if precision != "fp32" or (torch.is_grad_enabled() and (query.requires_grad or candidates.requires_grad)):
-        return matmul_scores(query, candidates, precision)
+        if not partial:
+            return matmul_scores(query, candidates, precision)
+        out = torch.empty(query.shape[0], query.shape[1], candidates.shape[1], dtype=torch.float32,
+                          device=query.device)
+        for m in range(query.shape[0]):
+            masked_rows(out[m], rows[m], lambda idx, m=m: matmul_scores(query[m, idx], candidates[m], precision))
+        return out
     q, c = query.float(), candidates.float()
     # Written as (B, M, N) and returned as an (M, B, N) view: the policy's (B, M * N) state is then a free reshape.
     out = torch.empty(q.shape[1], q.shape[0], c.shape[1], dtype=torch.float32, device=q.device)
     for m in range(q.shape[0]):
-        column_scores(q[m], c[m], out[:, m])
+        if not partial:
+            column_scores(q[m], c[m], out[:, m])
+        else:
+            masked_rows(out[:, m], rows[m], lambda idx, m=m: column_scores(q[m, idx], c[m]))
     return out.permute(1, 0, 2)
+
+
+def masked_rows(out: torch.Tensor, rows: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Fill ``out (B, N)`` (any strides) with ``score(idx)``, the ``(n, N)`` scores of its rows ``idx`` where ``rows (B,)``
+    is true, and zeros elsewhere: a frozen teacher whose weight is 0 on a row is not scored there (its product is the
+    cost of stage 2; a zero row is finite, so ``0 * row`` in a weighted mean stays 0). All rows: one call, written in
+    place; none: zeros only."""
+    n = int(rows.sum())
+    if n == len(rows):
+        out.copy_(score(torch.arange(len(rows), device=rows.device)))
+    elif n == 0:
+        out.zero_()
+    else:
+        out.index_fill_(0, (~rows).nonzero().squeeze(1), 0.0)
+        idx = rows.nonzero().squeeze(1)
+        out.index_copy_(0, idx, score(idx).to(out.dtype))
+    return out

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import dsom.models.interaction as interaction
-from dsom.models.products import cached_bf16, matmul_scores, stacked_scores
+from dsom.models.products import cached_bf16, masked_rows, matmul_scores, stacked_scores
 from dsom.models.representations import normal_table, projected_table, xavier_projection
 
 STRUCTURE = "structure"
@@ -182,7 +182,8 @@ class FrozenTeachers:
 
     @torch.no_grad()
     def logits(self, head: torch.Tensor, relation: torch.Tensor, precision: str = "fp32",
-               scale: torch.Tensor | None = None, queries: QueryFn = teacher_queries) -> torch.Tensor:
+               scale: torch.Tensor | None = None, queries: QueryFn = teacher_queries,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
         """``(M, B, E)`` logits for stage 2, in the products' own dtype: float32, or bfloat16 under ``bf16`` (the
         product's result is bf16-rounded either way, so keeping it bf16 loses nothing and saves a cast of the whole
         block; consumers upcast inside their fused kernels). ``scale (M,)`` multiplies each teacher's logits, folded
@@ -192,11 +193,20 @@ class FrozenTeachers:
         ``(B, M * E)`` is a free reshape (:func:`~dsom.models.products.stacked_scores`); bf16 ones are contiguous
         ``(M, B, E)`` (one batched product), the layout the compiled readers of bf16 run fastest on (the summary
         state: 24 ms against 41 ms from the ``(B, M, E)`` view on the 2-core AMX dev machine). ``queries``:
-        :func:`teacher_queries` or the same compiled (the distiller's, under ``train.compile``)."""
+        :func:`teacher_queries` or the same compiled (the distiller's, under ``train.compile``). ``rows (M, B)`` bool:
+        teacher ``m`` is scored only on the rows ``rows[m]`` and is zero on the others (``None`` = every row; the
+        rows a selector weights 0 are never read, :meth:`~dsom.distill.selectors.SelectionBatch.materialise`)."""
         if precision != "bf16":
             return stacked_scores(queries(self.tables, self.relations, head, relation, scale, self.tables.dtype),
-                                  self.tables, precision)
-        return torch.matmul(queries(self.tables, self.relations, head, relation, scale, torch.bfloat16), self._bf16())
+                                  self.tables, precision, rows)
+        query = queries(self.tables, self.relations, head, relation, scale, torch.bfloat16)
+        if rows is None or bool(rows.all()):
+            return torch.matmul(query, self._bf16())
+        tables = self._bf16()
+        out = torch.empty(query.shape[0], query.shape[1], tables.shape[2], dtype=torch.bfloat16, device=query.device)
+        for m in range(len(out)):
+            masked_rows(out[m], rows[m], lambda idx, m=m: torch.matmul(query[m, idx], tables[m]))
+        return out
 
     def _bf16(self) -> torch.Tensor:
         """The tables as bf16 product operands ``(M, 2d, E)``, cast once and kept (``M x E x 2d`` more bytes), laid

@@ -1,0 +1,117 @@
+"""Scoring the frozen teachers only where a query reads them, A/B in one process: stage-2 steps with every teacher
+scored on every row ("all") against each teacher scored only on the rows whose chosen subset holds it, and on the
+reward rows ("chosen", dsom's code), interleaved so that both see the same machine state.
+
+    DSOM_DATA=../shared/data python benchmarks/teacher_rows.py DB15K --rank 500 --rounds 6 --steps 4
+    DSOM_DATA=../shared/data python benchmarks/teacher_rows.py DB15K --selector single:structure
+
+Stage 2 is ``benchmarks/speed.py``'s (random rank ``--rank`` teachers, dsom's defaults: summary policy, held-out
+rewards, calibrated teachers; ``--rewards all``: every row rewarded, where every teacher is scored on every row either
+way). The policy chooses without the teachers' logits once its summary-state cache is sealed (from the second epoch
+on): untimed warm-up steps fill the cache of the batches timed and seal it. Each round runs ``--steps`` steps per mode
+(the order alternating from round to round) on the same batches and prints every step time; the result is each mode's
+median step, their ratio, and the share of the ``M x rows`` teacher rows the chosen mode scored. A fresh policy picks
+its subsets about uniformly (a teacher is in 4 of the 7 subsets of 3 teachers); a trained one may pick fewer or more
+teachers. Set the AVX2 emulation variables (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+MKL_ENABLE_INSTRUCTIONS=AVX2``) and ``--precision fp32`` to time the AVX2 path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from speed import stage2_trainer, sync, trainer_step  # noqa: E402  (the benchmark next door)
+
+from dsom.config import Config, set_value  # noqa: E402
+from dsom.data import registry  # noqa: E402
+from dsom.perf import tune_allocator  # noqa: E402
+
+MODES = ("all", "chosen")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", nargs="?", default="DB15K")
+    p.add_argument("--rank", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--modalities", default="structure,text,numeric")
+    p.add_argument("--selector", default="rl", help="distill.selector (rl, single:structure, ...)")
+    p.add_argument("--rewards", default="holdout", choices=["holdout", "all"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--batching", default="triples", choices=["triples", "pairs"])
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--steps", type=int, default=4, help="stage-2 steps per mode per round")
+    p.add_argument("--json", help="write every step time and the medians here")
+    args = p.parse_args(argv)
+    tune_allocator()
+    ds = registry.load(args.dataset)
+    cfg = Config()
+    for k, v in {"model.rank": args.rank, "train.batch_size": args.batch_size, "train.precision": args.precision,
+                 "train.device": "cpu", "train.valid_every": 0, "train.batching": args.batching,
+                 "distill.policy_state": "summary", "distill.selector": args.selector}.items():
+        set_value(cfg, k, v)
+    tr, _, _ = stage2_trainer(ds, cfg, args.modalities, args.rewards, f"/tmp/dsom-rows-{os.getpid()}")
+    order, offsets = tr.epoch_batches(1)
+    perm = order.to(tr.device)
+    teachers = tr.model.teachers
+    logits = teachers.logits  # the bound method; the instance attribute below replaces it for the "all" mode
+    mode = {"now": "chosen"}
+    scored = {name: [0, 0] for name in MODES}  # teacher rows scored, teacher rows in the blocks
+
+    def counted(head: torch.Tensor, relation: torch.Tensor, precision: str = "fp32", scale: Any = None,
+                queries: Any = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        rows = None if mode["now"] == "all" else rows
+        count = scored[mode["now"]]
+        count[0] += teachers.num_teachers * len(head) if rows is None else int(rows.sum())
+        count[1] += teachers.num_teachers * len(head)
+        return logits(head, relation, precision, scale, *(() if queries is None else (queries,)), rows=rows)
+
+    teachers.logits = counted  # type: ignore[method-assign]
+
+    def step(k: int) -> float:
+        sync(tr.device)
+        t0 = time.perf_counter()
+        trainer_step(tr, order, perm, offsets, k, k)
+        sync(tr.device)
+        return time.perf_counter() - t0
+
+    n_steps = args.steps
+    for name in MODES:  # warm-up: compile, fill the summary-state cache of the batches timed
+        mode["now"] = name
+        for k in range(n_steps + 1):
+            step(k)
+    policy = tr.model.policy
+    if getattr(policy, "cache", None) is not None:
+        policy.cache_sealed = True  # as from the second epoch on
+    scored = {name: [0, 0] for name in MODES}
+    times: dict[str, list[float]] = {name: [] for name in MODES}
+    for r in range(args.rounds):
+        for name in (MODES if r % 2 == 0 else MODES[::-1]):
+            mode["now"] = name
+            got = [step(k) for k in range(1, n_steps + 1)]
+            times[name] += got
+            print(f"round {r + 1} {name:6s} " + " ".join(f"{t:.3f}" for t in got), flush=True)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    share = scored["chosen"][0] / max(scored["chosen"][1], 1)
+    print(f"stage 2 median step ({args.selector}, rewards {args.rewards}, {tr.precision}, {tr.batching}): every "
+          f"teacher everywhere {med['all']:.3f} s, chosen rows {med['chosen']:.3f} s, all/chosen "
+          f"{med['all'] / med['chosen']:.2f}x ({len(times['all'])} steps each); teacher rows scored {share:.3f}")
+    res = {"stage2_median_step_s": med, "teacher_rows_scored": share, "speedup": med["all"] / med["chosen"]}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({**res, "steps_s": times, "args": vars(args)}, fh, indent=2)
+    return res
+
+
+if __name__ == "__main__":
+    main()
