@@ -14,6 +14,11 @@ median step, their ratio, and the share of the ``M x rows`` teacher rows the cho
 its subsets about uniformly (a teacher is in 4 of the 7 subsets of 3 teachers); a trained one may pick fewer or more
 teachers. Set the AVX2 emulation variables (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 MKL_ENABLE_INSTRUCTIONS=AVX2``) and ``--precision fp32`` to time the AVX2 path.
+
+``--widths 1000,839,700,600`` times instead one teacher's fp32 product (:func:`~dsom.models.products.column_scores`,
+a random ``--rank`` table of the dataset's size) on that many queries, with the queries padded to a multiple of
+``COLUMN_PAD`` (dsom's code) and unpadded, interleaved over ``--rounds`` rounds (median and minimum, ms): a teacher
+scored on the queries that chose it multiplies a block of any width.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from speed import stage2_trainer, sync, trainer_step  # noqa: E402  (the benchma
 
 from dsom.config import Config, set_value  # noqa: E402
 from dsom.data import registry  # noqa: E402
+from dsom.models import products  # noqa: E402
 from dsom.perf import tune_allocator  # noqa: E402
 
 MODES = ("all", "chosen")
@@ -52,9 +58,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=4, help="stage-2 steps per mode per round")
     p.add_argument("--json", help="write every step time and the medians here")
+    p.add_argument("--widths", help="comma-separated query counts: time column_scores padded and unpadded instead")
     args = p.parse_args(argv)
     tune_allocator()
     ds = registry.load(args.dataset)
+    if args.widths:
+        return widths(ds.num_entities, args.rank, [int(w) for w in args.widths.split(",")], args.rounds, args.json)
     cfg = Config()
     for k, v in {"model.rank": args.rank, "train.batch_size": args.batch_size, "train.precision": args.precision,
                  "train.device": "cpu", "train.valid_every": 0, "train.batching": args.batching,
@@ -110,6 +119,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({**res, "steps_s": times, "args": vars(args)}, fh, indent=2)
+    return res
+
+
+def widths(num_entities: int, rank: int, counts: list[int], rounds: int, json_path: str | None) -> dict[str, Any]:
+    """Milliseconds of :func:`column_scores` on ``counts`` queries against an ``(E, 2 * rank)`` table, padded to
+    ``COLUMN_PAD`` (dsom's code) and not (``COLUMN_PAD = 1``), every case once per round in alternating order."""
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(num_entities, 2 * rank, generator=g) * 0.1
+    queries = torch.randn(max(counts), 2 * rank, generator=g)
+    pad = products.COLUMN_PAD
+    cases = [(n, p) for n in counts for p in (pad, 1)]
+    outs = {n: torch.empty(n, num_entities) for n in counts}
+    times: dict[tuple[int, int], list[float]] = {c: [] for c in cases}
+    try:
+        for r in range(rounds):
+            for n, p in (cases if r % 2 == 0 else cases[::-1]):
+                products.COLUMN_PAD = p
+                t0 = time.perf_counter()
+                products.column_scores(queries[:n], table, outs[n])
+                times[(n, p)].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        products.COLUMN_PAD = pad
+    res: dict[str, Any] = {}
+    for n in counts:
+        row = {}
+        for p, name in ((pad, "padded"), (1, "unpadded")):
+            v = times[(n, p)]
+            row[name] = {"median_ms": float(np.median(v)), "min_ms": float(min(v))}
+        res[str(n)] = row
+        print(f"{n} queries: padded to {-(-n // pad) * pad} median {row['padded']['median_ms']:.1f} ms (min "
+              f"{row['padded']['min_ms']:.1f}), unpadded median {row['unpadded']['median_ms']:.1f} ms (min "
+              f"{row['unpadded']['min_ms']:.1f})", flush=True)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump({"widths": res, "times_ms": {f"{n}/{p}": v for (n, p), v in times.items()}}, fh, indent=2)
     return res
 
 

@@ -142,6 +142,16 @@ def test_teacher_rows_benchmark_times_both_modes_and_counts_the_rows_scored(tmp_
         assert res["teacher_rows_scored"] == pytest.approx(1 / 3)
 
 
+def test_teacher_rows_benchmark_times_padded_and_unpadded_widths():
+    from dsom.models import products
+
+    pad = products.COLUMN_PAD
+    res = _script("teacher_rows").main(["synthetic", "--rank", "8", "--widths", "70,64", "--rounds", "2"])
+    assert set(res) == {"70", "64"} and all(set(v) == {"padded", "unpadded"} for v in res.values())
+    assert min(c["min_ms"] for v in res.values() for c in v.values()) > 0
+    assert products.COLUMN_PAD == pad  # the module is left as it was
+
+
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads glibc's allocator")
 def test_alloc_faults_benchmark_counts_each_round_of_each_allocator():
     res = _script("alloc_faults").main(["--mb", "2", "--repeats", "2"])

@@ -111,6 +111,7 @@ def precise_matmul(a: torch.Tensor, b: torch.Tensor, precision: str = "fp32") ->
 COLUMN_BLOCK_BYTES = 8 << 20  # the (rows, B) float32 block of :func:`column_scores` (DB15K, B = 1,000: 2,097 rows)
 COLUMN_MIN_QUERIES = 64  # fewer queries: a plain ``q @ T^T`` (a thin product; nothing to gain from the layout)
 COLUMN_MIN_ROWS = 256  # the fewest table rows per block
+COLUMN_PAD = 16  # the block's width (queries) is a multiple of this: MKL's sgemm into rows of odd length is slow
 
 
 def column_scores(query: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,20 +124,28 @@ def column_scores(query: torch.Tensor, table: torch.Tensor, out: torch.Tensor | 
     (B = 1,000, N = 12,842, 2d = 1,000) into a ``(B, N)`` block takes 154-163 ms this way against 206-210 ms as
     ``q @ T^T`` under the AVX2 emulation, 153 against 212 ms with AVX-512 (``benchmarks/gemm_layouts.py --dtypes
     float32 --repeats 10``); a stage-2 step 1.15-1.29x faster (``benchmarks/score_layout.py``). The values are the same
-    dot products; MKL may sum them in another order (float32 rounding)."""
+    dot products; MKL may sum them in another order (float32 rounding).
+
+    The queries are padded with zero rows to a multiple of :data:`COLUMN_PAD`: into a block whose rows have an odd
+    length MKL runs much slower (839 queries, a DB15K table under the AVX2 emulation: a median 251 ms against 182 ms
+    padded to 848, and 205 ms for all 1,000; ``benchmarks/teacher_rows.py --widths``), and stage 2 scores a teacher
+    on as many queries as chose it."""
     B, N = query.shape[0], table.shape[0]
     q, t = query.float(), table.float()
     if out is None:
         out = torch.empty(B, N, dtype=torch.float32, device=query.device)
     if B < COLUMN_MIN_QUERIES or query.device.type != "cpu":
         return torch.mm(q, t.T, out=out)
-    rows = max(COLUMN_MIN_ROWS, COLUMN_BLOCK_BYTES // (4 * B))
-    block = torch.empty(min(rows, N), B, dtype=torch.float32, device=query.device)
+    width = -(-B // COLUMN_PAD) * COLUMN_PAD
+    if width != B:  # zero queries up to a multiple of COLUMN_PAD: the block's rows stay aligned
+        q = torch.cat([q, q.new_zeros(width - B, q.shape[1])])
+    rows = max(COLUMN_MIN_ROWS, COLUMN_BLOCK_BYTES // (4 * width))
+    block = torch.empty(min(rows, N), width, dtype=torch.float32, device=query.device)
     q_t = q.T
     for start in range(0, N, rows):
         n = min(rows, N - start)
         torch.mm(t[start:start + n], q_t, out=block[:n])
-        out[:, start:start + n].copy_(block[:n].T)
+        out[:, start:start + n].copy_(block[:n, :B].T)
     return out
 
 
