@@ -238,8 +238,8 @@ def test_column_scores_equal_the_row_product_block_by_block(monkeypatch):
     monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append((tuple(a[0].shape), tuple(a[1].shape)))
                         or mm(*a, **k))
     torch.testing.assert_close(products.column_scores(q, t), ref, rtol=1e-6, atol=1e-5)
-    # three blocks of table rows, the last one short; the 20 queries padded with zeros to 32 (COLUMN_PAD = 16)
-    assert calls == [((16, 12), (12, 32)), ((16, 12), (12, 32)), ((13, 12), (12, 32))]
+    # three blocks of table rows, the last one short; the 20 queries padded with zeros to 24 (COLUMN_PAD = 8)
+    assert calls == [((16, 12), (12, 24)), ((16, 12), (12, 24)), ((13, 12), (12, 24))]
     buf = torch.full((20, 3, 45), float("nan"))
     products.column_scores(q, t, buf[:, 1])
     torch.testing.assert_close(buf[:, 1], ref, rtol=1e-6, atol=1e-5)

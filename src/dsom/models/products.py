@@ -111,7 +111,7 @@ def precise_matmul(a: torch.Tensor, b: torch.Tensor, precision: str = "fp32") ->
 COLUMN_BLOCK_BYTES = 8 << 20  # the (rows, B) float32 block of :func:`column_scores` (DB15K, B = 1,000: 2,097 rows)
 COLUMN_MIN_QUERIES = 64  # fewer queries: a plain ``q @ T^T`` (a thin product; nothing to gain from the layout)
 COLUMN_MIN_ROWS = 256  # the fewest table rows per block
-COLUMN_PAD = 16  # the block's width (queries) is a multiple of this: MKL's sgemm into rows of odd length is slow
+COLUMN_PAD = 8  # the block's width (queries) is a multiple of this: MKL's sgemm into rows of odd length is slow
 
 
 def column_scores(query: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,10 +126,10 @@ def column_scores(query: torch.Tensor, table: torch.Tensor, out: torch.Tensor | 
     float32 --repeats 10``); a stage-2 step 1.15-1.29x faster (``benchmarks/score_layout.py``). The values are the same
     dot products; MKL may sum them in another order (float32 rounding).
 
-    The queries are padded with zero rows to a multiple of :data:`COLUMN_PAD`: into a block whose rows have an odd
-    length MKL runs much slower (839 queries, a DB15K table under the AVX2 emulation: a median 251 ms against 182 ms
-    padded to 848, and 205 ms for all 1,000; ``benchmarks/teacher_rows.py --widths``), and stage 2 scores a teacher
-    on as many queries as chose it."""
+    The queries are padded with zero rows to a multiple of :data:`COLUMN_PAD`: into a block whose rows have a length
+    that is not MKL runs much slower (a DB15K rank-500 table, median of 8 under the AVX2 emulation: 839 queries 221 ms
+    unpadded, 156 ms padded to 840, all 1,000 queries 178 ms; 517 queries 143 against 98 ms; the same with AVX-512:
+    ``benchmarks/teacher_rows.py --widths``), and stage 2 scores a teacher on as many queries as chose it."""
     B, N = query.shape[0], table.shape[0]
     q, t = query.float(), table.float()
     if out is None:
