@@ -152,6 +152,12 @@ def test_teacher_rows_benchmark_times_padded_and_unpadded_widths():
     assert products.COLUMN_PAD == pad  # the module is left as it was
 
 
+def test_reward_ces_benchmark_times_both_functions_on_each_row_count():
+    res = _script("reward_ces").main(["synthetic", "--rows", "12,5", "--rounds", "2"])
+    assert set(res) == {"12", "5"}
+    assert all(set(v) == {"whole", "two passes"} and min(c["min_ms"] for c in v.values()) > 0 for v in res.values())
+
+
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads glibc's allocator")
 def test_alloc_faults_benchmark_counts_each_round_of_each_allocator():
     res = _script("alloc_faults").main(["--mb", "2", "--repeats", "2"])

@@ -400,16 +400,28 @@ def test_fused_reward_ces_equal_the_per_action_loop():
     from dsom.distill.actions import subset_matrix
     from dsom.distill.losses import per_query_ce
     from dsom.distill.policy import action_ces
-    from dsom.distill.selectors import _all_action_ces, _all_action_ces_eager, _chosen_action_ces
+    from dsom.distill.selectors import (
+        AllActionCEs,
+        _all_action_ces,
+        _all_action_ces_eager,
+        _chosen_action_ces,
+    )
     from dsom.perf import MaybeCompiled
 
     g = torch.Generator().manual_seed(0)
     tea = torch.randn(3, 9, 40, generator=g) * 3
+    tea[1, 2] -= 300.0  # a teacher far below the others on one row: most of its subsets' terms are floored
     target = torch.randint(0, 40, (9,), generator=g)
     subsets = subset_matrix(3)
     want = action_ces(tea / 4.0, subsets, target)
-    for fn in (_all_action_ces_eager, _all_action_ces, MaybeCompiled(_all_action_ces, True)):
+    ref = torch.stack([torch.logsumexp(z, -1) - z[torch.arange(9), target]  # float64, from the definition
+                       for z in torch.einsum("am,mne->ane", subsets.double(), tea.double() / 4.0)])
+    torch.testing.assert_close(want.double(), ref, rtol=1e-5, atol=1e-4)
+    for fn in (_all_action_ces_eager, _all_action_ces, MaybeCompiled(_all_action_ces, True), AllActionCEs()):
         torch.testing.assert_close(fn(tea, subsets, target, 4.0), want, rtol=1e-5, atol=1e-5)
+    strided = torch.randn(9, 3, 40, generator=g).permute(1, 0, 2) * 3  # the (B, M, E) layout of fp32 teacher blocks
+    torch.testing.assert_close(AllActionCEs()(strided, subsets, target, 2.0),
+                               action_ces(strided / 2.0, subsets, target), rtol=1e-5, atol=1e-5)
     pick = torch.randint(0, len(subsets), (9,), generator=g)
     got = _chosen_action_ces(tea, subsets[pick], target, 4.0)
     torch.testing.assert_close(got[0], want[pick, torch.arange(9)], rtol=1e-5, atol=1e-5)
