@@ -350,6 +350,24 @@ def stage2_trainer(ds: KGDataset, cfg: Config, modalities: str, rewards: str,
     return tr, rewarded, temps
 
 
+def count_teacher_rows(teachers: FrozenTeachers, full: Callable[[], bool] = lambda: False) -> list[int]:
+    """Wrap ``teachers.logits`` (on the instance) to count, in the returned ``[scored, total]`` (updated in place and
+    reset by the caller), the teacher rows scored and the ``M x rows`` rows of the blocks; ``full()`` true: score every
+    teacher on every row (the ``rows`` a selector asked for are dropped)."""
+    logits = teachers.logits  # the bound method
+    count = [0, 0]
+
+    def counted(head: torch.Tensor, relation: torch.Tensor, precision: str = "fp32", scale: Any = None,
+                queries: Any = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        rows = None if full() else rows
+        count[0] += teachers.num_teachers * len(head) if rows is None else int(rows.sum())
+        count[1] += teachers.num_teachers * len(head)
+        return logits(head, relation, precision, scale, *(() if queries is None else (queries,)), rows=rows)
+
+    teachers.logits = counted  # type: ignore[method-assign]
+    return count
+
+
 def phase_dsom_distill(ds: KGDataset, args: argparse.Namespace, device: torch.device, tmp: str) -> dict[str, Any]:
     cfg = base_config(args, device)
     M = len(args.modalities.split(","))
@@ -362,12 +380,14 @@ def phase_dsom_distill(ds: KGDataset, args: argparse.Namespace, device: torch.de
     if cached:  # as from epoch 2 on: every state the timed steps need is in the cache, which is sealed
         time_trainer_steps(tr, args.batches + args.profile_steps, device)
         policy.cache_sealed = True
+    count = count_teacher_rows(tr.model.teachers)
     seconds, timed, prof = time_trainer_steps(tr, args.batches, device, args.profile_steps, args.profile_rounds)
     n_epoch = len(tr.epoch_batches(1)[1]) - 1
     H, N = args.policy_hidden, len(tr.train_queries)
+    share = count[0] / max(count[1], 1)  # the teachers are scored only where a query reads them
 
-    def scoring(rows: int) -> int:  # teachers forward only; student forward + 2 backward products
-        return 2 * rows * two_d * E * M + 3 * 2 * rows * two_d * E
+    def scoring(rows: int) -> int:  # teachers forward only (the rows scored); student forward + 2 backward products
+        return round(2 * rows * two_d * E * M * share) + 3 * 2 * rows * two_d * E
 
     # layer 1 forward + weight gradient, once per score row (per pair under pair batching: the state is the pair's)
     n_rows = score_rows(tr)
@@ -378,7 +398,7 @@ def phase_dsom_distill(ds: KGDataset, args: argparse.Namespace, device: torch.de
             "queries_per_s": N / (seconds / timed * n_epoch), "flop_per_epoch": scoring(n_rows) + policy_flop,
             "score_rows_per_epoch": n_rows, "dedup_flop_per_epoch": scoring(args.pairs) + dedup_policy,
             "policy_flop_per_epoch": policy_flop, "teachers": M, "policy_hidden": H, "policy_state": args.policy_state,
-            "summary_cache": "read" if cached else "computed",
+            "summary_cache": "read" if cached else "computed", "teacher_rows_scored": share,
             "rewards": args.rewards, "reward_rows_fraction": 1.0 if rewarded is None else float(rewarded.float().mean()),
             "temperatures": None if temps is None else temps.tolist(),
             "precision": tr.precision, "batching": tr.batching, "profile": prof}

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from speed import stage2_trainer, sync, trainer_step  # noqa: E402  (the benchmark next door)
+from speed import count_teacher_rows, stage2_trainer, sync, trainer_step  # noqa: E402  (the benchmark next door)
 
 from dsom.config import Config, set_value  # noqa: E402
 from dsom.data import registry  # noqa: E402
@@ -72,20 +72,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tr, _, _ = stage2_trainer(ds, cfg, args.modalities, args.rewards, f"/tmp/dsom-rows-{os.getpid()}")
     order, offsets = tr.epoch_batches(1)
     perm = order.to(tr.device)
-    teachers = tr.model.teachers
-    logits = teachers.logits  # the bound method; the instance attribute below replaces it for the "all" mode
     mode = {"now": "chosen"}
-    scored = {name: [0, 0] for name in MODES}  # teacher rows scored, teacher rows in the blocks
-
-    def counted(head: torch.Tensor, relation: torch.Tensor, precision: str = "fp32", scale: Any = None,
-                queries: Any = None, rows: torch.Tensor | None = None) -> torch.Tensor:
-        rows = None if mode["now"] == "all" else rows
-        count = scored[mode["now"]]
-        count[0] += teachers.num_teachers * len(head) if rows is None else int(rows.sum())
-        count[1] += teachers.num_teachers * len(head)
-        return logits(head, relation, precision, scale, *(() if queries is None else (queries,)), rows=rows)
-
-    teachers.logits = counted  # type: ignore[method-assign]
+    count = count_teacher_rows(tr.model.teachers, lambda: mode["now"] == "all")  # [rows scored, rows in the blocks]
 
     def step(k: int) -> float:
         sync(tr.device)
@@ -102,16 +90,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     policy = tr.model.policy
     if getattr(policy, "cache", None) is not None:
         policy.cache_sealed = True  # as from the second epoch on
-    scored = {name: [0, 0] for name in MODES}
+    chosen = [0, 0]
     times: dict[str, list[float]] = {name: [] for name in MODES}
     for r in range(args.rounds):
         for name in (MODES if r % 2 == 0 else MODES[::-1]):
             mode["now"] = name
+            count[:] = [0, 0]
             got = [step(k) for k in range(1, n_steps + 1)]
+            if name == "chosen":
+                chosen = [chosen[0] + count[0], chosen[1] + count[1]]
             times[name] += got
             print(f"round {r + 1} {name:6s} " + " ".join(f"{t:.3f}" for t in got), flush=True)
     med = {k: float(np.median(v)) for k, v in times.items()}
-    share = scored["chosen"][0] / max(scored["chosen"][1], 1)
+    share = chosen[0] / max(chosen[1], 1)
     print(f"stage 2 median step ({args.selector}, rewards {args.rewards}, {tr.precision}, {tr.batching}): every "
           f"teacher everywhere {med['all']:.3f} s, chosen rows {med['chosen']:.3f} s, all/chosen "
           f"{med['all'] / med['chosen']:.2f}x ({len(times['all'])} steps each); teacher rows scored {share:.3f}")

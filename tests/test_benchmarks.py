@@ -33,6 +33,7 @@ def test_speed_benchmark_stage_phases_run_and_report(tmp_path, batching, state, 
     assert (d["reward_rows_fraction"] < 0.5) == (rewards == "holdout")
     assert (d["policy_flop_per_epoch"] > 0) == (state == "logits")
     assert d["summary_cache"] == ("read" if state == "summary" else "computed")
+    assert d["teacher_rows_scored"] == 1.0  # every row rewarded, or a policy state that reads every teacher
     assert d["score_rows_per_epoch"] <= d["batches_per_epoch"] * 10**6 and d["profile"]["step_s"] > 0
     assert all(saved[p]["median_epoch_s"] > 0 for p in ("dsom_complex", "dsom_teachers", "dsom_distill"))
 
