@@ -368,7 +368,7 @@ class PolicySelector(Selector):
     def __init__(self, ctx: SelectorContext, arg: str = "") -> None:
         super().__init__(ctx, arg)
         self.policy = build_policy(ctx)
-        # the reward CEs read the (M, n, E) teacher block once per action: fused under torch.compile
+        # the reward CEs of every subset (expected baseline): two compiled passes over the (M, n, E) teacher rows
         self._all_ces = AllActionCEs() if ctx.compile else _all_action_ces_eager
         self._chosen_ces = MaybeCompiled(_chosen_action_ces, ctx.compile)
 

@@ -126,8 +126,8 @@ def column_scores(query: torch.Tensor, table: torch.Tensor, out: torch.Tensor | 
     float32 --repeats 10``); a stage-2 step 1.15-1.29x faster (``benchmarks/score_layout.py``). The values are the same
     dot products; MKL may sum them in another order (float32 rounding).
 
-    The queries are padded with zero rows to a multiple of :data:`COLUMN_PAD`: into a block whose rows have a length
-    that is not MKL runs much slower (a DB15K rank-500 table, median of 8 under the AVX2 emulation: 839 queries 221 ms
+    The queries are padded with zero rows to a multiple of :data:`COLUMN_PAD`: into a block whose row length is not a
+    multiple of 8 MKL runs much slower (a DB15K rank-500 table, median of 8 under the AVX2 emulation: 839 queries 221 ms
     unpadded, 156 ms padded to 840, all 1,000 queries 178 ms; 517 queries 143 against 98 ms; the same with AVX-512:
     ``benchmarks/teacher_rows.py --widths``), and stage 2 scores a teacher on as many queries as chose it."""
     B, N = query.shape[0], table.shape[0]
