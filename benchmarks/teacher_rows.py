@@ -1,11 +1,8 @@
-"""Scoring the frozen teachers only where a query reads them, A/B in one process: stage-2 steps in two or three modes
-(``--modes``), interleaved so that all see the same machine state: every teacher scored on every row into the
-``(M, B, E)`` block ("all"), each teacher scored only on the rows whose chosen subset holds it and on the reward rows,
-into the block ("chosen"), and the same rows summed into the KD target as they are scored, with no block
-("combined", ``Distiller.combine_teachers``).
+"""Scoring the frozen teachers only where a query reads them, A/B in one process: stage-2 steps with every teacher
+scored on every row ("all") against each teacher scored only on the rows whose chosen subset holds it, and on the
+reward rows ("chosen", dsom's code), interleaved so that both see the same machine state.
 
     DSOM_DATA=../shared/data python benchmarks/teacher_rows.py DB15K --rank 500 --rounds 6 --steps 4
-    DSOM_DATA=../shared/data python benchmarks/teacher_rows.py DB15K --modes chosen,combined
     DSOM_DATA=../shared/data python benchmarks/teacher_rows.py DB15K --selector single:structure
 
 Stage 2 is ``benchmarks/speed.py``'s (random rank ``--rank`` teachers, dsom's defaults: summary policy, held-out
@@ -13,7 +10,7 @@ rewards, calibrated teachers; ``--rewards all``: every row rewarded, where every
 way). The policy chooses without the teachers' logits once its summary-state cache is sealed (from the second epoch
 on): untimed warm-up steps fill the cache of the batches timed and seal it. Each round runs ``--steps`` steps per mode
 (the order alternating from round to round) on the same batches and prints every step time; the result is each mode's
-median step, its ratio to the first mode's, and the share of the ``M x rows`` teacher rows it scored. A fresh policy picks
+median step, their ratio, and the share of the ``M x rows`` teacher rows the chosen mode scored. A fresh policy picks
 its subsets about uniformly (a teacher is in 4 of the 7 subsets of 3 teachers); a trained one may pick fewer or more
 teachers. Set the AVX2 emulation variables (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 MKL_ENABLE_INSTRUCTIONS=AVX2``) and ``--precision fp32`` to time the AVX2 path.
@@ -101,9 +98,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     policy = tr.model.policy
     if getattr(policy, "cache", None) is not None:
         policy.cache_sealed = True  # as from the second epoch on
-        for name in modes:  # (a sealed cache may take other compiled paths: compiled here, untimed)
-            mode["now"] = name
-            step(1)
     scored = {name: [0, 0] for name in modes}
     times: dict[str, list[float]] = {name: [] for name in modes}
     for r in range(args.rounds):

@@ -120,7 +120,6 @@ def test_bf16_teacher_logits_give_the_losses_of_their_float32_copy(tmp_path, mon
     bf16 product) to bf16 rounding."""
     st = _student(tmp_path, state, selector)
     d = st.model
-    d.combine_teachers = False  # the (M, B, E) block (the KD target summed as scored: tests/test_teacher_rows.py)
     batch = st.train_queries[:50]
     nb = st._neighbour_mask(batch, batch)
     rows = torch.zeros(50, dtype=torch.bool)

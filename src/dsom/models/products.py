@@ -215,79 +215,72 @@ def masked_rows(out: torch.Tensor, rows: torch.Tensor, score: Callable[[torch.Te
 
 
 def _combine_plan(weights: torch.Tensor, reward: torch.Tensor, m: int
-                  ) -> tuple[torch.Tensor, list[tuple[float, int, int]]]:
-    """Teacher ``m``'s part of :func:`combined_scores`: the rows it scores ``(n,)``, the reward rows first (in their
-    order), then the other rows that weight it non-zero, grouped by weight; and each weight's ``(value, start, stop)``
-    span of the latter."""
+                  ) -> tuple[torch.Tensor, list[tuple[float, int, int]], torch.Tensor]:
+    """Teacher ``m``'s part of :func:`combined_scores`: the rows it scores ``(n,)`` (the rows that weight it non-zero,
+    grouped by weight, then the reward rows that weight it 0), each weight's ``(value, start, stop)`` span of them,
+    and the position of each reward row among them ``(n_r,)``."""
     w = weights[:, m]
-    other = w != 0
-    other[reward] = False
-    chosen = other.nonzero().squeeze(1)
+    chosen = (w != 0).nonzero().squeeze(1)
     values, group = torch.unique(w[chosen], return_inverse=True)
-    rows = torch.cat([reward, chosen[torch.argsort(group, stable=True)]])
-    stops = (torch.bincount(group, minlength=len(values)).cumsum(0) + len(reward)).tolist()
-    spans = [(float(v), start, stop) for v, start, stop in zip(values.tolist(), [len(reward)] + stops[:-1], stops)]
-    return rows, spans
+    order = torch.argsort(group, stable=True)
+    extra = reward[w[reward] == 0]
+    rows = torch.cat([chosen[order], extra])
+    stops = torch.bincount(group, minlength=len(values)).cumsum(0).tolist()
+    spans = [(float(v), start, stop) for v, start, stop in zip(values.tolist(), [0] + stops[:-1], stops)]
+    where = torch.full((len(weights),), -1, dtype=torch.long, device=weights.device)
+    where[rows] = torch.arange(len(rows), device=weights.device)
+    return rows, spans, where[reward]
 
 
 def combined_scores(query: torch.Tensor, tables: torch.Tensor, weights: torch.Tensor, reward: torch.Tensor,
                     precision: str = "fp32", score: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The weighted sum of M frozen models' scores, ``sum_m weights[:, m] * (query[m] @ tables[m]^T)`` as float32
-    ``(B, N)``, and every model's scores on the rows ``reward (n_r,)`` (long, distinct), ``(M, n_r, N)``, without the
-    ``(M, B, N)`` block: model ``m`` is scored only on the reward rows and the rows that weight it non-zero, and its
-    scores are added into the sum as they come (``index_add_``, each distinct weight as ``alpha``); the sum's reward
-    rows are combined from the reward block. Stage 2's distillation target of a selector that chose without reading
-    the teachers, and the teacher rows its rewards compare
-    (:meth:`~dsom.distill.selectors.SelectionBatch.materialise`). No autograd.
+    ``(B, N)``, and every model's scores on the rows ``reward (n_r,)`` (long), ``(M, n_r, N)``, without the
+    ``(M, B, N)`` block: model ``m`` is scored only on the rows that weight it non-zero and the reward rows, and its
+    scores are added into the sum as they come (``index_add_`` with each distinct weight as ``alpha``). Stage 2's
+    distillation target of a selector that chose without reading the teachers, and the teacher rows its rewards
+    compare (:meth:`~dsom.distill.selectors.SelectionBatch.choose`). No autograd.
 
     ``query (M, B, 2d)``, ``tables (M, N, 2d)``, ``weights (B, M)``. In ``fp32`` on a CPU the scores come in blocks of
-    table rows laid out ``(rows, n)`` (:func:`column_scores`' layout, the fast one there), each copied transposed and
-    added into the sum block by block; elsewhere ``score(m, rows)`` (default :func:`matmul_scores` of
+    table rows laid out ``(rows, n)`` (:func:`column_scores`' layout: the fast one there), added into the sum block by
+    block, so no ``(n, N)`` copy is written; elsewhere ``score(m, rows)`` (default :func:`matmul_scores` of
     ``query[m, rows]``) gives model ``m``'s ``(n, N)`` scores on ``rows``."""
     M, B, N = query.shape[0], query.shape[1], tables.shape[1]
+    target = torch.zeros(B, N, dtype=torch.float32, device=query.device)
     rewarded = torch.empty(M, len(reward), N, dtype=torch.float32, device=query.device)
     plans = [_combine_plan(weights, reward, m) for m in range(M)]
-    n_r = len(reward)
-    column = precision == "fp32" and query.device.type == "cpu" and score is None and B >= COLUMN_MIN_QUERIES
-    # (column blocks: each block of the sum zeroed just before it is added to, while it is in cache)
-    target = (torch.empty if column else torch.zeros)(B, N, dtype=torch.float32, device=query.device)
-    if not column:
-        for m, (rows, spans) in enumerate(plans):
+    column = precision == "fp32" and query.device.type == "cpu" and score is None
+    if not column or B < COLUMN_MIN_QUERIES:
+        for m, (rows, spans, pos) in enumerate(plans):
             if not len(rows):
                 continue
             s = (score(m, rows) if score is not None else matmul_scores(query[m, rows], tables[m], precision)).float()
+            for value, start, stop in spans:
+                target.index_add_(0, rows[start:stop], s[start:stop], alpha=value)
+            rewarded[m] = s[pos]
+        return target, rewarded
+    # (rows, width) blocks: the queries of each model padded with zero rows to a multiple of COLUMN_PAD
+    qs = []
+    for m, (rows, _, _) in enumerate(plans):
+        width = -(-len(rows) // COLUMN_PAD) * COLUMN_PAD
+        q = query[m].float().new_zeros(width, query.shape[2])
+        q[:len(rows)] = query[m, rows].float()
+        qs.append(q.T)
+    widest = max(q.shape[1] for q in qs)
+    step = max(COLUMN_MIN_ROWS, COLUMN_BLOCK_BYTES // (4 * max(widest, 1)))
+    block = torch.empty(min(step, N), max(widest, 1), dtype=torch.float32, device=query.device)
+    t = tables.float()
+    for start in range(0, N, step):
+        n = min(step, N - start)
+        part = target[:, start:start + n]
+        for m, (rows, spans, pos) in enumerate(plans):
+            if not len(rows):
+                continue
+            b = block[:n, :qs[m].shape[1]]
+            torch.mm(t[m, start:start + n], qs[m], out=b)
             for value, lo, hi in spans:
-                target.index_add_(0, rows[lo:hi], s[lo:hi], alpha=value)
-            rewarded[m] = s[:n_r]
-    else:
-        # (rows, width) blocks: the queries of each model padded with zero rows to a multiple of COLUMN_PAD
-        qs = []
-        for m, (rows, _) in enumerate(plans):
-            q = query.new_zeros(-(-len(rows) // COLUMN_PAD) * COLUMN_PAD, query.shape[2], dtype=torch.float32)
-            q[:len(rows)] = query[m, rows].float()
-            qs.append(q.T)
-        widest = max(max(q.shape[1] for q in qs), 1)
-        step = max(COLUMN_MIN_ROWS, COLUMN_BLOCK_BYTES // (4 * widest))
-        block = torch.empty(min(step, N), widest, dtype=torch.float32, device=query.device)
-        rowwise = torch.empty(widest, min(step, N), dtype=torch.float32, device=query.device)
-        t = tables.float()
-        for start in range(0, N, step):
-            n = min(step, N - start)
-            part = target[:, start:start + n].zero_()
-            for m, (rows, spans) in enumerate(plans):
-                if not len(rows):
-                    continue
-                b = block[:n, :qs[m].shape[1]]
-                torch.mm(t[m, start:start + n], qs[m], out=b)
-                if n_r:
-                    rewarded[m, :, start:start + n].copy_(b[:, :n_r].T)
-                if spans:  # copied row-wise first: index_add_ from a transposed source takes a slow scatter path
-                    lo, hi = spans[0][1], spans[-1][2]
-                    r = rowwise[lo:hi, :n]
-                    r.copy_(b[:, lo:hi].T)
-                    for value, a, z in spans:
-                        part.index_add_(0, rows[a:z], r[a - lo:z - lo], alpha=value)
-    if n_r:  # the reward rows' sum from every model's scores there
-        target.index_copy_(0, reward, torch.einsum("rm,mrn->rn", weights[reward].float(), rewarded))
+                part.index_add_(0, rows[lo:hi], b[:, lo:hi].T, alpha=value)
+            if len(pos):
+                rewarded[m, :, start:start + n].copy_(b.index_select(1, pos).T)
     return target, rewarded
