@@ -364,18 +364,7 @@ def count_teacher_rows(teachers: FrozenTeachers, full: Callable[[], bool] = lamb
         count[1] += teachers.num_teachers * len(head)
         return logits(head, relation, precision, scale, *(() if queries is None else (queries,)), rows=rows)
 
-    combined_logits = teachers.combined_logits
-
-    def counted_combined(head: torch.Tensor, relation: torch.Tensor, weights: torch.Tensor, reward: torch.Tensor,
-                         *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        rewarded = torch.zeros(len(head), dtype=torch.bool, device=head.device)
-        rewarded[reward] = True
-        count[0] += int(((weights.T != 0) | rewarded).sum())
-        count[1] += teachers.num_teachers * len(head)
-        return combined_logits(head, relation, weights, reward, *args, **kwargs)
-
     teachers.logits = counted  # type: ignore[method-assign]
-    teachers.combined_logits = counted_combined  # type: ignore[method-assign]
     return count
 
 

@@ -42,7 +42,7 @@ from dsom.data import registry  # noqa: E402
 from dsom.models import products  # noqa: E402
 from dsom.perf import tune_allocator  # noqa: E402
 
-MODES = ("all", "chosen", "combined")
+MODES = ("all", "chosen")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -57,10 +57,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batching", default="triples", choices=["triples", "pairs"])
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=4, help="stage-2 steps per mode per round")
-    p.add_argument("--modes", default="all,combined",
-                   help="two or three of: all (every teacher on every row into the (M, B, E) block), chosen (the "
-                        "chosen rows into the block, combined in the compiled terms), combined (the KD target summed "
-                        "as the chosen teachers are scored: dsom's code)")
     p.add_argument("--json", help="write every step time and the medians here")
     p.add_argument("--widths", help="comma-separated query counts: time column_scores padded and unpadded instead")
     args = p.parse_args(argv)
@@ -76,14 +72,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tr, _, _ = stage2_trainer(ds, cfg, args.modalities, args.rewards, f"/tmp/dsom-rows-{os.getpid()}")
     order, offsets = tr.epoch_batches(1)
     perm = order.to(tr.device)
-    modes = tuple(args.modes.split(","))
-    if len(modes) < 2 or not set(modes) <= set(MODES):
-        raise SystemExit(f"--modes: two or three of {', '.join(MODES)}, got {args.modes!r}")
-    mode = {"now": modes[0]}
+    mode = {"now": "chosen"}
     count = count_teacher_rows(tr.model.teachers, lambda: mode["now"] == "all")  # [rows scored, rows in the blocks]
 
     def step(k: int) -> float:
-        tr.model.combine_teachers = mode["now"] == "combined"
         sync(tr.device)
         t0 = time.perf_counter()
         trainer_step(tr, order, perm, offsets, k, k)
@@ -91,32 +83,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return time.perf_counter() - t0
 
     n_steps = args.steps
-    for name in modes:  # warm-up: compile, fill the summary-state cache of the batches timed
+    for name in MODES:  # warm-up: compile, fill the summary-state cache of the batches timed
         mode["now"] = name
         for k in range(n_steps + 1):
             step(k)
     policy = tr.model.policy
     if getattr(policy, "cache", None) is not None:
         policy.cache_sealed = True  # as from the second epoch on
-    scored = {name: [0, 0] for name in modes}
-    times: dict[str, list[float]] = {name: [] for name in modes}
+    chosen = [0, 0]
+    times: dict[str, list[float]] = {name: [] for name in MODES}
     for r in range(args.rounds):
-        for name in (modes if r % 2 == 0 else modes[::-1]):
+        for name in (MODES if r % 2 == 0 else MODES[::-1]):
             mode["now"] = name
             count[:] = [0, 0]
             got = [step(k) for k in range(1, n_steps + 1)]
-            scored[name] = [scored[name][0] + count[0], scored[name][1] + count[1]]
+            if name == "chosen":
+                chosen = [chosen[0] + count[0], chosen[1] + count[1]]
             times[name] += got
-            print(f"round {r + 1} {name:8s} " + " ".join(f"{t:.3f}" for t in got), flush=True)
+            print(f"round {r + 1} {name:6s} " + " ".join(f"{t:.3f}" for t in got), flush=True)
     med = {k: float(np.median(v)) for k, v in times.items()}
-    share = {k: c[0] / max(c[1], 1) for k, c in scored.items()}
-    base = modes[0]
-    print(f"stage 2 median step ({args.selector}, rewards {args.rewards}, {tr.precision}, {tr.batching}, "
-          f"{len(times[base])} steps each): " + ", ".join(
-              f"{k} {med[k]:.3f} s ({med[base] / med[k]:.2f}x {base}; teacher rows scored {share[k]:.3f})"
-              for k in modes))
-    res = {"stage2_median_step_s": med, "teacher_rows_scored": share,
-           "speedup": {k: med[base] / med[k] for k in modes}}
+    share = chosen[0] / max(chosen[1], 1)
+    print(f"stage 2 median step ({args.selector}, rewards {args.rewards}, {tr.precision}, {tr.batching}): every "
+          f"teacher everywhere {med['all']:.3f} s, chosen rows {med['chosen']:.3f} s, all/chosen "
+          f"{med['all'] / med['chosen']:.2f}x ({len(times['all'])} steps each); teacher rows scored {share:.3f}")
+    res = {"stage2_median_step_s": med, "teacher_rows_scored": share, "speedup": med["all"] / med["chosen"]}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({**res, "steps_s": times, "args": vars(args)}, fh, indent=2)

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from dsom.config import Config, set_value
-from dsom.models import products
 from dsom.models.products import masked_rows, stacked_scores
 from dsom.models.teachers import FrozenTeachers
 
@@ -78,82 +77,6 @@ def test_frozen_teacher_logits_on_rows(precision):
         assert bool((got[m, ~rows[m]] == 0).all())
 
 
-def _subset_weights(B: int, M: int, seed: int) -> torch.Tensor:
-    """Each row the mean over a random non-empty subset of the first M - 1 teachers; the last teacher weighted 0."""
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.rand(B, M, generator=g) < 0.5
-    pick[:, -1] = False
-    pick[~pick.any(1), 0] = True
-    return pick.float() / pick.float().sum(1, keepdim=True)
-
-
-@pytest.mark.parametrize("B", [80, 10])  # column blocks (B >= 64) and the plain product
-@pytest.mark.parametrize("precision", ["fp32", "bf16sim"])
-@pytest.mark.parametrize("weights_kind", ["subsets", "arbitrary"])
-def test_combined_scores_are_the_weighted_sum_and_the_reward_rows_of_every_teacher(B, precision, weights_kind,
-                                                                                   monkeypatch):
-    """The KD target summed as each teacher is scored on its rows equals ``sum_m w_m F^m`` computed in float64 from
-    every teacher's full product, and the reward rows hold every teacher's logits (one weighted 0 everywhere, rows
-    chosen and not); several column blocks of the table; weights that are subset means or any positive numbers."""
-    monkeypatch.setattr(products, "COLUMN_BLOCK_BYTES", 4 * 96 * 256)  # several blocks of 256 table rows
-    g = torch.Generator().manual_seed(5)
-    M, N, D = 4, 700, 12
-    q, t = torch.randn(M, B, D, generator=g), torch.randn(M, N, D, generator=g)
-    w = _subset_weights(B, M, 6)
-    if weights_kind == "arbitrary":  # many distinct values (many index_add_ spans), some zeros
-        w = w * torch.rand(B, M, generator=g) * 3
-    reward = torch.tensor([0, 3, B - 1, 5])
-    target, rewarded = products.combined_scores(q, t, w, reward, precision)
-    full = torch.einsum("mbd,mnd->mbn", q.double(), t.double())
-    assert target.shape == (B, N) and target.dtype == torch.float32
-    assert rewarded.shape == (M, len(reward), N) and rewarded.dtype == torch.float32
-    tol = 1e-4 if precision == "fp32" else 0.1  # bf16 operands
-    torch.testing.assert_close(target.double(), torch.einsum("bm,mbn->bn", w.double(), full), rtol=1e-3, atol=tol)
-    torch.testing.assert_close(rewarded.double(), full[:, reward], rtol=1e-3, atol=tol)
-    empty, none = products.combined_scores(q, t, w, reward[:0], precision)
-    assert none.shape == (M, 0, N)
-    torch.testing.assert_close(empty, target, rtol=1e-6, atol=1e-6)
-
-
-def test_combined_scores_score_each_teacher_only_on_its_rows():
-    """A ``score`` function sees, for teacher ``m``, exactly the rows that weight it non-zero plus the reward rows
-    (each once); the teacher weighted 0 everywhere only on the reward rows."""
-    g = torch.Generator().manual_seed(7)
-    M, B, N, D = 3, 20, 30, 6
-    q, t = torch.randn(M, B, D, generator=g), torch.randn(M, N, D, generator=g)
-    w = _subset_weights(B, M, 8)
-    reward = torch.tensor([2, 9])
-    asked: dict[int, torch.Tensor] = {}
-
-    def score(m: int, rows: torch.Tensor) -> torch.Tensor:
-        asked[m] = rows.clone()
-        return q[m, rows] @ t[m].T
-
-    products.combined_scores(q, t, w, reward, "fp32", score)
-    for m in range(M):
-        expected = (w[:, m] != 0).clone()
-        expected[reward] = True
-        assert sorted(asked[m].tolist()) == expected.nonzero().squeeze(1).tolist()
-
-
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_frozen_teachers_combined_logits_match_their_logits(precision):
-    g = torch.Generator().manual_seed(2)
-    frozen = FrozenTeachers(["structure", "text", "image"], torch.randn(3, 90, 16, generator=g),
-                            torch.randn(3, 10, 16, generator=g))
-    head, rel = torch.randint(0, 90, (70,), generator=g), torch.randint(0, 10, (70,), generator=g)
-    scale = torch.tensor([0.5, 1.0, 2.0])
-    w = _subset_weights(70, 3, 9)
-    w[:, 2] = w[:, 1]  # every teacher chosen somewhere
-    reward = torch.tensor([1, 4, 60])
-    full = frozen.logits(head, rel, precision, scale)
-    target, rewarded = frozen.combined_logits(head, rel, w, reward, precision, scale)
-    assert rewarded.dtype == full.dtype and target.dtype == torch.float32
-    tol = 1e-5 if precision == "fp32" else 2e-2
-    torch.testing.assert_close(target, torch.einsum("bm,mbn->bn", w, full.float()), rtol=tol, atol=tol)
-    torch.testing.assert_close(rewarded.float(), full[:, reward].float(), rtol=tol, atol=tol)
-
-
 def _trainer(tmp_path, **kw):
     from dsom.train.student import StudentTrainer
 
@@ -170,17 +93,14 @@ def _trainer(tmp_path, **kw):
     return StudentTrainer(ds, cfg, tmp_path, frozen, progress=False)
 
 
-@pytest.mark.parametrize("combine", [True, False], ids=["combined", "block"])
 @pytest.mark.parametrize("batching", ["triples", "pairs"])
 @pytest.mark.parametrize("selector,rewarded", [("single:text", "some"), ("rl", "some"), ("rl", "every"),
                                                ("avg", "some")])
 def test_a_step_scores_only_the_teachers_its_queries_read_with_unchanged_losses_and_gradients(
-        tmp_path, monkeypatch, batching, selector, rewarded, combine):
-    """The policy's state read from its sealed cache, a fixed teacher or all teachers: each teacher is scored only
-    where a query weights it non-zero, or on a reward row (every teacher); the step's losses (CE, KD, RC) and every
-    gradient equal those of the same step with every teacher scored everywhere into the ``(M, B, E)`` block. Both with
-    the KD target summed as the teachers are scored (``combine_teachers``, per-query batches) and with the chosen rows
-    scored into the block."""
+        tmp_path, monkeypatch, batching, selector, rewarded):
+    """The policy's state read from its sealed cache, a fixed teacher or all teachers: each scored row of the teachers'
+    block is where a query weights that teacher non-zero, or a reward row (every teacher); the step's losses (CE, KD,
+    RC) and every gradient equal those of the same step with every teacher scored everywhere."""
     from dsom.train.loop import PairIndex, group_pairs
 
     st = _trainer(tmp_path, **{"distill.selector": selector, "train.batching": batching})
@@ -204,19 +124,10 @@ def test_a_step_scores_only_the_teachers_its_queries_read_with_unchanged_losses_
     seen: dict[str, object] = {}
     original_logits = FrozenTeachers.logits
     original_select = type(model.selector).select
-    original_plan = products._combine_plan
 
     def recording_logits(self, head, relation, precision, scale, queries, rows=None):
         seen["rows"] = rows
         return original_logits(self, head, relation, precision, scale, queries, None if seen.get("full") else rows)
-
-    def recording_plan(weights, reward, m):  # the rows combined_scores scores teacher m on
-        plan = original_plan(weights, reward, m)
-        seen["combined"] = True
-        if m == 0:
-            seen["rows"] = torch.zeros(weights.shape[1], len(weights), dtype=torch.bool)
-        seen["rows"][m, plan[0]] = True
-        return plan
 
     def recording_select(self, b):
         choice = original_select(self, b)
@@ -225,13 +136,9 @@ def test_a_step_scores_only_the_teachers_its_queries_read_with_unchanged_losses_
 
     monkeypatch.setattr(FrozenTeachers, "logits", recording_logits)
     monkeypatch.setattr(type(model.selector), "select", recording_select)
-    monkeypatch.setattr(products, "_combine_plan", recording_plan)
     out = {}
-    for mode in ("full", "rows"):
+    for mode in ("rows", "full"):
         seen["full"] = mode == "full"
-        model.combine_teachers = combine and mode == "rows"
-        seen.pop("rows", None)
-        seen.pop("combined", None)
         model.zero_grad(set_to_none=True)
         losses, _ = model(batch, nb, precision="fp32", generator=torch.Generator().manual_seed(3),
                           reward_rows=reward_rows, pairs=pairs, pair_keys=keys)
@@ -256,9 +163,6 @@ def test_a_step_scores_only_the_teachers_its_queries_read_with_unchanged_losses_
         assert bool(expected.all())
     else:
         assert torch.equal(rows, expected)
-    # the KD target summed as the teachers are scored (no (M, B, E) block): per query, where the selector chose
-    # without reading the teachers
-    assert seen.get("combined", False) == (combine and pairs is None and not (selector == "rl" and rewarded == "every"))
     if selector == "single:text":
         assert rows is not None and not bool(rows[[0, 2]].any())  # two of three teachers never scored
     if selector == "rl" and rewarded == "some":

@@ -185,10 +185,6 @@ class Distiller(nn.Module):
             raise ValueError(f"temperatures must be {self.num_teachers} positive numbers, got {temps.tolist()}")
         self.register_buffer("inv_temperature", 1.0 / temps)
         self._calibrated = bool((temps != 1).any())  # decided once: no device sync per step
-        # a selector that chooses without reading the teachers gets a KD target summed as the teachers are scored
-        # (no (M, B, E) block; per-query batches): False scores the chosen teachers into the block and combines
-        # them in the compiled terms (the same loss; benchmarks/teacher_rows.py compares the two)
-        self.combine_teachers = True
         self.selector: Selector | None = make_selector(
             config.selector, SelectorContext(teachers.modalities, E, num_relations, config, generator, entity_stats,
                                             compile, num_pairs))
@@ -213,15 +209,6 @@ class Distiller(nn.Module):
         bool: teacher ``m`` only on the rows ``rows[m]``, zero elsewhere."""
         return self.teachers.logits(head, relation, precision, self.inv_temperature if self._calibrated else None,
                                     self._teacher_queries, rows)
-
-    @torch.no_grad()
-    def combined_teacher_scores(self, head: torch.Tensor, relation: torch.Tensor, precision: str,
-                                weights: torch.Tensor, reward: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The calibrated teachers' weighted logits ``(B, E)`` and every teacher's on the rows ``reward``
-        ``(M, n_r, E)``, each teacher scored only where weighted or rewarded
-        (:meth:`~dsom.models.teachers.FrozenTeachers.combined_logits`)."""
-        return self.teachers.combined_logits(head, relation, weights, reward, precision,
-                                             self.inv_temperature if self._calibrated else None, self._teacher_queries)
 
     # ------------------------------------------------------------------------------------------ step
     def forward(self, batch: torch.Tensor, neighbours: torch.Tensor | None, precision: str = "fp32",
@@ -263,8 +250,6 @@ class Distiller(nn.Module):
             losses["ce"] = per_query_ce(student.float(), t, rows).mean()
             return losses, {}
         gamma = cfg.gamma if kd_weight is None else kd_weight
-        kind = sel.kd_override or cfg.kd
-        use_kd = kind != NO_KD and gamma > 0
         detached = student.detach()
         # the teachers' (M, B or P, E) logits are scored when the selector reads them or, if it chooses without them
         # (a fixed teacher, a cached policy state), only where the chosen weights are non-zero (and every teacher on
@@ -276,21 +261,16 @@ class Distiller(nn.Module):
                                    reward_rows=reward_rows, generator=generator, draw_rows=draw_rows,
                                    reduce=reduce, pair_of=rows, pair_keys=pair_keys,
                                    score_teachers=lambda needed: self.teacher_scores(
-                                       qh, qr, precision, per_row(needed, rows, len(qh))),
-                                   # per query, with a KD term: the chosen teachers are summed as they are scored
-                                   score_combined=(partial(self.combined_teacher_scores, h, r, precision)
-                                                   if rows is None and use_kd and self.combine_teachers else None))
+                                       qh, qr, precision, per_row(needed, rows, len(qh))))
         choice = sel(selection)
-        # the KD target: the selector's own, the weighted teachers combined as scored, or (None) combined from the
-        # (M, B, E) logits inside the compiled terms (no distillation: nothing beyond what the selector read)
-        teacher = choice.teacher
-        if use_kd and teacher is None:
-            teacher = selection.kd_target(choice.weights)
-            if teacher is None:
-                selection.materialise(choice.weights)
-        tea_all = selection.teacher_logits
+        kind = sel.kd_override or cfg.kd
+        use_kd = kind != NO_KD and gamma > 0
+        # (no distillation: the logits are not needed beyond what the selector read)
+        tea_all = (selection.materialise(choice.weights) if use_kd and choice.teacher is None
+                   else selection.teacher_logits)
         if rows is None:
-            terms = self._step_terms(student, tea_all, choice.weights, t, neighbours, cfg, use_kd, teacher, kind)
+            terms = self._step_terms(student, tea_all, choice.weights, t, neighbours, cfg, use_kd, choice.teacher,
+                                     kind)
         elif use_kd and choice.teacher is None and KD_LOSSES[kind].needs_neighbours and neighbours is not None:
             # pair batches: CE from each pair's log-sum-exp; KD once per distinct (pair, teacher weights)
             u_pair, u_weights, inverse = pair_kd_rows(rows, choice.weights)

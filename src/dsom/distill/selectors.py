@@ -73,9 +73,7 @@ class SelectionBatch:
     ``teacher_logits`` may be ``None`` with a ``score_teachers`` function: the teachers are then scored when a selector
     first reads them (:meth:`teachers`), or, by a selector that chooses without reading them, only where the chosen
     weights are non-zero (:meth:`materialise`): the teachers' products are most of stage 2's work, and a query that
-    weights a teacher 0 never reads its logits. With ``score_combined`` as well, such a choice keeps no ``(M, B, E)``
-    block: the weighted teachers are summed as they are scored into the KD target (:meth:`kd_target`), and only the
-    reward rows keep every teacher's logits (:meth:`query_logits`).
+    weights a teacher 0 never reads its logits.
 
     Under torchrun a process holds only its share of the global batch: ``draw_rows = (start, stop, size)`` says
     which rows of a batch of ``size`` these are (the random draws of the whole batch are made and sliced, so the
@@ -96,52 +94,26 @@ class SelectionBatch:
     pair_keys: torch.Tensor | None = None  # the training-pair id of each row of teacher_logits (the policy-state cache)
     # (M, B) bool per query -> the (M, rows, E) teacher logits, scored where true and zero elsewhere (None = everywhere)
     score_teachers: Callable[[torch.Tensor | None], torch.Tensor] | None = None
-    # (weights (B, M), reward rows (n_r,) long) -> (the weighted teacher logits (B, E) float32, every teacher's logits
-    # on the reward rows (M, n_r, E)); None: the batch does not combine them (see :meth:`materialise`)
-    score_combined: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
-    _combined: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, init=False,
-                                                                                             repr=False)
 
     def teachers(self) -> torch.Tensor:
         """The ``(M, rows, E)`` teacher logits, every teacher on every row scored now if they have not been scored."""
+        return self.materialise()
+
+    def materialise(self, weights: torch.Tensor | None = None, rewarded: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher logits, scored by ``score_teachers`` on the first call (later calls return the same block):
+        with ``weights (B, M)`` only teacher ``m`` of query ``b`` where ``weights[b, m] != 0``, and every teacher of the
+        queries ``rewarded (B,)`` bool (the rows a reward reads); the rest are zeros, which a selector that calls this
+        must not read. ``None``: every teacher everywhere."""
         if self.teacher_logits is None:
             if self.score_teachers is None:
                 raise ValueError("SelectionBatch has neither teacher_logits nor score_teachers")
-            self.teacher_logits = self.score_teachers(None)
+            needed = None
+            if weights is not None:
+                needed = weights.T != 0
+                if rewarded is not None:
+                    needed = needed | rewarded
+            self.teacher_logits = self.score_teachers(needed)
         return self.teacher_logits
-
-    def materialise(self, weights: torch.Tensor, rewarded: torch.Tensor | None = None) -> None:
-        """Score the teachers as the chosen ``weights (B, M)`` need them, unless they have been scored: teacher ``m``
-        of query ``b`` where ``weights[b, m] != 0``, and every teacher of the queries ``rewarded (B,)`` bool (the rows
-        a reward reads, :meth:`query_logits` of exactly those rows). With ``score_combined`` only the weighted sum
-        (:meth:`kd_target`) and the reward rows are kept, no ``(M, B, E)`` block; otherwise :attr:`teacher_logits` holds
-        the teachers where needed and zeros elsewhere, which a selector that calls this must not read."""
-        if self.teacher_logits is not None or self._combined is not None:
-            return
-        if self.score_combined is not None:
-            reward = (torch.zeros(0, dtype=torch.long, device=weights.device) if rewarded is None
-                      else rewarded.nonzero().squeeze(1))
-            target, logits = self.score_combined(weights, reward)
-            self._combined = (weights, reward, target, logits)
-            return
-        if self.score_teachers is None:
-            raise ValueError("SelectionBatch has neither teacher_logits nor score_teachers")
-        needed = weights.T != 0
-        if rewarded is not None:
-            needed = needed | rewarded
-        self.teacher_logits = self.score_teachers(needed)
-
-    def kd_target(self, weights: torch.Tensor) -> torch.Tensor | None:
-        """The weighted teacher logits ``sum_m weights[:, m] * F^m`` ``(B, E)`` float32 where the batch combines them
-        (``score_combined``, and the teachers were not scored in full for a selector that read them); else ``None``:
-        the caller combines :attr:`teacher_logits` (after :meth:`materialise`)."""
-        if self.teacher_logits is not None or self.score_combined is None:
-            return None
-        self.materialise(weights)
-        assert self._combined is not None
-        if self._combined[0] is not weights and not torch.equal(self._combined[0], weights):
-            raise ValueError("SelectionBatch.kd_target: the teachers were combined with other weights")
-        return self._combined[2]
 
     @property
     def logits32(self) -> torch.Tensor:
@@ -150,12 +122,7 @@ class SelectionBatch:
         return self.query_logits().float()
 
     def query_logits(self, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """The teacher logits of queries ``idx`` (``None`` = all) in their own dtype, ``(M, n, E)``: the reward rows
-        kept by :meth:`materialise` when ``idx`` are exactly those, else from :meth:`teachers`."""
-        if self.teacher_logits is None and self._combined is not None and idx is not None:
-            reward = self._combined[1]
-            if len(idx) == len(reward) and torch.equal(idx, reward):
-                return self._combined[3]
+        """The teacher logits of queries ``idx`` (``None`` = all) in their own dtype, ``(M, n, E)``."""
         tea = self.teachers()
         if self.pair_of is not None:
             return tea[:, self.pair_of if idx is None else self.pair_of[idx]]

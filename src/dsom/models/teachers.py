@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import dsom.models.interaction as interaction
-from dsom.models.products import cached_bf16, combined_scores, masked_rows, matmul_scores, stacked_scores
+from dsom.models.products import cached_bf16, masked_rows, matmul_scores, stacked_scores
 from dsom.models.representations import normal_table, projected_table, xavier_projection
 
 STRUCTURE = "structure"
@@ -207,24 +207,6 @@ class FrozenTeachers:
         for m in range(len(out)):
             masked_rows(out[m], rows[m], lambda idx, m=m: torch.matmul(query[m, idx], tables[m]))
         return out
-
-    @torch.no_grad()
-    def combined_logits(self, head: torch.Tensor, relation: torch.Tensor, weights: torch.Tensor, reward: torch.Tensor,
-                        precision: str = "fp32", scale: torch.Tensor | None = None,
-                        queries: QueryFn = teacher_queries) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weighted mean of the teachers' logits ``sum_m weights[:, m] * F^m`` as float32 ``(B, E)`` and every
-        teacher's logits on the rows ``reward (n_r,)`` (long), ``(M, n_r, E)`` in the products' dtype (float32 or
-        bfloat16, as :meth:`logits`), each teacher scored only on the rows that weight it non-zero and the reward rows
-        (:func:`~dsom.models.products.combined_scores`): no ``(M, B, E)`` block is written, and the distillation loss
-        reads one ``(B, E)`` target instead of ``M`` blocks. ``scale`` and ``queries`` as in :meth:`logits`."""
-        if precision != "bf16":
-            query = queries(self.tables, self.relations, head, relation, scale, self.tables.dtype)
-            return combined_scores(query, self.tables, weights, reward, precision)
-        query = queries(self.tables, self.relations, head, relation, scale, torch.bfloat16)
-        tables = self._bf16()
-        target, rewarded = combined_scores(query, self.tables, weights, reward, precision,
-                                           lambda m, idx: torch.matmul(query[m, idx], tables[m]))
-        return target, rewarded.to(torch.bfloat16)  # (bf16 products: exact)
 
     def _bf16(self) -> torch.Tensor:
         """The tables as bf16 product operands ``(M, 2d, E)``, cast once and kept (``M x E x 2d`` more bytes), laid
