@@ -7,7 +7,7 @@ products run at the forward's speed?).
 alternative layouts of ``dT``, and the three products of the transposed ``(E, P)`` score layout. In float32 also the
 products written into preallocated blocks, as stage 2 writes them: the forward as ``q @ T^T`` and as dsom's
 :func:`~dsom.models.products.column_scores` (``T @ q^T`` by blocks of table rows copied transposed into the ``(P, E)``
-block), the table gradient as ``G^T @ q`` and by blocks of ``G``'s columns. Best of ``--repeats``
+block) and by blocks of queries (not used), the table gradient as ``G^T @ q`` and by blocks of ``G``'s columns. Best of ``--repeats``
 calls after a warm-up; TFLOP/s = ``2 P E D / seconds``.
 """
 
@@ -46,6 +46,20 @@ def _blocked_grad(G: torch.Tensor, q: torch.Tensor, out: torch.Tensor, rows: int
     return out
 
 
+QUERY_COLUMNS = 160  # queries per block of the query-blocked forward (an (E, 160) float32 block: about 8 MB on DB15K)
+
+
+def _query_blocked_scores(q: torch.Tensor, T: torch.Tensor, out: torch.Tensor, width: int) -> torch.Tensor:
+    """``q @ T^T`` as ``T @ q_blk^T`` one block of ``width`` queries at a time, each ``(E, width)`` block copied
+    transposed into whole rows of ``out`` (a contiguous destination, unlike :func:`column_scores`' column slices)."""
+    block = torch.empty(T.shape[0], width, dtype=out.dtype)
+    for r in range(0, q.shape[0], width):
+        k = min(width, q.shape[0] - r)
+        torch.mm(T, q[r:r + k].T, out=block[:, :k])
+        out[r:r + k].copy_(block[:, :k].T)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--queries", type=int, default=1000)
@@ -74,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 "fwd q @ T^T into S": lambda q=q, T=T, S=S: torch.mm(q, T.T, out=S),
                 # dsom's column_scores: T @ q^T by blocks of table rows, each copied transposed into S
                 "fwd column blocks into S": lambda q=q, T=T, S=S: column_scores(q, T, S),
+                # the alternative not taken: blocks of queries, each copied into whole rows of S
+                "fwd query blocks into S": lambda q=q, T=T, S=S: _query_blocked_scores(q, T, S, QUERY_COLUMNS),
                 "dT G^T @ q into dT": lambda G=G, q=q, dT=dT: torch.mm(G.T, q, out=dT),
                 # the alternative not taken: blocks of G's columns copied to rows, then (rows, P) @ q
                 "dT column blocks": lambda G=G, q=q, dT=dT: _blocked_grad(G, q, dT, COLUMN_ROWS)})

@@ -172,7 +172,10 @@ def test_gemm_layouts_benchmark_times_the_preallocated_fp32_products():
 
     mod = _script("gemm_layouts")
     res = mod.main(["--queries", "70", "--entities", "300", "--dim", "8", "--repeats", "1", "--dtypes", "float32"])
-    for name in ("fwd q @ T^T into S", "fwd column blocks into S", "dT G^T @ q into dT", "dT column blocks"):
+    for name in ("fwd q @ T^T into S", "fwd column blocks into S", "fwd query blocks into S", "dT G^T @ q into dT",
+                 "dT column blocks"):
         assert res[f"torch.float32 {name}"] > 0
     g, q = torch.randn(70, 300), torch.randn(70, 8)
     torch.testing.assert_close(mod._blocked_grad(g, q, torch.empty(300, 8), 64), g.T @ q)  # 4 blocks + a short one
+    t = torch.randn(300, 8)
+    torch.testing.assert_close(mod._query_blocked_scores(q, t, torch.empty(70, 300), 16), q @ t.T)  # 4 + a short one
