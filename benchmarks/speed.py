@@ -364,7 +364,16 @@ def count_teacher_rows(teachers: FrozenTeachers, full: Callable[[], bool] = lamb
         count[1] += teachers.num_teachers * len(head)
         return logits(head, relation, precision, scale, *(() if queries is None else (queries,)), rows=rows)
 
+    row_logits = teachers.row_logits
+
+    def counted_rows(head: torch.Tensor, relation: torch.Tensor, rows: torch.Tensor, *args: Any,
+                     **kwargs: Any) -> Any:  # each teacher's rows as its own block (no full() here: see teacher_rows)
+        count[0] += int(rows.sum())
+        count[1] += teachers.num_teachers * len(head)
+        return row_logits(head, relation, rows, *args, **kwargs)
+
     teachers.logits = counted  # type: ignore[method-assign]
+    teachers.row_logits = counted_rows  # type: ignore[method-assign]
     return count
 
 

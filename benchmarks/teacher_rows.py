@@ -1,8 +1,11 @@
-"""Scoring the frozen teachers only where a query reads them, A/B in one process: stage-2 steps with every teacher
-scored on every row ("all") against each teacher scored only on the rows whose chosen subset holds it, and on the
-reward rows ("chosen", dsom's code), interleaved so that both see the same machine state.
+"""Scoring the frozen teachers only where a query reads them, A/B in one process: stage-2 steps in two or three modes
+(``--modes``), interleaved so that all see the same machine state: every teacher scored on every row into the
+``(M, B, E)`` block ("all"), each teacher scored only on the rows whose chosen subset holds it and on the reward rows,
+written into the block ("stacked"), and the same rows kept as one block per teacher, read in place by the loss
+("chosen", dsom's code, ``Distiller.teacher_row_blocks``; under pair batching it is the same as "stacked").
 
     DSOM_DATA=../shared/data python benchmarks/teacher_rows.py DB15K --rank 500 --rounds 6 --steps 4
+    DSOM_DATA=../shared/data python benchmarks/teacher_rows.py DB15K --modes stacked,chosen
     DSOM_DATA=../shared/data python benchmarks/teacher_rows.py DB15K --selector single:structure
 
 Stage 2 is ``benchmarks/speed.py``'s (random rank ``--rank`` teachers, dsom's defaults: summary policy, held-out
@@ -10,7 +13,7 @@ rewards, calibrated teachers; ``--rewards all``: every row rewarded, where every
 way). The policy chooses without the teachers' logits once its summary-state cache is sealed (from the second epoch
 on): untimed warm-up steps fill the cache of the batches timed and seal it. Each round runs ``--steps`` steps per mode
 (the order alternating from round to round) on the same batches and prints every step time; the result is each mode's
-median step, their ratio, and the share of the ``M x rows`` teacher rows the chosen mode scored. A fresh policy picks
+median step, its ratio to the first mode's, and the share of the ``M x rows`` teacher rows it scored. A fresh policy picks
 its subsets about uniformly (a teacher is in 4 of the 7 subsets of 3 teachers); a trained one may pick fewer or more
 teachers. Set the AVX2 emulation variables (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 MKL_ENABLE_INSTRUCTIONS=AVX2``) and ``--precision fp32`` to time the AVX2 path.
@@ -42,7 +45,7 @@ from dsom.data import registry  # noqa: E402
 from dsom.models import products  # noqa: E402
 from dsom.perf import tune_allocator  # noqa: E402
 
-MODES = ("all", "chosen")
+MODES = ("all", "stacked", "chosen")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -57,6 +60,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batching", default="triples", choices=["triples", "pairs"])
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=4, help="stage-2 steps per mode per round")
+    p.add_argument("--modes", default="all,chosen",
+                   help="two or three of: all (every teacher on every row), stacked (the chosen rows written into the "
+                        "(M, B, E) block), chosen (the chosen rows, one block per teacher: dsom's code)")
     p.add_argument("--json", help="write every step time and the medians here")
     p.add_argument("--widths", help="comma-separated query counts: time column_scores padded and unpadded instead")
     args = p.parse_args(argv)
@@ -72,10 +78,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tr, _, _ = stage2_trainer(ds, cfg, args.modalities, args.rewards, f"/tmp/dsom-rows-{os.getpid()}")
     order, offsets = tr.epoch_batches(1)
     perm = order.to(tr.device)
-    mode = {"now": "chosen"}
+    modes = tuple(args.modes.split(","))
+    if len(modes) < 2 or len(set(modes)) < len(modes) or not set(modes) <= set(MODES):
+        raise SystemExit(f"--modes: two or three of {', '.join(MODES)}, got {args.modes!r}")
+    mode = {"now": modes[0]}
     count = count_teacher_rows(tr.model.teachers, lambda: mode["now"] == "all")  # [rows scored, rows in the blocks]
 
     def step(k: int) -> float:
+        tr.model.teacher_row_blocks = mode["now"] == "chosen"
         sync(tr.device)
         t0 = time.perf_counter()
         trainer_step(tr, order, perm, offsets, k, k)
@@ -83,30 +93,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return time.perf_counter() - t0
 
     n_steps = args.steps
-    for name in MODES:  # warm-up: compile, fill the summary-state cache of the batches timed
+    for name in modes:  # warm-up: compile, fill the summary-state cache of the batches timed
         mode["now"] = name
         for k in range(n_steps + 1):
             step(k)
     policy = tr.model.policy
     if getattr(policy, "cache", None) is not None:
         policy.cache_sealed = True  # as from the second epoch on
-    chosen = [0, 0]
-    times: dict[str, list[float]] = {name: [] for name in MODES}
+        for name in modes:  # (a sealed cache takes other compiled paths: compiled here, untimed)
+            mode["now"] = name
+            step(1)
+    scored = {name: [0, 0] for name in modes}
+    times: dict[str, list[float]] = {name: [] for name in modes}
     for r in range(args.rounds):
-        for name in (MODES if r % 2 == 0 else MODES[::-1]):
+        for name in (modes if r % 2 == 0 else modes[::-1]):
             mode["now"] = name
             count[:] = [0, 0]
             got = [step(k) for k in range(1, n_steps + 1)]
-            if name == "chosen":
-                chosen = [chosen[0] + count[0], chosen[1] + count[1]]
+            scored[name] = [scored[name][0] + count[0], scored[name][1] + count[1]]
             times[name] += got
-            print(f"round {r + 1} {name:6s} " + " ".join(f"{t:.3f}" for t in got), flush=True)
+            print(f"round {r + 1} {name:7s} " + " ".join(f"{t:.3f}" for t in got), flush=True)
     med = {k: float(np.median(v)) for k, v in times.items()}
-    share = chosen[0] / max(chosen[1], 1)
-    print(f"stage 2 median step ({args.selector}, rewards {args.rewards}, {tr.precision}, {tr.batching}): every "
-          f"teacher everywhere {med['all']:.3f} s, chosen rows {med['chosen']:.3f} s, all/chosen "
-          f"{med['all'] / med['chosen']:.2f}x ({len(times['all'])} steps each); teacher rows scored {share:.3f}")
-    res = {"stage2_median_step_s": med, "teacher_rows_scored": share, "speedup": med["all"] / med["chosen"]}
+    share = {k: c[0] / max(c[1], 1) for k, c in scored.items()}
+    base = modes[0]
+    print(f"stage 2 median step ({args.selector}, rewards {args.rewards}, {tr.precision}, {tr.batching}, "
+          f"{len(times[base])} steps each): " + ", ".join(
+              f"{k} {med[k]:.3f} s ({med[base] / med[k]:.2f}x {base}; teacher rows scored {share[k]:.3f})"
+              for k in modes))
+    res = {"stage2_median_step_s": med, "teacher_rows_scored": share,
+           "speedup": {k: med[base] / med[k] for k in modes}}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({**res, "steps_s": times, "args": vars(args)}, fh, indent=2)

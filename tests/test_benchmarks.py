@@ -130,17 +130,23 @@ def test_score_layout_benchmark_times_both_layouts_interleaved(tmp_path):
 
 
 @pytest.mark.parametrize("selector", ["single:structure", "rl"])
-def test_teacher_rows_benchmark_times_both_modes_and_counts_the_rows_scored(tmp_path, selector):
+def test_teacher_rows_benchmark_times_every_mode_and_counts_the_rows_scored(tmp_path, selector):
     out = tmp_path / "rows.json"
     res = _script("teacher_rows").main(["synthetic", "--rank", "8", "--batch-size", "100", "--rounds", "2",
-                                        "--steps", "1", "--selector", selector, "--json", str(out)])
+                                        "--steps", "1", "--selector", selector, "--modes", "all,stacked,chosen",
+                                        "--json", str(out)])
     saved = json.loads(out.read_text())
-    assert {k: len(v) for k, v in saved["steps_s"].items()} == {"all": 2, "chosen": 2}
+    assert {k: len(v) for k, v in saved["steps_s"].items()} == {"all": 2, "stacked": 2, "chosen": 2}
     assert min(res["stage2_median_step_s"].values()) > 0
-    if selector == "rl":  # chosen subsets, every teacher on the reward rows only
-        assert 0.1 < res["teacher_rows_scored"] < 1.0
-    else:  # one teacher of three
-        assert res["teacher_rows_scored"] == pytest.approx(1 / 3)
+    share = res["teacher_rows_scored"]
+    assert share["all"] == 1.0
+    for mode in ("stacked", "chosen"):  # (the policy learns between steps: not the same subsets in both modes)
+        if selector == "rl":  # chosen subsets, every teacher on the reward rows only
+            assert 0.1 < share[mode] < 1.0
+        else:  # one teacher of three
+            assert share[mode] == pytest.approx(1 / 3)
+    with pytest.raises(SystemExit, match="--modes"):
+        _script("teacher_rows").main(["synthetic", "--rank", "8", "--modes", "chosen"])
 
 
 def test_teacher_rows_benchmark_times_padded_and_unpadded_widths():

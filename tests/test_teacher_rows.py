@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dsom.config import Config, set_value
+from dsom.models import products
 from dsom.models.products import masked_rows, stacked_scores
 from dsom.models.teachers import FrozenTeachers
 
@@ -77,6 +78,60 @@ def test_frozen_teacher_logits_on_rows(precision):
         assert bool((got[m, ~rows[m]] == 0).all())
 
 
+def test_row_blocks_hold_each_models_rows_and_give_them_back_with_zeros_elsewhere():
+    g = torch.Generator().manual_seed(6)
+    M, B, N = 3, 9, 5
+    full = torch.randn(M, B, N, generator=g)
+    rows = _rows(M, B, 7)  # one model on every row, one on none
+    asked = {}
+
+    def score(m, idx):
+        asked[m] = idx.tolist()
+        return full[m, idx]
+
+    rb = products.RowBlocks.score(rows, score)
+    for m in range(M):
+        assert asked[m] == rows[m].nonzero().squeeze(1).tolist() and rb.blocks[m].shape == (int(rows[m].sum()), N)
+        assert torch.equal(rb.pos[m] >= 0, rows[m])
+    dense = rb.rows()
+    assert torch.equal(dense, torch.where(rows.unsqueeze(-1), full, torch.zeros(())))
+    idx = torch.tensor([4, 0, 4])
+    assert torch.equal(rb.rows(idx), dense[:, idx])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_step_terms_compiled_equal_the_stacked_block_terms(dtype):
+    """The compiled terms reading each teacher's own rows in place give the losses and the student gradient of the
+    eager terms on the ``(M, B, E)`` block with zeros where a teacher's weight is 0."""
+    from dsom.distill.distiller import row_step_terms, step_terms
+    from dsom.perf import MaybeCompiled
+
+    cfg = Config().distill
+    g = torch.Generator().manual_seed(8)
+    M, B, E = 3, 10, 37
+    w = torch.rand(B, M, generator=g) * (torch.rand(B, M, generator=g) < 0.6)
+    w[:, 0] += 0.1  # every row weights some teacher
+    full = (torch.randn(M, B, E, generator=g) * 3).to(dtype)
+    rows = w.T != 0
+    rows[1, 2] = True  # a row scored for a teacher it weights 0 (a reward row)
+    rb = products.RowBlocks.score(rows, lambda m, idx: full[m, idx])
+    target = torch.randint(0, E, (B,), generator=g)
+    nb = torch.rand(B, E, generator=g) < 0.2
+    nb[torch.arange(B), target] = True
+    out = {}
+    for name in ("stacked", "rows"):
+        student = (torch.randn(B, E, generator=torch.Generator().manual_seed(9)) * 2).requires_grad_()
+        if name == "stacked":
+            terms = step_terms(student, rb.rows(), w, target, nb, cfg, True, None, "ndkd")
+        else:
+            terms = MaybeCompiled(row_step_terms, True)(student, rb.blocks, rb.pos, w, target, nb, cfg, "ndkd")
+        (terms["ce"].sum() + terms["kd"].pow(2).sum()).backward()
+        out[name] = (terms["ce"].detach(), terms["kd"].detach(), student.grad)
+    for a, b in zip(out["rows"], out["stacked"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert float(out["rows"][1].abs().sum()) > 0
+
+
 def _trainer(tmp_path, **kw):
     from dsom.train.student import StudentTrainer
 
@@ -93,14 +148,17 @@ def _trainer(tmp_path, **kw):
     return StudentTrainer(ds, cfg, tmp_path, frozen, progress=False)
 
 
+@pytest.mark.parametrize("blocks", [True, False], ids=["row-blocks", "stacked"])
 @pytest.mark.parametrize("batching", ["triples", "pairs"])
 @pytest.mark.parametrize("selector,rewarded", [("single:text", "some"), ("rl", "some"), ("rl", "every"),
                                                ("avg", "some")])
 def test_a_step_scores_only_the_teachers_its_queries_read_with_unchanged_losses_and_gradients(
-        tmp_path, monkeypatch, batching, selector, rewarded):
-    """The policy's state read from its sealed cache, a fixed teacher or all teachers: each scored row of the teachers'
-    block is where a query weights that teacher non-zero, or a reward row (every teacher); the step's losses (CE, KD,
-    RC) and every gradient equal those of the same step with every teacher scored everywhere."""
+        tmp_path, monkeypatch, batching, selector, rewarded, blocks):
+    """The policy's state read from its sealed cache, a fixed teacher or all teachers: each teacher is scored only
+    where a query weights it non-zero, or on a reward row (every teacher); the step's losses (CE, KD, RC) and every
+    gradient equal those of the same step with every teacher scored everywhere into the ``(M, B, E)`` block. Per-query
+    batches keep each teacher's rows as its own block, read in place by the loss (``teacher_row_blocks``), or write
+    them into the stacked block."""
     from dsom.train.loop import PairIndex, group_pairs
 
     st = _trainer(tmp_path, **{"distill.selector": selector, "train.batching": batching})
@@ -125,9 +183,15 @@ def test_a_step_scores_only_the_teachers_its_queries_read_with_unchanged_losses_
     original_logits = FrozenTeachers.logits
     original_select = type(model.selector).select
 
+    original_row_logits = FrozenTeachers.row_logits
+
     def recording_logits(self, head, relation, precision, scale, queries, rows=None):
         seen["rows"] = rows
         return original_logits(self, head, relation, precision, scale, queries, None if seen.get("full") else rows)
+
+    def recording_row_logits(self, head, relation, rows, *args):
+        seen["rows"], seen["row_blocks"] = rows, True
+        return original_row_logits(self, head, relation, rows, *args)
 
     def recording_select(self, b):
         choice = original_select(self, b)
@@ -136,9 +200,12 @@ def test_a_step_scores_only_the_teachers_its_queries_read_with_unchanged_losses_
 
     monkeypatch.setattr(FrozenTeachers, "logits", recording_logits)
     monkeypatch.setattr(type(model.selector), "select", recording_select)
+    monkeypatch.setattr(FrozenTeachers, "row_logits", recording_row_logits)
     out = {}
-    for mode in ("rows", "full"):
+    for mode in ("full", "rows"):
         seen["full"] = mode == "full"
+        model.teacher_row_blocks = blocks and mode == "rows"
+        seen.pop("row_blocks", None)
         model.zero_grad(set_to_none=True)
         losses, _ = model(batch, nb, precision="fp32", generator=torch.Generator().manual_seed(3),
                           reward_rows=reward_rows, pairs=pairs, pair_keys=keys)
@@ -163,6 +230,8 @@ def test_a_step_scores_only_the_teachers_its_queries_read_with_unchanged_losses_
         assert bool(expected.all())
     else:
         assert torch.equal(rows, expected)
+    # per-query batches, some rows skipped: one block per teacher, no (M, B, E) block
+    assert seen.get("row_blocks", False) == (blocks and pairs is None and not bool(expected.all()))
     if selector == "single:text":
         assert rows is not None and not bool(rows[[0, 2]].any())  # two of three teachers never scored
     if selector == "rl" and rewarded == "some":

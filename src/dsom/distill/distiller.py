@@ -40,6 +40,7 @@ from dsom.distill.selectors import (
 )
 from dsom.models.complex import ComplEx
 from dsom.models.fused import CETails, complex_scores, fused_penalty
+from dsom.models.products import RowBlocks
 from dsom.models.teachers import FrozenTeachers, teacher_queries
 from dsom.perf import MaybeCompiled
 
@@ -116,6 +117,22 @@ def step_terms(student: torch.Tensor, teacher_logits: torch.Tensor | None, weigh
     return out
 
 
+def row_step_terms(student: torch.Tensor, blocks: list[torch.Tensor], pos: torch.Tensor, weights: torch.Tensor,
+                   target: torch.Tensor, neighbours: torch.Tensor | None, cfg: DistillConfig,
+                   kd_kind: str | None = None) -> dict[str, torch.Tensor]:
+    """:func:`step_terms` with the combined teacher ``sum_m w_m F^m`` read from each teacher's own block of scored rows
+    (:class:`~dsom.models.products.RowBlocks`: ``blocks[m]`` ``(n_m, E)``, ``pos (M, B)`` each query's row there,
+    ``-1`` where ``weights[:, m]`` is 0), gathered inside the function: under ``torch.compile`` the rows are read in
+    place, so the chosen teachers' scores are never copied into an ``(M, B, E)`` block. Every block must hold at least
+    one row (pass only the teachers that were scored somewhere)."""
+    teacher = None
+    for m, block in enumerate(blocks):
+        p = pos[m]
+        term = torch.where(p >= 0, weights[:, m], 0.0)[:, None] * block[p.clamp(min=0)].float()
+        teacher = term if teacher is None else teacher + term
+    return step_terms(student, None, None, target, neighbours, cfg, True, teacher, kd_kind)
+
+
 def scaled_ce(logits: torch.Tensor, target: torch.Tensor, tau: float, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Per-query cross-entropy ``(B,)`` of ``logits / tau`` (the student's CE the reward compares with; one function so
     ``torch.compile`` fuses its ``B x E`` passes); ``rows``: logits per pair (:func:`per_query_ce`)."""
@@ -171,6 +188,7 @@ class Distiller(nn.Module):
                  num_pairs: int = 0) -> None:
         super().__init__()
         self._step_terms = MaybeCompiled(mask_recomputed(step_terms), compile)
+        self._row_step_terms = MaybeCompiled(mask_recomputed(row_step_terms), compile)
         self._gathered_kd = MaybeCompiled(mask_recomputed(gathered_kd), compile)
         self._scaled_ce = MaybeCompiled(scaled_ce, compile)
         self._row_ops = CETails(compile)  # the student's N3 penalty: closed form, compiled
@@ -185,6 +203,10 @@ class Distiller(nn.Module):
             raise ValueError(f"temperatures must be {self.num_teachers} positive numbers, got {temps.tolist()}")
         self.register_buffer("inv_temperature", 1.0 / temps)
         self._calibrated = bool((temps != 1).any())  # decided once: no device sync per step
+        # per-query batches: a selector that chose without the teachers' logits has each teacher's scored rows kept
+        # as its own block, read in place by the compiled terms (False: written into the (M, B, E) block, the path
+        # benchmarks/teacher_rows.py compares with)
+        self.teacher_row_blocks = True
         self.selector: Selector | None = make_selector(
             config.selector, SelectorContext(teachers.modalities, E, num_relations, config, generator, entity_stats,
                                             compile, num_pairs))
@@ -209,6 +231,14 @@ class Distiller(nn.Module):
         bool: teacher ``m`` only on the rows ``rows[m]``, zero elsewhere."""
         return self.teachers.logits(head, relation, precision, self.inv_temperature if self._calibrated else None,
                                     self._teacher_queries, rows)
+
+    @torch.no_grad()
+    def teacher_row_scores(self, head: torch.Tensor, relation: torch.Tensor, precision: str,
+                           rows: torch.Tensor) -> RowBlocks:
+        """The calibrated teachers' logits, teacher ``m`` on the rows ``rows[m]`` only, one block per teacher
+        (:meth:`~dsom.models.teachers.FrozenTeachers.row_logits`)."""
+        return self.teachers.row_logits(head, relation, rows, precision,
+                                        self.inv_temperature if self._calibrated else None, self._teacher_queries)
 
     # ------------------------------------------------------------------------------------------ step
     def forward(self, batch: torch.Tensor, neighbours: torch.Tensor | None, precision: str = "fp32",
@@ -261,14 +291,21 @@ class Distiller(nn.Module):
                                    reward_rows=reward_rows, generator=generator, draw_rows=draw_rows,
                                    reduce=reduce, pair_of=rows, pair_keys=pair_keys,
                                    score_teachers=lambda needed: self.teacher_scores(
-                                       qh, qr, precision, per_row(needed, rows, len(qh))))
+                                       qh, qr, precision, per_row(needed, rows, len(qh))),
+                                   score_rows=(partial(self.teacher_row_scores, h, r, precision)
+                                               if rows is None and self.teacher_row_blocks else None))
         choice = sel(selection)
         kind = sel.kd_override or cfg.kd
         use_kd = kind != NO_KD and gamma > 0
-        # (no distillation: the logits are not needed beyond what the selector read)
-        tea_all = (selection.materialise(choice.weights) if use_kd and choice.teacher is None
-                   else selection.teacher_logits)
-        if rows is None:
+        if use_kd and choice.teacher is None:  # (no distillation: nothing beyond what the selector read)
+            selection.materialise(choice.weights)
+        tea_all = selection.teacher_logits
+        blocks = selection.teacher_rows if use_kd and choice.teacher is None and tea_all is None else None
+        if blocks is not None:  # per query, each teacher's own rows (a teacher scored nowhere is weighted 0)
+            present = [m for m, b in enumerate(blocks.blocks) if len(b)]
+            terms = self._row_step_terms(student, [blocks.blocks[m] for m in present], blocks.pos[present],
+                                         choice.weights[:, present], t, neighbours, cfg, kind)
+        elif rows is None:
             terms = self._step_terms(student, tea_all, choice.weights, t, neighbours, cfg, use_kd, choice.teacher,
                                      kind)
         elif use_kd and choice.teacher is None and KD_LOSSES[kind].needs_neighbours and neighbours is not None:

@@ -39,6 +39,7 @@ from dsom.distill.policy import (
     policy_state,
     reinforce_loss,
 )
+from dsom.models.products import RowBlocks
 from dsom.numerics import floor_exp
 from dsom.perf import MaybeCompiled
 
@@ -73,7 +74,8 @@ class SelectionBatch:
     ``teacher_logits`` may be ``None`` with a ``score_teachers`` function: the teachers are then scored when a selector
     first reads them (:meth:`teachers`), or, by a selector that chooses without reading them, only where the chosen
     weights are non-zero (:meth:`materialise`): the teachers' products are most of stage 2's work, and a query that
-    weights a teacher 0 never reads its logits.
+    weights a teacher 0 never reads its logits. With ``score_rows`` those rows are kept as one block per teacher
+    (:attr:`teacher_rows`), which the distillation loss reads in place.
 
     Under torchrun a process holds only its share of the global batch: ``draw_rows = (start, stop, size)`` says
     which rows of a batch of ``size`` these are (the random draws of the whole batch are made and sliced, so the
@@ -94,26 +96,39 @@ class SelectionBatch:
     pair_keys: torch.Tensor | None = None  # the training-pair id of each row of teacher_logits (the policy-state cache)
     # (M, B) bool per query -> the (M, rows, E) teacher logits, scored where true and zero elsewhere (None = everywhere)
     score_teachers: Callable[[torch.Tensor | None], torch.Tensor] | None = None
+    # (M, B) bool -> each teacher's logits on its rows only, no (M, B, E) block (None: the block; see materialise)
+    score_rows: Callable[[torch.Tensor], RowBlocks] | None = None
+    teacher_rows: RowBlocks | None = None  # set by materialise when score_rows is given
 
     def teachers(self) -> torch.Tensor:
-        """The ``(M, rows, E)`` teacher logits, every teacher on every row scored now if they have not been scored."""
-        return self.materialise()
-
-    def materialise(self, weights: torch.Tensor | None = None, rewarded: torch.Tensor | None = None) -> torch.Tensor:
-        """The teacher logits, scored by ``score_teachers`` on the first call (later calls return the same block):
-        with ``weights (B, M)`` only teacher ``m`` of query ``b`` where ``weights[b, m] != 0``, and every teacher of the
-        queries ``rewarded (B,)`` bool (the rows a reward reads); the rest are zeros, which a selector that calls this
-        must not read. ``None``: every teacher everywhere."""
+        """The ``(M, rows, E)`` teacher logits, every teacher on every row scored now if they have not been scored
+        (from :attr:`teacher_rows`, zeros where a teacher was not scored, if :meth:`materialise` kept only those)."""
         if self.teacher_logits is None:
-            if self.score_teachers is None:
+            if self.teacher_rows is not None:
+                self.teacher_logits = self.teacher_rows.rows()
+            elif self.score_teachers is None:
                 raise ValueError("SelectionBatch has neither teacher_logits nor score_teachers")
-            needed = None
-            if weights is not None:
-                needed = weights.T != 0
-                if rewarded is not None:
-                    needed = needed | rewarded
-            self.teacher_logits = self.score_teachers(needed)
+            else:
+                self.teacher_logits = self.score_teachers(None)
         return self.teacher_logits
+
+    def materialise(self, weights: torch.Tensor, rewarded: torch.Tensor | None = None) -> None:
+        """Score the teachers as the chosen ``weights (B, M)`` need them, unless they have been scored: teacher ``m``
+        of query ``b`` where ``weights[b, m] != 0``, and every teacher of the queries ``rewarded (B,)`` bool (the rows
+        a reward reads). With ``score_rows`` each teacher's rows are kept as its own block (:attr:`teacher_rows`),
+        unless every teacher is needed everywhere; else :attr:`teacher_logits` holds them, zeros elsewhere. A
+        selector that calls this must read only those rows (:meth:`query_logits`)."""
+        if self.teacher_logits is not None or self.teacher_rows is not None:
+            return
+        if self.score_teachers is None:
+            raise ValueError("SelectionBatch has neither teacher_logits nor score_teachers")
+        needed = weights.T != 0
+        if rewarded is not None:
+            needed = needed | rewarded
+        if self.score_rows is not None and not bool(needed.all()):
+            self.teacher_rows = self.score_rows(needed)
+        else:
+            self.teacher_logits = self.score_teachers(needed)
 
     @property
     def logits32(self) -> torch.Tensor:
@@ -123,6 +138,8 @@ class SelectionBatch:
 
     def query_logits(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         """The teacher logits of queries ``idx`` (``None`` = all) in their own dtype, ``(M, n, E)``."""
+        if self.teacher_logits is None and self.teacher_rows is not None and idx is not None and self.pair_of is None:
+            return self.teacher_rows.rows(idx)
         tea = self.teachers()
         if self.pair_of is not None:
             return tea[:, self.pair_of if idx is None else self.pair_of[idx]]

@@ -8,6 +8,7 @@ Every score product of every model goes through :func:`matmul_scores` or :func:`
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -212,3 +213,34 @@ def masked_rows(out: torch.Tensor, rows: torch.Tensor, score: Callable[[torch.Te
         idx = rows.nonzero().squeeze(1)
         out.index_copy_(0, idx, score(idx).to(out.dtype))
     return out
+
+
+@dataclass
+class RowBlocks:
+    """M frozen models' scores, each on some of B rows only: ``blocks[m]`` ``(n_m, N)`` holds model ``m``'s scores of
+    its rows, and ``pos (M, B)`` long gives each row's place in ``blocks[m]``, ``-1`` where model ``m`` was not scored.
+    Stage 2's teacher logits where a selector chose without reading them: no ``(M, B, N)`` block is written, and the
+    compiled loss gathers the rows it reads (:func:`~dsom.distill.distiller.row_step_terms`)."""
+
+    blocks: list[torch.Tensor]
+    pos: torch.Tensor
+
+    @classmethod
+    def score(cls, rows: torch.Tensor, score: Callable[[int, torch.Tensor], torch.Tensor]) -> RowBlocks:
+        """``rows (M, B)`` bool -> each model's ``score(m, idx)`` ``(n_m, N)`` on its rows ``idx``, in order."""
+        pos = torch.full(rows.shape, -1, dtype=torch.long, device=rows.device)
+        blocks = []
+        for m in range(rows.shape[0]):
+            idx = rows[m].nonzero().squeeze(1)
+            pos[m, idx] = torch.arange(len(idx), device=rows.device)
+            blocks.append(score(m, idx))
+        return cls(blocks, pos)
+
+    def rows(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``(M, n, N)`` scores of the rows ``idx`` (``None``: all B) in the blocks' dtype, zeros where not scored."""
+        pos = self.pos if idx is None else self.pos[:, idx]
+        out = self.blocks[0].new_zeros(pos.shape[0], pos.shape[1], self.blocks[0].shape[1])
+        for m, block in enumerate(self.blocks):
+            have = (pos[m] >= 0).nonzero().squeeze(1)
+            out[m, have] = block[pos[m, have]]
+        return out

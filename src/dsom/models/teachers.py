@@ -20,7 +20,14 @@ import torch
 from torch import nn
 
 import dsom.models.interaction as interaction
-from dsom.models.products import cached_bf16, masked_rows, matmul_scores, stacked_scores
+from dsom.models.products import (
+    RowBlocks,
+    cached_bf16,
+    column_scores,
+    masked_rows,
+    matmul_scores,
+    stacked_scores,
+)
 from dsom.models.representations import normal_table, projected_table, xavier_projection
 
 STRUCTURE = "structure"
@@ -207,6 +214,22 @@ class FrozenTeachers:
         for m in range(len(out)):
             masked_rows(out[m], rows[m], lambda idx, m=m: torch.matmul(query[m, idx], tables[m]))
         return out
+
+    @torch.no_grad()
+    def row_logits(self, head: torch.Tensor, relation: torch.Tensor, rows: torch.Tensor, precision: str = "fp32",
+                   scale: torch.Tensor | None = None, queries: QueryFn = teacher_queries) -> RowBlocks:
+        """Teacher ``m``'s logits on the rows ``rows[m]`` only (``rows (M, B)`` bool), each teacher's kept as its own
+        ``(n_m, E)`` block (:class:`~dsom.models.products.RowBlocks`): what :meth:`logits` with ``rows`` computes,
+        without writing them into the ``(M, B, E)`` block (a copy of every row scored). Same dtypes and values as
+        :meth:`logits`; ``scale`` and ``queries`` as there."""
+        if precision == "bf16":
+            query = queries(self.tables, self.relations, head, relation, scale, torch.bfloat16)
+            tables = self._bf16()
+            return RowBlocks.score(rows, lambda m, idx: torch.matmul(query[m, idx], tables[m]))
+        query = queries(self.tables, self.relations, head, relation, scale, self.tables.dtype)
+        if precision == "fp32":
+            return RowBlocks.score(rows, lambda m, idx: column_scores(query[m, idx], self.tables[m]))
+        return RowBlocks.score(rows, lambda m, idx: matmul_scores(query[m, idx], self.tables[m], precision))
 
     def _bf16(self) -> torch.Tensor:
         """The tables as bf16 product operands ``(M, 2d, E)``, cast once and kept (``M x E x 2d`` more bytes), laid
