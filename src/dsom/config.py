@@ -187,6 +187,11 @@ class DistillConfig:
                       ("margin", "binary"))
     reward_tau: float = opt(1.0, "temperature of the CEs compared by the reward (paper: 1; SPEC A4's alternative is the "
                             "KD temperature)")
+    reward_cache: bool = opt(True, "keep each rewarded training triple's cross-entropies of every teacher subset after "
+                             "their first computation (a function of the frozen teachers only, so they never "
+                             "change): from the second epoch the teachers are scored only where the chosen subsets "
+                             "read them, not on every reward row; false = recompute every step (same values up to "
+                             "float rounding)")
     reward_positive: float = opt(1.0, "binary reward when the chosen teachers beat the student on the triple (paper: +1)")
     reward_negative: float = opt(-10.0, "binary reward otherwise (paper: -10)")
     baseline: str = opt("expected", "REINFORCE baseline: 'expected' = the reward expected under the current policy "

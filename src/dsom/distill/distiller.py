@@ -247,7 +247,7 @@ class Distiller(nn.Module):
                 draw_rows: tuple[int, int, int] | None = None,
                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                pair_keys: torch.Tensor | None = None,
+                pair_keys: torch.Tensor | None = None, reward_keys: torch.Tensor | None = None,
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Losses and step statistics for reciprocal queries ``(B, 3)``; ``neighbours (B, E)`` bool or 0/1 float (``(P, E)``, one
         row per pair, with ``pairs``) holds each
@@ -261,7 +261,8 @@ class Distiller(nn.Module):
         pair's log-sum-exp and a neighbour-decoupled KD term is computed once per distinct (pair, teacher weights):
         the same per-query losses with fewer products and fewer passes over score blocks. ``pair_keys`` (``(B,)``, or
         ``(P,)`` with ``pairs``): the training-pair id of each scored row, for the policy-state cache (``None`` =
-        no cache)."""
+        no cache). ``reward_keys (B,)``: each query's slot in the policy's reward cache, ``-1`` where it is not
+        rewarded (:meth:`~dsom.distill.selectors.PolicySelector.enable_reward_cache`; ``None`` = no cache)."""
         cfg = self.cfg
         h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
         qh, qr, rows = (h, r, None) if pairs is None else pairs
@@ -289,7 +290,7 @@ class Distiller(nn.Module):
                                                if sel.needs_student else None),
                                    student_logits=detached if sel.needs_student else None,
                                    reward_rows=reward_rows, generator=generator, draw_rows=draw_rows,
-                                   reduce=reduce, pair_of=rows, pair_keys=pair_keys,
+                                   reduce=reduce, pair_of=rows, pair_keys=pair_keys, reward_keys=reward_keys,
                                    score_teachers=lambda needed: self.teacher_scores(
                                        qh, qr, precision, per_row(needed, rows, len(qh))),
                                    score_rows=(partial(self.teacher_row_scores, h, r, precision)

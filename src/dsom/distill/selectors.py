@@ -94,6 +94,8 @@ class SelectionBatch:
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     pair_of: torch.Tensor | None = None  # (B,): teacher_logits are (M, P, E), one row per pair; query b reads pair_of[b]
     pair_keys: torch.Tensor | None = None  # the training-pair id of each row of teacher_logits (the policy-state cache)
+    # (B,): each query's slot in the policy's reward cache, -1 where it is not rewarded (None = no cache)
+    reward_keys: torch.Tensor | None = None
     # (M, B) bool per query -> the (M, rows, E) teacher logits, scored where true and zero elsewhere (None = everywhere)
     score_teachers: Callable[[torch.Tensor | None], torch.Tensor] | None = None
     # (M, B) bool -> each teacher's logits on its rows only, no (M, B, E) block (None: the block; see materialise)
@@ -388,6 +390,33 @@ class PolicySelector(Selector):
         # the reward CEs of every subset (expected baseline): two compiled passes over the (M, n, E) teacher rows
         self._all_ces = AllActionCEs() if ctx.compile else _all_action_ces_eager
         self._chosen_ces = MaybeCompiled(_chosen_action_ces, ctx.compile)
+        # the reward cache (enable_reward_cache): (slots, A) CEs of every subset per rewarded training query
+        self.register_buffer("reward_cache", None, persistent=False)
+        self.register_buffer("reward_cache_filled", None, persistent=False)
+        self.reward_cache_sealed = False  # every slot filled: read, the teachers are not scored for the rewards
+
+    def enable_reward_cache(self, slots: int) -> None:
+        """Keep the ``(A,)`` reward CEs of every subset of ``slots`` rewarded training queries (``distill.reward_cache``;
+        :attr:`SelectionBatch.reward_keys` names each query's slot). They are a function of the frozen (calibrated)
+        teachers, the triple and ``distill.reward_tau`` only: once every slot holds them (:meth:`seal_reward_cache`,
+        after an epoch) they are read, and the teachers are scored only where the chosen subsets need them for the
+        distillation loss, not on every reward row (with ``distill.reward_rows=all``: every row)."""
+        device = self.subsets.device
+        self.reward_cache = torch.zeros(slots, self.subsets.shape[0], device=device)
+        self.reward_cache_filled = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.reward_cache_sealed = False
+
+    def seal_reward_cache(self) -> bool:
+        """Seal the reward cache once every slot holds its CEs (one host sync; call after an epoch). Returns whether it
+        is sealed. A process that sees only its share of the batches (torchrun) never fills every slot: it keeps
+        computing."""
+        if self.reward_cache is not None and not self.reward_cache_sealed:
+            self.reward_cache_sealed = bool(self.reward_cache_filled.all())
+        return self.reward_cache_sealed
+
+    def serves_rewards(self, keys: torch.Tensor | None) -> bool:
+        """Whether the reward CEs of a batch with slots ``keys`` are read from the sealed cache."""
+        return keys is not None and self.reward_cache is not None and self.reward_cache_sealed
 
     def action_logits(self, batch: SelectionBatch) -> torch.Tensor:
         """The policy's ``(B, A)`` action logits; a summary state read from its cache does not score the teachers."""
@@ -419,8 +448,11 @@ class PolicySelector(Selector):
             total = int(batch.reduce(torch.tensor(float(total), device=logits.device)).item())
         weights = self.subsets[actions]
         if total > 0 and (batch.student_ce is not None or c.reward == "margin"):
-            # the teachers (unless already scored): every one on the reward rows, elsewhere the chosen ones
-            if rows is None:
+            # the teachers (unless already scored or the rewards' CEs are cached): every one on the reward rows,
+            # elsewhere the chosen ones
+            if self.serves_rewards(batch.reward_keys):
+                pass  # the distillation loss scores the chosen teachers (SelectionBatch.materialise)
+            elif rows is None:
                 batch.teachers()
             else:
                 batch.materialise(weights, rows)
@@ -442,17 +474,29 @@ class PolicySelector(Selector):
         def mean(x: torch.Tensor) -> torch.Tensor:
             return x.mean() if red is None else x.sum() / total
 
-        every = batch.reward_rows is None  # idx = every row: no (M, n, E) copy
-        tea = batch.query_logits(None if every else idx)
-        target = batch.target if every else batch.target[idx]
         a = actions[idx]
         student_ce = (batch.student_ce[idx] if batch.student_ce is not None
-                      else torch.zeros(len(idx), device=tea.device))
+                      else torch.zeros(len(idx), device=a.device))
         full = self.subsets.shape[0] - 1
-        if c.baseline == "expected" or c.policy_gradient == "expected":
-            ces = self._all_ces(tea, self.subsets, target, c.reward_tau)  # (A, n)
-        else:  # only the chosen subset and the all-teacher mean are needed
-            ces = self._chosen_ces(tea, self.subsets[a], target, c.reward_tau)  # (2, n)
+        every_action = c.baseline == "expected" or c.policy_gradient == "expected"
+        keys = None
+        if batch.reward_keys is not None and self.reward_cache is not None:
+            keys = batch.reward_keys[idx]
+        if self.serves_rewards(batch.reward_keys):
+            ces = self.reward_cache[keys].T  # (A, n), as computed in an earlier epoch
+        else:
+            every = batch.reward_rows is None  # idx = every row: no (M, n, E) copy
+            tea = batch.query_logits(None if every else idx)
+            target = batch.target if every else batch.target[idx]
+            if every_action or keys is not None:  # (the cache holds every subset's CE)
+                ces = self._all_ces(tea, self.subsets, target, c.reward_tau)  # (A, n)
+                if keys is not None:
+                    self.reward_cache[keys] = ces.T.float()
+                    self.reward_cache_filled[keys] = True
+            else:  # only the chosen subset and the all-teacher mean are needed
+                ces = self._chosen_ces(tea, self.subsets[a], target, c.reward_tau)  # (2, n)
+        if not every_action and ces.shape[0] != 2:  # the chosen subset's CE and the all-teacher mean's
+            ces = torch.stack([ces.gather(0, a.unsqueeze(0)).squeeze(0), ces[full]])
         rewards = action_rewards(ces, student_ce, c.reward, c.reward_positive, c.reward_negative)
         p = probs[idx]
         if ces.shape[0] == 2:

@@ -25,7 +25,7 @@ from dsom.distill.actions import action_names
 from dsom.distill.distiller import NEIGHBOUR_MASK_DTYPE, Distiller
 from dsom.distill.kd import KD_LOSSES, NO_KD
 from dsom.distill.policy import SummaryPolicy
-from dsom.distill.selectors import SelectionBatch
+from dsom.distill.selectors import PolicySelector, SelectionBatch
 from dsom.errors import DsomError
 from dsom.models.teachers import FrozenTeachers
 from dsom.perf import compile_enabled
@@ -85,6 +85,14 @@ class StudentTrainer(Trainer):
             raise ValueError(f"reward_rows has {len(reward_rows)} rows for {len(self.train_queries)} train queries")
         use_rows = reward_rows is not None and self.cfg.distill.reward_rows == "holdout"
         self.reward_rows = reward_rows.to(self.device) if use_rows else None
+        # each training query's slot in the policy's reward cache (-1: never rewarded), None = no cache
+        self._reward_slots: torch.Tensor | None = None
+        selector = self.model.selector
+        if isinstance(selector, PolicySelector) and self.cfg.distill.reward_cache:
+            rewarded = (torch.ones(len(self.train_queries), dtype=torch.bool, device=self.device)
+                        if self.reward_rows is None else self.reward_rows)
+            self._reward_slots = torch.where(rewarded, rewarded.long().cumsum(0) - 1, -1)
+            selector.enable_reward_cache(int(rewarded.sum()))
         self.policy_optimizer: torch.optim.Optimizer | None = None
         if self._own_policy_optimizer():
             self.policy_optimizer = _policy_adam(self.model.selector.parameters(), self.cfg.distill.policy_lr or 1e-3)
@@ -234,12 +242,15 @@ class StudentTrainer(Trainer):
             keys = self._query_pair_ids[self.current_batch_index]
             if pairs is not None:  # one row per pair of the batch: any of its queries names it
                 keys = keys.new_empty(len(pairs[0])).scatter_(0, pairs[2], keys)
+        reward_keys = None
+        if self._reward_slots is not None and self.current_batch_index is not None:
+            reward_keys = self._reward_slots[self.current_batch_index]
         losses, stats = self.model(batch, self._neighbour_mask(batch, batch_cpu, pairs=pairs) if needs_mask else None,
                                    precision=self.precision, regularizer=tr.regularizer, reg=tr.reg,
                                    kd_weight=kd_weight, generator=gen, reward_rows=rows,
                                    draw_rows=share.draw_rows if share is not None else None,
                                    reduce=distributed.sum_ if share is not None else None,
-                                   pairs=pairs, pair_keys=keys)
+                                   pairs=pairs, pair_keys=keys, reward_keys=reward_keys)
         self._stats = stats
         return StepLoss(losses)
 
@@ -263,7 +274,15 @@ class StudentTrainer(Trainer):
         cached = self._summary_cache()
         if cached is not None:  # saved so a resumed run reads the same states as an uninterrupted one
             out["summary_cache"] = {"values": cached.cache.cpu(), "filled": cached.cache_filled.cpu()}
+        rewards = self._reward_cache()
+        if rewards is not None:  # (and the same reward CEs, without a first epoch that scores every teacher again)
+            out["reward_cache"] = {"values": rewards.reward_cache.cpu(), "filled": rewards.reward_cache_filled.cpu()}
         return out
+
+    def _reward_cache(self) -> PolicySelector | None:
+        """The policy selector when it caches its reward CEs (``distill.reward_cache``)."""
+        sel = self.model.selector
+        return sel if isinstance(sel, PolicySelector) and sel.reward_cache is not None else None
 
     def load_extra_train_state(self, state: dict[str, Any]) -> None:
         if self.policy_optimizer is not None and "policy_optimizer" in state:
@@ -274,6 +293,11 @@ class StudentTrainer(Trainer):
             cached.cache.copy_(saved["values"])
             cached.cache_filled.copy_(saved["filled"])
             cached.seal_cache()
+        rewards, saved = self._reward_cache(), state.get("reward_cache")
+        if rewards is not None and saved is not None and saved["values"].shape == rewards.reward_cache.shape:
+            rewards.reward_cache.copy_(saved["values"])
+            rewards.reward_cache_filled.copy_(saved["filled"])
+            rewards.seal_reward_cache()
 
     def after_step(self, epoch: int, batch: int) -> None:
         if self.policy_optimizer is not None:
@@ -316,6 +340,9 @@ class StudentTrainer(Trainer):
         cached = self._summary_cache()
         if cached is not None:  # an epoch visits every training pair: from now on the states are read
             cached.seal_cache()
+        rewards = self._reward_cache()
+        if rewards is not None:  # an epoch visits every rewarded query: from now on their CEs are read
+            rewards.seal_reward_cache()
         self._flush_step_stats()
         if distributed.active():  # the epoch's counts over every process's shares (the same keys everywhere)
             self._epoch_sums = {k: distributed.sum_(v.to(self.device)) for k, v in sorted(self._epoch_sums.items())}
