@@ -384,11 +384,15 @@ def phase_dsom_distill(ds: KGDataset, args: argparse.Namespace, device: torch.de
     set_value(cfg, "distill.policy_state", args.policy_state)
     E, two_d = ds.num_entities, 2 * args.rank
     tr, rewarded, temps = stage2_trainer(ds, cfg, args.modalities, args.rewards, tmp)
-    policy = tr.model.policy
+    policy, selector = tr.model.policy, tr.model.selector
     cached = getattr(policy, "cache", None) is not None and args.stage2_epoch == "later"
-    if cached:  # as from epoch 2 on: every state the timed steps need is in the cache, which is sealed
-        time_trainer_steps(tr, args.batches + args.profile_steps, device)
-        policy.cache_sealed = True
+    rewards_cached = getattr(selector, "reward_cache", None) is not None and args.stage2_epoch == "later"
+    if cached or rewards_cached:  # as from epoch 2 on: every summary state and reward CE the timed steps need is in
+        time_trainer_steps(tr, args.batches + args.profile_steps, device)  # its cache, which is sealed
+        if cached:
+            policy.cache_sealed = True
+        if rewards_cached:
+            selector.reward_cache_sealed = True
     count = count_teacher_rows(tr.model.teachers)
     seconds, timed, prof = time_trainer_steps(tr, args.batches, device, args.profile_steps, args.profile_rounds)
     n_epoch = len(tr.epoch_batches(1)[1]) - 1
@@ -407,7 +411,8 @@ def phase_dsom_distill(ds: KGDataset, args: argparse.Namespace, device: torch.de
             "queries_per_s": N / (seconds / timed * n_epoch), "flop_per_epoch": scoring(n_rows) + policy_flop,
             "score_rows_per_epoch": n_rows, "dedup_flop_per_epoch": scoring(args.pairs) + dedup_policy,
             "policy_flop_per_epoch": policy_flop, "teachers": M, "policy_hidden": H, "policy_state": args.policy_state,
-            "summary_cache": "read" if cached else "computed", "teacher_rows_scored": share,
+            "summary_cache": "read" if cached else "computed", "reward_cache": "read" if rewards_cached else "computed",
+            "teacher_rows_scored": share,
             "rewards": args.rewards, "reward_rows_fraction": 1.0 if rewarded is None else float(rewarded.float().mean()),
             "temperatures": None if temps is None else temps.tolist(),
             "precision": tr.precision, "batching": tr.batching, "profile": prof}
@@ -529,9 +534,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="stage-2 policy state: the paper's raw logits (default, comparable with earlier runs) or "
                         "dsom's summary")
     p.add_argument("--stage2-epoch", default="later", choices=["later", "first"],
-                   help="stage 2: time a 'later' epoch (default: the summary policy's state cache already holds the "
-                        "timed batches' pairs, as from epoch 2 on; the batches are run once untimed to fill it) or "
-                        "the 'first' (every state computed)")
+                   help="stage 2: time a 'later' epoch (default: the summary policy's state cache and the reward "
+                        "cache already hold the timed batches' pairs and triples, as from epoch 2 on; the batches are "
+                        "run once untimed to fill them) or the 'first' (every state and reward CE computed)")
     p.add_argument("--rewards", default="holdout", choices=["holdout", "all"],
                    help="stage 2: 'holdout' = dsom's defaults (the policy rewarded on the distill.holdout triples only, "
                         "teachers calibrated by temperatures), 'all' = every row rewarded, no temperatures (the "
@@ -637,7 +642,8 @@ def print_table(res: dict[str, Any], outside_ops: int = 4) -> None:
     if "dsom_distill" in res:
         d = res["dsom_distill"]
         print(f"stage 2: policy state {d['policy_state']} (hidden {d['policy_hidden']}), rewards {d['rewards']}, "
-              f"summary states {d.get('summary_cache', 'computed')}")
+              f"summary states {d.get('summary_cache', 'computed')}, reward CEs {d.get('reward_cache', 'computed')}, "
+              f"teacher rows scored {d.get('teacher_rows_scored', 1.0):.3f}")
     print(f"{'phase':<16} {'s/epoch':>9} {'median':>7} {'queries/s':>10} {'TFLOP':>8} {'roofline s':>10} {'fraction':>8} "
           f"{'dedup TFLOP':>11} {'dedup frac':>10} {'peak RSS MB':>11}")
     for name, r in res.items():
