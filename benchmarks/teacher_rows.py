@@ -2,11 +2,14 @@
 (``--modes``), interleaved so that all see the same machine state: every teacher scored on every row into the
 ``(M, B, E)`` block ("all"), each teacher scored only on the rows whose chosen subset holds it and on the reward rows,
 written into the block ("stacked"), and the same rows kept as one block per teacher, read in place by the loss
-("chosen", dsom's code, ``Distiller.teacher_row_blocks``; under pair batching it is the same as "stacked").
+("chosen", ``Distiller.teacher_row_blocks``; under pair batching it is the same as "stacked"), and "chosen" with
+the rewards' subset CEs read from the policy's reward cache ("cached", dsom's code from the second epoch on,
+``distill.reward_cache``): the teachers are then not scored on the reward rows beyond the chosen subsets.
 
     DSOM_DATA=../shared/data python benchmarks/teacher_rows.py DB15K --rank 500 --rounds 6 --steps 4
     DSOM_DATA=../shared/data python benchmarks/teacher_rows.py DB15K --modes stacked,chosen
     DSOM_DATA=../shared/data python benchmarks/teacher_rows.py DB15K --selector single:structure
+    DSOM_DATA=../shared/data python benchmarks/teacher_rows.py DB15K --modes chosen,cached --rewards all
 
 Stage 2 is ``benchmarks/speed.py``'s (random rank ``--rank`` teachers, dsom's defaults: summary policy, held-out
 rewards, calibrated teachers; ``--rewards all``: every row rewarded, where every teacher is scored on every row either
@@ -45,7 +48,7 @@ from dsom.data import registry  # noqa: E402
 from dsom.models import products  # noqa: E402
 from dsom.perf import tune_allocator  # noqa: E402
 
-MODES = ("all", "stacked", "chosen")
+MODES = ("all", "stacked", "chosen", "cached")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -61,8 +64,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=4, help="stage-2 steps per mode per round")
     p.add_argument("--modes", default="all,chosen",
-                   help="two or three of: all (every teacher on every row), stacked (the chosen rows written into the "
-                        "(M, B, E) block), chosen (the chosen rows, one block per teacher: dsom's code)")
+                   help="two to four of: all (every teacher on every row), stacked (the chosen rows written into the "
+                        "(M, B, E) block), chosen (the chosen rows, one block per teacher), cached (chosen, the "
+                        "reward CEs read from the reward cache: dsom's code from the second epoch)")
     p.add_argument("--json", help="write every step time and the medians here")
     p.add_argument("--widths", help="comma-separated query counts: time column_scores padded and unpadded instead")
     args = p.parse_args(argv)
@@ -80,12 +84,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     perm = order.to(tr.device)
     modes = tuple(args.modes.split(","))
     if len(modes) < 2 or len(set(modes)) < len(modes) or not set(modes) <= set(MODES):
-        raise SystemExit(f"--modes: two or three of {', '.join(MODES)}, got {args.modes!r}")
+        raise SystemExit(f"--modes: two to four of {', '.join(MODES)}, got {args.modes!r}")
     mode = {"now": modes[0]}
+    sel = tr.model.selector
+    rewards_cached = getattr(sel, "reward_cache", None) is not None
+    sealed = [False]  # the caches hold every batch timed (after the warm-up)
     count = count_teacher_rows(tr.model.teachers, lambda: mode["now"] == "all")  # [rows scored, rows in the blocks]
 
     def step(k: int) -> float:
-        tr.model.teacher_row_blocks = mode["now"] == "chosen"
+        tr.model.teacher_row_blocks = mode["now"] in ("chosen", "cached")
+        if rewards_cached:  # read in "cached" once filled; else computed (and stored again) every step
+            sel.reward_cache_sealed = sealed[0] and mode["now"] == "cached"
         sync(tr.device)
         t0 = time.perf_counter()
         trainer_step(tr, order, perm, offsets, k, k)
@@ -93,13 +102,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return time.perf_counter() - t0
 
     n_steps = args.steps
-    for name in modes:  # warm-up: compile, fill the summary-state cache of the batches timed
+    for name in modes:  # warm-up: compile, fill the summary-state and reward caches of the batches timed
         mode["now"] = name
         for k in range(n_steps + 1):
             step(k)
     policy = tr.model.policy
-    if getattr(policy, "cache", None) is not None:
-        policy.cache_sealed = True  # as from the second epoch on
+    sealed[0] = True
+    if getattr(policy, "cache", None) is not None or rewards_cached:
+        if getattr(policy, "cache", None) is not None:
+            policy.cache_sealed = True  # as from the second epoch on
         for name in modes:  # (a sealed cache takes other compiled paths: compiled here, untimed)
             mode["now"] = name
             step(1)

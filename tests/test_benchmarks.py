@@ -152,6 +152,14 @@ def test_teacher_rows_benchmark_times_every_mode_and_counts_the_rows_scored(tmp_
         _script("teacher_rows").main(["synthetic", "--rank", "8", "--modes", "chosen"])
 
 
+def test_teacher_rows_benchmark_reads_the_reward_cache_in_its_cached_mode():
+    res = _script("teacher_rows").main(["synthetic", "--rank", "8", "--batch-size", "100", "--rounds", "2",
+                                        "--steps", "1", "--rewards", "all", "--modes", "chosen,cached"])
+    share = res["teacher_rows_scored"]
+    # every row rewarded: the reward CEs computed from every teacher everywhere, or read and only the chosen subsets
+    assert share["chosen"] == 1.0 and 0.1 < share["cached"] < 1.0
+
+
 def test_teacher_rows_benchmark_times_padded_and_unpadded_widths():
     from dsom.models import products
 
