@@ -160,6 +160,16 @@ def test_teacher_rows_benchmark_reads_the_reward_cache_in_its_cached_mode():
     assert share["chosen"] == 1.0 and 0.1 < share["cached"] < 1.0
 
 
+def test_terms_layout_benchmark_times_both_layouts_with_the_same_values(tmp_path):
+    out = tmp_path / "terms.json"
+    res = _script("terms_layout").main(["--batch", "24", "--entities", "50", "--rounds", "2", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert set(saved["row_ms"]) == {"terms_forward", "terms_backward", "reward_ces", "reward_ces_fused"}
+    assert min(res["row_ms"].values()) > 0 and min(res["col_ms"].values()) > 0
+    # the same losses, gradient and reward CEs whichever layout the scores are stored in, and from the fused pass
+    assert max(res["max_abs_diff"].values()) < 1e-4
+
+
 def test_teacher_rows_benchmark_times_padded_and_unpadded_widths():
     from dsom.models import products
 
