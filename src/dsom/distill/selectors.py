@@ -448,14 +448,13 @@ class PolicySelector(Selector):
             total = int(batch.reduce(torch.tensor(float(total), device=logits.device)).item())
         weights = self.subsets[actions]
         if total > 0 and (batch.student_ce is not None or c.reward == "margin"):
-            # the teachers (unless already scored or the rewards' CEs are cached): every one on the reward rows,
-            # elsewhere the chosen ones
-            if self.serves_rewards(batch.reward_keys):
-                pass  # the distillation loss scores the chosen teachers (SelectionBatch.materialise)
-            elif rows is None:
-                batch.teachers()
-            else:
-                batch.materialise(weights, rows)
+            # the teachers (unless already scored): every one on the reward rows, elsewhere the chosen ones; with
+            # the rewards' CEs cached none here (the distillation loss scores the chosen ones, materialise)
+            if not self.serves_rewards(batch.reward_keys):
+                if rows is None:
+                    batch.teachers()
+                else:
+                    batch.materialise(weights, rows)
             losses["rc"], more = self._policy_loss(batch, logits, probs, actions, idx, total)
             stats.update(more)
         else:  # no reward row in this batch: no gradient, but keep the graph shape
