@@ -123,6 +123,14 @@ def test_two_processes_with_the_default_optimizers_and_a_killed_run_resumes(tmp_
     proc = _torchrun(["run", "-o", str(tmp_path / "two"), *args], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _compare(tmp_path / "one", tmp_path / "two", atol=1e-3)
+    # each process filled its shares' rows of the summary-state and reward caches; merged after the first epoch,
+    # rank 0's checkpoint holds every row of both, as one process's does (distributed.merge_filled)
+    import torch
+
+    for run in ("one", "two"):
+        extra = torch.load(tmp_path / run / "checkpoints" / "student" / "last" / "train_state.pt",
+                           weights_only=False)["extra"]
+        assert bool(extra["summary_cache"]["filled"].all()) and bool(extra["reward_cache"]["filled"].all()), run
 
     launcher = tmp_path / "launch.py"
     launcher.write_text(KILL_LAUNCHER)
@@ -181,3 +189,32 @@ def test_the_policy_samples_like_multinomial_and_a_share_samples_its_rows_of_the
         for a, b in [(0, B // 2), (B // 2, B), (B - 1, B)]:
             part = sample_actions(probs[a:b], torch.Generator().manual_seed(seed), (a, b, B))
             assert torch.equal(part, full[a:b])
+
+
+def test_a_cache_merged_over_two_processes_holds_every_row_any_of_them_filled(monkeypatch):
+    """``distributed.merge_filled`` with the all-reduce simulated: process A filled rows 0 and 1, B rows 1 and 2 (row 1
+    with a value that differs by rounding); merged, each process holds A's row 0, B's row 2, their mean on row 1 and an
+    unfilled zero row 3."""
+    import torch
+
+    from dsom import distributed
+
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0], [9.0, 9.0], [7.0, 7.0]])  # rows 2, 3: stale values, not filled here
+    b = torch.tensor([[5.0, 5.0], [3.0, 4.5], [6.0, 8.0], [7.0, 7.0]])
+    fa, fb = torch.tensor([True, True, False, False]), torch.tensor([False, True, True, False])
+    others = {"A": (b, fb), "B": (a, fa)}
+    for me, (values, filled) in {"A": (a.clone(), fa.clone()), "B": (b.clone(), fb.clone())}.items():
+        ov, of = others[me]
+
+        def fake_sum(t, ov=ov, of=of):  # the other process's contribution to the one all-reduce
+            return t.add_(torch.cat([of.float().unsqueeze(1), ov * of.unsqueeze(1)], 1))
+
+        monkeypatch.setattr(distributed, "active", lambda: True)
+        monkeypatch.setattr(distributed, "sum_", fake_sum)
+        distributed.merge_filled(values, filled)
+        assert filled.tolist() == [True, True, True, False]
+        torch.testing.assert_close(values, torch.tensor([[1.0, 2.0], [3.0, 4.25], [6.0, 8.0], [0.0, 0.0]]))
+    monkeypatch.setattr(distributed, "active", lambda: False)  # alone: untouched
+    values, filled = a.clone(), fa.clone()
+    distributed.merge_filled(values, filled)
+    assert torch.equal(values, a) and torch.equal(filled, fa)

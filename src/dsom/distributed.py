@@ -83,6 +83,24 @@ def sum_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+@torch.no_grad()
+def merge_filled(values: torch.Tensor, filled: torch.Tensor) -> None:
+    """Every process's rows of a per-row cache, in place: ``values (N, ...)`` becomes, on each row some process filled
+    (``filled (N,)`` bool), the mean of those processes' values (equal up to float rounding: the rows are functions of
+    frozen models), and zeros elsewhere; ``filled`` becomes the union. One all-reduce (nothing when running alone).
+    Under torchrun each process fills the rows of its share of every batch: merged after an epoch, the cache holds
+    every row, as one process's does."""
+    if not active():
+        return
+    flat = values.reshape(len(values), -1)
+    both = torch.cat([filled.to(flat.dtype).unsqueeze(1), flat * filled.unsqueeze(1)], 1)
+    sum_(both)
+    count = both[:, 0]
+    have = count > 0
+    flat.copy_(both[:, 1:] / count.clamp(min=1).unsqueeze(1))
+    filled.copy_(have)
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

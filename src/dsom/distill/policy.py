@@ -202,8 +202,8 @@ class SummaryPolicy(nn.Module):
 
     def seal_cache(self) -> bool:
         """Seal the cache once every pair has been stored (one host sync; call after an epoch, which visits every
-        training pair). Returns whether it is sealed. A process that sees only its share of the batches (torchrun)
-        never fills every row, so it keeps computing."""
+        training pair). Returns whether it is sealed. Under torchrun, where a process fills only the rows of its
+        share of the batches, the trainer first merges every process's rows (:func:`dsom.distributed.merge_filled`)."""
         if self.cache is not None and not self.cache_sealed:
             self.cache_sealed = bool(self.cache_filled.all())
         return self.cache_sealed

@@ -408,8 +408,8 @@ class PolicySelector(Selector):
 
     def seal_reward_cache(self) -> bool:
         """Seal the reward cache once every slot holds its CEs (one host sync; call after an epoch). Returns whether it
-        is sealed. A process that sees only its share of the batches (torchrun) never fills every slot: it keeps
-        computing."""
+        is sealed. Under torchrun, where a process fills only the slots of its share of the batches, the trainer first
+        merges every process's slots (:func:`dsom.distributed.merge_filled`)."""
         if self.reward_cache is not None and not self.reward_cache_sealed:
             self.reward_cache_sealed = bool(self.reward_cache_filled.all())
         return self.reward_cache_sealed

@@ -339,9 +339,13 @@ class StudentTrainer(Trainer):
     def epoch_extras(self, epoch: int) -> dict[str, Any]:
         cached = self._summary_cache()
         if cached is not None:  # an epoch visits every training pair: from now on the states are read
+            if not cached.cache_sealed:  # (under torchrun: every process's pairs)
+                distributed.merge_filled(cached.cache, cached.cache_filled)
             cached.seal_cache()
         rewards = self._reward_cache()
         if rewards is not None:  # an epoch visits every rewarded query: from now on their CEs are read
+            if not rewards.reward_cache_sealed:
+                distributed.merge_filled(rewards.reward_cache, rewards.reward_cache_filled)
             rewards.seal_reward_cache()
         self._flush_step_stats()
         if distributed.active():  # the epoch's counts over every process's shares (the same keys everywhere)
