@@ -10,7 +10,7 @@ logs the batch means of delta, R and R_hat; per epoch the sampled-action histogr
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -271,12 +271,10 @@ class StudentTrainer(Trainer):
 
     def extra_train_state(self) -> dict[str, Any]:
         out: dict[str, Any] = {"policy_optimizer": self.policy_optimizer.state_dict()} if self.policy_optimizer else {}
-        cached = self._summary_cache()
-        if cached is not None:  # saved so a resumed run reads the same states as an uninterrupted one
-            out["summary_cache"] = {"values": cached.cache.cpu(), "filled": cached.cache_filled.cpu()}
-        rewards = self._reward_cache()
-        if rewards is not None:  # (and the same reward CEs, without a first epoch that scores every teacher again)
-            out["reward_cache"] = {"values": rewards.reward_cache.cpu(), "filled": rewards.reward_cache_filled.cpu()}
+        # saved so a resumed run reads the same states and reward CEs as an uninterrupted one (without a first epoch
+        # that scores every teacher again)
+        for name, values, filled, _, _ in self._caches():
+            out[name] = {"values": values.cpu(), "filled": filled.cpu()}
         return out
 
     def _reward_cache(self) -> PolicySelector | None:
@@ -284,20 +282,29 @@ class StudentTrainer(Trainer):
         sel = self.model.selector
         return sel if isinstance(sel, PolicySelector) and sel.reward_cache is not None else None
 
+    def _caches(self) -> list[tuple[str, torch.Tensor, torch.Tensor, Callable[[], bool], bool]]:
+        """The policy's caches of what depends on the frozen teachers only, as ``(name, values, filled, seal,
+        sealed)``: the summary states per training pair and the reward CEs per rewarded query (each sealed once every
+        row is in)."""
+        out = []
+        summary, rewards = self._summary_cache(), self._reward_cache()
+        if summary is not None:
+            out.append(("summary_cache", summary.cache, summary.cache_filled, summary.seal_cache,
+                        summary.cache_sealed))
+        if rewards is not None:
+            out.append(("reward_cache", rewards.reward_cache, rewards.reward_cache_filled, rewards.seal_reward_cache,
+                        rewards.reward_cache_sealed))
+        return out
+
     def load_extra_train_state(self, state: dict[str, Any]) -> None:
         if self.policy_optimizer is not None and "policy_optimizer" in state:
             self.policy_optimizer.load_state_dict(state["policy_optimizer"])
-        cached = self._summary_cache()
-        saved = state.get("summary_cache")
-        if cached is not None and saved is not None and saved["values"].shape == cached.cache.shape:
-            cached.cache.copy_(saved["values"])
-            cached.cache_filled.copy_(saved["filled"])
-            cached.seal_cache()
-        rewards, saved = self._reward_cache(), state.get("reward_cache")
-        if rewards is not None and saved is not None and saved["values"].shape == rewards.reward_cache.shape:
-            rewards.reward_cache.copy_(saved["values"])
-            rewards.reward_cache_filled.copy_(saved["filled"])
-            rewards.seal_reward_cache()
+        for name, values, filled, seal, _ in self._caches():
+            saved = state.get(name)
+            if saved is not None and saved["values"].shape == values.shape:
+                values.copy_(saved["values"])
+                filled.copy_(saved["filled"])
+                seal()
 
     def after_step(self, epoch: int, batch: int) -> None:
         if self.policy_optimizer is not None:
@@ -337,16 +344,13 @@ class StudentTrainer(Trainer):
         self._step_stats.clear()
 
     def epoch_extras(self, epoch: int) -> dict[str, Any]:
-        cached = self._summary_cache()
-        if cached is not None:  # an epoch visits every training pair: from now on the states are read
-            if not cached.cache_sealed:  # (under torchrun: every process's pairs)
-                distributed.merge_filled(cached.cache, cached.cache_filled)
-            cached.seal_cache()
-        rewards = self._reward_cache()
-        if rewards is not None:  # an epoch visits every rewarded query: from now on their CEs are read
-            if not rewards.reward_cache_sealed:
-                distributed.merge_filled(rewards.reward_cache, rewards.reward_cache_filled)
-            rewards.seal_reward_cache()
+        # an epoch visits every training pair and rewarded query: from now on the caches are read (under torchrun
+        # once every process's rows are merged in: the sealed flags are the same on every process, so all of them
+        # take part in the merge or none)
+        for _, values, filled, seal, sealed in self._caches():
+            if not sealed:
+                distributed.merge_filled(values, filled)
+            seal()
         self._flush_step_stats()
         if distributed.active():  # the epoch's counts over every process's shares (the same keys everywhere)
             self._epoch_sums = {k: distributed.sum_(v.to(self.device)) for k, v in sorted(self._epoch_sums.items())}
