@@ -11,22 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-from dsom.config import Config, set_value
+from dsom.config import Config
 from dsom.evaluate import evaluate
 from dsom.train.loop import ComplExTrainer, PairIndex, group_pairs
 from dsom.train.teachers import TeacherTrainer
 
-from toy import clustered_graph
+from toy import clustered_graph, config
+
+_BASE = {"model.rank": 8, "train.epochs": 4, "train.batch_size": 64, "train.valid_every": 2,
+         "train.precision": "fp32", "train.seed": 5, "model.init_scale": 0.3}
 
 
 def _cfg(**kw):
-    cfg = Config()
-    base = {"model.rank": 8, "train.epochs": 4, "train.batch_size": 64, "train.valid_every": 2,
-            "train.precision": "fp32", "train.seed": 5, "model.init_scale": 0.3}
-    base.update(kw)
-    for k, v in base.items():
-        set_value(cfg, k, v)
-    return cfg
+    return config(_BASE, **kw)
 
 
 def _pair_heavy_batch(ds, n=60):

@@ -5,21 +5,17 @@ subsets need them for the distillation loss."""
 import pytest
 import torch
 
-from dsom.config import Config, set_value
 from dsom.distill.selectors import _all_action_ces
 from dsom.train.student import StudentTrainer
 
-from toy import clustered_graph, random_teachers
+from toy import clustered_graph, config, random_teachers
+
+_BASE = {"model.rank": 8, "train.epochs": 3, "train.batch_size": 100, "train.valid_every": 0,
+         "train.precision": "fp32", "train.seed": 5, "distill.policy_hidden": 8}
 
 
 def _cfg(**kw):
-    cfg = Config()
-    base = {"model.rank": 8, "train.epochs": 3, "train.batch_size": 100, "train.valid_every": 0,
-            "train.precision": "fp32", "train.seed": 5, "distill.policy_hidden": 8}
-    base.update(kw)
-    for k, v in base.items():
-        set_value(cfg, k, v)
-    return cfg
+    return config(_BASE, **kw)
 
 
 def _held_out(n: int) -> torch.Tensor:

@@ -5,21 +5,17 @@ import pytest
 import torch
 
 import dsom.distill.policy as policy_module
-from dsom.config import Config, set_value
 from dsom.distill.policy import SummaryPolicy, summary_features
 from dsom.train.student import StudentTrainer
 
-from toy import clustered_graph, random_teachers
+from toy import clustered_graph, config, random_teachers
+
+_BASE = {"model.rank": 8, "train.epochs": 2, "train.batch_size": 100, "train.valid_every": 0,
+         "train.precision": "fp32", "train.seed": 5, "distill.policy_hidden": 8}
 
 
 def _cfg(**kw):
-    cfg = Config()
-    base = {"model.rank": 8, "train.epochs": 2, "train.batch_size": 100, "train.valid_every": 0,
-            "train.precision": "fp32", "train.seed": 5, "distill.policy_hidden": 8}
-    base.update(kw)
-    for k, v in base.items():
-        set_value(cfg, k, v)
-    return cfg
+    return config(_BASE, **kw)
 
 
 _frozen = random_teachers

@@ -7,6 +7,7 @@ import textwrap
 import numpy as np
 import torch
 
+from dsom.config import Config, set_value
 from dsom.data import KGDataset, Vocabulary
 from dsom.models.teachers import FrozenTeachers
 
@@ -101,3 +102,11 @@ def random_teachers(ds: KGDataset, M: int = 3, d: int = 8, seed: int = 7, scale:
     g = torch.Generator().manual_seed(seed)
     return FrozenTeachers([f"m{i}" for i in range(M)], torch.randn(M, ds.num_entities, 2 * d, generator=g) * scale,
                           torch.randn(M, 2 * ds.num_relations, 2 * d, generator=g) * scale)
+
+
+def config(base: dict, **overrides) -> Config:
+    """A default :class:`Config` with the dotted keys of ``base``, then of ``overrides``, set."""
+    cfg = Config()
+    for k, v in {**base, **overrides}.items():
+        set_value(cfg, k, v)
+    return cfg
