@@ -215,23 +215,42 @@ def split_profile(run: Callable[[], None], device: torch.device, steps: int, rou
         if best is None or wall < best[0]:
             best = (wall, prof, faults)
     wall, prof, faults = best
-    mm_us, other = 0.0, {}
-    events = prof.events()
+    step = wall / steps
+    acc = account_events(prof.events(), device.type == "cuda")
+    mm = acc["matmul_us"] / 1e6 / steps
+    out = {"profiled_steps": steps, "rounds": len(walls), "round_step_s": [round(w, 4) for w in walls],
+           "minor_faults_per_step": faults, "step_s": step, "matmul_s": mm, "outside_s": max(step - mm, 0.0),
+           "outside_fraction": max(step - mm, 0.0) / step if step > 0 else math.nan,
+           "top_outside": {k: round(v / 1e6 / steps, 5) for k, v in acc["top_outside"].items()}}
+    if device.type == "cuda":  # the GPU's own time: what a step costs once the host no longer limits it
+        busy = acc["device_busy_us"] / 1e6 / steps
+        out.update(device_busy_s=busy, device_idle_fraction=max(step - busy, 0.0) / step if step > 0 else math.nan,
+                   device_outside_s=max(busy - mm, 0.0))
+    return out
+
+
+def account_events(events: list[Any], cuda: bool) -> dict[str, Any]:
+    """Sum a profile's events (microseconds, all steps): ``matmul_us``, the self time of :data:`MATMUL_OPS` (on CUDA
+    the kernel time they launched: ``self_device_time_total``); ``top_outside``, the :data:`OUTSIDE_OPS_KEPT` largest
+    other ops by the same measure (compiled graphs named by :func:`compiled_graph_labels`); on CUDA also
+    ``device_busy_us``, the time of the device's own events (kernels, copies, fills: ``device_type`` not CPU), which
+    are left out of ``top_outside`` because the op that launched each already counts its time."""
+    from torch.autograd import DeviceType
+
     labels = compiled_graph_labels(events)
+    mm_us, busy_us, other = 0.0, 0.0, {}
     for ev in events:
-        us = ev.self_device_time_total if device.type == "cuda" else ev.self_cpu_time_total
-        if ev.name in MATMUL_OPS:
+        on_device = getattr(ev, "device_type", DeviceType.CPU) != DeviceType.CPU
+        us = ev.self_device_time_total if cuda else ev.self_cpu_time_total
+        if on_device:
+            busy_us += us
+        elif ev.name in MATMUL_OPS:
             mm_us += us
         elif not ev.name.startswith(("ProfilerStep", "[memory]")):
             key = labels.get(ev.id, ev.name)
             other[key] = other.get(key, 0.0) + us
-    step = wall / steps
-    mm = mm_us / 1e6 / steps
-    top = sorted(other.items(), key=lambda kv: -kv[1])[:OUTSIDE_OPS_KEPT]
-    return {"profiled_steps": steps, "rounds": len(walls), "round_step_s": [round(w, 4) for w in walls],
-            "minor_faults_per_step": faults, "step_s": step, "matmul_s": mm, "outside_s": max(step - mm, 0.0),
-            "outside_fraction": max(step - mm, 0.0) / step if step > 0 else math.nan,
-            "top_outside": {k: round(v / 1e6 / steps, 5) for k, v in top}}
+    top = dict(sorted(other.items(), key=lambda kv: -kv[1])[:OUTSIDE_OPS_KEPT])
+    return {"matmul_us": mm_us, "device_busy_us": busy_us, "top_outside": top}
 
 
 def trainer_step(tr: Trainer, order: torch.Tensor, perm: torch.Tensor, offsets: Any, k: int, b: int) -> None:
@@ -288,7 +307,8 @@ def time_trainer_steps(tr: Trainer, batches: int, device: torch.device,
 def base_config(args: argparse.Namespace, device: torch.device) -> Config:
     cfg = Config()
     for k, v in {"model.rank": args.rank, "train.batch_size": args.batch_size, "train.precision": args.precision,
-                 "train.device": str(device), "train.valid_every": 0, "train.batching": args.batching}.items():
+                 "train.device": str(device), "train.valid_every": 0, "train.batching": args.batching,
+                 "train.compile": args.compile}.items():
         set_value(cfg, k, v)
     return cfg
 
@@ -350,17 +370,18 @@ def stage2_trainer(ds: KGDataset, cfg: Config, modalities: str, rewards: str,
     return tr, rewarded, temps
 
 
-def count_teacher_rows(teachers: FrozenTeachers, full: Callable[[], bool] = lambda: False) -> list[int]:
+def count_teacher_rows(teachers: FrozenTeachers, full: Callable[[], bool] = lambda: False) -> list[Any]:
     """Wrap ``teachers.logits`` (on the instance) to count, in the returned ``[scored, total]`` (updated in place and
     reset by the caller), the teacher rows scored and the ``M x rows`` rows of the blocks; ``full()`` true: score every
-    teacher on every row (the ``rows`` a selector asked for are dropped)."""
+    teacher on every row (the ``rows`` a selector asked for are dropped). ``scored`` may be a tensor on the trainer's
+    device (read it with ``float``): counting never waits for the device."""
     logits = teachers.logits  # the bound method
     count = [0, 0]
 
     def counted(head: torch.Tensor, relation: torch.Tensor, precision: str = "fp32", scale: Any = None,
                 queries: Any = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         rows = None if full() else rows
-        count[0] += teachers.num_teachers * len(head) if rows is None else int(rows.sum())
+        count[0] += teachers.num_teachers * len(head) if rows is None else rows.sum()
         count[1] += teachers.num_teachers * len(head)
         return logits(head, relation, precision, scale, *(() if queries is None else (queries,)), rows=rows)
 
@@ -368,7 +389,7 @@ def count_teacher_rows(teachers: FrozenTeachers, full: Callable[[], bool] = lamb
 
     def counted_rows(head: torch.Tensor, relation: torch.Tensor, rows: torch.Tensor, *args: Any,
                      **kwargs: Any) -> Any:  # each teacher's rows as its own block (no full() here: see teacher_rows)
-        count[0] += int(rows.sum())
+        count[0] += rows.sum()
         count[1] += teachers.num_teachers * len(head)
         return row_logits(head, relation, rows, *args, **kwargs)
 
@@ -397,7 +418,7 @@ def phase_dsom_distill(ds: KGDataset, args: argparse.Namespace, device: torch.de
     seconds, timed, prof = time_trainer_steps(tr, args.batches, device, args.profile_steps, args.profile_rounds)
     n_epoch = len(tr.epoch_batches(1)[1]) - 1
     H, N = args.policy_hidden, len(tr.train_queries)
-    share = count[0] / max(count[1], 1)  # the teachers are scored only where a query reads them
+    share = float(count[0]) / max(count[1], 1)  # the teachers are scored only where a query reads them
 
     def scoring(rows: int) -> int:  # teachers forward only (the rows scored); student forward + 2 backward products
         return round(2 * rows * two_d * E * M * share) + 3 * 2 * rows * two_d * E
@@ -545,6 +566,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batching", default=Config().train.batching, choices=["triples", "pairs"],
                    help="train.batching of every training phase (ComplEx, stage 1 and stage 2)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="train.compile for the dsom phases (auto: on for CUDA and for B x E >= 4M cells on a CPU)")
     p.add_argument("--profile-steps", type=int, default=2,
                    help="training steps per phase run under torch.profiler for the in/outside-products split (0 = none)")
     p.add_argument("--profile-rounds", type=int, default=3,
@@ -667,6 +690,15 @@ def print_table(res: dict[str, Any], outside_ops: int = 4) -> None:
             print(f"{name:<16} {pr['step_s']:8.3f} {pr['matmul_s']:10.3f} {pr['outside_s']:9.3f} "
                   f"{100 * pr['outside_fraction']:8.1f}% {ratio:8.2f} {pr.get('minor_faults_per_step', math.nan):7.0f} "
                   f"{' '.join(f'{w:.3f}' for w in pr.get('round_step_s', [])):>22}  {top}")
+        on_device = {k: pr for k, pr in profiled.items() if "device_busy_s" in pr}
+        if on_device:
+            print("on the GPU, per step: its busy time (its own kernels, copies, fills), the share of the step it sat "
+                  "idle (waiting for the host), and its time outside the products, also against the product time")
+            print(f"{'phase':<16} {'busy s':>8} {'idle %':>7} {'outside s':>9} {'out/prod':>8}")
+            for name, pr in on_device.items():
+                ratio = pr["device_outside_s"] / pr["matmul_s"] if pr["matmul_s"] > 0 else math.nan
+                print(f"{name:<16} {pr['device_busy_s']:8.4f} {100 * pr['device_idle_fraction']:6.1f}% "
+                      f"{pr['device_outside_s']:9.4f} {ratio:8.2f}")
         if outside_ops > 4:
             for name, pr in profiled.items():
                 print(f"{name}: the {outside_ops} largest outside ops, ms per step")

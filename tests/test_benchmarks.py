@@ -95,6 +95,27 @@ def test_split_profile_keeps_the_fastest_round_and_resets_before_each():
     assert prof["step_s"] < 0.02 < prof["round_step_s"][0]
 
 
+def test_profile_accounting_keeps_device_kernels_out_of_the_ops_and_sums_them_as_the_gpus_busy_time():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def ev(i, name, cpu_us, dev_us, device=DeviceType.CPU):
+        return SimpleNamespace(id=i, name=name, device_type=device, self_cpu_time_total=cpu_us,
+                               self_device_time_total=dev_us, cpu_parent=None, sequence_nr=-1)
+
+    events = [ev(0, "aten::mm", 30.0, 100.0), ev(1, "gemm_kernel", 0.0, 100.0, DeviceType.CUDA),
+              ev(2, "aten::add", 9.0, 20.0), ev(3, "add_kernel", 0.0, 20.0, DeviceType.CUDA),
+              ev(4, "aten::copy_", 7.0, 5.0), ev(5, "Memcpy HtoD (Pinned -> Device)", 0.0, 5.0, DeviceType.CUDA),
+              ev(6, "ProfilerStep#1", 50.0, 0.0)]
+    acc = _speed().account_events(events, cuda=True)  # kernel time, each counted once, on the op that launched it
+    assert acc["matmul_us"] == 100.0 and acc["device_busy_us"] == 125.0
+    assert acc["top_outside"] == {"aten::add": 20.0, "aten::copy_": 5.0}
+    cpu = _speed().account_events([e for e in events if e.device_type == DeviceType.CPU], cuda=False)
+    assert cpu["matmul_us"] == 30.0 and cpu["device_busy_us"] == 0.0
+    assert cpu["top_outside"] == {"aten::add": 9.0, "aten::copy_": 7.0}
+
+
 def test_profile_names_compiled_graphs_by_the_dsom_function_forward_and_backward():
     import torch
     from torch.profiler import ProfilerActivity, profile
