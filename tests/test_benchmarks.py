@@ -227,3 +227,12 @@ def test_gemm_layouts_benchmark_times_the_preallocated_fp32_products():
     torch.testing.assert_close(mod._blocked_grad(g, q, torch.empty(300, 8), 64), g.T @ q)  # 4 blocks + a short one
     t = torch.randn(300, 8)
     torch.testing.assert_close(mod._query_blocked_scores(q, t, torch.empty(70, 300), 16), q @ t.T)  # 4 + a short one
+
+
+def test_host_overhead_benchmark_counts_the_ops_and_compiled_graphs_of_a_step():
+    res = _script("host_overhead").main(["--phases", "complex", "--compile", "on,off", "--precision", "fp32",
+                                         "--warmup", "3", "--steps", "3", "--profile-steps", "2"])
+    on, off = res["complex/on"], res["complex/off"]
+    assert on["median_step_ms"] > 0 and off["median_step_ms"] > 0
+    assert on["compiled_graphs_per_step"] >= 1 and off["compiled_graphs_per_step"] == 0
+    assert off["aten_ops_per_step"] > on["aten_ops_per_step"] > 0  # compiled graphs dispatch fewer ops
