@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for k in range(n_steps + 1):
             step(k)
     if getattr(policy, "cache", None) is not None:
-        policy.cache_sealed = True
+        policy.cache.sealed = True
     times: dict[str, list[float]] = {name: [] for name in LAYOUTS}
     for r in range(args.rounds):
         for layout in (list(LAYOUTS) if r % 2 == 0 else list(LAYOUTS)[::-1]):

@@ -411,9 +411,9 @@ def phase_dsom_distill(ds: KGDataset, args: argparse.Namespace, device: torch.de
     if cached or rewards_cached:  # as from epoch 2 on: every summary state and reward CE the timed steps need is in
         time_trainer_steps(tr, args.batches + args.profile_steps, device)  # its cache, which is sealed
         if cached:
-            policy.cache_sealed = True
+            policy.cache.sealed = True
         if rewards_cached:
-            selector.reward_cache_sealed = True
+            selector.reward_cache.sealed = True
     count = count_teacher_rows(tr.model.teachers)
     seconds, timed, prof = time_trainer_steps(tr, args.batches, device, args.profile_steps, args.profile_rounds)
     n_epoch = len(tr.epoch_batches(1)[1]) - 1

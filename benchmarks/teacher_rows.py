@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def step(k: int) -> float:
         tr.model.teacher_row_blocks = mode["now"] in ("chosen", "cached")
         if rewards_cached:  # read in "cached" once filled; else computed (and stored again) every step
-            sel.reward_cache_sealed = sealed[0] and mode["now"] == "cached"
+            sel.reward_cache.sealed = sealed[0] and mode["now"] == "cached"
         sync(tr.device)
         t0 = time.perf_counter()
         trainer_step(tr, order, perm, offsets, k, k)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sealed[0] = True
     if getattr(policy, "cache", None) is not None or rewards_cached:
         if getattr(policy, "cache", None) is not None:
-            policy.cache_sealed = True  # as from the second epoch on
+            policy.cache.sealed = True  # as from the second epoch on
         for name in modes:  # (a sealed cache takes other compiled paths: compiled here, untimed)
             mode["now"] = name
             step(1)

@@ -63,7 +63,7 @@ def test_from_the_second_epoch_the_teachers_are_scored_only_where_the_chosen_sub
     st.fit()
     assert len(steps) == len(epochs) and epochs.count(2) > 1
     sel = st.model.selector
-    assert sel.reward_cache_sealed and st.model.policy.cache_sealed
+    assert sel.reward_cache.sealed and st.model.policy.cache.sealed
     M = frozen.num_teachers
     for (scored, chosen), epoch in zip(steps, epochs):
         if epoch == 2:
@@ -84,13 +84,13 @@ def test_the_cache_holds_every_subsets_ce_of_every_rewarded_query(tmp_path, rewa
     q = st.train_queries_cpu
     rewarded = torch.ones(len(q), dtype=torch.bool) if rewards == "all" else _held_out(len(q))
     q = q[rewarded]
-    assert sel.reward_cache_sealed and sel.reward_cache.shape == (len(q), sel.subsets.shape[0])
+    assert sel.reward_cache.sealed and sel.reward_cache.shape == (len(q), sel.subsets.shape[0])
     # independent: the calibrated teachers scored directly, every subset's CE in float64, one query at a time
     tea = st.model.teacher_scores(q[:, 0], q[:, 1]).double()
     subsets = sel.subsets.double()
     want = torch.stack([_all_action_ces(tea[:, i:i + 1], subsets, q[i:i + 1, 2], st.cfg.distill.reward_tau)[:, 0]
                         for i in range(len(q))])
-    torch.testing.assert_close(sel.reward_cache.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sel.reward_cache.values.double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rewards,baseline,batching", [("all", "expected", "triples"),
@@ -106,7 +106,7 @@ def test_the_cache_off_gives_the_same_training(tmp_path, rewards, baseline, batc
             "distill.reward_cache": on, "distill.baseline": baseline, "train.batching": batching})
         st.fit()
         runs[on] = st
-    assert runs[True].model.selector.reward_cache_sealed and runs[False].model.selector.reward_cache is None
+    assert runs[True].model.selector.reward_cache.sealed and runs[False].model.selector.reward_cache is None
     for a, b in zip(runs[True].model.parameters(), runs[False].model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -118,7 +118,8 @@ def test_a_resumed_trainer_reads_the_saved_cache(tmp_path):
     st.fit()
     state = st.extra_train_state()
     fresh = _trainer(ds, frozen, tmp_path / "b", "holdout", **{"train.epochs": 1})
-    assert not fresh.model.selector.reward_cache_sealed
+    assert not fresh.model.selector.reward_cache.sealed
     fresh.load_extra_train_state(state)
-    assert fresh.model.selector.reward_cache_sealed
-    torch.testing.assert_close(fresh.model.selector.reward_cache, st.model.selector.reward_cache, rtol=0, atol=0)
+    assert fresh.model.selector.reward_cache.sealed
+    torch.testing.assert_close(fresh.model.selector.reward_cache.values, st.model.selector.reward_cache.values, rtol=0,
+                               atol=0)

@@ -29,12 +29,12 @@ def test_the_policy_stores_states_until_every_pair_is_in_then_reads_them():
     keys = torch.arange(P)
     zero = torch.zeros(P, dtype=torch.int64)
     pol(logits[:, :4], zero[:4], zero[:4], keys=keys[:4])
-    assert not pol.seal_cache()  # pairs 4 and 5 were never seen: keep computing
-    torch.testing.assert_close(pol.cache[:4], summary_features(logits[:, :4]))
-    assert not bool(pol.cache_filled[4:].any())
+    assert not pol.cache.seal()  # pairs 4 and 5 were never seen: keep computing
+    torch.testing.assert_close(pol.cache.values[:4], summary_features(logits[:, :4]))
+    assert not bool(pol.cache.filled[4:].any())
     pol(logits[:, 3:], zero[3:], zero[3:], keys=keys[3:])
-    assert pol.seal_cache()
-    torch.testing.assert_close(pol.cache, summary_features(logits))
+    assert pol.cache.seal()
+    torch.testing.assert_close(pol.cache.values, summary_features(logits))
     # sealed: the logits are not read any more (zeros give the states of the real logits), repeated keys allowed
     rows = torch.tensor([5, 0, 3, 3, 1])
     rel = torch.tensor([1, 2, 3, 0, 1])
@@ -65,7 +65,7 @@ def test_after_one_epoch_the_trainer_reads_every_state_and_they_equal_a_direct_c
     expected_rows = queries.num_pairs if batching == "pairs" else len(st.train_queries)
     assert per_epoch == {1: expected_rows, 2: 0}
     cache = st.model.policy
-    assert cache.cache_sealed and cache.cache.shape[0] == queries.num_pairs
+    assert cache.cache.sealed and cache.cache.shape[0] == queries.num_pairs
     # independent: every pair's teacher logits scored directly (one block), their statistics
     q = st.train_queries_cpu
     first = torch.zeros(queries.num_pairs, dtype=torch.int64).scatter_(0, queries.pair_of.flip(0),
@@ -73,7 +73,7 @@ def test_after_one_epoch_the_trainer_reads_every_state_and_they_equal_a_direct_c
     head, rel = q[first, 0], q[first, 1]
     assert torch.equal(queries.pair_of[first], torch.arange(queries.num_pairs))
     want = real(st.model.teacher_scores(head, rel))
-    torch.testing.assert_close(cache.cache, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cache.cache.values, want, rtol=1e-5, atol=1e-6)
 
 
 def test_the_cache_off_gives_the_same_training(tmp_path):
@@ -85,6 +85,6 @@ def test_the_cache_off_gives_the_same_training(tmp_path):
                             progress=False)
         st.fit()
         runs[on] = st
-    assert runs[True].model.policy.cache_sealed and runs[False].model.policy.cache is None
+    assert runs[True].model.policy.cache.sealed and runs[False].model.policy.cache is None
     for a, b in zip(runs[True].model.parameters(), runs[False].model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

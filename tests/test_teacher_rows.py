@@ -172,9 +172,9 @@ def test_a_step_scores_only_the_teachers_its_queries_read_with_unchanged_losses_
     if model.policy is not None:  # a sealed summary cache: the policy chooses without the teachers' logits
         policy = model.policy
         n_pairs = len(PairIndex(st.train_queries).counts)
-        policy.cache.copy_(torch.randn(policy.cache.shape, generator=torch.Generator().manual_seed(4)))
-        policy.cache_filled.fill_(True)
-        assert policy.seal_cache()
+        policy.cache.values.copy_(torch.randn(policy.cache.shape, generator=torch.Generator().manual_seed(4)))
+        policy.cache.filled.fill_(True)
+        assert policy.cache.seal()
         keys = PairIndex(st.train_queries).pair_of[:64] % n_pairs
         if pairs is not None:
             keys = keys.new_empty(len(pairs[0])).scatter_(0, pairs[2], keys)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsom.distill.losses import per_query_ce
+from dsom.distill.rowcache import RowCache
 from dsom.numerics import EXP_FLOOR
 from dsom.perf import MaybeCompiled
 
@@ -150,7 +151,8 @@ class SummaryPolicy(nn.Module):
         compile: compute :func:`summary_features` through ``torch.compile``.
         cache_pairs: keep the summary features of this many keyed (entity, relation) pairs (0 = no cache): the
             features are a function of the frozen teachers' logits of the pair only, so after every pair has been
-            computed once (:meth:`seal_cache`) they are read instead of recomputed.
+            computed once (the :class:`~dsom.distill.rowcache.RowCache` ``cache`` sealed) they are read instead of
+            recomputed.
     """
 
     def __init__(self, num_teachers: int, num_actions: int, num_relations: int, num_entities: int, hidden: int = 128,
@@ -160,11 +162,7 @@ class SummaryPolicy(nn.Module):
         super().__init__()
         self.compile = compile  # summary_features through torch.compile
         width_summary = num_summary_features(num_teachers)
-        self.register_buffer("cache", torch.zeros(cache_pairs, width_summary) if cache_pairs > 0 else None,
-                             persistent=False)
-        self.register_buffer("cache_filled", torch.zeros(cache_pairs, dtype=torch.bool) if cache_pairs > 0 else None,
-                             persistent=False)
-        self.cache_sealed = False  # every cached row filled: read, never recompute
+        self.cache = RowCache(cache_pairs, width_summary) if cache_pairs > 0 else None
         self.relation = nn.Embedding(num_relations, relation_dim) if relation_dim > 0 else None
         self.entity = nn.Embedding(num_entities, entity_dim) if entity_dim > 0 else None
         if stats_of not in ("none", "query", "query+target"):
@@ -186,27 +184,18 @@ class SummaryPolicy(nn.Module):
         stored; after, they are read (no pass over the logits, no host sync; ``teacher_logits`` may then be
         ``None``, :meth:`serves`)."""
         if self.serves(keys):
-            return self.cache[keys]
+            assert self.cache is not None and keys is not None
+            return self.cache.read(keys)
         if teacher_logits is None:
             raise ValueError("the summary state needs the teacher logits of rows its cache does not hold")
-        if keys is None or self.cache is None:
-            return summary_features(teacher_logits, self.compile)
         feats = summary_features(teacher_logits, self.compile)
-        self.cache[keys] = feats
-        self.cache_filled[keys] = True
+        if keys is not None and self.cache is not None:
+            self.cache.store(keys, feats)
         return feats
 
     def serves(self, keys: torch.Tensor | None) -> bool:
         """Whether :meth:`summary` of rows ``keys`` is read from the sealed cache (no teacher logits needed)."""
-        return keys is not None and self.cache is not None and self.cache_sealed
-
-    def seal_cache(self) -> bool:
-        """Seal the cache once every pair has been stored (one host sync; call after an epoch, which visits every
-        training pair). Returns whether it is sealed. Under torchrun, where a process fills only the rows of its
-        share of the batches, the trainer first merges every process's rows (:func:`dsom.distributed.merge_filled`)."""
-        if self.cache is not None and not self.cache_sealed:
-            self.cache_sealed = bool(self.cache_filled.all())
-        return self.cache_sealed
+        return self.cache is not None and self.cache.serves(keys)
 
     def forward(self, teacher_logits: torch.Tensor | None, head: torch.Tensor, relation: torch.Tensor,
                 target: torch.Tensor | None = None, pair_of: torch.Tensor | None = None,

@@ -39,6 +39,7 @@ from dsom.distill.policy import (
     policy_state,
     reinforce_loss,
 )
+from dsom.distill.rowcache import RowCache
 from dsom.models.products import RowBlocks
 from dsom.numerics import floor_exp
 from dsom.perf import MaybeCompiled
@@ -391,32 +392,19 @@ class PolicySelector(Selector):
         self._all_ces = AllActionCEs() if ctx.compile else _all_action_ces_eager
         self._chosen_ces = MaybeCompiled(_chosen_action_ces, ctx.compile)
         # the reward cache (enable_reward_cache): (slots, A) CEs of every subset per rewarded training query
-        self.register_buffer("reward_cache", None, persistent=False)
-        self.register_buffer("reward_cache_filled", None, persistent=False)
-        self.reward_cache_sealed = False  # every slot filled: read, the teachers are not scored for the rewards
+        self.reward_cache: RowCache | None = None
 
     def enable_reward_cache(self, slots: int) -> None:
         """Keep the ``(A,)`` reward CEs of every subset of ``slots`` rewarded training queries (``distill.reward_cache``;
         :attr:`SelectionBatch.reward_keys` names each query's slot). They are a function of the frozen (calibrated)
-        teachers, the triple and ``distill.reward_tau`` only: once every slot holds them (:meth:`seal_reward_cache`,
-        after an epoch) they are read, and the teachers are scored only where the chosen subsets need them for the
+        teachers, the triple and ``distill.reward_tau`` only: once every slot holds them (the cache sealed, after an
+        epoch) they are read, and the teachers are scored only where the chosen subsets need them for the
         distillation loss, not on every reward row (with ``distill.reward_rows=all``: every row)."""
-        device = self.subsets.device
-        self.reward_cache = torch.zeros(slots, self.subsets.shape[0], device=device)
-        self.reward_cache_filled = torch.zeros(slots, dtype=torch.bool, device=device)
-        self.reward_cache_sealed = False
-
-    def seal_reward_cache(self) -> bool:
-        """Seal the reward cache once every slot holds its CEs (one host sync; call after an epoch). Returns whether it
-        is sealed. Under torchrun, where a process fills only the slots of its share of the batches, the trainer first
-        merges every process's slots (:func:`dsom.distributed.merge_filled`)."""
-        if self.reward_cache is not None and not self.reward_cache_sealed:
-            self.reward_cache_sealed = bool(self.reward_cache_filled.all())
-        return self.reward_cache_sealed
+        self.reward_cache = RowCache(slots, self.subsets.shape[0], self.subsets.device)
 
     def serves_rewards(self, keys: torch.Tensor | None) -> bool:
         """Whether the reward CEs of a batch with slots ``keys`` are read from the sealed cache."""
-        return keys is not None and self.reward_cache is not None and self.reward_cache_sealed
+        return self.reward_cache is not None and self.reward_cache.serves(keys)
 
     def action_logits(self, batch: SelectionBatch) -> torch.Tensor:
         """The policy's ``(B, A)`` action logits; a summary state read from its cache does not score the teachers."""
@@ -482,16 +470,16 @@ class PolicySelector(Selector):
         if batch.reward_keys is not None and self.reward_cache is not None:
             keys = batch.reward_keys[idx]
         if self.serves_rewards(batch.reward_keys):
-            ces = self.reward_cache[keys].T  # (A, n), as computed in an earlier epoch
+            assert self.reward_cache is not None and keys is not None
+            ces = self.reward_cache.read(keys).T  # (A, n), as computed in an earlier epoch
         else:
             every = batch.reward_rows is None  # idx = every row: no (M, n, E) copy
             tea = batch.query_logits(None if every else idx)
             target = batch.target if every else batch.target[idx]
             if every_action or keys is not None:  # (the cache holds every subset's CE)
                 ces = self._all_ces(tea, self.subsets, target, c.reward_tau)  # (A, n)
-                if keys is not None:
-                    self.reward_cache[keys] = ces.T.float()
-                    self.reward_cache_filled[keys] = True
+                if keys is not None and self.reward_cache is not None:
+                    self.reward_cache.store(keys, ces.T)
             else:  # only the chosen subset and the all-teacher mean are needed
                 ces = self._chosen_ces(tea, self.subsets[a], target, c.reward_tau)  # (2, n)
         if not every_action and ces.shape[0] != 2:  # the chosen subset's CE and the all-teacher mean's

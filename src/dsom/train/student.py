@@ -10,7 +10,7 @@ logs the batch means of delta, R and R_hat; per epoch the sampled-action histogr
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from dsom.distill.actions import action_names
 from dsom.distill.distiller import NEIGHBOUR_MASK_DTYPE, Distiller
 from dsom.distill.kd import KD_LOSSES, NO_KD
 from dsom.distill.policy import SummaryPolicy
+from dsom.distill.rowcache import RowCache
 from dsom.distill.selectors import PolicySelector, SelectionBatch
 from dsom.errors import DsomError
 from dsom.models.teachers import FrozenTeachers
@@ -273,8 +274,8 @@ class StudentTrainer(Trainer):
         out: dict[str, Any] = {"policy_optimizer": self.policy_optimizer.state_dict()} if self.policy_optimizer else {}
         # saved so a resumed run reads the same states and reward CEs as an uninterrupted one (without a first epoch
         # that scores every teacher again)
-        for name, values, filled, _, _ in self._caches():
-            out[name] = {"values": values.cpu(), "filled": filled.cpu()}
+        for name, cache in self._caches():
+            out[name] = cache.state()
         return out
 
     def _reward_cache(self) -> PolicySelector | None:
@@ -282,29 +283,22 @@ class StudentTrainer(Trainer):
         sel = self.model.selector
         return sel if isinstance(sel, PolicySelector) and sel.reward_cache is not None else None
 
-    def _caches(self) -> list[tuple[str, torch.Tensor, torch.Tensor, Callable[[], bool], bool]]:
-        """The policy's caches of what depends on the frozen teachers only, as ``(name, values, filled, seal,
-        sealed)``: the summary states per training pair and the reward CEs per rewarded query (each sealed once every
-        row is in)."""
-        out = []
+    def _caches(self) -> list[tuple[str, RowCache]]:
+        """The policy's caches of what depends on the frozen teachers only, by name: the summary states per training
+        pair and the reward CEs per rewarded query (each sealed once every row is in)."""
+        out: list[tuple[str, RowCache]] = []
         summary, rewards = self._summary_cache(), self._reward_cache()
-        if summary is not None:
-            out.append(("summary_cache", summary.cache, summary.cache_filled, summary.seal_cache,
-                        summary.cache_sealed))
-        if rewards is not None:
-            out.append(("reward_cache", rewards.reward_cache, rewards.reward_cache_filled, rewards.seal_reward_cache,
-                        rewards.reward_cache_sealed))
+        if summary is not None and summary.cache is not None:
+            out.append(("summary_cache", summary.cache))
+        if rewards is not None and rewards.reward_cache is not None:
+            out.append(("reward_cache", rewards.reward_cache))
         return out
 
     def load_extra_train_state(self, state: dict[str, Any]) -> None:
         if self.policy_optimizer is not None and "policy_optimizer" in state:
             self.policy_optimizer.load_state_dict(state["policy_optimizer"])
-        for name, values, filled, seal, _ in self._caches():
-            saved = state.get(name)
-            if saved is not None and saved["values"].shape == values.shape:
-                values.copy_(saved["values"])
-                filled.copy_(saved["filled"])
-                seal()
+        for name, cache in self._caches():
+            cache.load_state(state.get(name))
 
     def after_step(self, epoch: int, batch: int) -> None:
         if self.policy_optimizer is not None:
@@ -347,10 +341,10 @@ class StudentTrainer(Trainer):
         # an epoch visits every training pair and rewarded query: from now on the caches are read (under torchrun
         # once every process's rows are merged in: the sealed flags are the same on every process, so all of them
         # take part in the merge or none)
-        for _, values, filled, seal, sealed in self._caches():
-            if not sealed:
-                distributed.merge_filled(values, filled)
-            seal()
+        for _, cache in self._caches():
+            if not cache.sealed:
+                distributed.merge_filled(cache.values, cache.filled)
+            cache.seal()
         self._flush_step_stats()
         if distributed.active():  # the epoch's counts over every process's shares (the same keys everywhere)
             self._epoch_sums = {k: distributed.sum_(v.to(self.device)) for k, v in sorted(self._epoch_sums.items())}
