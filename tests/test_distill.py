@@ -170,7 +170,7 @@ _frozen = random_teachers
 
 def test_gamma_zero_with_the_full_set_reduces_to_plain_training(tmp_path):
     ds = clustered_graph(num_entities=60)
-    plain = ComplExTrainer(ds, _cfg(), tmp_path / "plain", progress=False)
+    plain = ComplExTrainer(ds, _cfg(**{"train.batching": "triples"}), tmp_path / "plain", progress=False)  # as the student
     plain.fit()
     cfg = _cfg(**{"distill.selector": "avg", "distill.gamma": 0.0})
     st = StudentTrainer(ds, cfg, tmp_path / "st", _frozen(ds), progress=False)

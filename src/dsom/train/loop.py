@@ -422,7 +422,8 @@ class Trainer(abc.ABC):
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             self.after_step(epoch, b)
             self.current_batch_cpu = self.current_batch_index = None
-            if not self._eta_done and b in ETA_BATCHES:
+            last = len(offsets) - 2
+            if not self._eta_done and (b in ETA_BATCHES or ETA_BATCHES[0] < b == last):  # (or an epoch that short)
                 self._estimate(b, len(offsets) - 1)
             if self.batch_hook is not None:
                 self.batch_hook(epoch, b)
