@@ -1,13 +1,14 @@
 #!/bin/bash
 # The device checks of docs/performance.md's "GPU" section, as one script (a lent GPU machine's time is short):
-# speed.py on DB15K at rank 500 (the issue-12 benchmark) and at the paper's rank 2000, and `dsom run` on the embedded
-# synthetic graph, each under its own time limit, their logs and JSON written to OUT.
+# speed.py on DB15K at rank 500 (the issue-12 benchmark), the host's cost of a step (host_overhead.py: which ops the
+# host spends a step on), `dsom run` on the embedded synthetic graph, and speed.py at the paper's rank 2000, each under
+# its own time limit, their logs and JSON written to OUT (8 files at most).
 #
-#   OUT=gpu-out DSOM_DATA=../shared/data bash benchmarks/gpu_checks.sh [DEVICE] [BATCHES] [T_500] [T_RUN] [T_2000] [PYTHON]
+#   OUT=gpu-out DSOM_DATA=../shared/data bash benchmarks/gpu_checks.sh [DEVICE] [BATCHES] [T_500] [T_RUN] [T_2000] [PYTHON] [T_HOST]
 #
 # Run from the repository root; PYTHON (default python3) needs torch, numpy, safetensors, pyyaml and tqdm; dsom is
 # taken from src/ (PYTHONPATH), so nothing is installed. DSOM_DATA needs DB15K's TSV files only (features are random).
-DEV=${1:-cuda}; NB=${2:-20}; T1=${3:-180}; T2=${4:-120}; T3=${5:-150}; PY=${6:-python3}
+DEV=${1:-cuda}; NB=${2:-20}; T1=${3:-180}; T2=${4:-120}; T3=${5:-150}; PY=${6:-python3}; T4=${7:-0}
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export DSOM_DATA=${DSOM_DATA:-$PWD/../shared/data}
 O=${OUT:-gpu-out}; mkdir -p "$O"
@@ -20,6 +21,9 @@ timed() {  # NAME LIMIT COMMAND...: run COMMAND under LIMIT seconds, log to O/NA
 }
 timed speed_r500 "$T1" $PY benchmarks/speed.py DB15K --rank 500 --batches "$NB" --skip pykeen --device "$DEV" \
   --json "$O/speed_r500.json"
+if [ "$T4" -gt 0 ]; then  # (not in the first run, 2026-12-04)
+  timed host_overhead "$T4" $PY benchmarks/host_overhead.py --device "$DEV" --compile on,off --top 12
+fi
 RUN=${TMPDIR:-/tmp}/dsom-gpu-run-$$  # outside OUT: a run directory holds more files than a device call returns
 timed run_synthetic "$T2" $PY -m dsom run synthetic -o "$RUN" --set train.device="$DEV"
 cp "$RUN/results.json" "$O/syn_results.json" 2>/dev/null
