@@ -344,7 +344,9 @@ def _subset_ces(tea: torch.Tensor, coef: torch.Tensor, target: torch.Tensor, top
     ``z`` and a compiled kernel recomputes it instead of storing it."""
     total = floor_exp(_subset_logits(tea, coef) - top.unsqueeze(-1)).sum(-1)
     at_target = tea.float().gather(-1, target.view(1, -1, 1).expand(tea.shape[0], -1, 1)).squeeze(-1)  # (M, n)
-    return (top + torch.log(total)).T - coef @ at_target
+    # (A, M) x (M, n) as a broadcast sum, not an fp32 matrix product: M is 2-4, and a product in the compiled graph
+    # only makes Inductor warn on CUDA that TF32 is off
+    return (top + torch.log(total)).T - (coef[:, :, None] * at_target[None]).sum(1)
 
 
 class AllActionCEs:
