@@ -28,17 +28,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from speed import (  # noqa: E402  (the benchmark next door)
-    FEATURE_DIMS,
-    base_config,
-    stage2_trainer,
-    sync,
-    trainer_step,
-)
+from speed import base_config, random_features, stage2_trainer, sync, trainer_step  # noqa: E402  (next door)
 
 from dsom.config import set_value  # noqa: E402
 from dsom.data import registry  # noqa: E402
-from dsom.data.modality import ModalityTable  # noqa: E402
 from dsom.train.loop import ComplExTrainer, Trainer, resolve_device  # noqa: E402
 from dsom.train.teachers import TeacherTrainer  # noqa: E402
 
@@ -56,10 +49,7 @@ def make_trainer(phase: str, ds: Any, args: argparse.Namespace, compile: str, de
     mods = args.modalities.split(",")
     if phase == "teachers":
         set_value(cfg, "modalities", mods)
-        rng = np.random.default_rng(0)
-        feats = {m: ModalityTable(m, rng.standard_normal((ds.num_entities, FEATURE_DIMS[m]), dtype=np.float32),
-                                  np.ones(ds.num_entities, bool)) for m in mods if m != "structure"}
-        return TeacherTrainer(ds, cfg, tmp, feats, progress=False)
+        return TeacherTrainer(ds, cfg, tmp, random_features(ds, mods), progress=False)
     set_value(cfg, "distill.policy_hidden", args.policy_hidden)
     return stage2_trainer(ds, cfg, args.modalities, "holdout", tmp)[0]
 

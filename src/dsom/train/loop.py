@@ -386,6 +386,7 @@ class Trainer(abc.ABC):
         params = [p for opt in self.optimizers() for g in opt.param_groups for p in g["params"]] if split else []
         bar = tqdm(range(len(offsets) - 1), desc=f"{self.stage} epoch {epoch}", disable=not self.progress,
                    leave=False)
+        last = len(offsets) - 2  # an epoch shorter than the estimate's batches is timed up to its last
         for b in bar:
             lo, hi = offsets[b], offsets[b + 1]
             if split:
@@ -422,8 +423,7 @@ class Trainer(abc.ABC):
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             self.after_step(epoch, b)
             self.current_batch_cpu = self.current_batch_index = None
-            last = len(offsets) - 2
-            if not self._eta_done and (b in ETA_BATCHES or ETA_BATCHES[0] < b == last):  # (or an epoch that short)
+            if not self._eta_done and (b in ETA_BATCHES or ETA_BATCHES[0] < b == last):
                 self._estimate(b, len(offsets) - 1)
             if self.batch_hook is not None:
                 self.batch_hook(epoch, b)

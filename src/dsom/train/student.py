@@ -278,21 +278,13 @@ class StudentTrainer(Trainer):
             out[name] = cache.state()
         return out
 
-    def _reward_cache(self) -> PolicySelector | None:
-        """The policy selector when it caches its reward CEs (``distill.reward_cache``)."""
-        sel = self.model.selector
-        return sel if isinstance(sel, PolicySelector) and sel.reward_cache is not None else None
-
     def _caches(self) -> list[tuple[str, RowCache]]:
         """The policy's caches of what depends on the frozen teachers only, by name: the summary states per training
         pair and the reward CEs per rewarded query (each sealed once every row is in)."""
-        out: list[tuple[str, RowCache]] = []
-        summary, rewards = self._summary_cache(), self._reward_cache()
-        if summary is not None and summary.cache is not None:
-            out.append(("summary_cache", summary.cache))
-        if rewards is not None and rewards.reward_cache is not None:
-            out.append(("reward_cache", rewards.reward_cache))
-        return out
+        policy, sel = self.model.policy, self.model.selector
+        caches = [("summary_cache", policy.cache if isinstance(policy, SummaryPolicy) else None),
+                  ("reward_cache", sel.reward_cache if isinstance(sel, PolicySelector) else None)]
+        return [(name, cache) for name, cache in caches if cache is not None]
 
     def load_extra_train_state(self, state: dict[str, Any]) -> None:
         if self.policy_optimizer is not None and "policy_optimizer" in state:
