@@ -4,11 +4,15 @@
 # host spends a step on), `dsom run` on the embedded synthetic graph, and speed.py at the paper's rank 2000, each under
 # its own time limit, their logs and JSON written to OUT (8 files at most).
 #
-#   OUT=gpu-out DSOM_DATA=../shared/data bash benchmarks/gpu_checks.sh [DEVICE] [BATCHES] [T_500] [T_RUN] [T_2000] [PYTHON] [T_HOST]
+#   OUT=gpu-out DSOM_DATA=../shared/data bash benchmarks/gpu_checks.sh [DEVICE] [BATCHES] [T_500] [T_RUN] [T_2000] [PYTHON] [T_HOST] [T_GRAPHS] [T_TESTS]
+#
+# A limit of 0 skips its check. T_GRAPHS: benchmarks/cuda_graphs.py (epochs with and without train.cuda_graphs, and
+# the ops that wait for the GPU), run first; T_TESTS: the CUDA tests of tests/test_graphs.py (where pytest is).
 #
 # Run from the repository root; PYTHON (default python3) needs torch, numpy, safetensors, pyyaml and tqdm; dsom is
 # taken from src/ (PYTHONPATH), so nothing is installed. DSOM_DATA needs DB15K's TSV files only (features are random).
-DEV=${1:-cuda}; NB=${2:-20}; T1=${3:-180}; T2=${4:-120}; T3=${5:-150}; PY=${6:-python3}; T4=${7:-0}
+DEV=${1:-cuda}; NB=${2:-20}; T1=${3:-180}; T2=${4:-120}; T3=${5:-150}; PY=${6:-python3}; T4=${7:-0}; T5=${8:-0}
+T6=${9:-0}
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export DSOM_DATA=${DSOM_DATA:-$PWD/../shared/data}
 O=${OUT:-gpu-out}; mkdir -p "$O"
@@ -19,13 +23,20 @@ timed() {  # NAME LIMIT COMMAND...: run COMMAND under LIMIT seconds, log to O/NA
   timeout "$limit" "$@" > "$O/$name.log" 2>&1
   echo "$name rc=$? $(( $(date +%s) - t0 ))s" | tee -a "$O/env.txt"
 }
-timed speed_r500 "$T1" $PY benchmarks/speed.py DB15K --rank 500 --batches "$NB" --skip pykeen --device "$DEV" \
+if [ "$T5" -gt 0 ]; then  # (from the second run, 2026-12-04)
+  timed cuda_graphs "$T5" $PY benchmarks/cuda_graphs.py DB15K --rank 500 --epochs 3 --device "$DEV" --sync-scan \
+    --json "$O/cuda_graphs.json"
+fi
+if [ "$T6" -gt 0 ] && $PY -c "import pytest" 2>/dev/null; then
+  timed tests "$T6" $PY -m pytest -q -x tests/test_graphs.py -k cuda -p no:cacheprovider
+fi
+[ "$T1" -gt 0 ] && timed speed_r500 "$T1" $PY benchmarks/speed.py DB15K --rank 500 --batches "$NB" --skip pykeen --device "$DEV" \
   --json "$O/speed_r500.json"
 if [ "$T4" -gt 0 ]; then  # (not in the first run, 2026-12-04)
   timed host_overhead "$T4" $PY benchmarks/host_overhead.py --device "$DEV" --compile on,off --top 12
 fi
 RUN=${TMPDIR:-/tmp}/dsom-gpu-run-$$  # outside OUT: a run directory holds more files than a device call returns
-timed run_synthetic "$T2" $PY -m dsom run synthetic -o "$RUN" --set train.device="$DEV"
+[ "$T2" -gt 0 ] && timed run_synthetic "$T2" $PY -m dsom run synthetic -o "$RUN" --set train.device="$DEV"
 cp "$RUN/results.json" "$O/syn_results.json" 2>/dev/null
-timed speed_r2000 "$T3" $PY benchmarks/speed.py DB15K --rank 2000 --batches "$NB" --skip pykeen --device "$DEV" \
+[ "$T3" -gt 0 ] && timed speed_r2000 "$T3" $PY benchmarks/speed.py DB15K --rank 2000 --batches "$NB" --skip pykeen --device "$DEV" \
   --json "$O/speed_r2000.json"

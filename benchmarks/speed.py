@@ -261,16 +261,23 @@ def trainer_step(tr: Trainer, order: torch.Tensor, perm: torch.Tensor, offsets: 
     # as the epoch loop sets them: the batch's rows (the student's reward rows) and a host copy (neighbour sets)
     tr.current_batch_index = perm[sl]
     tr.current_batch_cpu = tr.train_queries_cpu[order[sl]]
-    loss = tr.loss(tr.train_queries[perm[sl]]).total
-    tr.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    tr.optimizer.step()
+    graph = tr.graph_step()  # train.cuda_graphs: the captured step where the trainer has one (CUDA)
+    if graph is not None and sl.stop - sl.start == graph.rows:
+        graph(perm[sl])
+    elif graph is not None:
+        graph.eager(tr.train_queries[perm[sl]])
+    else:
+        loss = tr.loss(tr.train_queries[perm[sl]]).total
+        tr.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        tr.optimizer.step()
     tr.after_step(1, b)
 
 
 def time_trainer_steps(tr: Trainer, batches: int, device: torch.device,
                        profile_steps: int = 0, profile_rounds: int = 1) -> tuple[float, int, dict[str, Any]]:
-    """Seconds for ``batches`` optimizer steps of a dsom trainer (after one warm-up step), the batches timed, and
+    """Seconds for ``batches`` optimizer steps of a dsom trainer (after one warm-up step; with a CUDA graph
+    (``train.cuda_graphs``) after its warm-up steps and its capture), the batches timed, and
     (``profile_steps > 0``) :func:`split_profile` of that many further steps (``profile_rounds`` times, the fastest kept);
     the latter's dict also holds the timed steps' median (``median_step_s``: the epoch estimate least moved by a step
     that something else on the machine slowed). The batches are the trainer's own
@@ -290,13 +297,16 @@ def time_trainer_steps(tr: Trainer, batches: int, device: torch.device,
         b = next(counter)
         trainer_step(tr, order, perm, offsets, b % n_epoch, b)
 
+    graph = tr.graph_step()
+    warm = 1 if graph is None else graph.warmup + 1  # the warm-up steps and, with a CUDA graph, its capture
+    start += warm - 1
     times = []
-    for b in range(batches + 1):
+    for b in range(batches + warm):
         sync(device)
         t0 = time.perf_counter()
         step()
         sync(device)
-        if b > 0:
+        if b >= warm:
             times.append(time.perf_counter() - t0)
     prof = split_profile(step, device, profile_steps, profile_rounds, reset) if profile_steps > 0 else {}
     prof["median_step_s"] = float(np.median(times)) if times else math.nan
@@ -308,7 +318,8 @@ def base_config(args: argparse.Namespace, device: torch.device) -> Config:
     cfg = Config()
     for k, v in {"model.rank": args.rank, "train.batch_size": args.batch_size, "train.precision": args.precision,
                  "train.device": str(device), "train.valid_every": 0, "train.batching": args.batching,
-                 "train.compile": args.compile}.items():
+                 "train.compile": args.compile,
+                 "train.cuda_graphs": getattr(args, "cuda_graphs", "auto")}.items():
         set_value(cfg, k, v)
     return cfg
 
@@ -571,6 +582,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batching", default=Config().train.batching, choices=["triples", "pairs"],
                    help="train.batching of every training phase (ComplEx, stage 1 and stage 2)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "off"],
+                   help="train.cuda_graphs for the dsom phases (auto: the ComplEx and stage-1 steps captured on CUDA)")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="train.compile for the dsom phases (auto: on for CUDA and for B x E >= 4M cells on a CPU)")
     p.add_argument("--profile-steps", type=int, default=2,

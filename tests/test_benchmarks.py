@@ -236,3 +236,13 @@ def test_host_overhead_benchmark_counts_the_ops_and_compiled_graphs_of_a_step():
     assert on["median_step_ms"] > 0 and off["median_step_ms"] > 0
     assert on["compiled_graphs_per_step"] >= 1 and off["compiled_graphs_per_step"] == 0
     assert off["aten_ops_per_step"] > on["aten_ops_per_step"] > 0  # compiled graphs dispatch fewer ops
+
+
+def test_cuda_graphs_benchmark_trains_both_ways_and_compares_the_models():
+    res = _script("cuda_graphs").main(["synthetic", "--device", "cpu", "--capture", "rerun", "--phases", "complex",
+                                       "--rank", "4", "--batch-size", "512", "--epochs", "2", "--precision", "fp32"])
+    off, on = res["complex/off"], res["complex/on"]
+    assert len(off["epoch_s"]) == len(on["epoch_s"]) == 2 and off["replays"] == 0
+    full = off["batches_per_epoch"] - 1  # the synthetic graph's last batch is short: eager
+    assert on["replays"] == 2 * full - on["eager_steps"] > 0 and on["capture_failed"] is None
+    assert 0 <= max(res["complex/max_abs_diff"].values()) < 1e-3

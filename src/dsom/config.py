@@ -82,6 +82,12 @@ class TrainConfig:
     compile: str = opt("auto", "torch.compile the B x E element-wise loss tails (the cross-entropy of ComplEx and the "
                        "teachers, the stage-2 distillation losses; ~20 s to compile once). auto = on for CUDA and for "
                        "B x E >= 4M on CPU", ("auto", "on", "off"))
+    cuda_graphs: str = opt("auto", "capture the training step as a CUDA graph and replay it (the step is otherwise "
+                           "bound by the host issuing its kernels one by one: docs/performance.md, GPU). auto = on for "
+                           "CUDA where the step allows it (plain ComplEx and the stage-1 teachers with "
+                           "batching=triples, optimizer=adagrad, one process, no entity chunks), else off; on = the same "
+                           "but an error where it cannot; the short last batch of an epoch runs eagerly",
+                           ("auto", "on", "off"))
     batching: str = opt("triples", "how the trainers batch their training queries. 'triples': "
                         "batch_size shuffled reciprocal triples per step, each scored on its own (the paper's loop). "
                         "'pairs': batch_size shuffled distinct (entity, relation) pairs per step with all their "

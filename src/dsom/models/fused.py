@@ -242,12 +242,17 @@ def _mm(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
     return bf16_round(out) if precision == "bf16sim" else out
 
 
-def _add_rows(table: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+def _add_rows(table: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, dense: bool | None = None) -> None:
     """``table[index] += rows`` in place for float32 ``rows (n, 2d)``, ids repeated or not. A float32 ``table``:
     ``index_add_`` (deterministic on CPU). Otherwise (a bf16 gradient block) each id's rows are summed in float32 and
-    added to its row in float32, rounded once: the float32 block's result, cast."""
+    added to its row in float32, rounded once: the float32 block's result, cast (on CPU per distinct id, elsewhere
+    through a dense float32 block; ``dense`` chooses)."""
     if table.dtype == torch.float32:
         table.index_add_(0, index, rows)
+        return
+    if table.device.type != "cpu" if dense is None else dense:  # no torch.unique (a host sync, and not capturable in a CUDA graph): a dense
+        # float32 block of the additions, added in float32 and rounded once per element (untouched rows add 0 exactly)
+        table.add_(torch.zeros(table.shape, dtype=torch.float32, device=table.device).index_add_(0, index, rows))
         return
     ids, inverse = torch.unique(index, return_inverse=True)
     total = torch.zeros(len(ids), rows.shape[1], dtype=torch.float32, device=rows.device).index_add_(0, inverse, rows)

@@ -52,6 +52,7 @@ from dsom.train.checkpoint import (
     resolve_checkpoint_dir,
     write_checkpoint,
 )
+from dsom.train.graphs import Capture, GraphStep, cuda_capture, graph_problem
 from dsom.train.optim import ShadowAdagrad
 from dsom.train.tracker import make_tracker
 
@@ -196,6 +197,9 @@ class Trainer(abc.ABC):
 
     checkpoint_format = ""
     supports_pair_batching = False  # whether :meth:`loss` scores each (entity, relation) pair of a batch once
+    #: whether :meth:`loss` is a function of the batch's device tensors and the parameters alone (no host data per
+    #: batch, no state changed on the host), so that the step can be captured as a CUDA graph (train.cuda_graphs)
+    supports_cuda_graphs = False
     share: BatchShare | None = None  # under torchrun, this process's rows of the batch being trained
 
     def __init__(self, dataset: KGDataset, cfg: Config, run_dir: str | Path, stage: str = "pretrain",
@@ -215,8 +219,8 @@ class Trainer(abc.ABC):
         self.model = self.build_model(torch.Generator().manual_seed(cfg.train.seed)).to(self.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         cells = cfg.train.batch_size * dataset.num_entities
-        self.optimizer = make_optimizer(self.trainable_parameters(), cfg, self.precision,
-                                        compile_enabled(cfg.train.compile, self.device.type, cells))
+        self.compiled = compile_enabled(cfg.train.compile, self.device.type, cells)  # train.compile resolved
+        self.optimizer = make_optimizer(self.trainable_parameters(), cfg, self.precision, self.compiled)
         self.scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="max", factor=cfg.train.scheduler_factor, patience=cfg.train.scheduler_patience,
             threshold=cfg.train.scheduler_threshold) if cfg.train.scheduler == "plateau" else None)
@@ -227,6 +231,17 @@ class Trainer(abc.ABC):
         self.current_batch_index: torch.Tensor | None = None  # its rows of train_queries, on the device
         self.batching = cfg.train.batching if self.supports_pair_batching else "triples"
         self._pairs: PairIndex | None = None
+
+    @property
+    def distributed(self) -> bool:
+        """Whether this process is one of several under torchrun."""
+        return distributed.active()
+
+    def fused_step(self) -> bool:
+        """Whether a full batch's loss is one fused node (:func:`~dsom.models.fused.complex_cross_entropy`) rather
+        than a loop over entity chunks (``train.block_mb``)."""
+        return entity_chunk(self.cfg.train.batch_size, self.ds.num_entities, self.cfg.train.block_mb) >= \
+            self.ds.num_entities
 
     # ------------------------------------------------------------------------------- subclass hooks
     @abc.abstractmethod
@@ -387,6 +402,7 @@ class Trainer(abc.ABC):
         bar = tqdm(range(len(offsets) - 1), desc=f"{self.stage} epoch {epoch}", disable=not self.progress,
                    leave=False)
         last = len(offsets) - 2  # an epoch shorter than the estimate's batches is timed up to its last
+        graph = self.graph_step()
         for b in bar:
             lo, hi = offsets[b], offsets[b + 1]
             if split:
@@ -396,30 +412,35 @@ class Trainer(abc.ABC):
                     self.share = BatchShare(0, 1, hi - lo, 0.0)
                     a, z = lo, lo + 1
                 lo, hi = a, z
-            batch = q[perm[lo:hi]]
             # host-side copy for index lookups (neighbour sets) without a device-to-host sync
             self.current_batch_cpu = self.train_queries_cpu[perm_cpu[lo:hi]]
             self.current_batch_index = perm[lo:hi]
             self.current_epoch, self.current_batch = epoch, b
-            step = self.loss(batch)
-            if split:
-                step = self.weigh_share(step)
-            loss, terms = step.total, step.detached()
-            if check_every_batch and not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch}, batch {b}; "
-                                         "lower train.lr or use train.precision=fp32")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if split:  # the batch's gradient: the processes' weighted shares summed
-                distributed.reduce_gradients(params)
-            self.optimizer.step()
+            loss = None
+            if graph is not None and hi - lo == graph.rows:
+                terms = graph(perm[lo:hi])  # the captured step, replayed (its warm-up steps eagerly)
+            elif graph is not None:
+                terms = graph.eager(q[perm[lo:hi]])  # a short batch: eager, with the graph's optimizer update
+            else:
+                step = self.loss(q[perm[lo:hi]])
+                if split:
+                    step = self.weigh_share(step)
+                loss, terms = step.total, step.detached()
+                if check_every_batch and not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss at epoch {epoch}, batch {b}; "
+                                             "lower train.lr or use train.precision=fp32")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if split:  # the batch's gradient: the processes' weighted shares summed
+                    distributed.reduce_gradients(params)
+                self.optimizer.step()
             for k, v in terms.items():  # accumulated in place: no new tensor per step
                 if k in sums:
                     sums[k] += v
                 else:
                     sums[k] = v.clone()
             n_batches += 1
-            if self.progress and check_every_batch and b % 10 == 0 and not split:
+            if self.progress and check_every_batch and b % 10 == 0 and loss is not None and not split:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             self.after_step(epoch, b)
             self.current_batch_cpu = self.current_batch_index = None
@@ -436,6 +457,35 @@ class Trainer(abc.ABC):
         if not all(math.isfinite(v) for v in out.values()):
             raise FloatingPointError(f"non-finite loss in epoch {epoch}: {out}; lower train.lr or use train.precision=fp32")
         return out
+
+    _graph: GraphStep | None = None
+    _graph_checked = False
+
+    def graph_step(self) -> GraphStep | None:
+        """The step as a CUDA graph (:mod:`dsom.train.graphs`) where ``train.cuda_graphs`` and the step allow it; made
+        once per trainer (``None``: eager steps). ``on`` where the step cannot be captured is an error."""
+        if self._graph_checked:
+            return self._graph
+        self._graph_checked = True
+        setting = self.cfg.train.cuda_graphs
+        if setting == "off":
+            return None
+        problem = graph_problem(self)
+        if problem is None and self.device.type != "cuda" and self.graph_capture is cuda_capture:
+            problem = f"train.device is {self.device.type}, not cuda"
+        if problem is not None and setting == "auto" and self.device.type != "cuda":
+            return None  # the CPU default: nothing to say
+        if problem is not None:
+            if setting == "on":
+                raise DsomError(f"train.cuda_graphs=on but the {self.stage} step cannot be captured: {problem}; "
+                                "use train.cuda_graphs=auto")
+            log.info("%s: training without CUDA graphs (%s)", self.stage, problem)
+            return None
+        self._graph = GraphStep(self, self.cfg.train.batch_size, self.graph_capture)
+        return self._graph
+
+    #: how :class:`GraphStep` captures (tests replace it with :func:`~dsom.train.graphs.rerun_capture`)
+    graph_capture: Capture = staticmethod(cuda_capture)  # type: ignore[assignment]
 
     _eta_done = False
     _eta_start = 0.0
@@ -548,6 +598,7 @@ class ComplExTrainer(Trainer):
 
     checkpoint_format = CHECKPOINT_FORMAT
     supports_pair_batching = True
+    supports_cuda_graphs = True
 
     def build_model(self, generator: torch.Generator) -> ComplEx:
         return ComplEx(self.ds.num_entities, 2 * self.ds.num_relations, self.cfg.model.rank,

@@ -14,6 +14,7 @@ else goes through torch's own (fused) step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -90,3 +91,92 @@ class ShadowAdagrad(torch.optim.Adagrad):
         if shadow is None or shadow.shape != p.shape or shadow.device != p.device:
             shadow = self._shadows[id(p)] = torch.empty_like(p, dtype=torch.bfloat16)
         return shadow
+
+
+def adagrad_update(param: torch.Tensor, grad: torch.Tensor, state_sum: torch.Tensor, clr: torch.Tensor,
+                   eps: float) -> None:
+    """One Adagrad step of ``param`` in place (``clr``: the step's learning rate as a device scalar)."""
+    total = state_sum + grad * grad
+    state_sum.copy_(total)
+    param.copy_(param - clr * (grad / (total.sqrt() + eps)))  # torch's addcdiv order: the quotient, then the scale
+
+
+class DeviceAdagradStep:
+    """The update of an Adagrad optimizer (torch's or :class:`ShadowAdagrad`) with no host work inside it, for a
+    training step captured as a CUDA graph (:mod:`dsom.train.graphs`).
+
+    torch's Adagrad computes each step's learning rate ``lr / (1 + (step - 1) lr_decay)`` on the host and passes it to
+    its kernels as a number, which a captured graph would keep forever. Here the learning rates live in device scalars
+    (one per parameter group) that :meth:`prepare` rewrites on the host before each step where they change (the plateau
+    scheduler), :meth:`apply` issues the update of every parameter (one element-wise pass each, compiled where the
+    optimizer's updates are; a shadowed table's bfloat16 copy written in the same pass), and :meth:`count` advances the
+    step counters on the host after it ran. The state (``sum``, ``step``) stays the optimizer's, so checkpoints and the
+    eager steps between graph replays (a short last batch) continue it.
+
+    Returns from :func:`device_adagrad_problem` say which optimizers it cannot run."""
+
+    def __init__(self, optimizer: torch.optim.Adagrad, compile: bool) -> None:
+        problem = device_adagrad_problem(optimizer)
+        if problem:
+            raise ValueError(problem)
+        self.optimizer = optimizer
+        self._update = MaybeCompiled(adagrad_update, compile)
+        self._shadow_update = MaybeCompiled(adagrad_shadow_update, compile)
+        self._clr: list[torch.Tensor] = []
+        self._clr_host: list[float] = []
+        for group in optimizer.param_groups:
+            device = group["params"][0].device
+            self._clr.append(torch.zeros((), dtype=torch.float32, device=device))
+            self._clr_host.append(math.nan)
+
+    def prepare(self) -> None:
+        """Set each group's learning rate for the coming step (host; before a replay or :meth:`apply`)."""
+        for i, group in enumerate(self.optimizer.param_groups):
+            step = float(self.optimizer.state[group["params"][0]]["step"]) + 1
+            clr = group["lr"] / (1 + (step - 1) * group["lr_decay"])
+            if clr != self._clr_host[i]:
+                self._clr[i].fill_(clr)
+                self._clr_host[i] = clr
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Update every parameter that has a gradient (device work only: capturable)."""
+        opt = self.optimizer
+        shadowed = opt._shadowed if isinstance(opt, ShadowAdagrad) else None
+        for i, group in enumerate(opt.param_groups):
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = opt.state[p]
+                if shadowed is not None and shadowed(group, p):
+                    shadow = opt._shadow_of(p)
+                    self._shadow_update(p, p.grad, state["sum"], shadow, self._clr[i], group["eps"])
+                    keep_bf16_shadow(p, shadow)
+                else:
+                    self._update(p, p.grad, state["sum"], self._clr[i], group["eps"])
+
+    def count(self) -> None:
+        """Advance the step counter of every parameter with a gradient (host; after the step ran)."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.optimizer.state[p]["step"] += 1
+
+    def step(self) -> None:
+        """One eager step: :meth:`prepare`, :meth:`apply`, :meth:`count`."""
+        self.prepare()
+        self.apply()
+        self.count()
+
+
+def device_adagrad_problem(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why :class:`DeviceAdagradStep` cannot run ``optimizer``'s update (``None``: it can)."""
+    if not isinstance(optimizer, torch.optim.Adagrad):
+        return f"train.optimizer is {type(optimizer).__name__.lower()}, not adagrad"
+    for group in optimizer.param_groups:
+        if group["weight_decay"] or group["maximize"] or group.get("differentiable", False):
+            return "an Adagrad group with weight decay, maximize or differentiable"
+        for p in group["params"]:
+            if p.grad is not None and p.grad.is_sparse:
+                return "sparse gradients"
+    return None

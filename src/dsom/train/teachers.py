@@ -46,6 +46,7 @@ class TeacherTrainer(Trainer):
 
     checkpoint_format = TRAIN_FORMAT
     supports_pair_batching = True
+    supports_cuda_graphs = True
 
     def __init__(self, dataset: KGDataset, cfg: Config, run_dir: str | Path, features: Mapping[str, ModalityTable],
                  progress: bool = True, batch_hook: BatchHook | None = None) -> None:

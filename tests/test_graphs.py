@@ -1,0 +1,188 @@
+"""train.cuda_graphs (issue 12): the training step captured once and replayed trains the same model as eager steps.
+
+Without CUDA the capture is stood in for by re-running the captured step (``rerun_capture``), which still reads the
+batch from the graph's fixed index buffer and runs the optimizer through :class:`DeviceAdagradStep` (learning rates
+in device scalars, step counters advanced after each replay): what these tests check against plain eager training and
+torch's Adagrad. The CUDA test runs the real capture where there is a GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dsom.data.modality import ModalityTable
+from dsom.errors import DsomError
+from dsom.models.fused import _add_rows
+from dsom.train.graphs import rerun_capture
+from dsom.train.loop import ComplExTrainer
+from dsom.train.optim import DeviceAdagradStep, ShadowAdagrad
+from dsom.train.teachers import TeacherTrainer
+
+from toy import clustered_graph, config
+
+# 90 entities: 3 x 90 x 6 x ... training queries, not a multiple of 64, so every epoch ends with a short batch
+_BASE = {"model.rank": 8, "train.epochs": 3, "train.batch_size": 64, "train.valid_every": 0,
+         "train.seed": 3, "model.init_scale": 0.3, "train.compile": "off", "train.precision": "fp32"}
+
+
+def _features(ds):
+    rng = np.random.default_rng(1)
+    return {"text": ModalityTable("text", rng.standard_normal((ds.num_entities, 5)).astype(np.float32),
+                                  np.ones(ds.num_entities, bool))}
+
+
+def _train(kind, ds, tmp_path, name, capture=rerun_capture, **kw):
+    cfg = config(_BASE, **kw)
+    if kind == "complex":
+        tr = ComplExTrainer(ds, cfg, tmp_path / name, progress=False, batch_hook=_halve_lr)
+    else:
+        cfg.modalities = ["structure", "text"]
+        tr = TeacherTrainer(ds, cfg, tmp_path / name, _features(ds), progress=False, batch_hook=_halve_lr)
+    tr.graph_capture = capture
+    _halve_lr.trainer = tr
+    tr.fit()
+    return tr
+
+
+def _halve_lr(epoch, batch):
+    """A learning-rate change in the middle of training (as the plateau scheduler makes), after the capture."""
+    if (epoch, batch) == (2, 1):
+        for g in _halve_lr.trainer.optimizer.param_groups:
+            g["lr"] /= 2
+
+
+@pytest.mark.parametrize("kind", ["complex", "teachers"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_graphed_training_equals_eager_training(tmp_path, kind, precision):
+    ds = clustered_graph(num_entities=90)
+    n = len(ds.queries("train"))
+    assert n % 64, "the test needs a short last batch"
+    eager = _train(kind, ds, tmp_path, "eager", **{"train.cuda_graphs": "off", "train.precision": precision})
+    graphed = _train(kind, ds, tmp_path, "graphed", **{"train.cuda_graphs": "on", "train.precision": precision})
+    assert eager.graph_step() is None
+    g = graphed.graph_step()
+    full = n // 64
+    assert g.failed is None and g.eager_steps == g.warmup and g.replays == 3 * full - g.warmup
+    if precision == "bf16":
+        assert isinstance(graphed.optimizer, ShadowAdagrad)
+    pe, pg = dict(eager.model.named_parameters()), dict(graphed.model.named_parameters())
+    assert pe.keys() == pg.keys()
+    for k in pe:
+        assert not torch.equal(pg[k], graphed.build_model(torch.Generator().manual_seed(3)).state_dict()[k])
+        # fp32: the two updates round differently (torch's fused CPU Adagrad against one element-wise pass), by under
+        # 1e-6 after 3 epochs; bf16 products amplify that to about 3e-4 (one ulp of a cast operand flips)
+        tol = 2e-6 if precision == "fp32" else 1e-3
+        torch.testing.assert_close(pg[k], pe[k], rtol=0, atol=tol, msg=k)
+        se, sg = eager.optimizer.state[pe[k]], graphed.optimizer.state[pg[k]]
+        assert float(sg["step"]) == float(se["step"]) == 3 * (full + 1)
+        torch.testing.assert_close(sg["sum"], se["sum"], rtol=2e-2 if precision == "bf16" else 2e-5, atol=1e-4 if precision == "bf16" else 2e-6)
+    assert graphed.optimizer.param_groups[0]["lr"] == eager.optimizer.param_groups[0]["lr"] == 0.05
+
+
+def test_a_failed_capture_is_reported_and_training_goes_on_eagerly(tmp_path, caplog):
+    ds = clustered_graph(num_entities=90)
+
+    def broken(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    eager = _train("complex", ds, tmp_path, "eager", **{"train.cuda_graphs": "off"})
+    with caplog.at_level("WARNING", logger="dsom"):
+        tr = _train("complex", ds, tmp_path, "broken", capture=broken, **{"train.cuda_graphs": "auto"})
+    g = tr.graph_step()
+    assert g.replays == 0 and "operation not permitted" in g.failed
+    assert "could not be captured as a CUDA graph" in caplog.text
+    torch.testing.assert_close(tr.model.entity, eager.model.entity, rtol=2e-5, atol=2e-6)
+    with pytest.raises(RuntimeError, match="not permitted"):
+        _train("complex", ds, tmp_path, "broken-on", capture=broken, **{"train.cuda_graphs": "on"})
+
+
+@pytest.mark.parametrize("setting,problem", [
+    ({"train.batching": "pairs"}, "batching=pairs"),
+    ({"train.optimizer": "adam"}, "adam"),
+    ({"train.block_mb": 1e-3}, "entity chunks"),
+])
+def test_cuda_graphs_on_where_the_step_cannot_be_captured_is_an_error(tmp_path, setting, problem):
+    ds = clustered_graph(num_entities=60)
+    tr = ComplExTrainer(ds, config(_BASE, **{"train.cuda_graphs": "on", **setting}), tmp_path / "on", progress=False)
+    tr.graph_capture = rerun_capture
+    with pytest.raises(DsomError, match=problem):
+        tr.graph_step()
+    auto = ComplExTrainer(ds, config(_BASE, **setting), tmp_path / "auto", progress=False)
+    auto.graph_capture = rerun_capture
+    assert auto.graph_step() is None
+
+
+def test_auto_on_a_cpu_trains_without_graphs(tmp_path):
+    tr = ComplExTrainer(clustered_graph(num_entities=60), config(_BASE), tmp_path, progress=False)
+    assert tr.device.type == "cpu" and tr.graph_step() is None
+
+
+@pytest.mark.parametrize("shadow", [False, True])
+def test_device_adagrad_step_equals_torch_adagrad_through_lr_changes_and_decay(shadow):
+    gen = torch.Generator().manual_seed(0)
+    big = (1 << 20) + 8 if shadow else 40  # ShadowAdagrad shadows tables of 2^20 elements or more
+    init = [torch.randn(big, generator=gen), torch.randn(7, 3, generator=gen)]
+    ref = [torch.nn.Parameter(x.clone()) for x in init]
+    ours = [torch.nn.Parameter(x.clone()) for x in init]
+    torch_opt = torch.optim.Adagrad(ref, lr=0.1, lr_decay=0.01)
+    opt = (ShadowAdagrad(ours, lr=0.1, compile=False) if shadow else torch.optim.Adagrad(ours, lr=0.1, lr_decay=0.01))
+    step = DeviceAdagradStep(opt, compile=False)
+    for i in range(5):
+        grads = [torch.randn(x.shape, generator=gen) for x in init]
+        for p, g in zip(ref, grads):
+            p.grad = g.clone()
+        for p, g in zip(ours, grads):
+            p.grad = g.clone()
+        if i == 3:
+            for o in (torch_opt, opt):
+                o.param_groups[0]["lr"] = 0.03
+        if shadow:  # ShadowAdagrad has no lr_decay argument: compare with the same setting
+            torch_opt.param_groups[0]["lr_decay"] = opt.param_groups[0]["lr_decay"] = 0.0
+        torch_opt.step()
+        step.step()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert float(opt.state[a]["step"]) == float(torch_opt.state[b]["step"]) == 5
+        torch.testing.assert_close(opt.state[a]["sum"], torch_opt.state[b]["sum"])
+    if shadow:
+        from dsom.models.products import bf16_shadow
+
+        assert torch.equal(bf16_shadow(ours[0]), ours[0].detach().to(torch.bfloat16))
+
+
+def test_device_adagrad_step_refuses_what_it_cannot_run():
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="adam"):
+        DeviceAdagradStep(torch.optim.Adam([p]), compile=False)
+    with pytest.raises(ValueError, match="weight decay"):
+        DeviceAdagradStep(torch.optim.Adagrad([p], weight_decay=0.1), compile=False)
+
+
+def test_dense_bf16_row_additions_equal_the_per_id_path_and_float64():
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(50, 6, generator=gen).to(torch.bfloat16)
+    index = torch.tensor([3, 7, 3, 49, 0, 3, 7])
+    rows = torch.randn(len(index), 6, generator=gen)
+    expected = table.double().index_add(0, index, rows.double()).to(torch.bfloat16)  # each row rounded once
+    per_id, dense = table.clone(), table.clone()
+    _add_rows(per_id, index, rows, dense=False)
+    _add_rows(dense, index, rows, dense=True)
+    assert torch.equal(dense, per_id)
+    assert torch.equal(dense, expected)
+    assert not torch.equal(dense, table)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["complex", "teachers"])
+def test_captured_cuda_graph_trains_as_eager_steps(tmp_path, kind):
+    from dsom.train.graphs import cuda_capture
+
+    ds = clustered_graph(num_entities=90)
+    kw = {"train.device": "cuda", "train.precision": "bf16", "train.compile": "on"}
+    eager = _train(kind, ds, tmp_path, "eager", capture=cuda_capture, **{"train.cuda_graphs": "off", **kw})
+    graphed = _train(kind, ds, tmp_path, "graphed", capture=cuda_capture, **{"train.cuda_graphs": "on", **kw})
+    g = graphed.graph_step()
+    assert g.failed is None and g.replays > 0
+    for (k, a), b in zip(graphed.model.named_parameters(), eager.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
