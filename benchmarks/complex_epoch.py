@@ -61,7 +61,7 @@ def main() -> None:
             loss = tr.loss(batch).total
             tr.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            tr.optimizer.step()
+            tr.optimizer_step()
             if b > 0:
                 times.append(time.perf_counter() - t)
         per = sum(times) / len(times)

@@ -270,7 +270,7 @@ def trainer_step(tr: Trainer, order: torch.Tensor, perm: torch.Tensor, offsets: 
         loss = tr.loss(tr.train_queries[perm[sl]]).total
         tr.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        tr.optimizer.step()
+        tr.optimizer_step()
     tr.after_step(1, b)
 
 

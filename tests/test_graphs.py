@@ -179,10 +179,13 @@ def test_captured_cuda_graph_trains_as_eager_steps(tmp_path, kind):
     from dsom.train.graphs import cuda_capture
 
     ds = clustered_graph(num_entities=90)
-    kw = {"train.device": "cuda", "train.precision": "bf16", "train.compile": "on"}
+    # eager loss tails here (compiling them takes minutes at these many small shapes); benchmarks/cuda_graphs.py
+    # compares the compiled ones on DB15K
+    kw = {"train.device": "cuda", "train.precision": "bf16", "train.compile": "off"}
     eager = _train(kind, ds, tmp_path, "eager", capture=cuda_capture, **{"train.cuda_graphs": "off", **kw})
     graphed = _train(kind, ds, tmp_path, "graphed", capture=cuda_capture, **{"train.cuda_graphs": "on", **kw})
     g = graphed.graph_step()
     assert g.failed is None and g.replays > 0
+    assert eager.device_update() is not None  # eager CUDA steps run the update the graph captures: the same kernels
     for (k, a), b in zip(graphed.model.named_parameters(), eager.model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+        assert torch.equal(a, b), k

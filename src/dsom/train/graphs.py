@@ -87,7 +87,9 @@ class GraphStep:
         self.capture = capture
         self.warmup = warmup
         device = trainer.device
-        self.update = DeviceAdagradStep(trainer.optimizer, compile=trainer.compiled)  # type: ignore[arg-type]
+        # the trainer's own on CUDA (its eager steps then compute what the graph does), else one for the graph
+        self.update = trainer.device_update() or DeviceAdagradStep(trainer.optimizer,  # type: ignore[arg-type]
+                                                                   compile=trainer.compiled)
         self.index = torch.zeros(rows, dtype=torch.int64, device=device)  # the batch's rows of train_queries
         self.terms: dict[str, torch.Tensor] = {}  # the last step's detached terms (fixed tensors once captured)
         self.replay: Callable[[], None] | None = None

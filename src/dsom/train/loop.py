@@ -53,7 +53,7 @@ from dsom.train.checkpoint import (
     write_checkpoint,
 )
 from dsom.train.graphs import Capture, GraphStep, cuda_capture, graph_problem
-from dsom.train.optim import ShadowAdagrad
+from dsom.train.optim import DeviceAdagradStep, ShadowAdagrad, device_adagrad_problem
 from dsom.train.tracker import make_tracker
 
 log = logging.getLogger("dsom")
@@ -433,7 +433,7 @@ class Trainer(abc.ABC):
                 loss.backward()
                 if split:  # the batch's gradient: the processes' weighted shares summed
                     distributed.reduce_gradients(params)
-                self.optimizer.step()
+                self.optimizer_step()
             for k, v in terms.items():  # accumulated in place: no new tensor per step
                 if k in sums:
                     sums[k] += v
@@ -457,6 +457,28 @@ class Trainer(abc.ABC):
         if not all(math.isfinite(v) for v in out.values()):
             raise FloatingPointError(f"non-finite loss in epoch {epoch}: {out}; lower train.lr or use train.precision=fp32")
         return out
+
+    _device_update: DeviceAdagradStep | None = None
+    _device_update_checked = False
+
+    def device_update(self) -> DeviceAdagradStep | None:
+        """On a GPU, the Adagrad update with no host sync and one element-wise pass per parameter
+        (:class:`~dsom.train.optim.DeviceAdagradStep`, also what a CUDA graph captures, so that eager and captured
+        steps compute the same); ``None`` on a CPU (torch's fused Adagrad) and for other optimizers."""
+        if not self._device_update_checked:
+            self._device_update_checked = True
+            if self.device.type == "cuda" and device_adagrad_problem(self.optimizer) is None:
+                self._device_update = DeviceAdagradStep(self.optimizer, self.compiled)  # type: ignore[arg-type]
+        return self._device_update
+
+    def optimizer_step(self) -> None:
+        """Update the parameters from their gradients: :meth:`device_update` where there is one, else the
+        optimizer's own step."""
+        update = self.device_update()
+        if update is not None:
+            update.step()
+        else:
+            self.optimizer.step()
 
     _graph: GraphStep | None = None
     _graph_checked = False
