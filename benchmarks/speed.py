@@ -40,6 +40,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -145,6 +146,9 @@ def score_rows(tr: Trainer) -> int:
 
 SKIPPABLE = ("complex", "pykeen", "teachers", "distill", "eval")
 OUTSIDE_OPS_KEPT = 25
+#: device kernels that are matrix products (cuBLAS/cuBLASLt and CUTLASS names: ``sm90_xmma_gemm_...``, ``nvjet_...``,
+#: ``cutlass...gemm...``)
+GEMM_KERNEL = re.compile(r"gemm|nvjet|xmma|cutlass", re.IGNORECASE)
 MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm", "aten::matmul", "aten::dot",
               "aten::mv")
 
@@ -225,32 +229,45 @@ def split_profile(run: Callable[[], None], device: torch.device, steps: int, rou
     if device.type == "cuda":  # the GPU's own time: what a step costs once the host no longer limits it
         busy = acc["device_busy_us"] / 1e6 / steps
         out.update(device_busy_s=busy, device_idle_fraction=max(step - busy, 0.0) / step if step > 0 else math.nan,
-                   device_outside_s=max(busy - mm, 0.0))
+                   device_outside_s=max(busy - mm, 0.0),
+                   top_kernels={k: round(v / 1e6 / steps, 6) for k, v in acc["top_kernels"].items()})
     return out
 
 
 def account_events(events: list[Any], cuda: bool) -> dict[str, Any]:
     """Sum a profile's events (microseconds, all steps): ``matmul_us``, the self time of :data:`MATMUL_OPS` (on CUDA
-    the kernel time they launched: ``self_device_time_total``); ``top_outside``, the :data:`OUTSIDE_OPS_KEPT` largest
-    other ops by the same measure (compiled graphs named by :func:`compiled_graph_labels`); on CUDA also
-    ``device_busy_us``, the time of the device's own events (kernels, copies, fills: ``device_type`` not CPU), which
-    are left out of ``top_outside`` because the op that launched each already counts its time."""
+    the kernel time they launched: ``self_device_time_total``, or, where more, the time of the kernels named like
+    GEMMs (:data:`GEMM_KERNEL`), which is what a replayed CUDA graph's products show as); ``top_outside``, the
+    :data:`OUTSIDE_OPS_KEPT` largest other ops by the same measure (compiled graphs named by
+    :func:`compiled_graph_labels`); on CUDA also ``device_busy_us``, the time of the device's own events (kernels,
+    copies, fills: ``device_type`` not CPU), which are left out of ``top_outside`` because the op that launched each
+    already counts its time, and ``top_kernels``, the largest of those other than GEMMs."""
     from torch.autograd import DeviceType
 
     labels = compiled_graph_labels(events)
-    mm_us, busy_us, other = 0.0, 0.0, {}
+    mm_us, busy_us, gemm_us = 0.0, 0.0, 0.0
+    other: dict[str, float] = {}
+    kernels: dict[str, float] = {}
     for ev in events:
         on_device = getattr(ev, "device_type", DeviceType.CPU) != DeviceType.CPU
         us = ev.self_device_time_total if cuda else ev.self_cpu_time_total
         if on_device:
             busy_us += us
+            if GEMM_KERNEL.search(ev.name):
+                gemm_us += us
+            else:
+                kernels[ev.name] = kernels.get(ev.name, 0.0) + us
         elif ev.name in MATMUL_OPS:
             mm_us += us
         elif not ev.name.startswith(("ProfilerStep", "[memory]")):
             key = labels.get(ev.id, ev.name)
             other[key] = other.get(key, 0.0) + us
     top = dict(sorted(other.items(), key=lambda kv: -kv[1])[:OUTSIDE_OPS_KEPT])
-    return {"matmul_us": mm_us, "device_busy_us": busy_us, "top_outside": top}
+    out: dict[str, Any] = {"matmul_us": mm_us, "device_busy_us": busy_us, "top_outside": top}
+    if cuda:  # a replayed CUDA graph launches its products with no aten op around them: count the kernels themselves
+        out["matmul_us"] = max(mm_us, gemm_us)
+        out["top_kernels"] = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:OUTSIDE_OPS_KEPT])
+    return out
 
 
 def trainer_step(tr: Trainer, order: torch.Tensor, perm: torch.Tensor, offsets: Any, k: int, b: int) -> None:
@@ -712,11 +729,13 @@ def print_table(res: dict[str, Any], outside_ops: int = 4) -> None:
         if on_device:
             print("on the GPU, per step: its busy time (its own kernels, copies, fills), the share of the step it sat "
                   "idle (waiting for the host), and its time outside the products, also against the product time")
-            print(f"{'phase':<16} {'busy s':>8} {'idle %':>7} {'outside s':>9} {'out/prod':>8}")
+            print(f"{'phase':<16} {'busy s':>8} {'idle %':>7} {'outside s':>9} {'out/prod':>8}  "
+                  "largest other kernels (ms)")
             for name, pr in on_device.items():
                 ratio = pr["device_outside_s"] / pr["matmul_s"] if pr["matmul_s"] > 0 else math.nan
+                kern = ", ".join(f"{k[:40]} {1e3 * v:.3f}" for k, v in list(pr.get("top_kernels", {}).items())[:3])
                 print(f"{name:<16} {pr['device_busy_s']:8.4f} {100 * pr['device_idle_fraction']:6.1f}% "
-                      f"{pr['device_outside_s']:9.4f} {ratio:8.2f}")
+                      f"{pr['device_outside_s']:9.4f} {ratio:8.2f}  {kern}")
         if outside_ops > 4:
             for name, pr in profiled.items():
                 print(f"{name}: the {outside_ops} largest outside ops, ms per step")

@@ -111,9 +111,18 @@ def test_profile_accounting_keeps_device_kernels_out_of_the_ops_and_sums_them_as
     acc = _speed().account_events(events, cuda=True)  # kernel time, each counted once, on the op that launched it
     assert acc["matmul_us"] == 100.0 and acc["device_busy_us"] == 125.0
     assert acc["top_outside"] == {"aten::add": 20.0, "aten::copy_": 5.0}
+    assert list(acc["top_kernels"]) == ["add_kernel", "Memcpy HtoD (Pinned -> Device)"]
     cpu = _speed().account_events([e for e in events if e.device_type == DeviceType.CPU], cuda=False)
     assert cpu["matmul_us"] == 30.0 and cpu["device_busy_us"] == 0.0
     assert cpu["top_outside"] == {"aten::add": 9.0, "aten::copy_": 7.0}
+    # a replayed CUDA graph: its kernels hang under one launch, no aten::mm; the products are known by their names
+    replay = [ev(0, "cudaGraphLaunch", 15.0, 0.0), ev(1, "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn", 0.0, 80.0,
+                                                      DeviceType.CUDA),
+              ev(2, "nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_TNT", 0.0, 40.0, DeviceType.CUDA),
+              ev(3, "triton_red_fused_exp_sum_0", 0.0, 30.0, DeviceType.CUDA)]
+    acc = _speed().account_events(replay, cuda=True)
+    assert acc["matmul_us"] == 120.0 and acc["device_busy_us"] == 150.0
+    assert acc["top_kernels"] == {"triton_red_fused_exp_sum_0": 30.0}
 
 
 def test_profile_names_compiled_graphs_by_the_dsom_function_forward_and_backward():
