@@ -6,7 +6,9 @@
 #
 #   OUT=gpu-out DSOM_DATA=../shared/data bash benchmarks/gpu_checks.sh [DEVICE] [BATCHES] [T_500] [T_RUN] [T_2000] [PYTHON] [T_HOST] [T_GRAPHS] [T_TESTS]
 #
-# A limit of 0 skips its check. T_GRAPHS: benchmarks/cuda_graphs.py (epochs with and without train.cuda_graphs, and
+# A limit of 0 skips its check. Each call gets a fresh machine with nothing compiled: the first script to train compiles
+# every loss tail (about a minute at DB15K's shapes), so give it the longest limit (a 95 s speed.py run on a cold
+# machine measured nothing, 2026-12-04). T_GRAPHS: benchmarks/cuda_graphs.py (epochs with and without train.cuda_graphs, and
 # the ops that wait for the GPU), run first; T_TESTS: the CUDA tests of tests/test_graphs.py (where pytest is).
 #
 # Run from the repository root; PYTHON (default python3) needs torch, numpy, safetensors, pyyaml and tqdm; dsom is
