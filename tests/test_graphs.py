@@ -113,9 +113,13 @@ def test_cuda_graphs_on_where_the_step_cannot_be_captured_is_an_error(tmp_path, 
     assert auto.graph_step() is None
 
 
-def test_auto_on_a_cpu_trains_without_graphs(tmp_path):
-    tr = ComplExTrainer(clustered_graph(num_entities=60), config(_BASE), tmp_path, progress=False)
-    assert tr.device.type == "cpu" and tr.graph_step() is None
+def test_auto_on_a_cpu_trains_without_graphs_and_on_is_an_error(tmp_path):
+    ds = clustered_graph(num_entities=60)
+    tr = ComplExTrainer(ds, config(_BASE), tmp_path / "auto", progress=False)
+    assert tr.device.type == "cpu" and tr.graph_step() is None and tr.device_update() is None
+    on = ComplExTrainer(ds, config(_BASE, **{"train.cuda_graphs": "on"}), tmp_path / "on", progress=False)
+    with pytest.raises(DsomError, match="not cuda"):
+        on.graph_step()
 
 
 @pytest.mark.parametrize("shadow", [False, True])
