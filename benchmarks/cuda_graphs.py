@@ -7,7 +7,7 @@ of the real widths) it trains ``--epochs`` epochs of the dataset twice from the 
 seconds of every epoch (the first includes compilation and, graphed, the capture), the steps replayed, any capture
 failure, and the largest difference between the two runs' parameters. ``--sync-scan`` first runs one eager epoch under
 ``torch.cuda.set_sync_debug_mode("warn")`` and prints each operation that waited for the GPU (what a capture cannot
-hold).
+hold). ``distill`` (stage 2 as ``speed.py`` builds it) is not captured: it gets the scan and eager epochs only.
 
     python benchmarks/cuda_graphs.py DB15K --rank 500 --epochs 3 --sync-scan      # on a GPU
     python benchmarks/cuda_graphs.py synthetic --device cpu --capture rerun        # the bookkeeping, without CUDA
@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from speed import base_config, random_features, sync  # noqa: E402  (next door)
+from speed import base_config, random_features, stage2_trainer, sync  # noqa: E402  (next door)
 
 from dsom.config import set_value  # noqa: E402
 from dsom.data import registry  # noqa: E402
@@ -39,6 +39,7 @@ from dsom.train.loop import ComplExTrainer, Trainer, resolve_device  # noqa: E40
 from dsom.train.teachers import TeacherTrainer  # noqa: E402
 
 PHASES = ("complex", "teachers")
+SCAN_ONLY = ("distill",)  # stage 2 (speed.py's: random teachers, held-out rewards): not captured, scanned for syncs
 
 
 def make_trainer(phase: str, ds: Any, args: argparse.Namespace, graphs: str, device: torch.device,
@@ -49,6 +50,8 @@ def make_trainer(phase: str, ds: Any, args: argparse.Namespace, graphs: str, dev
     set_value(cfg, "train.cuda_graphs", graphs)
     if phase == "complex":
         tr: Trainer = ComplExTrainer(ds, cfg, tmp, progress=False)
+    elif phase == "distill":
+        tr = stage2_trainer(ds, cfg, args.modalities, "holdout", tmp)[0]
     else:
         mods = args.modalities.split(",")
         set_value(cfg, "modalities", mods)
@@ -92,7 +95,9 @@ def sync_scan(phase: str, ds: Any, args: argparse.Namespace, device: torch.devic
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", help="a dataset name or folder (DB15K, synthetic, ...)")
-    p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {', '.join(PHASES)}")
+    p.add_argument("--phases", default=",".join(PHASES),
+                   help=f"comma-separated, of {', '.join(PHASES + SCAN_ONLY)} ({', '.join(SCAN_ONLY)}: the sync scan "
+                        "and eager epochs only)")
     p.add_argument("--rank", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--epochs", type=int, default=3)
@@ -104,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sync-scan", action="store_true", help="list the ops of an eager epoch that wait for the GPU")
     p.add_argument("--json", default="", help="also write the results to this file")
     args = p.parse_args(argv)
+    if not set(args.phases.split(",")) <= set(PHASES + SCAN_ONLY):
+        raise SystemExit(f"--phases: of {', '.join(PHASES + SCAN_ONLY)} (got {args.phases!r})")
     device = resolve_device(args.device)
     ds = registry.load(args.dataset)
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for line in out[f"{phase}/syncs"][:12]:
                 print("   ", line, flush=True)
         runs = {}
-        for graphs in ("off", "on"):
+        for graphs in ("off",) if phase in SCAN_ONLY else ("off", "on"):
             with tempfile.TemporaryDirectory() as tmp:
                 tr = make_trainer(phase, ds, args, graphs, device, tmp)
                 try:

@@ -9,7 +9,7 @@
 # A limit of 0 skips its check. Each call gets a fresh machine with nothing compiled: the first script to train compiles
 # every loss tail (about a minute at DB15K's shapes), so give it the longest limit (a 95 s speed.py run on a cold
 # machine measured nothing, 2026-12-04). T_GRAPHS: benchmarks/cuda_graphs.py (epochs with and without train.cuda_graphs, and
-# the ops that wait for the GPU), run first; T_TESTS: the CUDA tests of tests/test_graphs.py (where pytest is).
+# the ops that wait for the GPU, stage 2's too), run first; T_TESTS: the CUDA tests of tests/test_graphs.py (where pytest is).
 #
 # Run from the repository root; PYTHON (default python3) needs torch, numpy, safetensors, pyyaml and tqdm; dsom is
 # taken from src/ (PYTHONPATH), so nothing is installed. DSOM_DATA needs DB15K's TSV files only (features are random).
@@ -27,7 +27,7 @@ timed() {  # NAME LIMIT COMMAND...: run COMMAND under LIMIT seconds, log to O/NA
 }
 if [ "$T5" -gt 0 ]; then  # (from the second run, 2026-12-04)
   timed cuda_graphs "$T5" $PY benchmarks/cuda_graphs.py DB15K --rank 500 --epochs 3 --device "$DEV" --sync-scan \
-    --json "$O/cuda_graphs.json"
+    --phases complex,teachers,distill --json "$O/cuda_graphs.json"
 fi
 if [ "$T6" -gt 0 ] && $PY -c "import pytest" 2>/dev/null; then
   timed tests "$T6" $PY -m pytest -q -x tests/test_graphs.py -k cuda -p no:cacheprovider
