@@ -193,3 +193,31 @@ def test_captured_cuda_graph_trains_as_eager_steps(tmp_path, kind):
     assert eager.device_update() is not None  # eager CUDA steps run the update the graph captures: the same kernels
     for (k, a), b in zip(graphed.model.named_parameters(), eager.model.parameters()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("kind", ["complex", "teachers"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_gpu_step_has_no_op_whose_result_the_host_must_read(tmp_path, kind, precision):
+    """What a CUDA graph cannot hold, and what makes a GPU step wait for the device: an op whose output size or value
+    the host needs (``nonzero``, ``unique``, ``item``, boolean-mask indexing). On ``meta`` tensors (shapes, no values)
+    every such op raises, and the step takes its non-CPU code path (the dense bf16 row additions, the ``(P, E)``
+    layout): the step, its backward and the device update run there without one."""
+    ds = clustered_graph(num_entities=90)
+    cfg = config(_BASE, **{"train.precision": precision})
+    if kind == "complex":
+        tr = ComplExTrainer(ds, cfg, tmp_path, progress=False)
+    else:
+        cfg.modalities = ["structure", "text"]
+        tr = TeacherTrainer(ds, cfg, tmp_path, _features(ds), progress=False)
+    tr.model.to_empty(device="meta")
+    tr.train_queries = torch.zeros(tr.train_queries.shape, dtype=torch.int64, device="meta")
+    params = list(tr.model.parameters())
+    opt = ShadowAdagrad(params, lr=0.1, compile=False) if precision == "bf16" else torch.optim.Adagrad(params, lr=0.1)
+    update = DeviceAdagradStep(opt, compile=False)
+    with pytest.raises(NotImplementedError):  # the probe works: a data-dependent op does raise on meta
+        torch.zeros(3, device="meta").nonzero()
+    step = tr.loss(tr.train_queries[torch.arange(64, device="meta")])
+    step.total.backward()
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in params)
+    update.prepare()
+    update.apply()
