@@ -277,6 +277,7 @@ def trainer_step(tr: Trainer, order: torch.Tensor, perm: torch.Tensor, offsets: 
     tr.current_epoch, tr.current_batch = 1, b
     # as the epoch loop sets them: the batch's rows (the student's reward rows) and a host copy (neighbour sets)
     tr.current_batch_index = perm[sl]
+    tr.current_batch_index_cpu = order[sl]
     tr.current_batch_cpu = tr.train_queries_cpu[order[sl]]
     graph = tr.graph_step()  # train.cuda_graphs: the captured step where the trainer has one (CUDA)
     if graph is not None and sl.stop - sl.start == graph.rows:

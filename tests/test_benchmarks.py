@@ -255,3 +255,30 @@ def test_cuda_graphs_benchmark_trains_both_ways_and_compares_the_models():
     full = off["batches_per_epoch"] - 1  # the synthetic graph's last batch is short: eager
     assert on["replays"] == 2 * full - on["eager_steps"] > 0 and on["capture_failed"] is None
     assert 0 <= max(res["complex/max_abs_diff"].values()) < 1e-3
+
+
+def test_host_reads_records_each_read_of_device_data_and_stands_in_for_it():
+    import torch
+
+    hr = _script("host_reads")
+    mode = hr.HostReads()
+    with mode:
+        x = torch.ones(8, device="meta")
+        idx = (x > 0).nonzero()
+        picked = x[x > 0]
+        n = int(x.sum())
+        y = torch.ones(8)  # host tensors pass through unrecorded
+        host = int((y > 0).nonzero().shape[0]) + int(y.sum())
+    assert idx.shape == (2, 1) and picked.shape == (2,) and n == 1 and host == 16
+    assert sorted(op for op, _ in mode.found) == ["boolean-mask indexing", "item / bool / int of a tensor", "nonzero"]
+
+
+def test_host_reads_finds_none_in_the_gpu_steps_of_complex_stage_one_and_stage_two():
+    hr = _script("host_reads")
+    res = hr.main(["--phases", "complex,teachers,distill"])
+    assert res == {"complex": [], "teachers": [], "distill": []}
+    for extra in (["--set", "distill.selector=single:text"], ["--set", "distill.policy_state=summary"]):
+        assert hr.main(["--phases", "distill", "--sealed", *extra]) == {"distill": []}
+    # the tool does find reads where there are some: pair batching groups the batch with torch.unique
+    pairs = hr.main(["--phases", "complex", "--batching", "pairs"])["complex"]
+    assert any(r["op"] == "unique" and "loop.py" in r["where"] for r in pairs)

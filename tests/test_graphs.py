@@ -221,3 +221,45 @@ def test_the_gpu_step_has_no_op_whose_result_the_host_must_read(tmp_path, kind, 
     assert all(p.grad is not None and p.grad.device.type == "meta" for p in params)
     update.prepare()
     update.apply()
+
+
+@pytest.mark.parametrize("selector", ["rl", "single:text", "avg"])
+def test_stage_two_gpu_paths_give_the_cpu_paths_losses_and_gradients(tmp_path, monkeypatch, selector):
+    """Off a CPU, stage 2 reads nothing of the device's data on the host (``perf.device_is_host``): the rewarded rows
+    come from the host's copy of the batch, the neighbour pairs from the host's CSR, and every teacher is scored on
+    every row instead of only where the chosen weights are non-zero. Run on a CPU by pretending it is not the host,
+    these paths give the CPU paths' losses and gradients."""
+    from dsom import perf
+    from dsom.models.teachers import FrozenTeachers
+    from dsom.train.student import StudentTrainer
+
+    ds = clustered_graph(num_entities=40)
+    g = torch.Generator().manual_seed(0)
+    frozen = FrozenTeachers(["structure", "text"], torch.randn(2, ds.num_entities, 16, generator=g),
+                            torch.randn(2, 2 * ds.num_relations, 16, generator=g))
+    n = len(ds.queries("train"))
+    rewarded = torch.rand(n, generator=g) < 0.3
+    cfg = config(_BASE, **{"distill.selector": selector, "distill.policy_hidden": 8, "train.batch_size": 64})
+    st = StudentTrainer(ds, cfg, tmp_path, frozen, progress=False, reward_rows=rewarded)
+    order, offsets = st.epoch_batches(1)
+    sl = slice(offsets[0], offsets[1])
+    st.current_epoch, st.current_batch = 1, 0
+    st.current_batch_cpu, st.current_batch_index_cpu = st.train_queries_cpu[order[sl]], order[sl]
+    st.current_batch_index = order[sl].to(st.device)
+    assert bool(rewarded[order[sl]].any()) and not bool(rewarded[order[sl]].all())
+    out = {}
+    for host in (True, False):
+        monkeypatch.setattr(perf, "device_is_host", lambda device, host=host: host)
+        assert (st._reward_index(st.device, False) is None) == host
+        st.model.zero_grad(set_to_none=True)
+        step = st.loss(st.train_queries[st.current_batch_index])
+        step.total.backward()
+        out[host] = ({k: v.detach() for k, v in step.terms.items()},
+                     {k: p.grad.clone() for k, p in st.model.named_parameters() if p.grad is not None})
+    (l_cpu, g_cpu), (l_gpu, g_gpu) = out[True], out[False]
+    assert l_cpu.keys() == l_gpu.keys() and "kd" in l_cpu and ("rc" in l_cpu) == (selector == "rl")
+    for k in l_cpu:
+        torch.testing.assert_close(l_gpu[k], l_cpu[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert g_cpu.keys() == g_gpu.keys() and g_cpu
+    for k in g_cpu:
+        torch.testing.assert_close(g_gpu[k], g_cpu[k], rtol=1e-5, atol=1e-7, msg=k)

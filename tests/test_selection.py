@@ -495,7 +495,7 @@ def test_the_student_reward_ce_is_computed_on_the_reward_rows_only_and_gives_the
                 {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}, stats)
 
     (l1, g1, s1) = step()
-    monkeypatch.setattr(d, "reward_ce", lambda student, target, rows_, reward_rows_: d._scaled_ce(
+    monkeypatch.setattr(d, "reward_ce", lambda student, target, rows_, reward_rows_, reward_index_=None: d._scaled_ce(
         student, target, 2.0, rows_))
     (l2, g2, s2) = step()
     assert set(l1) == set(l2) and "rc" in l1 and float(l1["rc"]) != 0.0

@@ -68,6 +68,15 @@ def tune_allocator() -> bool:
         return False
 
 
+def device_is_host(device: torch.device) -> bool:
+    """Whether tensors on ``device`` live in the host's memory (a CPU). There a step may read a tensor's values or a
+    data-dependent size (``nonzero``, ``.item()``) to save work; elsewhere each such read makes the host wait for the
+    device (a sync) and is something a CUDA graph cannot hold, so the GPU code paths avoid them
+    (``benchmarks/host_reads.py`` lists what is left). Called through the module (``perf.device_is_host``), so a test
+    can run the GPU paths on a CPU."""
+    return device.type == "cpu"
+
+
 PROFILE_PREFIX = "dsom:"
 
 

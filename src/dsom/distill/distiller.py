@@ -248,6 +248,7 @@ class Distiller(nn.Module):
                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                 pair_keys: torch.Tensor | None = None, reward_keys: torch.Tensor | None = None,
+                reward_index: torch.Tensor | None = None,
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Losses and step statistics for reciprocal queries ``(B, 3)``; ``neighbours (B, E)`` bool or 0/1 float (``(P, E)``, one
         row per pair, with ``pairs``) holds each
@@ -262,7 +263,9 @@ class Distiller(nn.Module):
         the same per-query losses with fewer products and fewer passes over score blocks. ``pair_keys`` (``(B,)``, or
         ``(P,)`` with ``pairs``): the training-pair id of each scored row, for the policy-state cache (``None`` =
         no cache). ``reward_keys (B,)``: each query's slot in the policy's reward cache, ``-1`` where it is not
-        rewarded (:meth:`~dsom.distill.selectors.PolicySelector.enable_reward_cache`; ``None`` = no cache)."""
+        rewarded (:meth:`~dsom.distill.selectors.PolicySelector.enable_reward_cache`; ``None`` = no cache).
+        ``reward_index (n,)``: the rows where ``reward_rows`` is true, when the caller knows them without reading the
+        device (``None``: taken from ``reward_rows``)."""
         cfg = self.cfg
         h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
         qh, qr, rows = (h, r, None) if pairs is None else pairs
@@ -286,10 +289,11 @@ class Distiller(nn.Module):
         # (a fixed teacher, a cached policy state), only where the chosen weights are non-zero (and every teacher on
         # the reward rows): their products are most of a step
         selection = SelectionBatch(None, h, r, t,
-                                   student_ce=(self.reward_ce(detached, t, rows, reward_rows)
+                                   student_ce=(self.reward_ce(detached, t, rows, reward_rows, reward_index)
                                                if sel.needs_student else None),
                                    student_logits=detached if sel.needs_student else None,
-                                   reward_rows=reward_rows, generator=generator, draw_rows=draw_rows,
+                                   reward_rows=reward_rows, reward_index=reward_index, generator=generator,
+                                   draw_rows=draw_rows,
                                    reduce=reduce, pair_of=rows, pair_keys=pair_keys, reward_keys=reward_keys,
                                    score_teachers=lambda needed: self.teacher_scores(
                                        qh, qr, precision, per_row(needed, rows, len(qh))),
@@ -347,7 +351,7 @@ class Distiller(nn.Module):
 
     @torch.no_grad()
     def reward_ce(self, student: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None,
-                  reward_rows: torch.Tensor | None) -> torch.Tensor:
+                  reward_rows: torch.Tensor | None, reward_index: torch.Tensor | None = None) -> torch.Tensor:
         """The student's CE at ``distill.reward_tau`` that the policy's reward compares with, ``(B,)``, computed on the
         reward rows only (``reward_rows (B,)`` bool; ``None`` = every row) and NaN elsewhere, where no reward reads it:
         with the default held-out rewards that is a tenth of the batch, and the pass over the whole ``(B, E)`` block
@@ -356,7 +360,7 @@ class Distiller(nn.Module):
         tau = self.cfg.reward_tau
         if reward_rows is None:
             return self._scaled_ce(student, target, tau, rows)
-        idx = reward_rows.nonzero().squeeze(1)
+        idx = reward_rows.nonzero().squeeze(1) if reward_index is None else reward_index
         out = torch.full(target.shape, math.nan, dtype=torch.float32, device=target.device)
         if len(idx):
             logits = student[idx] if rows is None else student[rows[idx]]

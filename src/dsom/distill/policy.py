@@ -80,6 +80,16 @@ def _summary_rows_eager(z: torch.Tensor) -> tuple[torch.Tensor, ...]:
 _SUMMARY_ROWS = {False: _summary_rows_eager, True: MaybeCompiled(_summary_rows, True)}
 
 
+def off_diagonal(x: torch.Tensor) -> torch.Tensor:
+    """The ``M(M-1)`` off-diagonal entries of ``x (M, M, ...)`` in row-major order, ``x[~eye(M)]``, without a
+    boolean mask (whose indexing makes the host read the mask: a sync on a GPU): drop the first entry of the flattened
+    square and every ``M + 1``-th one after it, the diagonal."""
+    M = x.shape[0]
+    if M < 2:
+        return x.flatten(0, 1)[:0]
+    return x.flatten(0, 1)[1:].unflatten(0, (M - 1, M + 1))[:, :M].flatten(0, 1)
+
+
 @torch.no_grad()
 def summary_features(teacher_logits: torch.Tensor, compile: bool = False) -> torch.Tensor:
     """``(M, B, E)`` logits -> ``(B, 3M + M(M-1))`` scale-free statistics of each query's teacher distributions.
@@ -102,8 +112,7 @@ def summary_features(teacher_logits: torch.Tensor, compile: bool = False) -> tor
     if M > 1:
         # cross[m, m', b] = log p_m(top entity of m') for query b = z[m, b, idx[m', b]] - lse[m, b]
         cross = (z.gather(-1, idx.T.unsqueeze(0).expand(M, B, M)).float() - lse.unsqueeze(-1)).permute(0, 2, 1) / log_e
-        off = ~torch.eye(M, dtype=torch.bool, device=z.device)
-        feats.append(cross[off])  # (M(M-1), B)
+        feats.append(off_diagonal(cross))  # (M(M-1), B)
     return torch.cat([f.reshape(-1, B) for f in feats]).T.contiguous()
 
 

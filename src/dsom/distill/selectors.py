@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsom import perf
 from dsom.config import DistillConfig
 from dsom.distill.actions import combine, num_actions, subset_matrix
 from dsom.distill.losses import per_query_ce
@@ -90,6 +91,7 @@ class SelectionBatch:
     student_ce: torch.Tensor | None = None
     student_logits: torch.Tensor | None = None
     reward_rows: torch.Tensor | None = None
+    reward_index: torch.Tensor | None = None  # (n,): where reward_rows is true, known on the host (None: from the mask)
     generator: torch.Generator | None = None
     draw_rows: tuple[int, int, int] | None = None
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -120,11 +122,18 @@ class SelectionBatch:
         of query ``b`` where ``weights[b, m] != 0``, and every teacher of the queries ``rewarded (B,)`` bool (the rows
         a reward reads). With ``score_rows`` each teacher's rows are kept as its own block (:attr:`teacher_rows`),
         unless every teacher is needed everywhere; else :attr:`teacher_logits` holds them, zeros elsewhere. A
-        selector that calls this must read only those rows (:meth:`query_logits`)."""
+        selector that calls this must read only those rows (:meth:`query_logits`).
+
+        Off a CPU every teacher is scored on every row: which rows are needed is data the host would have to read (a
+        sync per step, and a size a CUDA graph cannot hold), while a GPU's products are a small part of its step. The
+        rows a selector weights 0 contribute nothing either way."""
         if self.teacher_logits is not None or self.teacher_rows is not None:
             return
         if self.score_teachers is None:
             raise ValueError("SelectionBatch has neither teacher_logits nor score_teachers")
+        if not perf.device_is_host(weights.device):
+            self.teacher_logits = self.score_teachers(None)
+            return
         needed = weights.T != 0
         if rewarded is not None:
             needed = needed | rewarded
@@ -431,7 +440,8 @@ class PolicySelector(Selector):
                 0, actions, torch.ones_like(actions)),
             "entropy": entropy(logits.detach().float()).sum(), "rows": torch.tensor(float(len(actions)))}
         rows = batch.reward_rows
-        idx = torch.arange(len(actions), device=actions.device) if rows is None else rows.nonzero().squeeze(1)
+        idx = (torch.arange(len(actions), device=actions.device) if rows is None
+               else rows.nonzero().squeeze(1) if batch.reward_index is None else batch.reward_index)
         losses: dict[str, torch.Tensor] = {}
         total = len(idx)  # reward rows in the whole batch (summed over processes under torchrun)
         if batch.reduce is not None:

@@ -229,6 +229,7 @@ class Trainer(abc.ABC):
         self.train_queries = self.train_queries_cpu.to(self.device)
         self.current_batch_cpu: torch.Tensor | None = None  # the batch being trained, as a CPU tensor
         self.current_batch_index: torch.Tensor | None = None  # its rows of train_queries, on the device
+        self.current_batch_index_cpu: torch.Tensor | None = None  # the same, on the host
         self.batching = cfg.train.batching if self.supports_pair_batching else "triples"
         self._pairs: PairIndex | None = None
 
@@ -415,6 +416,7 @@ class Trainer(abc.ABC):
             # host-side copy for index lookups (neighbour sets) without a device-to-host sync
             self.current_batch_cpu = self.train_queries_cpu[perm_cpu[lo:hi]]
             self.current_batch_index = perm[lo:hi]
+            self.current_batch_index_cpu = perm_cpu[lo:hi]  # the same rows, on the host
             self.current_epoch, self.current_batch = epoch, b
             loss = None
             if graph is not None and hi - lo == graph.rows:
@@ -443,7 +445,7 @@ class Trainer(abc.ABC):
             if self.progress and check_every_batch and b % 10 == 0 and loss is not None and not split:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             self.after_step(epoch, b)
-            self.current_batch_cpu = self.current_batch_index = None
+            self.current_batch_cpu = self.current_batch_index = self.current_batch_index_cpu = None
             if not self._eta_done and (b in ETA_BATCHES or ETA_BATCHES[0] < b == last):
                 self._estimate(b, len(offsets) - 1)
             if self.batch_hook is not None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dsom import distributed
+from dsom import distributed, perf
 from dsom.config import Config, apply_dict
 from dsom.data.graph import KGDataset
 from dsom.distill.actions import action_names
@@ -86,6 +86,7 @@ class StudentTrainer(Trainer):
             raise ValueError(f"reward_rows has {len(reward_rows)} rows for {len(self.train_queries)} train queries")
         use_rows = reward_rows is not None and self.cfg.distill.reward_rows == "holdout"
         self.reward_rows = reward_rows.to(self.device) if use_rows else None
+        self.reward_rows_cpu = reward_rows.cpu() if use_rows and reward_rows is not None else None
         # each training query's slot in the policy's reward cache (-1: never rewarded), None = no cache
         self._reward_slots: torch.Tensor | None = None
         selector = self.model.selector
@@ -208,7 +209,7 @@ class StudentTrainer(Trainer):
         dtype = NEIGHBOUR_MASK_DTYPE.get(batch.device.type, torch.bool)  # 0/1 bfloat16 on CPUs: faster to read
         mask = torch.zeros(len(e), self.ds.num_entities, dtype=dtype, device=batch.device)
         if host_lookup is None:
-            host_lookup = batch.device.type != "cpu" and batch_cpu is not None
+            host_lookup = not perf.device_is_host(batch.device) and batch_cpu is not None
         if host_lookup:
             assert batch_cpu is not None
             he, hr = ((batch_cpu[:, 0], batch_cpu[:, 1]) if pairs is None else group_pairs(batch_cpu)[:2])
@@ -237,6 +238,7 @@ class StudentTrainer(Trainer):
         share = self.share  # under torchrun: this process's rows of the batch
         if share is not None and share.weight == 0:  # a stand-in row: rewarded nowhere
             rows = torch.zeros(len(batch), dtype=torch.bool, device=batch.device)
+        reward_index = self._reward_index(batch.device, rows is not None and share is not None and share.weight == 0)
         pairs = group_pairs(batch) if self.batching == "pairs" else None
         keys = None  # the training-pair id of each scored row: the summary policy's state cache
         if self._summary_cache() is not None and self.current_batch_index is not None:
@@ -251,9 +253,19 @@ class StudentTrainer(Trainer):
                                    kd_weight=kd_weight, generator=gen, reward_rows=rows,
                                    draw_rows=share.draw_rows if share is not None else None,
                                    reduce=distributed.sum_ if share is not None else None,
-                                   pairs=pairs, pair_keys=keys, reward_keys=reward_keys)
+                                   pairs=pairs, pair_keys=keys, reward_keys=reward_keys, reward_index=reward_index)
         self._stats = stats
         return StepLoss(losses)
+
+    def _reward_index(self, device: torch.device, stand_in: bool) -> torch.Tensor | None:
+        """The batch's rewarded rows ``(n,)`` taken from the host's copy and sent over asynchronously, so that a GPU
+        step never waits to learn them (``nonzero`` of the device mask would); ``None`` on a CPU (the mask is read
+        where it is) or without rewarded rows or the host's batch index."""
+        if perf.device_is_host(device) or self.reward_rows_cpu is None or self.current_batch_index_cpu is None:
+            return None
+        if stand_in:
+            return torch.zeros(0, dtype=torch.int64, device=device)
+        return _async_to(self.reward_rows_cpu[self.current_batch_index_cpu].nonzero().squeeze(1), device)
 
     def weigh_share(self, step: StepLoss) -> StepLoss:
         """Like the base class, except the policy's ``rc``: the selector already made it this process's part of
