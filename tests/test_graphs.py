@@ -263,3 +263,11 @@ def test_stage_two_gpu_paths_give_the_cpu_paths_losses_and_gradients(tmp_path, m
     assert g_cpu.keys() == g_gpu.keys() and g_cpu
     for k in g_cpu:
         torch.testing.assert_close(g_gpu[k], g_cpu[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_off_diagonal_equals_the_boolean_mask_it_replaces():
+    from dsom.distill.policy import off_diagonal
+
+    for M in (1, 2, 3, 5):
+        x = torch.randn(M, M, 7)
+        assert torch.equal(off_diagonal(x), x[~torch.eye(M, dtype=torch.bool)]), M
