@@ -125,8 +125,9 @@ class SelectionBatch:
         selector that calls this must read only those rows (:meth:`query_logits`).
 
         Off a CPU every teacher is scored on every row: which rows are needed is data the host would have to read (a
-        sync per step, and a size a CUDA graph cannot hold), while a GPU's products are a small part of its step. The
-        rows a selector weights 0 contribute nothing either way."""
+        sync per step, and a size a CUDA graph cannot hold), while a GPU's products are a small part of its step (the
+        price is the whole ``(M, B, E)`` block in memory). The rows a selector weights 0 contribute nothing either
+        way."""
         if self.teacher_logits is not None or self.teacher_rows is not None:
             return
         if self.score_teachers is None:
