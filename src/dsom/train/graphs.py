@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dsom.train.optim import DeviceAdagradStep
+from dsom.train.optim import DeviceAdagradStep, device_adagrad_problem
 
 if TYPE_CHECKING:
     from dsom.train.loop import Trainer
@@ -58,15 +58,14 @@ def graph_problem(trainer: Trainer) -> str | None:
     """Why ``trainer``'s step cannot be captured (``None``: it can)."""
     t = trainer.cfg.train
     if not trainer.supports_cuda_graphs:
-        return f"the {trainer.stage} step reads host data per batch"
+        return (f"the {trainer.stage} step is not captured (stage 2's draws a generator, neighbour pairs and cache "
+                "rows per batch: docs/performance.md, GPU)")
     if trainer.batching != "triples":
         return "train.batching=pairs (a batch's number of pairs varies)"
     if trainer.distributed:
         return "torchrun (gradients are reduced between processes)"
     if not trainer.fused_step():
         return "the loss runs over entity chunks (train.block_mb)"
-    from dsom.train.optim import device_adagrad_problem
-
     return device_adagrad_problem(trainer.optimizer) if t.optimizer == "adagrad" else \
         f"train.optimizer={t.optimizer} (graphs run adagrad only)"
 

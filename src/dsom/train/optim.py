@@ -130,7 +130,9 @@ class DeviceAdagradStep:
             self._clr_host.append(math.nan)
 
     def prepare(self) -> None:
-        """Set each group's learning rate for the coming step (host; before a replay or :meth:`apply`)."""
+        """Set each group's learning rate for the coming step (host; before a replay or :meth:`apply`). With
+        ``lr_decay`` (dsom never sets it) the decay follows the group's first parameter's step count, torch's
+        per-parameter one where every parameter of the group gets a gradient every step."""
         for i, group in enumerate(self.optimizer.param_groups):
             step = float(self.optimizer.state[group["params"][0]]["step"]) + 1
             clr = group["lr"] / (1 + (step - 1) * group["lr_decay"])
