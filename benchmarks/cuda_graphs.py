@@ -30,13 +30,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from speed import base_config, random_features, stage2_trainer, sync  # noqa: E402  (next door)
+from speed import base_config, phase_trainer, sync  # noqa: E402  (next door)
 
 from dsom.config import set_value  # noqa: E402
 from dsom.data import registry  # noqa: E402
 from dsom.train.graphs import cuda_capture, rerun_capture  # noqa: E402
-from dsom.train.loop import ComplExTrainer, Trainer, resolve_device  # noqa: E402
-from dsom.train.teachers import TeacherTrainer  # noqa: E402
+from dsom.train.loop import Trainer, resolve_device  # noqa: E402
 
 PHASES = ("complex", "teachers")
 SCAN_ONLY = ("distill",)  # stage 2 (speed.py's: random teachers, held-out rewards): not captured, scanned for syncs
@@ -48,14 +47,7 @@ def make_trainer(phase: str, ds: Any, args: argparse.Namespace, graphs: str, dev
                             batching="triples", compile=args.compile)
     cfg = base_config(ns, device)
     set_value(cfg, "train.cuda_graphs", graphs)
-    if phase == "complex":
-        tr: Trainer = ComplExTrainer(ds, cfg, tmp, progress=False)
-    elif phase == "distill":
-        tr = stage2_trainer(ds, cfg, args.modalities, "holdout", tmp)[0]
-    else:
-        mods = args.modalities.split(",")
-        set_value(cfg, "modalities", mods)
-        tr = TeacherTrainer(ds, cfg, tmp, random_features(ds, mods), progress=False)
+    tr = phase_trainer(phase, ds, cfg, args.modalities, tmp)
     tr.graph_capture = rerun_capture if args.capture == "rerun" else cuda_capture  # type: ignore[assignment]
     return tr
 

@@ -28,12 +28,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from speed import base_config, random_features, stage2_trainer, sync, trainer_step  # noqa: E402  (next door)
+from speed import base_config, phase_trainer, sync, trainer_step  # noqa: E402  (next door)
 
 from dsom.config import set_value  # noqa: E402
 from dsom.data import registry  # noqa: E402
-from dsom.train.loop import ComplExTrainer, Trainer, resolve_device  # noqa: E402
-from dsom.train.teachers import TeacherTrainer  # noqa: E402
+from dsom.train.loop import Trainer, resolve_device  # noqa: E402
 
 PHASES = ("complex", "teachers", "distill")
 COMPILED = "## Call CompiledFxGraph"
@@ -44,14 +43,9 @@ def make_trainer(phase: str, ds: Any, args: argparse.Namespace, compile: str, de
     ns = argparse.Namespace(rank=args.rank, batch_size=args.batch_size, precision=args.precision,
                             batching=args.batching, compile=compile)
     cfg = base_config(ns, device)
-    if phase == "complex":
-        return ComplExTrainer(ds, cfg, tmp, progress=False)
-    mods = args.modalities.split(",")
-    if phase == "teachers":
-        set_value(cfg, "modalities", mods)
-        return TeacherTrainer(ds, cfg, tmp, random_features(ds, mods), progress=False)
-    set_value(cfg, "distill.policy_hidden", args.policy_hidden)
-    return stage2_trainer(ds, cfg, args.modalities, "holdout", tmp)[0]
+    if phase == "distill":
+        set_value(cfg, "distill.policy_hidden", args.policy_hidden)
+    return phase_trainer(phase, ds, cfg, args.modalities, tmp)
 
 
 def measure(tr: Trainer, args: argparse.Namespace) -> dict[str, Any]:

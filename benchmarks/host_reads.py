@@ -28,12 +28,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from speed import base_config, random_features, stage2_trainer  # noqa: E402  (next door)
+from speed import base_config, phase_trainer  # noqa: E402  (next door)
 
 from dsom.config import set_value  # noqa: E402
 from dsom.data import registry  # noqa: E402
-from dsom.train.loop import ComplExTrainer, Trainer  # noqa: E402
-from dsom.train.teachers import TeacherTrainer  # noqa: E402
+from dsom.train.loop import Trainer  # noqa: E402
 
 PHASES = ("complex", "teachers", "distill")
 aten = torch.ops.aten
@@ -150,13 +149,7 @@ def make_trainer(phase: str, ds: Any, args: argparse.Namespace, tmp: str) -> Tra
     for kv in args.set:
         key, value = kv.split("=", 1)
         set_value(cfg, key, value)
-    if phase == "complex":
-        return ComplExTrainer(ds, cfg, tmp, progress=False)
-    mods = args.modalities.split(",")
-    if phase == "teachers":
-        set_value(cfg, "modalities", mods)
-        return TeacherTrainer(ds, cfg, tmp, random_features(ds, mods), progress=False)
-    return stage2_trainer(ds, cfg, args.modalities, "holdout", tmp)[0]
+    return phase_trainer(phase, ds, cfg, args.modalities, tmp)
 
 
 def host_reads(tr: Trainer, epoch: int = 1, sealed: bool = False) -> Counter[tuple[str, str]]:

@@ -279,16 +279,7 @@ def trainer_step(tr: Trainer, order: torch.Tensor, perm: torch.Tensor, offsets: 
     tr.current_batch_index = perm[sl]
     tr.current_batch_index_cpu = order[sl]
     tr.current_batch_cpu = tr.train_queries_cpu[order[sl]]
-    graph = tr.graph_step()  # train.cuda_graphs: the captured step where the trainer has one (CUDA)
-    if graph is not None and sl.stop - sl.start == graph.rows:
-        graph(perm[sl])
-    elif graph is not None:
-        graph.eager(tr.train_queries[perm[sl]])
-    else:
-        loss = tr.loss(tr.train_queries[perm[sl]]).total
-        tr.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        tr.optimizer_step()
+    tr.train_step(perm[sl])  # the epoch loop's step (train.cuda_graphs: the captured one where there is one)
     tr.after_step(1, b)
 
 
@@ -381,6 +372,21 @@ def phase_dsom_teachers(ds: KGDataset, args: argparse.Namespace, device: torch.d
             "queries_per_s": len(tr.train_queries) / (seconds / timed * n_epoch), "flop_per_epoch": flop,
             "score_rows_per_epoch": rows, "dedup_flop_per_epoch": dedup, "batching": tr.batching, "teachers": M,
             "precision": tr.precision, "profile": prof}
+
+
+def phase_trainer(phase: str, ds: KGDataset, cfg: Config, modalities: str, tmp: str) -> Trainer:
+    """The trainer of a benchmark phase: ``complex`` (one structural ComplEx), ``teachers`` (stage 1 with the
+    comma-separated ``modalities`` and :func:`random_features`) or ``distill`` (:func:`stage2_trainer` with dsom's
+    held-out rewards), configured by ``cfg`` (changed in place for ``teachers``)."""
+    if phase == "complex":
+        return ComplExTrainer(ds, cfg, tmp, progress=False)
+    if phase == "teachers":
+        mods = modalities.split(",")
+        set_value(cfg, "modalities", mods)
+        return TeacherTrainer(ds, cfg, tmp, random_features(ds, mods), progress=False)
+    if phase == "distill":
+        return stage2_trainer(ds, cfg, modalities, "holdout", tmp)[0]
+    raise ValueError(f"unknown phase {phase!r}; choose complex, teachers or distill")
 
 
 def stage2_trainer(ds: KGDataset, cfg: Config, modalities: str, rewards: str,

@@ -201,6 +201,8 @@ class Trainer(abc.ABC):
     #: batch, no state changed on the host), so that the step can be captured as a CUDA graph (train.cuda_graphs)
     supports_cuda_graphs = False
     share: BatchShare | None = None  # under torchrun, this process's rows of the batch being trained
+    current_epoch = 0  # the epoch and batch being trained (set by the epoch loop before each step)
+    current_batch = 0
 
     def __init__(self, dataset: KGDataset, cfg: Config, run_dir: str | Path, stage: str = "pretrain",
                  progress: bool = True, batch_hook: BatchHook | None = None, checkpoint_subdir: str = "") -> None:
@@ -392,18 +394,15 @@ class Trainer(abc.ABC):
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
-        q = self.train_queries
         perm_cpu, offsets = self.epoch_batches(epoch)
         perm = perm_cpu.to(self.device)
         sums: dict[str, torch.Tensor] = {}
         check_every_batch = self.device.type == "cpu"  # on GPU, avoid a host sync per batch
         n_batches = 0
         split = distributed.active()  # under torchrun each process trains its contiguous share of every batch
-        params = [p for opt in self.optimizers() for g in opt.param_groups for p in g["params"]] if split else []
         bar = tqdm(range(len(offsets) - 1), desc=f"{self.stage} epoch {epoch}", disable=not self.progress,
                    leave=False)
         last = len(offsets) - 2  # an epoch shorter than the estimate's batches is timed up to its last
-        graph = self.graph_step()
         for b in bar:
             lo, hi = offsets[b], offsets[b + 1]
             if split:
@@ -418,24 +417,7 @@ class Trainer(abc.ABC):
             self.current_batch_index = perm[lo:hi]
             self.current_batch_index_cpu = perm_cpu[lo:hi]  # the same rows, on the host
             self.current_epoch, self.current_batch = epoch, b
-            loss = None
-            if graph is not None and hi - lo == graph.rows:
-                terms = graph(perm[lo:hi])  # the captured step, replayed (its warm-up steps eagerly)
-            elif graph is not None:
-                terms = graph.eager(q[perm[lo:hi]])  # a short batch: eager, with the graph's optimizer update
-            else:
-                step = self.loss(q[perm[lo:hi]])
-                if split:
-                    step = self.weigh_share(step)
-                loss, terms = step.total, step.detached()
-                if check_every_batch and not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss at epoch {epoch}, batch {b}; "
-                                             "lower train.lr or use train.precision=fp32")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if split:  # the batch's gradient: the processes' weighted shares summed
-                    distributed.reduce_gradients(params)
-                self.optimizer_step()
+            terms, loss = self.train_step(perm[lo:hi])
             for k, v in terms.items():  # accumulated in place: no new tensor per step
                 if k in sums:
                     sums[k] += v
@@ -459,6 +441,30 @@ class Trainer(abc.ABC):
         if not all(math.isfinite(v) for v in out.values()):
             raise FloatingPointError(f"non-finite loss in epoch {epoch}: {out}; lower train.lr or use train.precision=fp32")
         return out
+
+    def train_step(self, index: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """One optimizer step on the training queries ``train_queries[index]`` (``index (B,)`` on the device, the
+        ``current_*`` attributes set by the caller): the step's CUDA graph where there is one (:meth:`graph_step`; a
+        batch of another size eagerly, with the graph's update), else loss, backward (under torchrun this process's
+        weighted share, the gradients summed over processes) and :meth:`optimizer_step`. Returns the step's detached
+        terms (a graph's are overwritten by its next replay) and its loss (``None`` from a graph)."""
+        graph = self.graph_step()
+        if graph is not None:
+            return (graph(index) if len(index) == graph.rows else graph.eager(self.train_queries[index])), None
+        step = self.loss(self.train_queries[index])
+        if self.share is not None:
+            step = self.weigh_share(step)
+        loss = step.total
+        if self.device.type == "cpu" and not torch.isfinite(loss):  # (on a GPU: no host sync per batch)
+            raise FloatingPointError(f"non-finite loss at epoch {self.current_epoch}, batch {self.current_batch}; "
+                                     "lower train.lr or use train.precision=fp32")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if distributed.active():  # the batch's gradient: the processes' weighted shares summed
+            distributed.reduce_gradients([p for opt in self.optimizers() for g in opt.param_groups
+                                          for p in g["params"]])
+        self.optimizer_step()
+        return step.detached(), loss
 
     _device_update: DeviceAdagradStep | None = None
     _device_update_checked = False
