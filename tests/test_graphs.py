@@ -83,7 +83,7 @@ def test_graphed_training_equals_eager_training(tmp_path, kind, precision):
 def test_a_failed_capture_is_reported_and_training_goes_on_eagerly(tmp_path, caplog):
     ds = clustered_graph(num_entities=90)
 
-    def broken(fn):
+    def broken(fn, generators=()):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     eager = _train("complex", ds, tmp_path, "eager", **{"train.cuda_graphs": "off"})
@@ -226,8 +226,9 @@ def test_the_gpu_step_has_no_op_whose_result_the_host_must_read(tmp_path, kind, 
 @pytest.mark.parametrize("selector", ["rl", "single:text", "avg"])
 def test_stage_two_gpu_paths_give_the_cpu_paths_losses_and_gradients(tmp_path, monkeypatch, selector):
     """Off a CPU, stage 2 reads nothing of the device's data on the host (``perf.device_is_host``): the rewarded rows
-    come from the host's copy of the batch, the neighbour pairs from the host's CSR, and every teacher is scored on
-    every row instead of only where the chosen weights are non-zero. Run on a CPU by pretending it is not the host,
+    are read as a mask over the whole batch (no gather of a data-dependent number of rows), the neighbour pairs come
+    from the host's CSR, and every teacher is scored on every row instead of only where the chosen weights are
+    non-zero. Run on a CPU by pretending it is not the host,
     these paths give the CPU paths' losses and gradients."""
     from dsom import perf
     from dsom.models.teachers import FrozenTeachers
@@ -250,13 +251,18 @@ def test_stage_two_gpu_paths_give_the_cpu_paths_losses_and_gradients(tmp_path, m
     out = {}
     for host in (True, False):
         monkeypatch.setattr(perf, "device_is_host", lambda device, host=host: host)
-        assert (st._reward_index(st.device, False) is None) == host
+        assert st._reward_index(st.device, False) is None  # (one process: off a CPU the rows are read as a mask)
         st.model.zero_grad(set_to_none=True)
         step = st.loss(st.train_queries[st.current_batch_index])
         step.total.backward()
         out[host] = ({k: v.detach() for k, v in step.terms.items()},
-                     {k: p.grad.clone() for k, p in st.model.named_parameters() if p.grad is not None})
-    (l_cpu, g_cpu), (l_gpu, g_gpu) = out[True], out[False]
+                     {k: p.grad.clone() for k, p in st.model.named_parameters() if p.grad is not None},
+                     {k: v.detach().clone() for k, v in st.step_outputs.items()})
+    (l_cpu, g_cpu, s_cpu), (l_gpu, g_gpu, s_gpu) = out[True], out[False]
+    # the policy's statistics over the reward rows (their sums and means) too
+    assert s_cpu.keys() == s_gpu.keys() and ("advantage_sum" in s_cpu) == (selector == "rl")
+    for k in s_cpu:
+        torch.testing.assert_close(s_gpu[k].to(s_cpu[k].dtype), s_cpu[k], rtol=1e-5, atol=1e-6, msg=k)
     assert l_cpu.keys() == l_gpu.keys() and "kd" in l_cpu and ("rc" in l_cpu) == (selector == "rl")
     for k in l_cpu:
         torch.testing.assert_close(l_gpu[k], l_cpu[k], rtol=1e-6, atol=1e-7, msg=k)
@@ -271,3 +277,88 @@ def test_off_diagonal_equals_the_boolean_mask_it_replaces():
     for M in (1, 2, 3, 5):
         x = torch.randn(M, M, 7)
         assert torch.equal(off_diagonal(x), x[~torch.eye(M, dtype=torch.bool)]), M
+
+
+def _frozen(ds):
+    from dsom.models.teachers import FrozenTeachers
+
+    g = torch.Generator().manual_seed(0)
+    return FrozenTeachers(["structure", "text"], torch.randn(2, ds.num_entities, 16, generator=g),
+                          torch.randn(2, 2 * ds.num_relations, 16, generator=g))
+
+
+def _student(ds, tmp_path, name, capture=rerun_capture, **kw):
+    from dsom.train.student import StudentTrainer
+
+    n = len(ds.queries("train"))
+    rewarded = torch.rand(n, generator=torch.Generator().manual_seed(5)) < 0.3
+    cfg = config(_BASE, **{"distill.policy_hidden": 8, "train.batch_size": 64, **kw})
+    st = StudentTrainer(ds, cfg, tmp_path / name, _frozen(ds), progress=False, reward_rows=rewarded,
+                        batch_hook=_halve_lr)
+    st.graph_capture = capture
+    _halve_lr.trainer = st
+    st.fit()
+    return st
+
+
+def _epoch_records(st):
+    import json
+
+    lines = (st.run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("stage") == st.stage and "step" not in r and "epoch" in r]
+
+
+@pytest.mark.parametrize("host", [True, False])
+@pytest.mark.parametrize("setting,captures", [
+    ({}, 2),  # dsom's defaults (the summary policy, its state and reward caches, held-out rewards): sealed in epoch 2
+    ({"distill.kd_warmup_epochs": 2, "distill.baseline": "batch_mean", "distill.policy_state": "logits"}, 2),
+    ({"distill.selector": "avg"}, 1),  # (no policy, no cache: one capture for the whole run)
+])
+def test_graphed_stage_two_trains_as_eager_steps(tmp_path, monkeypatch, host, setting, captures):
+    """Stage 2 as a graph: the policy's draws from the generator re-seeded before each replay, the neighbour pairs from
+    the padded buffers, the policy's Adam inside the step, a new capture when a cache seals or the KD warm-up's weight
+    changes. Off a CPU (``host=False``, pretended) the reward rows are a mask and every teacher is scored."""
+    from dsom import perf
+
+    monkeypatch.setattr(perf, "device_is_host", lambda device: host)
+    ds = clustered_graph(num_entities=40)
+    n = len(ds.queries("train"))
+    assert n % 64 and n // 64 >= 4
+    eager = _student(ds, tmp_path, "eager", **{"train.cuda_graphs": "off", **setting})
+    graphed = _student(ds, tmp_path, "graphed", **{"train.cuda_graphs": "on", **setting})
+    g = graphed.graph_step()
+    assert eager.graph_step() is None and g.failed is None
+    assert g.captures == captures and g.replays == 3 * (n // 64) - g.warmup * g.captures
+    assert graphed._pair_capacity >= 64  # (the pairs of every batch fitted: a short one would have grown it)
+    pe, pg = dict(eager.model.named_parameters()), dict(graphed.model.named_parameters())
+    assert pe.keys() == pg.keys()
+    for k in pe:
+        torch.testing.assert_close(pg[k], pe[k], rtol=0, atol=2e-5, msg=k)
+    re, rg = _epoch_records(eager), _epoch_records(graphed)
+    assert len(re) == len(rg) == 3
+    policy = "distill.selector" not in setting
+    for a, b in zip(re, rg):
+        assert ("actions" in a) == policy and a.get("actions") == b.get("actions")
+        assert a.get("reward_queries") == b.get("reward_queries")
+        for k in ("loss/ce", "loss/kd", "loss/rc"):
+            assert (k in a) == (k != "loss/rc" or policy)
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_stage_two_trains_as_eager_cuda_steps(tmp_path):
+    """The real capture of stage 2 (the policy's generator registered with the graph and re-seeded before each replay,
+    the policy's capturable Adam inside it, a second graph once the caches seal): the same model as eager CUDA steps,
+    which run the same kernels."""
+    from dsom.train.graphs import cuda_capture
+
+    ds = clustered_graph(num_entities=40)
+    kw = {"train.device": "cuda", "train.precision": "bf16", "train.compile": "off"}
+    eager = _student(ds, tmp_path, "eager", capture=cuda_capture, **{"train.cuda_graphs": "off", **kw})
+    graphed = _student(ds, tmp_path, "graphed", capture=cuda_capture, **{"train.cuda_graphs": "on", **kw})
+    g = graphed.graph_step()
+    assert g.failed is None and g.captures == 2 and g.replays > 0
+    for (k, a), b in zip(graphed.model.named_parameters(), eager.model.parameters()):
+        assert torch.equal(a, b), k
+    assert [r.get("actions") for r in _epoch_records(graphed)] == [r.get("actions") for r in _epoch_records(eager)]

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from dsom import perf
 from dsom.config import DistillConfig
 from dsom.distill.actions import combine, full_action
 from dsom.distill.kd import KD_LOSSES, NO_KD, kd_loss
@@ -288,8 +289,13 @@ class Distiller(nn.Module):
         # the teachers' (M, B or P, E) logits are scored when the selector reads them or, if it chooses without them
         # (a fixed teacher, a cached policy state), only where the chosen weights are non-zero (and every teacher on
         # the reward rows): their products are most of a step
+        # off a CPU in one process the policy reads the reward rows as a mask over the batch (no host read, fixed
+        # shapes: PolicySelector.masks_reward_rows): the student's reward CE is then needed on every row
+        masked = (reward_rows is not None and reward_index is None and reduce is None
+                  and not perf.device_is_host(batch.device))
         selection = SelectionBatch(None, h, r, t,
-                                   student_ce=(self.reward_ce(detached, t, rows, reward_rows, reward_index)
+                                   student_ce=(self.reward_ce(detached, t, rows, None if masked else reward_rows,
+                                                              reward_index)
                                                if sel.needs_student else None),
                                    student_logits=detached if sel.needs_student else None,
                                    reward_rows=reward_rows, reward_index=reward_index, generator=generator,

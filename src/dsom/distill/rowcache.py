@@ -29,9 +29,20 @@ class RowCache(nn.Module):
         super().__init__()
         if slots < 1 or width < 1:
             raise ValueError(f"a row cache needs at least one slot and one column, got {slots} x {width}")
-        self.register_buffer("values", torch.zeros(slots, width, device=device), persistent=False)
-        self.register_buffer("filled", torch.zeros(slots, dtype=torch.bool, device=device), persistent=False)
+        # one spare row past the slots: where :meth:`store` sends the rows it is told to drop (a fixed-shape write)
+        self.register_buffer("_values", torch.zeros(slots + 1, width, device=device), persistent=False)
+        self.register_buffer("_filled", torch.zeros(slots + 1, dtype=torch.bool, device=device), persistent=False)
         self.sealed = False
+
+    @property
+    def values(self) -> torch.Tensor:
+        """``(slots, width)``: the rows (a view: written in place by :meth:`store` and the distributed merge)."""
+        return self._values[:-1]
+
+    @property
+    def filled(self) -> torch.Tensor:
+        """``(slots,)`` bool: which rows are stored."""
+        return self._filled[:-1]
 
     @property
     def shape(self) -> torch.Size:
@@ -42,13 +53,18 @@ class RowCache(nn.Module):
         return keys is not None and self.sealed
 
     def read(self, keys: torch.Tensor) -> torch.Tensor:
-        """The stored rows ``(n, width)`` of ``keys (n,)``."""
-        return self.values[keys]
+        """The stored rows ``(n, width)`` of ``keys (n,)`` (a key of ``-1`` reads the spare row: zeros, or whatever a
+        dropped row left there; callers mask those rows out)."""
+        return self._values[keys]
 
-    def store(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
-        """Store ``rows (n, width)`` (cast to float32) in the slots ``keys (n,)`` and mark them filled."""
-        self.values[keys] = rows.to(self.values.dtype)
-        self.filled[keys] = True
+    def store(self, keys: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Store ``rows (n, width)`` (cast to float32) in the slots ``keys (n,)`` and mark them filled; with ``keep (n,)``
+        bool only the rows where it is true (the others go to the spare row: no host read of ``keep``, one write of
+        fixed shape, as a CUDA graph needs). Two kept rows must not share a slot."""
+        if keep is not None:
+            keys = torch.where(keep, keys, -1)
+        self._values[keys] = rows.to(self._values.dtype)
+        self._filled[keys] = True
 
     def seal(self) -> bool:
         """Seal the cache if every slot is filled (one host sync); returns whether it is sealed."""

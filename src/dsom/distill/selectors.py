@@ -441,14 +441,19 @@ class PolicySelector(Selector):
                 0, actions, torch.ones_like(actions)),
             "entropy": entropy(logits.detach().float()).sum(), "rows": torch.tensor(float(len(actions)))}
         rows = batch.reward_rows
-        idx = (torch.arange(len(actions), device=actions.device) if rows is None
+        # off a CPU (one process), the reward rows are a mask over every row, not an index: no host read of the mask,
+        # and the same shapes in every step (a CUDA graph); the rows outside the mask count for nothing
+        valid = rows if rows is not None and self.masks_reward_rows(batch) else None
+        idx = (torch.arange(len(actions), device=actions.device) if rows is None or valid is not None
                else rows.nonzero().squeeze(1) if batch.reward_index is None else batch.reward_index)
         losses: dict[str, torch.Tensor] = {}
-        total = len(idx)  # reward rows in the whole batch (summed over processes under torchrun)
-        if batch.reduce is not None:
+        total: int | torch.Tensor = len(idx)  # reward rows in the whole batch (summed over processes under torchrun)
+        if valid is not None:
+            total = valid.float().sum().clamp(min=1)  # (0 rows: every term below is a sum of zeros)
+        elif batch.reduce is not None:
             total = int(batch.reduce(torch.tensor(float(total), device=logits.device)).item())
         weights = self.subsets[actions]
-        if total > 0 and (batch.student_ce is not None or c.reward == "margin"):
+        if (valid is not None or total > 0) and (batch.student_ce is not None or c.reward == "margin"):
             # the teachers (unless already scored): every one on the reward rows, elsewhere the chosen ones; with
             # the rewards' CEs cached none here (the distillation loss scores the chosen ones, materialise)
             if not self.serves_rewards(batch.reward_keys):
@@ -456,22 +461,35 @@ class PolicySelector(Selector):
                     batch.teachers()
                 else:
                     batch.materialise(weights, rows)
-            losses["rc"], more = self._policy_loss(batch, logits, probs, actions, idx, total)
+            losses["rc"], more = self._policy_loss(batch, logits, probs, actions, idx, total, valid)
             stats.update(more)
         else:  # no reward row in this batch: no gradient, but keep the graph shape
             losses["rc"] = logits.sum() * 0.0
         return Selection(weights, losses=losses, stats=stats)
 
+    @staticmethod
+    def masks_reward_rows(batch: SelectionBatch) -> bool:
+        """Whether the reward rows are read as a mask over every row (:meth:`_policy_loss`'s ``valid``) rather than
+        gathered: off a CPU, in one process, unless the caller sent their index (``reward_index``)."""
+        rows = batch.reward_rows
+        return (rows is not None and batch.reward_index is None and batch.reduce is None
+                and not perf.device_is_host(rows.device))
+
     def _policy_loss(self, batch: SelectionBatch, logits: torch.Tensor, probs: torch.Tensor, actions: torch.Tensor,
-                     idx: torch.Tensor, total: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     idx: torch.Tensor, total: int | torch.Tensor, valid: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The REINFORCE loss and statistics over the reward rows ``idx``. With ``batch.reduce`` (torchrun) the
         batch is one process's share: every mean over the reward rows becomes this share's sum over ``total``,
         the reward rows of the whole batch, and the batch-wide baseline and advantage scale are reduced, so the
-        processes' losses and statistics add up to one process's."""
+        processes' losses and statistics add up to one process's. With ``valid (B,)`` bool (``idx`` = every row,
+        ``total`` its count as a device scalar, at least 1) the reward rows are those where it is true: every mean and
+        sum runs over them and the other rows add zeros, with no host read (the same values as gathering them)."""
         c = self.ctx.config
         red = batch.reduce
 
         def mean(x: torch.Tensor) -> torch.Tensor:
+            if valid is not None:
+                return torch.where(valid, x, 0.0).sum() / total
             return x.mean() if red is None else x.sum() / total
 
         a = actions[idx]
@@ -486,13 +504,13 @@ class PolicySelector(Selector):
             assert self.reward_cache is not None and keys is not None
             ces = self.reward_cache.read(keys).T  # (A, n), as computed in an earlier epoch
         else:
-            every = batch.reward_rows is None  # idx = every row: no (M, n, E) copy
+            every = batch.reward_rows is None or valid is not None  # idx = every row: no (M, n, E) copy
             tea = batch.query_logits(None if every else idx)
             target = batch.target if every else batch.target[idx]
             if every_action or keys is not None:  # (the cache holds every subset's CE)
                 ces = self._all_ces(tea, self.subsets, target, c.reward_tau)  # (A, n)
                 if keys is not None and self.reward_cache is not None:
-                    self.reward_cache.store(keys, ces.T)
+                    self.reward_cache.store(keys, ces.T, valid)  # (the rows outside valid have no slot)
             else:  # only the chosen subset and the all-teacher mean are needed
                 ces = self._chosen_ces(tea, self.subsets[a], target, c.reward_tau)  # (2, n)
         if not every_action and ces.shape[0] != 2:  # the chosen subset's CE and the all-teacher mean's
@@ -506,12 +524,16 @@ class PolicySelector(Selector):
         if c.baseline == "avg_action":
             base = all_reward
         elif c.baseline == "batch_mean":
-            base = (reward.mean() if red is None else red(reward.sum()) / total).expand_as(reward)
+            base = (mean(reward) if red is None else red(reward.sum()) / total).expand_as(reward)
         else:  # the reward expected under the current policy: an action-dependent advantage with mean 0
             base = (p * rewards.T).sum(-1)
         delta = reward - base
         scale = torch.ones((), device=delta.device)
-        if c.advantage_norm and total > 1:
+        if c.advantage_norm and valid is not None:  # the standard deviation over the valid rows (1 below two rows)
+            assert isinstance(total, torch.Tensor)
+            spread = torch.where(valid, (delta - mean(delta)) ** 2, 0.0).sum() / (total - 1).clamp(min=1)
+            scale = torch.where(total > 1, spread.sqrt().clamp(min=1e-6), scale)
+        elif c.advantage_norm and total > 1:
             if red is None:
                 scale = delta.std().clamp(min=1e-6)
             else:  # the standard deviation over the whole batch, in two passes like Tensor.std
@@ -521,16 +543,18 @@ class PolicySelector(Selector):
         if c.policy_gradient == "expected":  # exact gradient of E_pi[R - b] (no sampling noise)
             adv = (rewards.T - base.unsqueeze(1)) / scale
             loss = -mean((lg.float().softmax(-1) * adv.detach()).sum(-1))
-        elif red is None:
+        elif red is None and valid is None:
             loss = reinforce_loss(lg, a, delta / scale)
         else:
             loss = -mean((delta / scale).detach() * F.log_softmax(lg, -1).gather(1, a.unsqueeze(1)).squeeze(1))
         if c.entropy > 0:
             loss = loss - c.entropy * mean(entropy(lg.float()))
         A = probs.shape[1]
+        counted = torch.ones_like(delta) if valid is None else valid.to(delta.dtype)
+        kept = delta if valid is None else torch.where(valid, delta, 0.0)
         stats = {"delta": mean(delta), "reward": mean(reward), "reward_baseline": mean(base),
-                 "advantage_sum": torch.zeros(A, device=delta.device).index_add_(0, a, delta),
-                 "advantage_count": torch.zeros(A, device=delta.device).index_add_(0, a, torch.ones_like(delta))}
+                 "advantage_sum": torch.zeros(A, device=delta.device).index_add_(0, a, kept),
+                 "advantage_count": torch.zeros(A, device=delta.device).index_add_(0, a, counted)}
         return loss, stats
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,21 +36,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("dsom")
 WARMUP = 2  # eager steps of the graph's batch size before the capture (the first compiles the loss tails)
 
-#: ``capture(fn)`` records ``fn`` (the whole step) and returns what replays it
-Capture = Callable[[Callable[[], None]], Callable[[], None]]
+#: ``capture(fn, generators)`` records ``fn`` (the whole step), drawing from ``generators``, and returns what replays it
+Capture = Callable[[Callable[[], None], Sequence[torch.Generator]], Callable[[], None]]
 
 
-def cuda_capture(fn: Callable[[], None]) -> Callable[[], None]:
-    """Capture ``fn`` as a CUDA graph (its memory in the graph's private pool); returns the graph's ``replay``."""
+def cuda_capture(fn: Callable[[], None], generators: Sequence[torch.Generator] = ()) -> Callable[[], None]:
+    """Capture ``fn`` as a CUDA graph (its memory in the graph's private pool); returns the graph's ``replay``.
+
+    ``generators``: CUDA generators ``fn`` draws from, registered with the graph: each replay draws from a
+    generator's seed and offset at that moment (so re-seeding it before a replay gives the draws an eager step after
+    the same seed makes) and advances its offset."""
     graph = torch.cuda.CUDAGraph()
+    for gen in generators:
+        graph.register_generator_state(gen)
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
 
 
-def rerun_capture(fn: Callable[[], None]) -> Callable[[], None]:
+def rerun_capture(fn: Callable[[], None], generators: Sequence[torch.Generator] = ()) -> Callable[[], None]:
     """A stand-in for :func:`cuda_capture` where there is no CUDA (tests): "replaying" runs ``fn`` again, which reads
-    the same fixed buffers a graph would."""
+    the same fixed buffers (and re-seeded generators) a graph would."""
     return fn
 
 
@@ -58,8 +64,7 @@ def graph_problem(trainer: Trainer) -> str | None:
     """Why ``trainer``'s step cannot be captured (``None``: it can)."""
     t = trainer.cfg.train
     if not trainer.supports_cuda_graphs:
-        return (f"the {trainer.stage} step is not captured (stage 2's draws a generator, neighbour pairs and cache "
-                "rows per batch: docs/performance.md, GPU)")
+        return f"the {trainer.stage} step is not written to be captured"
     if trainer.batching != "triples":
         return "train.batching=pairs (a batch's number of pairs varies)"
     if trainer.distributed:
@@ -93,26 +98,36 @@ class GraphStep:
         self.terms: dict[str, torch.Tensor] = {}  # the last step's detached terms (fixed tensors once captured)
         self.replay: Callable[[], None] | None = None
         self.failed: str | None = None
-        self.eager_steps = 0
+        self.eager_steps = 0  # since the last capture (or the start)
         self.replays = 0
+        self.captures = 0
+        self.key: Hashable = None  # the trainer's graph_key at the capture
+        self.outputs: dict[str, torch.Tensor] = {}  # the captured step's trainer.step_outputs
         self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def __call__(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Train on the queries ``train_queries[index]`` (``(rows,)``, on the device); returns the step's detached terms
-        (overwritten by the next replay: read or add them before)."""
+        """Train on the queries ``train_queries[index]`` (``(rows,)``, on the device; the trainer's ``current_*``
+        attributes describe the same batch); returns the step's detached terms (overwritten by the next replay: read or
+        add them before)."""
         if len(index) != self.rows:
             raise ValueError(f"GraphStep holds batches of {self.rows} queries, got {len(index)}")
+        tr = self.trainer
         self.index.copy_(index)
+        tr.graph_inputs()
+        key = tr.graph_key()
+        if key != self.key:  # the step reads other host state now: warm up and capture it again
+            self.replay, self.eager_steps, self.key = None, 0, key
         if self.replay is None and self.failed is None and self.eager_steps >= self.warmup:
             self._capture()
         if self.replay is not None:
             self.update.prepare()
             self.replay()
             self.update.count()
+            tr.step_outputs = self.outputs
             self.replays += 1
             return self.terms
         with self._stream():
-            terms = self.eager(self.trainer.train_queries[self.index])
+            terms = self.eager(tr.train_queries[self.index])
         self.eager_steps += 1
         return terms
 
@@ -121,28 +136,41 @@ class GraphStep:
         graph's optimizer update."""
         tr = self.trainer
         step = tr.loss(batch)
-        tr.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         step.total.backward()
         self.update.step()
+        tr.after_update()
         return step.detached()
+
+    def _zero_grad(self) -> None:
+        for opt in self.trainer.optimizers():
+            opt.zero_grad(set_to_none=True)
 
     def _body(self) -> None:
         """The captured step: gather the batch, loss, backward (gradients allocated in the graph's pool), update."""
         tr = self.trainer
-        tr.optimizer.zero_grad(set_to_none=True)
-        step = tr.loss(tr.train_queries[self.index])
-        step.total.backward()
-        self.update.apply()
+        self._zero_grad()
+        index, tr.current_batch_index = tr.current_batch_index, self.index  # (what the loss gathers its rows with)
+        tr.capturing = True
+        try:
+            step = tr.loss(tr.train_queries[self.index])
+            step.total.backward()
+            self.update.apply()
+            tr.after_update()
+        finally:
+            tr.capturing, tr.current_batch_index = False, index
         self.terms = step.detached()
+        self.outputs = tr.step_outputs
 
     def _capture(self) -> None:
         self.update.prepare()
         try:
-            self.replay = self.capture(self._body)
+            self.replay = self.capture(self._body, self.trainer.graph_generators())
+            self.captures += 1
         except Exception as exc:  # noqa: BLE001 - any capture failure means: go on eagerly
             self.replay = None
             self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-            self.trainer.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             log.warning("%s: the training step could not be captured as a CUDA graph (%s); training on without "
                         "(set train.cuda_graphs=off to skip the attempt)", self.trainer.stage, self.failed)
             if self.trainer.cfg.train.cuda_graphs == "on":

@@ -24,7 +24,7 @@ import abc
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,9 +197,13 @@ class Trainer(abc.ABC):
 
     checkpoint_format = ""
     supports_pair_batching = False  # whether :meth:`loss` scores each (entity, relation) pair of a batch once
-    #: whether :meth:`loss` is a function of the batch's device tensors and the parameters alone (no host data per
-    #: batch, no state changed on the host), so that the step can be captured as a CUDA graph (train.cuda_graphs)
+    #: whether :meth:`loss` is a function of the batch's device tensors, the parameters and what :meth:`graph_inputs`
+    #: writes into fixed buffers before each step (no other host data per batch), with the host state it reads named
+    #: by :meth:`graph_key`, so that the step can be captured as a CUDA graph (train.cuda_graphs)
     supports_cuda_graphs = False
+    #: true while :class:`~dsom.train.graphs.GraphStep` records (or, in tests, re-runs) the captured step: :meth:`loss`
+    #: then reads its per-batch host data from the buffers :meth:`graph_inputs` filled
+    capturing = False
     share: BatchShare | None = None  # under torchrun, this process's rows of the batch being trained
     current_epoch = 0  # the epoch and batch being trained (set by the epoch loop before each step)
     current_batch = 0
@@ -282,6 +286,30 @@ class Trainer(abc.ABC):
     def after_step(self, epoch: int, batch: int) -> None:
         """Called after every optimizer step (per-step logging)."""
         return None
+
+    def after_update(self) -> None:
+        """Updates of a step besides the model optimizer's (stage 2: the policy's own Adam), right after it; part of a
+        captured step."""
+        return None
+
+    # ------------------------------------------------------------------------------- CUDA graph hooks
+    #: what :meth:`loss` left besides its terms for :meth:`after_step` (stage 2's statistics); a CUDA graph puts the
+    #: captured step's back after each replay
+    step_outputs: dict[str, torch.Tensor] = {}
+
+    def graph_inputs(self) -> None:
+        """Before each step of a CUDA graph: write the batch's host-side inputs (the ``current_*`` attributes) into the
+        fixed buffers :meth:`loss` reads while :attr:`capturing` (none by default)."""
+        return None
+
+    def graph_key(self) -> Hashable:
+        """The host state a captured step depends on (a graph is captured again when it changes); ``None`` = none."""
+        return None
+
+    def graph_generators(self) -> list[torch.Generator]:
+        """Random generators a captured step draws from (registered with the graph, re-seeded by :meth:`graph_inputs`
+        before each replay)."""
+        return []
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """Every optimizer a training step updates (their parameters' gradients are summed over processes)."""
@@ -458,7 +486,8 @@ class Trainer(abc.ABC):
         if self.device.type == "cpu" and not torch.isfinite(loss):  # (on a GPU: no host sync per batch)
             raise FloatingPointError(f"non-finite loss at epoch {self.current_epoch}, batch {self.current_batch}; "
                                      "lower train.lr or use train.precision=fp32")
-        self.optimizer.zero_grad(set_to_none=True)
+        for opt in self.optimizers():
+            opt.zero_grad(set_to_none=True)
         loss.backward()
         if distributed.active():  # the batch's gradient: the processes' weighted shares summed
             distributed.reduce_gradients([p for opt in self.optimizers() for g in opt.param_groups
@@ -487,6 +516,7 @@ class Trainer(abc.ABC):
             update.step()
         else:
             self.optimizer.step()
+        self.after_update()
 
     _graph: GraphStep | None = None
     _graph_checked = False

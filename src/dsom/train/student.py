@@ -10,7 +10,7 @@ logs the batch means of delta, R and R_hat; per epoch the sampled-action histogr
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +49,20 @@ def student_config(cfg: Config, overrides: Mapping[str, Any] | None = None) -> C
 def _policy_adam(params: Any, lr: float) -> torch.optim.Adam:
     """The policy's Adam, with torch's fused kernel: one pass over the weights instead of about ten (the paper's
     logits policy has 39.5M weights on DB15K; its unfused update took 290 ms per step on the 2-core AMX dev machine).
-    The same update to float rounding."""
+    The same update to float rounding. On CUDA it is ``capturable`` (its step count on the device), so that a CUDA graph
+    can hold it (train.cuda_graphs), eager steps included: both then run the same kernels."""
     params = list(params)
-    return torch.optim.Adam(params, lr=lr, fused=True if params else None)
+    cuda = bool(params) and params[0].device.type == "cuda"
+    opt = torch.optim.Adam(params, lr=lr, fused=True if params else None, capturable=cuda)
+    opt._warned_capturable_if_run_uncaptured = True  # (eager steps are meant: no warning that they are uncaptured)
+    return opt
 
 class StudentTrainer(Trainer):
     checkpoint_format = TRAIN_FORMAT
     supports_pair_batching = True  # the student and teachers score each pair once; rewards stay per query
+    # captured on CUDA: the policy's draws from one re-seeded generator, the neighbour pairs padded into fixed buffers,
+    # the reward rows read as a mask; a cache sealing or the KD warm-up's weight changing is a new capture (graph_key)
+    supports_cuda_graphs = True
 
     def __init__(self, dataset: KGDataset, cfg: Config, run_dir: str | Path, teachers: FrozenTeachers,
                  name: str = "student", progress: bool = True, batch_hook: BatchHook | None = None,
@@ -71,7 +78,11 @@ class StudentTrainer(Trainer):
         self._epoch_sums: dict[str, torch.Tensor] = {}
         self._step_stats: list[tuple[int, int]] = []  # (epoch, step) of the rows of _step_buffer filled this epoch
         self._step_buffer: torch.Tensor | None = None  # (steps, 3): delta, R, R_hat per step, on the device
-        self._stats: dict[str, torch.Tensor] = {}
+        self.step_outputs: dict[str, torch.Tensor] = {}  # the last step's statistics (after_step reads them)
+        self._generator: torch.Generator | None = None  # the policy's draws, re-seeded for every batch
+        # a CUDA graph's neighbour pairs: (rows, cols) padded to the capacity (graph_inputs fills them)
+        self._graph_pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pair_capacity = 0
         # the distinct (entity, relation) pair of every training query: batches under train.batching=pairs and the
         # keys of the summary policy's state cache
         self.query_pairs = PairIndex(torch.from_numpy(dataset.queries("train")))
@@ -210,7 +221,9 @@ class StudentTrainer(Trainer):
         mask = torch.zeros(len(e), self.ds.num_entities, dtype=dtype, device=batch.device)
         if host_lookup is None:
             host_lookup = not perf.device_is_host(batch.device) and batch_cpu is not None
-        if host_lookup:
+        if self.capturing and self._graph_pairs is not None:  # padded with the first query's target, set below too
+            rows, cols = self._graph_pairs
+        elif host_lookup:
             assert batch_cpu is not None
             he, hr = ((batch_cpu[:, 0], batch_cpu[:, 1]) if pairs is None else group_pairs(batch_cpu)[:2])
             rows, cols = self.neighbours_cpu.pairs(he, hr)
@@ -221,16 +234,64 @@ class StudentTrainer(Trainer):
         mask[torch.arange(len(batch), device=batch.device) if of is None else of, t] = 1
         return mask
 
-    def loss(self, batch: torch.Tensor) -> StepLoss:
-        dc, tr = self.cfg.distill, self.cfg.train
-        kd_weight = None
-        if dc.kd_warmup_epochs > 0:
-            kd_weight = dc.gamma * min(1.0, self.current_epoch / dc.kd_warmup_epochs)
-        gen = torch.Generator(device=self.device).manual_seed(
-            tr.seed * 1_000_003 + self.current_epoch * 100_003 + self.current_batch)
-        sel = self.model.selector
+    def _kd_weight(self) -> float | None:
+        """The KD weight of the current epoch under ``distill.kd_warmup_epochs`` (``None``: gamma)."""
+        dc = self.cfg.distill
+        return dc.gamma * min(1.0, self.current_epoch / dc.kd_warmup_epochs) if dc.kd_warmup_epochs > 0 else None
+
+    def _step_generator(self) -> torch.Generator:
+        """The generator of the policy's draws, seeded by ``(seed, epoch, batch)`` (the same draws as a fresh generator
+        with that seed); while a CUDA graph records, :meth:`graph_inputs` has seeded it."""
+        if self._generator is None:
+            self._generator = torch.Generator(device=self.device)
+        if not self.capturing:
+            self._generator.manual_seed(self.cfg.train.seed * 1_000_003 + self.current_epoch * 100_003
+                                        + self.current_batch)
+        return self._generator
+
+    def _needs_neighbours(self) -> bool:
+        sel, dc = self.model.selector, self.cfg.distill
         kind = (sel.kd_override or dc.kd) if sel is not None else NO_KD
-        needs_mask = kind != NO_KD and KD_LOSSES[kind].needs_neighbours
+        return kind != NO_KD and KD_LOSSES[kind].needs_neighbours
+
+    def graph_inputs(self) -> None:
+        """Seed the policy's generator for this batch and write its neighbour pairs (row, answer), from the host's CSR,
+        into fixed device buffers padded to a capacity (grown, which :meth:`graph_key` reports, when a batch has more)."""
+        self._step_generator()
+        if not self._needs_neighbours():
+            return
+        batch_cpu = self.current_batch_cpu
+        assert batch_cpu is not None, "graph_inputs needs the host's copy of the batch"
+        rows, cols = self.neighbours_cpu.pairs(batch_cpu[:, 0], batch_cpu[:, 1])
+        if self._pair_capacity == 0:  # a quarter above the mean batch's pairs (DB15K: the largest of 200 random
+            q = self.train_queries_cpu  # batches is 1.31x the mean)
+            mean = float(self.neighbours_cpu.counts(q[:, 0], q[:, 1]).double().mean()) * len(batch_cpu)
+            self._pair_capacity = _round_up(int(1.25 * mean) + 1, 4096)
+        if len(rows) > self._pair_capacity:
+            self._pair_capacity = _round_up(max(2 * self._pair_capacity, len(rows)), 4096)
+        C = self._pair_capacity
+        if self._graph_pairs is None or len(self._graph_pairs[0]) != C:
+            self._graph_pairs = (torch.zeros(C, dtype=torch.int64, device=self.device),
+                                 torch.zeros(C, dtype=torch.int64, device=self.device))
+        padded_rows = torch.zeros(C, dtype=torch.int64)
+        padded_cols = torch.full((C,), int(batch_cpu[0, 2]), dtype=torch.int64)  # (row 0's target: set anyway)
+        padded_rows[:len(rows)], padded_cols[:len(cols)] = rows, cols
+        self._graph_pairs[0].copy_(_async_to(padded_rows, self.device), non_blocking=True)
+        self._graph_pairs[1].copy_(_async_to(padded_cols, self.device), non_blocking=True)
+
+    def graph_key(self) -> Hashable:
+        """What a captured stage-2 step reads from the host: whether each cache is sealed (read, not filled), the KD
+        weight of the warm-up, the neighbour pairs' capacity."""
+        return tuple(c.sealed for _, c in self._caches()), self._kd_weight(), self._pair_capacity
+
+    def graph_generators(self) -> list[torch.Generator]:
+        return [self._step_generator()] if self.model.policy is not None else []
+
+    def loss(self, batch: torch.Tensor) -> StepLoss:
+        tr = self.cfg.train
+        kd_weight = self._kd_weight()
+        gen = self._step_generator()
+        needs_mask = self._needs_neighbours()
         batch_cpu = self.current_batch_cpu  # set by the epoch loop for this very batch, else None
         rows = None
         if self.reward_rows is not None and self.current_batch_index is not None:
@@ -254,14 +315,17 @@ class StudentTrainer(Trainer):
                                    draw_rows=share.draw_rows if share is not None else None,
                                    reduce=distributed.sum_ if share is not None else None,
                                    pairs=pairs, pair_keys=keys, reward_keys=reward_keys, reward_index=reward_index)
-        self._stats = stats
+        self.step_outputs = stats
         return StepLoss(losses)
 
     def _reward_index(self, device: torch.device, stand_in: bool) -> torch.Tensor | None:
-        """The batch's rewarded rows ``(n,)`` taken from the host's copy and sent over asynchronously, so that a GPU
-        step never waits to learn them (``nonzero`` of the device mask would); ``None`` on a CPU (the mask is read
-        where it is) or without rewarded rows or the host's batch index."""
-        if perf.device_is_host(device) or self.reward_rows_cpu is None or self.current_batch_index_cpu is None:
+        """Under torchrun off a CPU, the batch's rewarded rows ``(n,)`` taken from the host's copy and sent over
+        asynchronously, so that a GPU step never waits to learn them (``nonzero`` of the device mask would); ``None``
+        on a CPU (the mask is read where it is), in one process (the policy reads the mask as a mask:
+        :meth:`~dsom.distill.selectors.PolicySelector.masks_reward_rows`), without rewarded rows or the host's batch
+        index."""
+        if (perf.device_is_host(device) or self.share is None or self.reward_rows_cpu is None
+                or self.current_batch_index_cpu is None):
             return None
         if stand_in:
             return torch.zeros(0, dtype=torch.int64, device=device)
@@ -304,11 +368,12 @@ class StudentTrainer(Trainer):
         for name, cache in self._caches():
             cache.load_state(state.get(name))
 
-    def after_step(self, epoch: int, batch: int) -> None:
-        if self.policy_optimizer is not None:
+    def after_update(self) -> None:
+        if self.policy_optimizer is not None:  # (its gradients are cleared before the next backward)
             self.policy_optimizer.step()
-            self.policy_optimizer.zero_grad(set_to_none=True)
-        st = self._stats
+
+    def after_step(self, epoch: int, batch: int) -> None:
+        st = self.step_outputs
         stand_in = self.share is not None and self.share.weight == 0  # counts nothing (its policy terms are 0)
         for key in EPOCH_SUMS:  # summed on the device, read once per epoch
             if key in st:
@@ -409,6 +474,10 @@ class StudentTrainer(Trainer):
 
 EPOCH_SUMS = ("actions", "entropy", "rows", "advantage_sum", "advantage_count")
 GLOBAL_TERMS = ("rc",)  # losses the selector normalises over the whole batch itself (StudentTrainer.weigh_share)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _async_to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
