@@ -84,9 +84,10 @@ class TrainConfig:
                        "B x E >= 4M on CPU", ("auto", "on", "off"))
     cuda_graphs: str = opt("auto", "capture the training step as a CUDA graph and replay it (the step is otherwise "
                            "bound by the host issuing its kernels one by one: docs/performance.md, GPU). auto = on for "
-                           "CUDA where the step allows it (plain ComplEx and the stage-1 teachers with "
-                           "batching=triples, optimizer=adagrad, one process, no entity chunks), else off; on = the same "
-                           "but an error where it cannot; the short last batch of an epoch runs eagerly",
+                           "CUDA where the step allows it (plain ComplEx, the stage-1 teachers and the stage-2 student "
+                           "with batching=triples, optimizer=adagrad, one process, no entity chunks), else off; on = the "
+                           "same but an error where it cannot; the short last batch of an epoch runs eagerly, and stage 2 "
+                           "is captured again when its caches seal or the KD warm-up's weight changes",
                            ("auto", "on", "off"))
     batching: str = opt("triples", "how the trainers batch their training queries. 'triples': "
                         "batch_size shuffled reciprocal triples per step, each scored on its own (the paper's loop). "

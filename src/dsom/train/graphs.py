@@ -14,6 +14,14 @@ the same size replays it. Steps of another size (the epoch's short last batch) r
 update the same parameters and optimizer state. A capture that fails (an op that cannot be captured) is reported
 once and the trainer goes on eagerly: the step is then what it was before.
 
+A step may also read per-batch host data and host state (stage 2): before each step the trainer's
+:meth:`~dsom.train.loop.Trainer.graph_inputs` writes the batch's host-side inputs into fixed device buffers (the
+neighbour pairs, padded) and re-seeds the generators the graph draws from (registered with it:
+:meth:`~dsom.train.loop.Trainer.graph_generators`); :meth:`~dsom.train.loop.Trainer.graph_key` names the host state the
+captured step depends on (a cache sealed, the KD warm-up's weight, the buffers' capacity), and when it changes the
+step is warmed up and captured again. What the loss leaves for the per-step bookkeeping
+(:attr:`~dsom.train.loop.Trainer.step_outputs`) is the captured step's after each replay.
+
 The graph computes what the eager step computes with the same kernels, in the same order; ``tests/test_graphs.py``
 checks the parameters after graphed and eager training agree (on CUDA; on CPU the capture is stood in for by
 re-running the step, which checks the buffers and the optimizer's bookkeeping).
