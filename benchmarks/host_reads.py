@@ -152,9 +152,10 @@ def make_trainer(phase: str, ds: Any, args: argparse.Namespace, tmp: str) -> Tra
     return phase_trainer(phase, ds, cfg, args.modalities, tmp)
 
 
-def host_reads(tr: Trainer, epoch: int = 1, sealed: bool = False) -> Counter[tuple[str, str]]:
+def host_reads(tr: Trainer, epoch: int = 1, sealed: bool = False, captured: bool = False) -> Counter[tuple[str, str]]:
     """The host reads of one training step (loss and backward) of ``tr`` on the first batch of ``epoch``, on meta
-    tensors; ``sealed``: with a student trainer's caches marked full, as from its second epoch."""
+    tensors; ``sealed``: with a student trainer's caches marked full, as from its second epoch; ``captured``: the step
+    as a CUDA graph records it (the trainer's host inputs prepared first, then the loss run while ``capturing``)."""
     order, offsets = tr.epoch_batches(epoch)
     sl = slice(offsets[0], offsets[1])
     trainer_to_meta(tr)
@@ -165,13 +166,18 @@ def host_reads(tr: Trainer, epoch: int = 1, sealed: bool = False) -> Counter[tup
     tr.current_batch_cpu = tr.train_queries_cpu[order[sl]]  # the host copy, as the epoch loop sets it
     tr.current_batch_index = torch.zeros(sl.stop - sl.start, dtype=torch.int64, device=META)
     tr.current_batch_index_cpu = order[sl]
+    if captured:
+        tr.graph_inputs()  # (host work before a replay: outside the recorded step)
     mode = HostReads()
+    tr.capturing = captured
     try:
         with mode:
             step = tr.loss(tr.train_queries[tr.current_batch_index])
             step.total.backward()
     except Exception as exc:  # noqa: BLE001 - an invented size ran into a real one: report what was found
         mode.found[(f"(the step stopped here on invented sizes: {type(exc).__name__})", mode.last or "?")] += 1
+    finally:
+        tr.capturing = False
     return mode.found
 
 
@@ -187,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--epoch", type=int, default=1, help="the epoch whose first step is read")
     p.add_argument("--sealed", action="store_true", help="stage 2's caches (summary states, reward CEs) marked "
                    "full, as they are from the second epoch on (they fill during the first)")
+    p.add_argument("--captured", action="store_true", help="the step as train.cuda_graphs records it (stage 2 then "
+                   "builds its neighbour pairs on the device in fixed-size tensors)")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config overrides (repeatable)")
     args = p.parse_args(argv)
     if not set(args.phases.split(",")) <= set(PHASES):
@@ -195,10 +203,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for phase in args.phases.split(","):
-            found = host_reads(make_trainer(phase, ds, args, os.path.join(tmp, phase)), args.epoch, args.sealed)
+            found = host_reads(make_trainer(phase, ds, args, os.path.join(tmp, phase)), args.epoch, args.sealed,
+                               args.captured)
             out[phase] = [{"op": op, "where": where, "calls": n} for (op, where), n in found.items()]
             print(f"{phase}: {len(found)} host read{'s' if len(found) != 1 else ''} in one step "
                   f"({args.precision}, batching {args.batching}{', sealed caches' if args.sealed else ''}"
+                  f"{', as captured' if args.captured else ''}"
                   f"{', ' + ' '.join(args.set) if args.set else ''})")
             for (op, where), n in found.items():
                 print(f"    {where:<40} {op}" + (f" (x{n})" if n > 1 else ""))

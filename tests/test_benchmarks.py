@@ -282,6 +282,9 @@ def test_host_reads_finds_none_in_the_gpu_steps_of_complex_stage_one_and_stage_t
     assert res == {"complex": [], "teachers": [], "distill": []}
     for extra in (["--set", "distill.selector=single:text"], ["--set", "distill.policy_state=summary"]):
         assert hr.main(["--phases", "distill", "--sealed", *extra]) == {"distill": []}
+    # as a CUDA graph records stage 2 (the neighbour pairs built on the device), caches filling and sealed
+    for extra in ([], ["--sealed"]):
+        assert hr.main(["--phases", "distill", "--captured", *extra]) == {"distill": []}
     # the tool does find reads where there are some: pair batching groups the batch with torch.unique
     pairs = hr.main(["--phases", "complex", "--batching", "pairs"])["complex"]
     assert any(r["op"] == "unique" and "loop.py" in r["where"] for r in pairs)

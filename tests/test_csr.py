@@ -53,3 +53,26 @@ def test_neighbour_index_uses_train_only_and_contains_the_target():
     rows, cols = ni.pairs(torch.from_numpy(q[:, 0]), torch.from_numpy(q[:, 1]))
     for i, c in zip(rows.tolist(), cols.tolist()):
         assert (int(q[i, 0]), int(q[i, 1]), c) in train_keys
+
+
+def test_padded_pairs_are_the_pairs_then_the_fill_without_a_host_read():
+    ds = random_graph(num_entities=50, num_relations=3, num_triples=300)
+    sets = _brute_sets(ds.queries("train"))
+    nb = ds.neighbour_index
+    g = torch.Generator().manual_seed(0)
+    keys = list(sets)
+    pick = torch.randint(len(keys), (40,), generator=g)
+    e = torch.tensor([keys[i][0] for i in pick] + [49])  # (repeated queries, and one without answers)
+    r = torch.tensor([keys[i][1] for i in pick] + [5])
+    rows, cols = nb.pairs(e, r)
+    total = len(rows)
+    assert total == sum(len(sets.get((int(a), int(b)), ())) for a, b in zip(e, r))
+    for extra in (0, 7):
+        pr, pc = nb.padded_pairs(e, r, total + extra, fill=(3, torch.tensor(11)))
+        assert pr.shape == pc.shape == (total + extra,)
+        assert torch.equal(pr[:total], rows) and torch.equal(pc[:total], cols)
+        assert (pr[total:] == 3).all() and (pc[total:] == 11).all()
+    # fixed shapes and no data-dependent op: it runs on meta tensors (where nonzero, repeat_interleave, ... raise)
+    meta = nb.to("meta")
+    mr, mc = meta.padded_pairs(e.to("meta"), r.to("meta"), total + 7)
+    assert mr.shape == mc.shape == (total + 7,) and mr.device.type == "meta"

@@ -287,14 +287,22 @@ def _frozen(ds):
                           torch.randn(2, 2 * ds.num_relations, 16, generator=g))
 
 
-def _student(ds, tmp_path, name, capture=rerun_capture, **kw):
+def _student(ds, tmp_path, name, capture=rerun_capture, shrink=False, **kw):
+    """Stage 2 on ``ds`` with random teachers and a third of the rows rewarded, its learning rate halved in epoch 2;
+    ``shrink``: the neighbour pairs' capacity of a graph cut below a batch's in epoch 2 (as a batch with more pairs than
+    any before would find it)."""
     from dsom.train.student import StudentTrainer
 
     n = len(ds.queries("train"))
     rewarded = torch.rand(n, generator=torch.Generator().manual_seed(5)) < 0.3
     cfg = config(_BASE, **{"distill.policy_hidden": 8, "train.batch_size": 64, **kw})
-    st = StudentTrainer(ds, cfg, tmp_path / name, _frozen(ds), progress=False, reward_rows=rewarded,
-                        batch_hook=_halve_lr)
+
+    def hook(epoch, batch):
+        _halve_lr(epoch, batch)
+        if shrink and (epoch, batch) == (2, 3):
+            st._pair_capacity = 64  # (a batch here has about 200)
+
+    st = StudentTrainer(ds, cfg, tmp_path / name, _frozen(ds), progress=False, reward_rows=rewarded, batch_hook=hook)
     st.graph_capture = capture
     _halve_lr.trainer = st
     st.fit()
@@ -313,19 +321,23 @@ def _epoch_records(st):
     ({}, 2),  # dsom's defaults (the summary policy, its state and reward caches, held-out rewards): sealed in epoch 2
     ({"distill.kd_warmup_epochs": 2, "distill.baseline": "batch_mean", "distill.policy_state": "logits"}, 2),
     ({"distill.selector": "avg"}, 1),  # (no policy, no cache: one capture for the whole run)
+    ({"distill.selector": "avg", "shrink": True}, 2),  # a batch with more pairs than the capacity: captured again
 ])
 def test_graphed_stage_two_trains_as_eager_steps(tmp_path, monkeypatch, host, setting, captures):
-    """Stage 2 as a graph: the policy's draws from the generator re-seeded before each replay, the neighbour pairs from
-    the padded buffers, the policy's Adam inside the step, a new capture when a cache seals or the KD warm-up's weight
-    changes. Off a CPU (``host=False``, pretended) the reward rows are a mask and every teacher is scored."""
+    """Stage 2 as a graph: the policy's draws from the generator re-seeded before each replay, the neighbour pairs
+    built in fixed-size tensors on the device, the policy's Adam inside the step, a new capture when a cache seals, the
+    KD warm-up's weight changes or a batch has more neighbour pairs than the capacity. Off a CPU (``host=False``,
+    pretended) the reward rows are a mask and every teacher is scored."""
     from dsom import perf
 
     monkeypatch.setattr(perf, "device_is_host", lambda device: host)
+    setting = dict(setting)
+    shrink = setting.pop("shrink", False)
     ds = clustered_graph(num_entities=40)
     n = len(ds.queries("train"))
     assert n % 64 and n // 64 >= 4
     eager = _student(ds, tmp_path, "eager", **{"train.cuda_graphs": "off", **setting})
-    graphed = _student(ds, tmp_path, "graphed", **{"train.cuda_graphs": "on", **setting})
+    graphed = _student(ds, tmp_path, "graphed", shrink=shrink, **{"train.cuda_graphs": "on", **setting})
     g = graphed.graph_step()
     assert eager.graph_step() is None and g.failed is None
     assert g.captures == captures and g.replays == 3 * (n // 64) - g.warmup * g.captures

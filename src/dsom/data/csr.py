@@ -92,6 +92,26 @@ class CSRIndex:
         cols = self.answers[torch.repeat_interleave(start, n) + within]
         return batch_rows, cols
 
+    def padded_pairs(self, entity: torch.Tensor, relation: torch.Tensor, capacity: int,
+                     fill: tuple[int | torch.Tensor, int | torch.Tensor] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`pairs` in ``(capacity,)`` tensors of a fixed size, the slots past the batch's pairs set to ``fill``
+        (a (row, answer) the caller sets anyway). Computed where the index lives with fixed shapes and no host read
+        (each slot finds its query by a binary search of the running counts): what a CUDA graph can hold. The caller
+        must know the batch has at most ``capacity`` pairs (:meth:`counts` on the host); pairs past it are dropped."""
+        row = self.lookup(entity, relation)
+        rc = row.clamp(min=0)
+        start = self.offsets[rc]
+        n = torch.where(row >= 0, self.offsets[rc + 1] - start, torch.zeros_like(start))
+        ends = torch.cumsum(n, 0)  # (B,): one past each query's last slot
+        slot = torch.arange(capacity, device=n.device)
+        q = torch.searchsorted(ends, slot, right=True)  # the query of each slot; B past the last pair
+        used = q < len(n)
+        q = q.clamp(max=max(len(n) - 1, 0))
+        pos = start[q] + slot - (ends[q] - n[q])
+        cols = self.answers[pos.clamp(0, max(self.nnz - 1, 0))] if self.nnz else torch.zeros_like(pos)
+        fill_row, fill_col = fill
+        return torch.where(used, q, fill_row), torch.where(used, cols, fill_col)
+
     def mask(self, entity: torch.Tensor, relation: torch.Tensor, start: int = 0,
              stop: int | None = None) -> torch.Tensor:
         """Boolean ``(B, stop - start)`` mask of known answers restricted to entity ids ``[start, stop)``."""

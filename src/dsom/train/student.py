@@ -63,6 +63,8 @@ class StudentTrainer(Trainer):
     # captured on CUDA: the policy's draws from one re-seeded generator, the neighbour pairs padded into fixed buffers,
     # the reward rows read as a mask; a cache sealing or the KD warm-up's weight changing is a new capture (graph_key)
     supports_cuda_graphs = True
+    #: a captured step builds the neighbour pairs of up to this many times the mean batch's (more: a new capture)
+    pair_headroom = 1.5
 
     def __init__(self, dataset: KGDataset, cfg: Config, run_dir: str | Path, teachers: FrozenTeachers,
                  name: str = "student", progress: bool = True, batch_hook: BatchHook | None = None,
@@ -80,9 +82,9 @@ class StudentTrainer(Trainer):
         self._step_buffer: torch.Tensor | None = None  # (steps, 3): delta, R, R_hat per step, on the device
         self.step_outputs: dict[str, torch.Tensor] = {}  # the last step's statistics (after_step reads them)
         self._generator: torch.Generator | None = None  # the policy's draws, re-seeded for every batch
-        # a CUDA graph's neighbour pairs: (rows, cols) padded to the capacity (graph_inputs fills them)
-        self._graph_pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+        # a CUDA graph's neighbour pairs are built on the device in tensors of this size (graph_inputs sets it)
         self._pair_capacity = 0
+        self._query_pair_counts: torch.Tensor | None = None  # (queries,) each training query's neighbours, on the host
         # the distinct (entity, relation) pair of every training query: batches under train.batching=pairs and the
         # keys of the summary policy's state cache
         self.query_pairs = PairIndex(torch.from_numpy(dataset.queries("train")))
@@ -221,8 +223,8 @@ class StudentTrainer(Trainer):
         mask = torch.zeros(len(e), self.ds.num_entities, dtype=dtype, device=batch.device)
         if host_lookup is None:
             host_lookup = not perf.device_is_host(batch.device) and batch_cpu is not None
-        if self.capturing and self._graph_pairs is not None:  # padded with the first query's target, set below too
-            rows, cols = self._graph_pairs
+        if self.capturing and self._pair_capacity and pairs is None:  # fixed size, padded with a pair set below too
+            rows, cols = self.neighbours.padded_pairs(e, r, self._pair_capacity, fill=(0, t[0]))
         elif host_lookup:
             assert batch_cpu is not None
             he, hr = ((batch_cpu[:, 0], batch_cpu[:, 1]) if pairs is None else group_pairs(batch_cpu)[:2])
@@ -255,29 +257,23 @@ class StudentTrainer(Trainer):
         return kind != NO_KD and KD_LOSSES[kind].needs_neighbours
 
     def graph_inputs(self) -> None:
-        """Seed the policy's generator for this batch and write its neighbour pairs (row, answer), from the host's CSR,
-        into fixed device buffers padded to a capacity (grown, which :meth:`graph_key` reports, when a batch has more)."""
+        """Seed the policy's generator for this batch, and make sure the neighbour pairs of the batch fit the capacity
+        the captured step builds them in (:meth:`~dsom.data.csr.CSRIndex.padded_pairs`, on the device): the host only
+        adds the batch's known answer counts (grown capacity: a new capture, :meth:`graph_key`)."""
         self._step_generator()
         if not self._needs_neighbours():
             return
-        batch_cpu = self.current_batch_cpu
-        assert batch_cpu is not None, "graph_inputs needs the host's copy of the batch"
-        rows, cols = self.neighbours_cpu.pairs(batch_cpu[:, 0], batch_cpu[:, 1])
-        if self._pair_capacity == 0:  # a quarter above the mean batch's pairs (DB15K: the largest of 200 random
-            q = self.train_queries_cpu  # batches is 1.31x the mean)
-            mean = float(self.neighbours_cpu.counts(q[:, 0], q[:, 1]).double().mean()) * len(batch_cpu)
-            self._pair_capacity = _round_up(int(1.25 * mean) + 1, 4096)
-        if len(rows) > self._pair_capacity:
-            self._pair_capacity = _round_up(max(2 * self._pair_capacity, len(rows)), 4096)
-        C = self._pair_capacity
-        if self._graph_pairs is None or len(self._graph_pairs[0]) != C:
-            self._graph_pairs = (torch.zeros(C, dtype=torch.int64, device=self.device),
-                                 torch.zeros(C, dtype=torch.int64, device=self.device))
-        padded_rows = torch.zeros(C, dtype=torch.int64)
-        padded_cols = torch.full((C,), int(batch_cpu[0, 2]), dtype=torch.int64)  # (row 0's target: set anyway)
-        padded_rows[:len(rows)], padded_cols[:len(cols)] = rows, cols
-        self._graph_pairs[0].copy_(_async_to(padded_rows, self.device), non_blocking=True)
-        self._graph_pairs[1].copy_(_async_to(padded_cols, self.device), non_blocking=True)
+        index = self.current_batch_index_cpu
+        assert index is not None, "graph_inputs needs the host's copy of the batch index"
+        if self._query_pair_counts is None:
+            q = self.train_queries_cpu
+            self._query_pair_counts = self.neighbours_cpu.counts(q[:, 0], q[:, 1])
+            # (DB15K: a mean batch has 332k pairs, the largest of 200 random batches 1.31x that)
+            mean = float(self._query_pair_counts.double().mean()) * self.cfg.train.batch_size
+            self._pair_capacity = _round_up(int(self.pair_headroom * mean) + 1, 256)
+        total = int(self._query_pair_counts[index].sum())
+        if total > self._pair_capacity:
+            self._pair_capacity = _round_up(max(2 * self._pair_capacity, total), 256)
 
     def graph_key(self) -> Hashable:
         """What a captured stage-2 step reads from the host: whether each cache is sealed (read, not filled), the KD
