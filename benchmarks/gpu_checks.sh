@@ -9,7 +9,8 @@
 # A limit of 0 skips its check. Each call gets a fresh machine with nothing compiled: the first script to train compiles
 # every loss tail (about a minute at DB15K's shapes), so give it the longest limit (a 95 s speed.py run on a cold
 # machine measured nothing, 2026-12-04). T_GRAPHS: benchmarks/cuda_graphs.py (epochs with and without train.cuda_graphs, and
-# the ops that wait for the GPU, stage 2's too), run first; T_TESTS: the CUDA tests of tests/test_graphs.py (where pytest is).
+# the ops that wait for the GPU; ComplEx, stage 1 and, since the sixteenth session, stage 2), run first; T_TESTS: the CUDA
+# tests of tests/test_graphs.py (where pytest is), then benchmarks/neighbour_pairs.py (60 s at most).
 #
 # Run from the repository root; PYTHON (default python3) needs torch, numpy, safetensors, pyyaml and tqdm; dsom is
 # taken from src/ (PYTHONPATH), so nothing is installed. DSOM_DATA needs DB15K's TSV files only (features are random).
@@ -32,6 +33,7 @@ fi
 if [ "$T6" -gt 0 ] && $PY -c "import pytest" 2>/dev/null; then
   timed tests "$T6" $PY -m pytest -q -x tests/test_graphs.py -k cuda -p no:cacheprovider
 fi
+[ "$T6" -gt 0 ] && timed neighbour_pairs 60 $PY benchmarks/neighbour_pairs.py DB15K --device "$DEV"
 [ "$T1" -gt 0 ] && timed speed_r500 "$T1" $PY benchmarks/speed.py DB15K --rank 500 --batches "$NB" --skip pykeen --device "$DEV" \
   --json "$O/speed_r500.json"
 if [ "$T4" -gt 0 ]; then  # (not in the first run, 2026-12-04)

@@ -288,3 +288,9 @@ def test_host_reads_finds_none_in_the_gpu_steps_of_complex_stage_one_and_stage_t
     # the tool does find reads where there are some: pair batching groups the batch with torch.unique
     pairs = hr.main(["--phases", "complex", "--batching", "pairs"])["complex"]
     assert any(r["op"] == "unique" and "loop.py" in r["where"] for r in pairs)
+
+
+def test_neighbour_pairs_benchmark_times_the_three_ways():
+    res = _script("neighbour_pairs").main(["synthetic", "--batch-size", "64", "--batches", "3", "--repeats", "1"])
+    assert set(res["ms"]) == {"host list", "host count", "device list (count)", "device list (capacity)"}
+    assert all(v > 0 for v in res["ms"].values()) and res["capacity"] > res["pairs_per_batch"] > 0
