@@ -247,9 +247,12 @@ def test_host_overhead_benchmark_counts_the_ops_and_compiled_graphs_of_a_step():
     assert off["aten_ops_per_step"] > on["aten_ops_per_step"] > 0  # compiled graphs dispatch fewer ops
 
 
-def test_cuda_graphs_benchmark_trains_both_ways_and_compares_the_models():
-    res = _script("cuda_graphs").main(["synthetic", "--device", "cpu", "--capture", "rerun", "--phases",
-                                       "complex,distill", "--rank", "4", "--batch-size", "512", "--epochs", "2",
+def test_cuda_graphs_benchmark_trains_both_ways_and_compares_the_models(tmp_path):
+    from toy import clustered_graph, write_canonical
+
+    write_canonical(clustered_graph(num_entities=90), tmp_path / "toy")  # (the embedded graph takes a minute here)
+    res = _script("cuda_graphs").main([str(tmp_path / "toy"), "--device", "cpu", "--capture", "rerun", "--phases",
+                                       "complex,distill", "--rank", "4", "--batch-size", "64", "--epochs", "2",
                                        "--precision", "fp32", "--compile", "off"])
     for phase, captures in (("complex", 1), ("distill", 2)):  # stage 2: again once its caches seal
         off, on = res[f"{phase}/off"], res[f"{phase}/on"]
