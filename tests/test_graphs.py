@@ -341,6 +341,8 @@ def test_graphed_stage_two_trains_as_eager_steps(tmp_path, monkeypatch, host, se
     g = graphed.graph_step()
     assert eager.graph_step() is None and g.failed is None
     assert g.captures == captures and g.replays == 3 * (n // 64) - g.warmup * g.captures
+    # released after training (its memory pool goes back): no graph, no gradient, no step outputs left
+    assert g.replay is None and not graphed.step_outputs and all(p.grad is None for p in graphed.model.parameters())
     assert graphed._pair_capacity >= 64  # (the pairs of every batch fitted: a short one would have grown it)
     pe, pg = dict(eager.model.named_parameters()), dict(graphed.model.named_parameters())
     assert pe.keys() == pg.keys()

@@ -139,6 +139,15 @@ class GraphStep:
         self.eager_steps += 1
         return terms
 
+    def release(self) -> None:
+        """Drop the captured graph and what refers to its memory (its terms, the trainer's step outputs and gradients):
+        after training, its private memory pool goes back to the allocator (a run trains several students one after
+        another). The counts stay; a later step captures again."""
+        self.replay = None
+        self.terms, self.outputs = {}, {}
+        self.trainer.step_outputs = {}
+        self._zero_grad()
+
     def eager(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """One step on ``batch`` without the graph (the warm-up, short batches, or after a failed capture), with the
         graph's optimizer update."""

@@ -643,6 +643,8 @@ class Trainer(abc.ABC):
                 tqdm.write(_epoch_line(record, t))
             if epoch % max(t.checkpoint_every, 1) == 0 or epoch == self.epoch_limit() or self.state.stopped_early:
                 self._save_last()
+        if self._graph is not None:  # (its memory is not needed once trained)
+            self._graph.release()
         if t.restore_best and self.state.best_epoch > 0:
             if distributed.is_main():  # rank 0 reads the selected weights back and sends them to the others
                 self._load_tensors(self.ckpt_dir / "best")
