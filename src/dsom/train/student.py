@@ -60,8 +60,9 @@ def _policy_adam(params: Any, lr: float) -> torch.optim.Adam:
 class StudentTrainer(Trainer):
     checkpoint_format = TRAIN_FORMAT
     supports_pair_batching = True  # the student and teachers score each pair once; rewards stay per query
-    # captured on CUDA: the policy's draws from one re-seeded generator, the neighbour pairs padded into fixed buffers,
-    # the reward rows read as a mask; a cache sealing or the KD warm-up's weight changing is a new capture (graph_key)
+    # captured on CUDA: the policy's draws from one re-seeded generator, the neighbour pairs listed on the device in a
+    # fixed-size tensor, the reward rows read as a mask; a cache sealing, the KD warm-up's weight changing or a batch
+    # with more neighbour pairs than the capacity is a new capture (graph_key)
     supports_cuda_graphs = True
     #: a captured step builds the neighbour pairs of up to this many times the mean batch's (more: a new capture)
     pair_headroom = 1.5
