@@ -287,14 +287,14 @@ def _frozen(ds):
                           torch.randn(2, 2 * ds.num_relations, 16, generator=g))
 
 
-def _student(ds, tmp_path, name, capture=rerun_capture, shrink=False, **kw):
+def _student(ds, tmp_path, name, capture=rerun_capture, shrink=False, reward_share=0.3, **kw):
     """Stage 2 on ``ds`` with random teachers and a third of the rows rewarded, its learning rate halved in epoch 2;
     ``shrink``: the neighbour pairs' capacity of a graph cut below a batch's in epoch 2 (as a batch with more pairs than
     any before would find it)."""
     from dsom.train.student import StudentTrainer
 
     n = len(ds.queries("train"))
-    rewarded = torch.rand(n, generator=torch.Generator().manual_seed(5)) < 0.3
+    rewarded = torch.rand(n, generator=torch.Generator().manual_seed(5)) < reward_share
     cfg = config(_BASE, **{"distill.policy_hidden": 8, "train.batch_size": 64, **kw})
 
     def hook(epoch, batch):
@@ -376,3 +376,25 @@ def test_captured_stage_two_trains_as_eager_cuda_steps(tmp_path):
     for (k, a), b in zip(graphed.model.named_parameters(), eager.model.parameters()):
         assert torch.equal(a, b), k
     assert [r.get("actions") for r in _epoch_records(graphed)] == [r.get("actions") for r in _epoch_records(eager)]
+
+
+def test_the_masked_reward_rows_log_the_steps_the_gathered_ones_do(tmp_path, monkeypatch):
+    """Off a CPU a batch without a reward row is not skipped (the mask is not read on the host): it must not log a step
+    either. With 2% of the queries rewarded some batches have none; both ways log the same steps and values."""
+    import json
+
+    from dsom import perf
+
+    ds = clustered_graph(num_entities=40)
+    steps = {}
+    for host in (True, False):
+        monkeypatch.setattr(perf, "device_is_host", lambda device, host=host: host)
+        st = _student(ds, tmp_path, f"host-{host}", reward_share=0.02, **{"train.cuda_graphs": "off"})
+        lines = (st.run_dir / "metrics.jsonl").read_text().splitlines()
+        steps[host] = [r for r in map(json.loads, lines) if "step" in r and "delta" in r]
+    batches = 3 * -(-len(ds.queries("train")) // 64)
+    assert 0 < len(steps[True]) < batches  # some batches had no reward row
+    assert [(r["epoch"], r["step"]) for r in steps[True]] == [(r["epoch"], r["step"]) for r in steps[False]]
+    for a, b in zip(steps[True], steps[False]):
+        for k in ("delta", "reward", "reward_baseline"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k

@@ -553,6 +553,7 @@ class PolicySelector(Selector):
         counted = torch.ones_like(delta) if valid is None else valid.to(delta.dtype)
         kept = delta if valid is None else torch.where(valid, delta, 0.0)
         stats = {"delta": mean(delta), "reward": mean(reward), "reward_baseline": mean(base),
+                 "reward_count": counted.sum(),  # (0 in a masked batch without a reward row: no step to log)
                  "advantage_sum": torch.zeros(A, device=delta.device).index_add_(0, a, kept),
                  "advantage_count": torch.zeros(A, device=delta.device).index_add_(0, a, counted)}
         return loss, stats

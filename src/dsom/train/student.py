@@ -80,7 +80,8 @@ class StudentTrainer(Trainer):
         self.temperatures = temperatures
         self._epoch_sums: dict[str, torch.Tensor] = {}
         self._step_stats: list[tuple[int, int]] = []  # (epoch, step) of the rows of _step_buffer filled this epoch
-        self._step_buffer: torch.Tensor | None = None  # (steps, 3): delta, R, R_hat per step, on the device
+        # (steps, 4): delta, R, R_hat and the number of reward rows per step, on the device
+        self._step_buffer: torch.Tensor | None = None
         self.step_outputs: dict[str, torch.Tensor] = {}  # the last step's statistics (after_step reads them)
         self._generator: torch.Generator | None = None  # the policy's draws, re-seeded for every batch
         # a CUDA graph's neighbour pairs are built on the device in tensors of this size (graph_inputs sets it)
@@ -391,9 +392,10 @@ class StudentTrainer(Trainer):
         if "delta" in st:  # kept on the device and written once per epoch: no host sync per step on a GPU
             if self._step_buffer is None or self._step_buffer.device != st["delta"].device:
                 steps = -(-len(self.train_queries) // self.cfg.train.batch_size)
-                self._step_buffer = torch.zeros(steps, 3, device=st["delta"].device)  # preallocated: no heap churn
+                self._step_buffer = torch.zeros(steps, 4, device=st["delta"].device)  # preallocated: no heap churn
             if batch < len(self._step_buffer):
-                self._step_buffer[batch] = torch.stack([st["delta"], st["reward"], st["reward_baseline"]])
+                self._step_buffer[batch] = torch.stack([st["delta"], st["reward"], st["reward_baseline"],
+                                                        st["reward_count"]])
                 self._step_stats.append((epoch, batch))
 
     def _flush_step_stats(self) -> None:
@@ -405,7 +407,9 @@ class StudentTrainer(Trainer):
         values = self._step_buffer.cpu().tolist()
         self._step_buffer.zero_()
         for epoch, step in self._step_stats:
-            delta, reward, base = values[step]
+            delta, reward, base, count = values[step]
+            if count == 0:  # a batch without a reward row (read as a mask off a CPU): nothing was rewarded
+                continue
             self.tracker.log({"stage": self.stage, "epoch": epoch, "step": step, "delta": delta, "reward": reward,
                               "reward_baseline": base})
         self._step_stats.clear()
