@@ -28,7 +28,7 @@ timed() {  # NAME LIMIT COMMAND...: run COMMAND under LIMIT seconds, log to O/NA
 }
 if [ "$T5" -gt 0 ]; then  # (from the second run, 2026-12-04)
   timed cuda_graphs "$T5" $PY benchmarks/cuda_graphs.py DB15K --rank 500 --epochs 3 --device "$DEV" --sync-scan \
-    --phases complex,teachers,distill --json "$O/cuda_graphs.json"
+    --phases distill,complex,teachers --json "$O/cuda_graphs.json"
 fi
 if [ "$T6" -gt 0 ] && $PY -c "import pytest" 2>/dev/null; then
   timed tests "$T6" $PY -m pytest -q -x tests/test_graphs.py -k cuda -p no:cacheprovider
