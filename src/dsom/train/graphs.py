@@ -184,6 +184,8 @@ class GraphStep:
         try:
             self.replay = self.capture(self._body, self.trainer.graph_generators())
             self.captures += 1
+            log.info("%s: training step captured as a CUDA graph%s", self.trainer.stage,
+                     "" if self.captures == 1 else f" again (capture {self.captures}: the step reads new host state)")
         except Exception as exc:  # noqa: BLE001 - any capture failure means: go on eagerly
             self.replay = None
             self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
