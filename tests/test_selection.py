@@ -161,6 +161,41 @@ def test_policy_gradient_only_from_reward_rows_and_expected_baseline_centres_adv
     del a
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_paper_policy_takes_its_gradient_over_the_reward_rows_only(dtype):
+    """Under the logits state with an index of reward rows the policy's action logits are computed without autograd for
+    every row and with it for the reward rows (``Policy.split_forward``): the same actions, loss and gradients as the
+    whole block with autograd, and a backward whose products run over the reward rows only."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ds = clustered_graph(num_entities=40)
+    fr = _frozen(ds)
+    cfg = DistillConfig(policy_state="logits", policy_hidden=16)
+    q = torch.from_numpy(ds.queries("train")[:64])
+    z = fr.score_all(q[:, 0], q[:, 1]).to(dtype)
+    rows = torch.rand(64, generator=torch.Generator().manual_seed(0)) < 0.2
+    n = int(rows.sum())
+    out = {}
+    for split in (False, True):
+        sel = _selector(cfg, ds)
+        sel.split_rows = split
+        res = sel(SelectionBatch(z, q[:, 0], q[:, 1], q[:, 2], student_ce=torch.full((64,), 3.0), reward_rows=rows,
+                                 generator=torch.Generator().manual_seed(1)))
+        with FlopCounterMode(display=False) as backward:
+            res.losses["rc"].backward()
+        out[split] = (res, {k: p.grad.clone() for k, p in sel.named_parameters()}, backward.get_total_flops())
+    (full, g_full, f_full), (part, g_part, f_part) = out[False], out[True]
+    assert torch.equal(full.weights, part.weights)  # the same draws from the same probabilities
+    tol = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-4}
+    torch.testing.assert_close(part.losses["rc"], full.losses["rc"], **tol)
+    for k in g_full:
+        torch.testing.assert_close(g_part[k], g_full[k], **tol, msg=k)
+    assert float(g_full["policy.net.0.weight"].abs().max()) > 0
+    S, H, A = 3 * ds.num_entities, 16, 7
+    assert f_full == 2 * 64 * S * H + 2 * 64 * H * A + 2 * 64 * A * H  # dW1, dW2 and dh over every row
+    assert f_part == 2 * n * S * H + 2 * n * H * A + 2 * n * A * H  # over the reward rows only
+
+
 def test_the_policy_learns_a_relation_dependent_choice():
     """Teacher m0 is perfect on relation 0 and useless on relation 1, m1 the opposite: the summary policy with a
     relation embedding must learn to pick {m0} on relation 0 and {m1} on relation 1 from margin rewards."""

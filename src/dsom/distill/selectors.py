@@ -396,6 +396,10 @@ class PolicySelector(Selector):
     returns the REINFORCE loss ``rc`` (minus ``distill.entropy`` times the mean policy entropy)."""
 
     needs_student = True
+    #: the paper's policy (the logits state) with an index of reward rows: its action logits are computed without
+    #: autograd for every row and again with it for the reward rows (:meth:`Policy.split_forward`); False: every row
+    #: with autograd, the rest of the gradient zeros (the path tests compare with)
+    split_rows = True
 
     def __init__(self, ctx: SelectorContext, arg: str = "") -> None:
         super().__init__(ctx, arg)
@@ -432,7 +436,19 @@ class PolicySelector(Selector):
 
     def select(self, batch: SelectionBatch) -> Selection:
         c = self.ctx.config
-        logits = self.action_logits(batch)
+        B, device = len(batch.target), batch.target.device
+        rows = batch.reward_rows
+        # off a CPU (one process), the reward rows are a mask over every row, not an index: no host read of the mask,
+        # and the same shapes in every step (a CUDA graph); the rows outside the mask count for nothing
+        valid = rows if rows is not None and self.masks_reward_rows(batch) else None
+        idx = (torch.arange(B, device=device) if rows is None or valid is not None
+               else rows.nonzero().squeeze(1) if batch.reward_index is None else batch.reward_index)
+        row_logits = None  # the reward rows' action logits with autograd, where computed apart from the others
+        if (self.split_rows and rows is not None and valid is None and batch.pair_of is None
+                and isinstance(self.policy, Policy) and torch.is_grad_enabled()):
+            logits, row_logits = self.policy.split_forward(policy_state(batch.teachers(), c.policy_state), idx)
+        else:
+            logits = self.action_logits(batch)
         probs = logits.detach().float().softmax(-1)
         actions = sample_actions(probs, batch.generator, batch.draw_rows)
         A = probs.shape[1]
@@ -440,12 +456,6 @@ class PolicySelector(Selector):
             "actions": torch.zeros(A, dtype=torch.int64, device=actions.device).scatter_add_(
                 0, actions, torch.ones_like(actions)),
             "entropy": entropy(logits.detach().float()).sum(), "rows": torch.tensor(float(len(actions)))}
-        rows = batch.reward_rows
-        # off a CPU (one process), the reward rows are a mask over every row, not an index: no host read of the mask,
-        # and the same shapes in every step (a CUDA graph); the rows outside the mask count for nothing
-        valid = rows if rows is not None and self.masks_reward_rows(batch) else None
-        idx = (torch.arange(len(actions), device=actions.device) if rows is None or valid is not None
-               else rows.nonzero().squeeze(1) if batch.reward_index is None else batch.reward_index)
         losses: dict[str, torch.Tensor] = {}
         total: int | torch.Tensor = len(idx)  # reward rows in the whole batch (summed over processes under torchrun)
         if valid is not None:
@@ -461,10 +471,10 @@ class PolicySelector(Selector):
                     batch.teachers()
                 else:
                     batch.materialise(weights, rows)
-            losses["rc"], more = self._policy_loss(batch, logits, probs, actions, idx, total, valid)
+            losses["rc"], more = self._policy_loss(batch, logits, probs, actions, idx, total, valid, row_logits)
             stats.update(more)
         else:  # no reward row in this batch: no gradient, but keep the graph shape
-            losses["rc"] = logits.sum() * 0.0
+            losses["rc"] = (logits if row_logits is None else row_logits).sum() * 0.0
         return Selection(weights, losses=losses, stats=stats)
 
     @staticmethod
@@ -477,13 +487,14 @@ class PolicySelector(Selector):
 
     def _policy_loss(self, batch: SelectionBatch, logits: torch.Tensor, probs: torch.Tensor, actions: torch.Tensor,
                      idx: torch.Tensor, total: int | torch.Tensor, valid: torch.Tensor | None = None,
-                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     row_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The REINFORCE loss and statistics over the reward rows ``idx``. With ``batch.reduce`` (torchrun) the
         batch is one process's share: every mean over the reward rows becomes this share's sum over ``total``,
         the reward rows of the whole batch, and the batch-wide baseline and advantage scale are reduced, so the
         processes' losses and statistics add up to one process's. With ``valid (B,)`` bool (``idx`` = every row,
         ``total`` its count as a device scalar, at least 1) the reward rows are those where it is true: every mean and
-        sum runs over them and the other rows add zeros, with no host read (the same values as gathering them)."""
+        sum runs over them and the other rows add zeros, with no host read (the same values as gathering them).
+        ``row_logits (n,)``: the action logits of the rows ``idx`` with autograd (``None``: ``logits[idx]``)."""
         c = self.ctx.config
         red = batch.reduce
 
@@ -539,7 +550,7 @@ class PolicySelector(Selector):
             else:  # the standard deviation over the whole batch, in two passes like Tensor.std
                 mu = red(delta.sum()) / total
                 scale = (red(((delta - mu) ** 2).sum()) / (total - 1)).sqrt().clamp(min=1e-6)
-        lg = logits[idx]
+        lg = logits[idx] if row_logits is None else row_logits
         if c.policy_gradient == "expected":  # exact gradient of E_pi[R - b] (no sampling noise)
             adv = (rewards.T - base.unsqueeze(1)) / scale
             loss = -mean((lg.float().softmax(-1) * adv.detach()).sum(-1))
