@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dsom import perf
 from dsom.config import Config, set_value
 from dsom.data import registry
 from dsom.data.graph import KGDataset
@@ -463,10 +464,22 @@ def phase_dsom_distill(ds: KGDataset, args: argparse.Namespace, device: torch.de
     def scoring(rows: int) -> int:  # teachers forward only (the rows scored); student forward + 2 backward products
         return round(2 * rows * two_d * E * M * share) + 3 * 2 * rows * two_d * E
 
-    # layer 1 forward + weight gradient, once per score row (per pair under pair batching: the state is the pair's)
+    # layer 1 forward + weight gradient, once per score row (per pair under pair batching: the state is the pair's);
+    # with an index of reward rows (a CPU, per-query batches) the gradient and its forward over those rows only
+    # (Policy.split_forward)
     n_rows = score_rows(tr)
-    policy_flop = 2 * 2 * n_rows * M * E * H if args.policy_state != "summary" else 0
-    dedup_policy = 2 * 2 * args.pairs * M * E * H if args.policy_state != "summary" else 0
+    split = (args.policy_state != "summary" and rewarded is not None and tr.batching == "triples"
+             and getattr(selector, "split_rows", False) and perf.device_is_host(device))
+    grad_rows = round(float(rewarded.float().sum())) if split and rewarded is not None else None
+
+    def layer1(rows: int) -> int:
+        if args.policy_state == "summary":
+            return 0
+        if grad_rows is None:
+            return 2 * 2 * rows * M * E * H
+        return 2 * rows * M * E * H + 2 * 2 * min(grad_rows, rows) * M * E * H
+
+    policy_flop, dedup_policy = layer1(n_rows), layer1(args.pairs)
     return {"epoch_s": seconds / timed * n_epoch, "median_epoch_s": prof.pop("median_step_s") * n_epoch,
             "batches_timed": timed, "batches_per_epoch": n_epoch,
             "queries_per_s": N / (seconds / timed * n_epoch), "flop_per_epoch": scoring(n_rows) + policy_flop,
