@@ -41,3 +41,21 @@ def test_row_cache_is_left_out_of_its_owners_state_dict_and_rejects_an_empty_sha
     assert owner.state_dict() == {} and len(list(owner.buffers())) == 2
     with pytest.raises(ValueError, match="at least one slot"):
         RowCache(0, 2)
+
+
+def test_rows_not_kept_go_to_the_spare_row_and_never_reach_a_slot():
+    """``store(keys, rows, keep)``: one write of fixed shape (a CUDA graph's), the rows outside ``keep`` dropped even
+    where their key names a real slot or is -1 (a query without a slot); the state keeps exactly the slots."""
+    cache = RowCache(3, 2)
+    keys = torch.tensor([1, -1, 0, 2])
+    rows = torch.arange(8, dtype=torch.float32).reshape(4, 2)
+    keep = torch.tensor([True, False, False, True])
+    cache.store(keys, rows, keep)
+    assert cache.filled.tolist() == [False, True, True]
+    torch.testing.assert_close(cache.values, torch.tensor([[0.0, 0.0], [0.0, 1.0], [6.0, 7.0]]))
+    assert cache.state()["values"].shape == (3, 2) and cache.state()["filled"].shape == (3,)
+    cache.store(torch.tensor([0]), torch.tensor([[9.0, 9.0]]))
+    assert cache.seal()
+    # a key of -1 reads the spare row (what a masked reader then multiplies by nothing); the slots read their rows
+    torch.testing.assert_close(cache.read(torch.tensor([0, 2]))[1], torch.tensor([6.0, 7.0]))
+    assert cache.read(torch.tensor([-1])).shape == (1, 2)
