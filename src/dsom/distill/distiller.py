@@ -25,7 +25,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from dsom import perf
 from dsom.config import DistillConfig
 from dsom.distill.actions import combine, full_action
 from dsom.distill.kd import KD_LOSSES, NO_KD, kd_loss
@@ -38,6 +37,7 @@ from dsom.distill.selectors import (
     SelectorContext,
     check_selector,
     make_selector,
+    masked_reward_rows,
 )
 from dsom.models.complex import ComplEx
 from dsom.models.fused import CETails, complex_scores, fused_penalty
@@ -291,8 +291,7 @@ class Distiller(nn.Module):
         # the reward rows): their products are most of a step
         # off a CPU in one process the policy reads the reward rows as a mask over the batch (no host read, fixed
         # shapes: PolicySelector.masks_reward_rows): the student's reward CE is then needed on every row
-        masked = (reward_rows is not None and reward_index is None and reduce is None
-                  and not perf.device_is_host(batch.device))
+        masked = masked_reward_rows(reward_rows, reward_index, reduce)
         selection = SelectionBatch(None, h, r, t,
                                    student_ce=(self.reward_ce(detached, t, rows, None if masked else reward_rows,
                                                               reward_index)

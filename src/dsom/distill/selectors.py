@@ -159,6 +159,14 @@ class SelectionBatch:
         return tea if idx is None else tea[:, idx]
 
 
+def masked_reward_rows(reward_rows: torch.Tensor | None, reward_index: torch.Tensor | None,
+                       reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> bool:
+    """Whether a policy reads ``reward_rows`` as a mask over every row rather than gathering them: off a CPU, in one
+    process (no ``reduce``), unless the caller sent their index (``reward_index``)."""
+    return (reward_rows is not None and reward_index is None and reduce is None
+            and not perf.device_is_host(reward_rows.device))
+
+
 def sample_actions(probs: torch.Tensor, generator: torch.Generator | None = None,
                    draw_rows: tuple[int, int, int] | None = None) -> torch.Tensor:
     """One action per row of ``probs (B, A)``: ``argmax(p / q)`` with ``q ~ Exp(1)``, the algorithm
@@ -480,10 +488,8 @@ class PolicySelector(Selector):
     @staticmethod
     def masks_reward_rows(batch: SelectionBatch) -> bool:
         """Whether the reward rows are read as a mask over every row (:meth:`_policy_loss`'s ``valid``) rather than
-        gathered: off a CPU, in one process, unless the caller sent their index (``reward_index``)."""
-        rows = batch.reward_rows
-        return (rows is not None and batch.reward_index is None and batch.reduce is None
-                and not perf.device_is_host(rows.device))
+        gathered (:func:`masked_reward_rows`)."""
+        return masked_reward_rows(batch.reward_rows, batch.reward_index, batch.reduce)
 
     def _policy_loss(self, batch: SelectionBatch, logits: torch.Tensor, probs: torch.Tensor, actions: torch.Tensor,
                      idx: torch.Tensor, total: int | torch.Tensor, valid: torch.Tensor | None = None,

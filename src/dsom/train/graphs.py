@@ -14,12 +14,12 @@ the same size replays it. Steps of another size (the epoch's short last batch) r
 update the same parameters and optimizer state. A capture that fails (an op that cannot be captured) is reported
 once and the trainer goes on eagerly: the step is then what it was before.
 
-A step may also read per-batch host data and host state (stage 2): before each step the trainer's
-:meth:`~dsom.train.loop.Trainer.graph_inputs` writes the batch's host-side inputs into fixed device buffers (the
-neighbour pairs, padded) and re-seeds the generators the graph draws from (registered with it:
-:meth:`~dsom.train.loop.Trainer.graph_generators`); :meth:`~dsom.train.loop.Trainer.graph_key` names the host state the
-captured step depends on (a cache sealed, the KD warm-up's weight, the buffers' capacity), and when it changes the
-step is warmed up and captured again. What the loss leaves for the per-step bookkeeping
+A step may also depend on per-batch host work and host state (stage 2): before each step the trainer's
+:meth:`~dsom.train.loop.Trainer.graph_inputs` does the batch's host-side part (stage 2: re-seed the generators the graph
+draws from, registered with it by :meth:`~dsom.train.loop.Trainer.graph_generators`, and check that the batch's
+neighbour pairs fit the fixed size the step lists them in); :meth:`~dsom.train.loop.Trainer.graph_key` names the host
+state the captured step depends on (a cache sealed, the KD warm-up's weight, that size), and when it changes the step is
+warmed up and captured again. What the loss leaves for the per-step bookkeeping
 (:attr:`~dsom.train.loop.Trainer.step_outputs`) is the captured step's after each replay.
 
 The graph computes what the eager step computes with the same kernels, in the same order; ``tests/test_graphs.py``
@@ -146,27 +146,23 @@ class GraphStep:
         self.replay = None
         self.terms, self.outputs = {}, {}
         self.trainer.step_outputs = {}
-        self._zero_grad()
+        self.trainer.zero_grad()
 
     def eager(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """One step on ``batch`` without the graph (the warm-up, short batches, or after a failed capture), with the
         graph's optimizer update."""
         tr = self.trainer
         step = tr.loss(batch)
-        self._zero_grad()
+        self.trainer.zero_grad()
         step.total.backward()
         self.update.step()
         tr.after_update()
         return step.detached()
 
-    def _zero_grad(self) -> None:
-        for opt in self.trainer.optimizers():
-            opt.zero_grad(set_to_none=True)
-
     def _body(self) -> None:
         """The captured step: gather the batch, loss, backward (gradients allocated in the graph's pool), update."""
         tr = self.trainer
-        self._zero_grad()
+        self.trainer.zero_grad()
         index, tr.current_batch_index = tr.current_batch_index, self.index  # (what the loss gathers its rows with)
         tr.capturing = True
         try:
@@ -189,7 +185,7 @@ class GraphStep:
         except Exception as exc:  # noqa: BLE001 - any capture failure means: go on eagerly
             self.replay = None
             self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-            self._zero_grad()
+            self.trainer.zero_grad()
             log.warning("%s: the training step could not be captured as a CUDA graph (%s); training on without "
                         "(set train.cuda_graphs=off to skip the attempt)", self.trainer.stage, self.failed)
             if self.trainer.cfg.train.cuda_graphs == "on":

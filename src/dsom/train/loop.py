@@ -315,6 +315,11 @@ class Trainer(abc.ABC):
         """Every optimizer a training step updates (their parameters' gradients are summed over processes)."""
         return [self.optimizer]
 
+    def zero_grad(self) -> None:
+        """Drop the gradients of every optimizer's parameters (the next backward allocates them anew)."""
+        for opt in self.optimizers():
+            opt.zero_grad(set_to_none=True)
+
     def weigh_share(self, step: StepLoss) -> StepLoss:
         """Under torchrun: this process's contribution to the batch's terms and diagnostics, so that their sums
         over processes are the one-process values. Every term here is a mean over the batch's rows, so each is
@@ -486,8 +491,7 @@ class Trainer(abc.ABC):
         if self.device.type == "cpu" and not torch.isfinite(loss):  # (on a GPU: no host sync per batch)
             raise FloatingPointError(f"non-finite loss at epoch {self.current_epoch}, batch {self.current_batch}; "
                                      "lower train.lr or use train.precision=fp32")
-        for opt in self.optimizers():
-            opt.zero_grad(set_to_none=True)
+        self.zero_grad()
         loss.backward()
         if distributed.active():  # the batch's gradient: the processes' weighted shares summed
             distributed.reduce_gradients([p for opt in self.optimizers() for g in opt.param_groups
