@@ -103,28 +103,64 @@ def test_teachers_pairs_equal_triples_in_loss_and_gradient(tmp_path, block_mb):
         torch.testing.assert_close(gp[k], g3[k], rtol=1e-5, atol=1e-7)
 
 
-def test_pair_epochs_cover_every_query_once_keep_pairs_whole_and_depend_on_seed_and_epoch():
+def _reference_cuts(sizes: list[int], batch_size: int) -> list[int]:
+    """Batch offsets by a plain loop over the shuffled pairs' query counts: a batch closes at the first pair end at or
+    past the next multiple of batch_size not yet passed."""
+    offsets, total, mark = [0], 0, batch_size
+    for c in sizes:
+        total += c
+        if total >= mark:
+            offsets.append(total)
+            while mark <= total:
+                mark += batch_size
+    if offsets[-1] != total:
+        offsets.append(total)
+    return offsets
+
+
+@pytest.mark.parametrize("bs", [1, 7, 50, 10_000])
+def test_pair_epochs_cover_every_query_once_keep_pairs_whole_and_depend_on_seed_and_epoch(bs):
     ds = clustered_graph(num_entities=90)
     q = torch.from_numpy(ds.queries("train"))
     idx = PairIndex(q)
-    bs = 50
+    assert idx.counts.max() > 1  # some pairs have several queries
     order, offsets = idx.epoch_batches(3, 1, bs)
     assert sorted(order.tolist()) == list(range(len(q)))
-    assert offsets[0] == 0 and offsets[-1] == len(q)
     sizes = np.diff(offsets)
-    assert (sizes > 0).all() and len(sizes) == -(-idx.num_pairs // bs)
+    assert offsets[0] == 0 and offsets[-1] == len(q) and (sizes > 0).all()
     pair_batch = {}
     for b in range(len(sizes)):
-        pairs = idx.pair_of[order[offsets[b]:offsets[b + 1]]]
-        assert len(pairs.unique()) == (bs if b < len(sizes) - 1 else idx.num_pairs - bs * b)
-        for p in pairs.tolist():
+        for p in idx.pair_of[order[offsets[b]:offsets[b + 1]]].tolist():
             assert pair_batch.setdefault(p, b) == b  # a pair never spans two batches
+    # the batches hold about batch_size queries each: cut at the first pair end at or past each multiple
+    shuffled = idx.pair_of[order]
+    pair_sizes = [len(g) for g in torch.split(shuffled, torch.unique_consecutive(shuffled, return_counts=True)[1].tolist())]
+    assert offsets == _reference_cuts(pair_sizes, bs)
+    assert len(sizes) <= -(-len(q) // bs)
+    if bs == 1:
+        assert len(sizes) == idx.num_pairs  # one pair per batch
+    if bs == 10_000:
+        assert offsets == [0, len(q)]
     within = order[idx.pair_of[order] == idx.pair_of[order[0]]]
     assert torch.equal(within, within.sort().values)  # a pair's queries keep their order
     again, off2 = idx.epoch_batches(3, 1, bs)
     assert torch.equal(again, order) and off2 == offsets
     assert not torch.equal(idx.epoch_batches(3, 2, bs)[0], order)
     assert not torch.equal(idx.epoch_batches(4, 1, bs)[0], order)
+
+
+def test_pair_batches_hold_about_as_many_queries_as_triple_batches():
+    """Where no pair is larger than a batch, batch b ends within one pair past b x batch_size queries, and an epoch has
+    the triples' number of steps (one fewer where the last pair crosses the last multiple)."""
+    q = torch.from_numpy(clustered_graph(num_entities=400).queries("train"))
+    idx = PairIndex(q)
+    bs = 64
+    _, offsets = idx.epoch_batches(1, 1, bs)
+    big = int(idx.counts.max())
+    assert 1 < big <= bs
+    for b, end in enumerate(offsets[1:-1], start=1):
+        assert b * bs <= end < b * bs + big  # boundaries do not drift
+    assert len(offsets) - 1 in (-(-len(q) // bs) - 1, -(-len(q) // bs))
 
 
 class Interrupt(Exception):

@@ -91,14 +91,15 @@ class TrainConfig:
                            ("auto", "on", "off"))
     batching: str = opt("triples", "how the trainers batch their training queries. 'triples': "
                         "batch_size shuffled reciprocal triples per step, each scored on its own (the paper's loop). "
-                        "'pairs': batch_size shuffled distinct (entity, relation) pairs per step with all their "
-                        "training tails (PyKEEN's LCWA batching); each pair is scored once and its row is shared by "
-                        "its targets. The loss is the same mean CE + regulariser over the batch's triples, an epoch "
-                        "has fewer, larger steps and fewer products (DB15K: 75,105 pairs for 158,444 queries). "
+                        "'pairs': the distinct (entity, relation) pairs shuffled, each with all its training tails, "
+                        "cut into steps of about batch_size queries (at the pair boundary at or past each multiple); "
+                        "each pair is scored once and its row is shared by its targets (PyKEEN's LCWA batching, "
+                        "except that batch_size counts queries, not pairs). The loss is the same mean CE + regulariser "
+                        "over the batch's triples and an epoch has about as many steps, with fewer products (DB15K: "
+                        "75,105 pairs for 158,444 queries). "
                         "In stage 2 the student and the teachers score each pair once, the policy reads each "
                         "pair's state once and NDKD runs once per distinct (pair, teacher subset); the policy still "
-                        "chooses, and is rewarded, per query (DB15K stage 2: 1.8-3.4x faster per epoch than "
-                        "'triples', docs/performance.md)", ("triples", "pairs"))
+                        "chooses, and is rewarded, per query (speed and accuracy: docs/performance.md)", ("triples", "pairs"))
     block_mb: float = opt(256.0, "largest B x E float32 score block one teacher's training loss materialises; larger "
                           "1-vs-all losses (big graphs) run over entity chunks with recomputation (4 products "
                           "instead of 3, memory O(B x chunk)). 0 = never chunk. Stage 1 and plain ComplEx only")

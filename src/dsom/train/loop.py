@@ -7,9 +7,10 @@ Adagrad 0.1 by default. Validation every ``valid_every`` epochs on the *valid* s
 ``epoch - best_epoch > patience``; ReduceLROnPlateau in mode 'max' (MoSE's mode 'min' was a bug).
 
 Batching (``train.batching``): ``triples`` cuts a shuffle of the queries every ``batch_size``; ``pairs`` shuffles
-the distinct (entity, relation) pairs and takes ``batch_size`` of them per batch with all their queries, so a
-trainer that supports it (:attr:`Trainer.supports_pair_batching`) scores each pair once and shares the row among
-its targets. The loss is the mean over the batch's triples either way.
+the distinct (entity, relation) pairs, keeps each pair's queries together and cuts about every ``batch_size``
+queries (at the pair boundary at or past each multiple), so a trainer that supports it
+(:attr:`Trainer.supports_pair_batching`) scores each pair once and shares the row among its targets, with as many
+steps of as many triples as ``triples``. The loss is the mean over the batch's triples either way.
 
 Determinism and resume: the model is initialised from ``seed`` and epoch ``k`` is shuffled with a
 generator seeded from ``(seed, k)``, so shuffling does not depend on RNG state. The resumable
@@ -133,17 +134,23 @@ class PairIndex:
 
     def epoch_batches(self, seed: int, epoch: int, batch_size: int) -> tuple[torch.Tensor, list[int]]:
         """Epoch ``epoch``'s query order and batch offsets: the pairs shuffled by :func:`epoch_permutation` (a function
-        of (seed, epoch) only), each pair's queries together in their original order, ``batch_size`` pairs per batch
-        (PyKEEN's LCWA batching; a batch holds ``batch_size`` x the mean tails per pair queries)."""
+        of (seed, epoch) only), each pair's queries together in their original order, cut into batches of about
+        ``batch_size`` queries: batch ``b`` ends at the first pair boundary at or past ``(b + 1) * batch_size``
+        queries, so an epoch has about as many steps of about as many triples as with ``triples`` batching (the
+        boundaries do not drift; a batch holding a pair with more queries than ``batch_size`` covers several marks, and
+        the last batch is short)."""
         P = self.num_pairs
         perm = epoch_permutation(P, seed, epoch)
         position = torch.empty(P, dtype=torch.int64)
         position[perm] = torch.arange(P)
         order = torch.argsort(position[self.pair_of], stable=True)
         ends = torch.cumsum(self.counts[perm], 0)
-        offsets = [0] + ends[batch_size - 1::batch_size].tolist()
-        if offsets[-1] != len(order):
-            offsets.append(len(order))
+        n = len(order)
+        marks = torch.arange(batch_size, max(n, batch_size), batch_size, dtype=torch.int64)
+        cuts = torch.unique_consecutive(ends[torch.searchsorted(ends, marks)]).tolist()
+        offsets = [0, *cuts]
+        if offsets[-1] != n:
+            offsets.append(n)
         return order, offsets
 
 
@@ -416,7 +423,8 @@ class Trainer(abc.ABC):
         """The order of the training queries in epoch ``epoch`` (CPU) and the offsets of its batches in it.
 
         ``triples``: a permutation of the queries cut every ``batch_size``. ``pairs``: ``batch_size`` shuffled
-        (entity, relation) pairs per batch with all their queries (:meth:`PairIndex.epoch_batches`). Both depend on
+        (entity, relation) pairs with all their queries, cut about every ``batch_size`` queries
+        (:meth:`PairIndex.epoch_batches`). Both depend on
         (seed, epoch) only."""
         n, bs, seed = len(self.train_queries_cpu), self.cfg.train.batch_size, self.cfg.train.seed
         if self.batching == "pairs":
