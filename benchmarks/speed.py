@@ -328,7 +328,7 @@ def base_config(args: argparse.Namespace, device: torch.device) -> Config:
     cfg = Config()
     for k, v in {"model.rank": args.rank, "train.batch_size": args.batch_size, "train.precision": args.precision,
                  "train.device": str(device), "train.valid_every": 0, "train.batching": args.batching,
-                 "train.compile": args.compile,
+                 "distill.batching": args.batching, "train.compile": args.compile,
                  "train.cuda_graphs": getattr(args, "cuda_graphs", "auto")}.items():
         set_value(cfg, k, v)
     return cfg

@@ -196,7 +196,7 @@ def test_pair_batched_training_learns_and_resumes_bit_identically(tmp_path):
                                             ("rl", {"distill.kd": "dkd"}), ("best_teacher", {}), ("mulde", {}),
                                             ("single:text", {"distill.kd": "vanilla"})])
 def test_stage_two_scores_each_pair_once_with_the_same_losses_and_gradients(tmp_path, selector, extra):
-    """train.batching=pairs in stage 2: the student and the teachers score each distinct (entity, relation) pair of
+    """distill.batching=pairs in stage 2: the student and the teachers score each distinct (entity, relation) pair of
     the batch once, the policy reads each pair's state once, the CE uses each pair's log-sum-exp and NDKD runs once per
     distinct (pair, teacher weights) (losses that read the target, and MulDE, per query). On the same queries, losses
     (CE, KD, the policy's RC) and every gradient equal those of scoring each query on its own; the policy still samples
@@ -209,7 +209,7 @@ def test_stage_two_scores_each_pair_once_with_the_same_losses_and_gradients(tmp_
     g = torch.Generator().manual_seed(0)
     frozen = FrozenTeachers(["structure", "text"], torch.randn(2, ds.num_entities, 16, generator=g),
                             torch.randn(2, 2 * ds.num_relations, 16, generator=g))
-    cfg = _cfg(**{"train.batching": "pairs", "distill.selector": selector, "distill.policy_hidden": 8,
+    cfg = _cfg(**{"distill.batching": "pairs", "distill.selector": selector, "distill.policy_hidden": 8,
                   "train.precision": "fp32", **extra})
     st = StudentTrainer(ds, cfg, tmp_path, frozen, progress=False)
     assert st.batching == "pairs"
@@ -282,3 +282,32 @@ def test_gathered_kd_compiled_reads_the_rows_in_place_with_the_eager_values_and_
     torch.testing.assert_close(out["compiled"][0], out["eager"][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["compiled"][1], out["eager"][1], rtol=1e-4, atol=1e-5)
     assert float(out["eager"][1][[2, 4]].abs().sum()) == 0.0 and float(out["eager"][1][3].abs().sum()) > 0
+
+
+def test_each_stage_reads_its_own_batching_key(tmp_path):
+    """train.batching sets stage 1 and a plain ComplEx, distill.batching the stage-2 student: pairs for the teachers
+    and triples for the student (the defaults' recommendation) in one configuration."""
+    from dsom.data.modality import ModalityTable
+    from dsom.models.teachers import FrozenTeachers
+    from dsom.train.student import StudentTrainer
+
+    ds = clustered_graph(num_entities=40)
+    g = torch.Generator().manual_seed(0)
+    frozen = FrozenTeachers(["structure", "text"], torch.randn(2, ds.num_entities, 16, generator=g),
+                            torch.randn(2, 2 * ds.num_relations, 16, generator=g))
+    feats = {"text": ModalityTable("text", np.ones((ds.num_entities, 5), np.float32), np.ones(ds.num_entities, bool))}
+
+    def spans(tr) -> bool:  # whether some (entity, relation) pair's queries fall in two batches of epoch 1
+        order, offsets = tr.epoch_batches(1)
+        of = PairIndex(tr.train_queries_cpu).pair_of[order]
+        batch_of = torch.repeat_interleave(torch.arange(len(offsets) - 1), torch.tensor(np.diff(offsets)))
+        return any(len(batch_of[of == p].unique()) > 1 for p in of.unique().tolist())
+
+    for stage1, stage2 in (("pairs", "triples"), ("triples", "pairs")):
+        cfg = _cfg(**{"train.batching": stage1, "distill.batching": stage2, "distill.policy_hidden": 8,
+                      "modalities": ["structure", "text"]})
+        assert ComplExTrainer(ds, cfg, tmp_path / f"c-{stage1}", progress=False).batching == stage1
+        teacher = TeacherTrainer(ds, cfg, tmp_path / f"t-{stage1}", feats, progress=False)
+        st = StudentTrainer(ds, cfg, tmp_path / f"s-{stage1}", frozen, progress=False)
+        assert (teacher.batching, st.batching) == (stage1, stage2)
+        assert spans(teacher) == (stage1 == "triples") and spans(st) == (stage2 == "triples")

@@ -103,7 +103,7 @@ def test_the_cache_off_gives_the_same_training(tmp_path, rewards, baseline, batc
     runs = {}
     for on in (True, False):
         st = _trainer(ds, frozen, tmp_path / str(on), rewards, **{
-            "distill.reward_cache": on, "distill.baseline": baseline, "train.batching": batching})
+            "distill.reward_cache": on, "distill.baseline": baseline, "distill.batching": batching})
         st.fit()
         runs[on] = st
     assert runs[True].model.selector.reward_cache.sealed and runs[False].model.selector.reward_cache is None

@@ -499,7 +499,7 @@ def test_the_student_reward_ce_is_computed_on_the_reward_rows_only_and_gives_the
     cfg = Config()
     for k, v in {"model.rank": 8, "train.batch_size": 64, "train.precision": "fp32", "train.seed": 5,
                  "model.init_scale": 0.3, "distill.selector": "rl", "distill.policy_hidden": 8,
-                 "distill.reward_tau": 2.0, "train.batching": batching}.items():
+                 "distill.reward_tau": 2.0, "distill.batching": batching}.items():
         set_value(cfg, k, v)
     st = StudentTrainer(ds, cfg, tmp_path, _frozen(ds), progress=False)
     d = st.model

@@ -57,7 +57,7 @@ def test_after_one_epoch_the_trainer_reads_every_state_and_they_equal_a_direct_c
 
     monkeypatch.setattr(policy_module, "summary_features", counting)
     epochs: list[int] = []
-    st = StudentTrainer(ds, _cfg(**{"train.batching": batching}), tmp_path / "run", frozen, progress=False,
+    st = StudentTrainer(ds, _cfg(**{"distill.batching": batching}), tmp_path / "run", frozen, progress=False,
                         batch_hook=lambda epoch, batch: epochs.append(epoch))
     st.fit()
     per_epoch = {e: sum(n for n, ep in zip(rows_computed, epochs) if ep == e) for e in (1, 2)}

@@ -161,7 +161,7 @@ def test_a_step_scores_only_the_teachers_its_queries_read_with_unchanged_losses_
     them into the stacked block."""
     from dsom.train.loop import PairIndex, group_pairs
 
-    st = _trainer(tmp_path, **{"distill.selector": selector, "train.batching": batching})
+    st = _trainer(tmp_path, **{"distill.selector": selector, "distill.batching": batching})
     model = st.model
     batch = st.train_queries[:64]
     B = len(batch)

@@ -147,10 +147,11 @@ def test_train_deterministic_makes_the_embedding_backward_reproducible_across_th
 
 
 def test_time_cap_trains_the_epochs_that_fit_says_so_and_lifts_on_resume(tmp_path, caplog):
-    # 560 train triples: 1,120 queries in 347 (entity, relation) pairs, so 3 pair batches of 128: an epoch shorter
-    # than the batches the estimate times is timed up to its last batch
+    # 560 train triples: 1,120 queries in 347 (entity, relation) pairs, so 3 pair batches of about 400 queries: an
+    # epoch shorter than the batches the estimate times is timed up to its last batch
     ds = random_graph(num_triples=600, valid=20, test=20)
-    cfg = _cfg(**{"train.epochs": 4, "train.valid_every": 0, "train.max_minutes": 1e-9, "train.batching": "pairs"})
+    cfg = _cfg(**{"train.epochs": 4, "train.valid_every": 0, "train.max_minutes": 1e-9, "train.batching": "pairs",
+                  "train.batch_size": 400})
     tr = ComplExTrainer(ds, cfg, tmp_path, progress=False)
     assert tr.max_minutes() == 1e-9
     with caplog.at_level("WARNING", logger="dsom"):

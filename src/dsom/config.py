@@ -222,6 +222,10 @@ class DistillConfig:
     calibrate_max_queries: int = opt(4096, "at most this many held-out queries for the temperature fit")
     student_rank: int = opt(0, "student ComplEx rank (0 = model.rank; the dim study varies only this)")
     epochs: int = opt(0, "student epochs (0 = train.epochs); validation, early stopping and LR as in train.*")
+    batching: str = opt("triples", "how stage 2 (the student and its variants) batches its training queries, as "
+                        "train.batching does stage 1's: 'triples' or 'pairs' (each pair's student and teacher rows "
+                        "scored once; cost accuracy on MKG-W and FB15K-237: docs/performance.md)",
+                        ("triples", "pairs"))
     mulde_attention_temperature: float = opt(1.0, "MulDE sketch: temperature of the contrast attention")
     variants: list = opt([], "extra student variants trained on the same teachers (names in docs/training.md, e.g. "
                          "plain, ndkd_avg, vanilla_kd, dkd, nekd, nnkd, conf, best_teacher, best_strategy, mulde, "

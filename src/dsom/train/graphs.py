@@ -74,7 +74,7 @@ def graph_problem(trainer: Trainer) -> str | None:
     if not trainer.supports_cuda_graphs:
         return f"the {trainer.stage} step is not written to be captured"
     if trainer.batching != "triples":
-        return "train.batching=pairs (a batch's number of pairs varies)"
+        return "batching=pairs (a batch's number of pairs varies)"
     if trainer.distributed:
         return "torchrun (gradients are reduced between processes)"
     if not trainer.fused_step():

@@ -243,8 +243,12 @@ class Trainer(abc.ABC):
         self.current_batch_cpu: torch.Tensor | None = None  # the batch being trained, as a CPU tensor
         self.current_batch_index: torch.Tensor | None = None  # its rows of train_queries, on the device
         self.current_batch_index_cpu: torch.Tensor | None = None  # the same, on the host
-        self.batching = cfg.train.batching if self.supports_pair_batching else "triples"
+        self.batching = self.configured_batching(cfg) if self.supports_pair_batching else "triples"
         self._pairs: PairIndex | None = None
+
+    def configured_batching(self, cfg: Config) -> str:
+        """The batching this trainer's stage is configured with (``train.batching``; stage 2 reads its own key)."""
+        return cfg.train.batching
 
     @property
     def distributed(self) -> bool:

@@ -67,6 +67,9 @@ class StudentTrainer(Trainer):
     #: a captured step builds the neighbour pairs of up to this many times the mean batch's (more: a new capture)
     pair_headroom = 1.5
 
+    def configured_batching(self, cfg: Config) -> str:
+        return cfg.distill.batching
+
     def __init__(self, dataset: KGDataset, cfg: Config, run_dir: str | Path, teachers: FrozenTeachers,
                  name: str = "student", progress: bool = True, batch_hook: BatchHook | None = None,
                  reward_rows: torch.Tensor | None = None, temperatures: torch.Tensor | None = None,
@@ -86,7 +89,7 @@ class StudentTrainer(Trainer):
         self._generator: torch.Generator | None = None  # the policy's draws, re-seeded for every batch
         # a CUDA graph's neighbour pairs are built on the device in tensors of this size (graph_inputs sets it)
         self._pair_capacity = 0
-        # the distinct (entity, relation) pair of every training query: batches under train.batching=pairs and the
+        # the distinct (entity, relation) pair of every training query: batches under distill.batching=pairs and the
         # keys of the summary policy's state cache
         self.query_pairs = PairIndex(torch.from_numpy(dataset.queries("train")))
         cfg = student_config(cfg)
