@@ -426,10 +426,9 @@ class Trainer(abc.ABC):
     def epoch_batches(self, epoch: int) -> tuple[torch.Tensor, list[int]]:
         """The order of the training queries in epoch ``epoch`` (CPU) and the offsets of its batches in it.
 
-        ``triples``: a permutation of the queries cut every ``batch_size``. ``pairs``: ``batch_size`` shuffled
-        (entity, relation) pairs with all their queries, cut about every ``batch_size`` queries
-        (:meth:`PairIndex.epoch_batches`). Both depend on
-        (seed, epoch) only."""
+        ``triples``: a permutation of the queries cut every ``batch_size``. ``pairs``: the shuffled (entity,
+        relation) pairs with all their queries, cut about every ``batch_size`` queries (:meth:`PairIndex.epoch_batches`).
+        Both depend on (seed, epoch) only."""
         n, bs, seed = len(self.train_queries_cpu), self.cfg.train.batch_size, self.cfg.train.seed
         if self.batching == "pairs":
             if self._pairs is None:
