@@ -18,8 +18,9 @@ bf16 peaks; the roofline fraction is roofline time / measured time (1.0 = at the
 epoch estimated from the timed batches' median step instead of their mean (on a shared machine it is moved less by a
 step that something else slowed).
 
-``--batching pairs`` trains ComplEx and stage 1 with ``train.batching=pairs`` (each distinct (entity, relation)
-pair of a batch scored once); the batches timed are then the trainer's own pair batches. "TFLOP" counts the
+``--batching pairs`` trains ComplEx and stage 1 with ``train.batching=pairs`` and stage 2 with
+``distill.batching=pairs`` (each distinct (entity, relation) pair of a batch scored once; batches of about
+``--batch-size`` queries, as with triples); the batches timed are then the trainer's own pair batches. "TFLOP" counts the
 products actually done; "dedup TFLOP" the products if every distinct training pair were scored once per epoch
 (the least any 1-vs-all trainer must do), and "dedup frac" the roofline fraction against that.
 
@@ -616,8 +617,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "teachers calibrated by temperatures), 'all' = every row rewarded, no temperatures (the "
                         "benchmark before 2026-12-02; the paper rewards every row)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--batching", default=Config().train.batching, choices=["triples", "pairs"],
-                   help="train.batching of every training phase (ComplEx, stage 1 and stage 2)")
+    p.add_argument("--batching", default="triples", choices=["triples", "pairs"],
+                   help="train.batching and distill.batching: every training phase (ComplEx, stage 1 and stage 2)")
     p.add_argument("--device", default="auto")
     p.add_argument("--cuda-graphs", default="auto", choices=["auto", "off"],
                    help="train.cuda_graphs for the dsom phases (auto: the ComplEx and stage-1 steps captured on CUDA)")
