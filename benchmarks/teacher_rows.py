@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return widths(ds.num_entities, args.rank, [int(w) for w in args.widths.split(",")], args.rounds, args.json)
     cfg = Config()
     for k, v in {"model.rank": args.rank, "train.batch_size": args.batch_size, "train.precision": args.precision,
-                 "train.device": "cpu", "train.valid_every": 0, "train.batching": args.batching,
+                 "train.device": "cpu", "train.valid_every": 0, "distill.batching": args.batching,
                  "distill.policy_state": "summary", "distill.selector": args.selector}.items():
         set_value(cfg, k, v)
     tr, _, _ = stage2_trainer(ds, cfg, args.modalities, args.rewards, f"/tmp/dsom-rows-{os.getpid()}")

@@ -258,7 +258,7 @@ class Distiller(nn.Module):
         and ``reduce``: under torchrun, which rows of the global batch these are and a sum over processes
         (:class:`~dsom.distill.selectors.SelectionBatch`); the policy's ``rc`` then is this process's part of the
         whole batch's loss, every other loss the mean over this process's rows. ``pairs = (heads (P,), relations (P,),
-        pair of each query (B,))``: the batch's distinct (entity, relation) pairs (``train.batching=pairs``); the
+        pair of each query (B,))``: the batch's distinct (entity, relation) pairs (``distill.batching=pairs``); the
         student and the teachers score each pair once, the policy reads each pair's state once, the CE uses each
         pair's log-sum-exp and a neighbour-decoupled KD term is computed once per distinct (pair, teacher weights):
         the same per-query losses with fewer products and fewer passes over score blocks. ``pair_keys`` (``(B,)``, or
