@@ -198,7 +198,7 @@ def test_teacher_scores_make_the_policy_state_without_a_copy():
 
 def test_compile_cache_is_kept_apart_per_vector_isa(tmp_path):
     """torch's FX-graph cache key omits the vector ISA: a graph generated for AVX2 and loaded on an AVX-512 CPU writes
-    past its buffers. dsom gives each ISA its own inductor folder, unless the user named one."""
+    past its buffers. dsom gives each ISA its own inductor folder, inside the user's folder where they named one."""
     import os
     import subprocess
     import sys
@@ -217,8 +217,16 @@ def test_compile_cache_is_kept_apart_per_vector_isa(tmp_path):
     assert os.path.dirname(folder).startswith(str(tmp_path))  # under inductor's own default folder
     returned, folder = run()
     assert returned == folder and os.path.basename(folder).startswith("dsom-")
-    returned, folder = run(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "mine"))  # the user's choice is kept
-    assert returned == "None" and folder == str(tmp_path / "mine")
+    native = os.path.basename(folder)
+    # the user's folder is kept, each ISA in a folder of its own inside it; a dsom-<isa> folder is not nested again
+    returned, folder = run(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "mine"), ATEN_CPU_CAPABILITY="avx2")
+    assert returned == folder == str(tmp_path / "mine" / "dsom-avx2")
+    returned, folder = run(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "mine"))
+    assert returned == folder == str(tmp_path / "mine" / native)
+    returned, folder = run(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "mine" / "dsom-avx2"), ATEN_CPU_CAPABILITY="avx2")
+    assert returned == folder == str(tmp_path / "mine" / "dsom-avx2")
+    returned, folder = run(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "mine" / "dsom-avx2"))
+    assert returned == folder == str(tmp_path / "mine" / native)
 
 
 def test_column_scores_equal_the_row_product_block_by_block(monkeypatch):

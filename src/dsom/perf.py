@@ -130,21 +130,25 @@ def compile_cache_dir(isa: str, base: str | None = None) -> str:
     return os.path.join(base or default_cache_dir(), f"dsom-{name}")
 
 
-def isolate_compile_cache() -> str | None:
-    """Give every vector ISA its own inductor cache folder (unless ``TORCHINDUCTOR_CACHE_DIR`` names another one).
+def isolate_compile_cache() -> str:
+    """Give every vector ISA its own inductor cache folder: ``<folder>/dsom-<isa>``, where ``<folder>`` is
+    ``TORCHINDUCTOR_CACHE_DIR`` if the user (or an outer tool) set it, else inductor's default.
 
     torch 2.13's FX-graph cache key leaves out the ISA the kernels were generated for, while the cached C++ is
     rebuilt with the current ISA's flags: a graph cached under AVX2 (``ATEN_CPU_CAPABILITY=avx2``, or an AVX2 machine
-    sharing ``/tmp``) and loaded on an AVX-512 CPU steps 8 floats per 16-float store and writes past its buffers
-    (heap corruption: "double free or corruption" in stage 2, aborts in the test suite); the other way round it
-    would leave half of each row unwritten. Returns the folder set (``None`` where the user chose one)."""
+    sharing the folder, e.g. a cluster's nodes sharing a home directory) and loaded on an AVX-512 CPU steps 8 floats
+    per 16-float store and writes past its buffers (heap corruption: "double free or corruption" in stage 2, aborts in
+    the test suite, "corrupted size vs. prev_size" in a benchmark whose runs set one folder for both ISAs); the other
+    way round it would leave half of each row unwritten. Idempotent: a folder already named ``dsom-<isa>`` is kept.
+    Returns the folder set."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if current is not None and os.path.abspath(current) != os.path.abspath(default_cache_dir()):
-        return None  # the user's (or an outer tool's) choice
-    folder = compile_cache_dir(str(pick_vec_isa()))
+    base = current if current is not None else default_cache_dir()
+    folder = compile_cache_dir(str(pick_vec_isa()), base)
+    if current is not None and os.path.basename(os.path.normpath(current)).startswith("dsom-"):
+        folder = compile_cache_dir(str(pick_vec_isa()), os.path.dirname(os.path.normpath(current)))
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
     return folder
 
