@@ -163,3 +163,26 @@ def test_a_run_logs_its_plan_and_an_estimate_per_stage(tmp_path, caplog):
     eta = [x for x in lines if " s per epoch (" in x]
     assert [x.split(":")[0] for x in eta] == ["pretrain", "distill"]
     assert "3 epochs to go" in eta[0] and "2 epochs to go" in eta[1]
+
+
+def test_the_plan_says_where_batches_are_pairs_and_how_many_queries_a_pair_has(tmp_path, caplog):
+    import logging
+
+    ds = clustered_graph(num_entities=40)
+    d = tmp_path / "kg"
+    write_canonical(ds, d)
+    keys = {(h, r) for h, r, t in ds.train} | {(t, -1 - r) for h, r, t in ds.train}  # reciprocal queries' pairs
+    per_pair = 2 * len(ds.train) / len(keys)
+    assert per_pair > 1.2
+    with caplog.at_level(logging.INFO, logger="dsom"):
+        assert main(["pretrain", str(d), "-o", str(tmp_path / "r"), "--rank", "4", "--epochs", "1", "--batch-size",
+                     "20", "--set", "train.batching=pairs", "--set", "ensemble.models=[]", "-q"]) == 0
+    plan = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: ")]
+    assert len(plan) == 1 and "epochs of about " in plan[0] and " queries, pair batches)" in plan[0]
+    assert f"; {per_pair:.2f} training queries per (entity, relation) pair (pair batches:" in plan[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dsom"):
+        assert main(["pretrain", str(d), "-o", str(tmp_path / "t"), "--rank", "4", "--epochs", "1", "--batch-size",
+                     "20", "--set", "ensemble.models=[]", "-q"]) == 0
+    plan = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: ")]
+    assert len(plan) == 1 and "pair" not in plan[0]
