@@ -145,10 +145,10 @@ def isolate_compile_cache() -> str:
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    base = current if current is not None else default_cache_dir()
+    base = os.path.normpath(current) if current is not None else default_cache_dir()
+    if os.path.basename(base).startswith("dsom-"):  # already one ISA's folder: its parent is the base
+        base = os.path.dirname(base)
     folder = compile_cache_dir(str(pick_vec_isa()), base)
-    if current is not None and os.path.basename(os.path.normpath(current)).startswith("dsom-"):
-        folder = compile_cache_dir(str(pick_vec_isa()), os.path.dirname(os.path.normpath(current)))
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
     return folder
 

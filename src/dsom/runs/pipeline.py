@@ -209,8 +209,8 @@ def describe_plan(cfg: Config, ds: KGDataset, variants: list[str], stages: str =
     t = cfg.train
     parts = []
     pairs = "pairs" in (t.batching, cfg.distill.batching)
-    per_pair = len(ds.queries("train")) / max(PairIndex(torch.from_numpy(ds.queries("train"))).num_pairs, 1) \
-        if pairs else 0.0
+    train_queries = ds.queries("train")
+    per_pair = len(train_queries) / max(PairIndex(torch.from_numpy(train_queries)).num_pairs, 1) if pairs else 0.0
     if teachers_from is None:
         parts.append(f"teachers {'+'.join(cfg.modalities)} rank {cfg.model.rank}, up to {t.epochs} epochs of "
                      f"{'about ' if t.batching == 'pairs' else ''}{batches:,} batches ({queries:,} queries"
