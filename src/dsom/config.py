@@ -100,6 +100,10 @@ class TrainConfig:
                         "In stage 2 the student and the teachers score each pair once, the policy reads each "
                         "pair's state once and NDKD runs once per distinct (pair, teacher subset); the policy still "
                         "chooses, and is rewarded, per query (speed and accuracy: docs/performance.md)", ("triples", "pairs"))
+    pair_max_queries: int = opt(0, "under pairs batching (train.batching, distill.batching): a pair with more training "
+                                "queries than this is cut into pieces of at most this many, shuffled apart, so a pair "
+                                "with thousands of answers is spread over an epoch's steps as under triples batching "
+                                "(pieces meeting in one batch are still scored once). 0 = never cut")
     block_mb: float = opt(256.0, "largest B x E float32 score block one teacher's training loss materialises; larger "
                           "1-vs-all losses (big graphs) run over entity chunks with recomputation (4 products "
                           "instead of 3, memory O(B x chunk)). 0 = never chunk. Stage 1 and plain ComplEx only")
@@ -289,7 +293,7 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
 _GT0, _GE0, _GE1 = (0, False, None, False), (0, True, None, False), (1, True, None, False)
 VALUE_RANGES: dict[str, tuple[float, bool, float | None, bool]] = {
     "model.rank": _GE1, "model.init_scale": _GT0, "model.teacher_scale": _GT0,
-    "train.epochs": _GE1, "train.max_minutes": (-1, True, None, False), "train.batch_size": _GE1, "train.lr": _GT0,
+    "train.epochs": _GE1, "train.max_minutes": (-1, True, None, False), "train.batch_size": _GE1, "train.lr": _GT0, "train.pair_max_queries": _GE0,
     "train.reg": _GE0, "train.seed": _GE0,
     "train.valid_every": _GE0, "train.valid_max_triples": _GE0, "train.patience": _GE0,
     "train.scheduler_patience": _GE0, "train.scheduler_factor": (0, False, 1, False),

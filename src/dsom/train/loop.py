@@ -132,19 +132,38 @@ class PairIndex:
     def num_pairs(self) -> int:
         return len(self.counts)
 
-    def epoch_batches(self, seed: int, epoch: int, batch_size: int) -> tuple[torch.Tensor, list[int]]:
+    def pieces(self, max_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs cut into pieces of at most ``max_queries`` queries (0 = no cut): ``piece_of (N,)`` the piece of
+        each query and ``counts (Q,)`` the queries per piece. A pair's queries fill its pieces in their original order;
+        pieces are numbered pair by pair, so with no pair cut they are the pairs themselves."""
+        if max_queries <= 0 or len(self.counts) == 0 or int(self.counts.max()) <= max_queries:
+            return self.pair_of, self.counts
+        order = torch.argsort(self.pair_of, stable=True)
+        first = torch.cumsum(self.counts, 0) - self.counts  # each pair's first position in ``order``
+        rank = torch.arange(len(order)) - first[self.pair_of[order]]  # a query's place among its pair's queries
+        per_pair = (self.counts + max_queries - 1) // max_queries
+        first_piece = torch.cumsum(per_pair, 0) - per_pair
+        piece_of = torch.empty_like(self.pair_of)
+        piece_of[order] = first_piece[self.pair_of[order]] + rank // max_queries
+        return piece_of, torch.bincount(piece_of, minlength=int(per_pair.sum()))
+
+    def epoch_batches(self, seed: int, epoch: int, batch_size: int,
+                      max_queries: int = 0) -> tuple[torch.Tensor, list[int]]:
         """Epoch ``epoch``'s query order and batch offsets: the pairs shuffled by :func:`epoch_permutation` (a function
         of (seed, epoch) only), each pair's queries together in their original order, cut into batches of about
         ``batch_size`` queries: batch ``b`` ends at the first pair boundary at or past ``(b + 1) * batch_size``
         queries, so an epoch has about as many steps of about as many triples as with ``triples`` batching (the
         boundaries do not drift; a batch holding a pair with more queries than ``batch_size`` covers several marks, and
-        the last batch is short)."""
-        P = self.num_pairs
+        the last batch is short). ``max_queries`` > 0 shuffles the :meth:`pieces` of at most that many queries
+        instead of whole pairs, so a pair with thousands of answers is spread over the epoch's steps as with
+        ``triples`` batching (its pieces that meet in one batch are still scored once)."""
+        piece_of, counts = self.pieces(max_queries)
+        P = len(counts)
         perm = epoch_permutation(P, seed, epoch)
         position = torch.empty(P, dtype=torch.int64)
         position[perm] = torch.arange(P)
-        order = torch.argsort(position[self.pair_of], stable=True)
-        ends = torch.cumsum(self.counts[perm], 0)
+        order = torch.argsort(position[piece_of], stable=True)
+        ends = torch.cumsum(counts[perm], 0)
         n = len(order)
         marks = torch.arange(batch_size, max(n, batch_size), batch_size, dtype=torch.int64)
         cuts = torch.unique_consecutive(ends[torch.searchsorted(ends, marks)]).tolist()
@@ -433,7 +452,7 @@ class Trainer(abc.ABC):
         if self.batching == "pairs":
             if self._pairs is None:
                 self._pairs = PairIndex(self.train_queries_cpu)
-            return self._pairs.epoch_batches(seed, epoch, bs)
+            return self._pairs.epoch_batches(seed, epoch, bs, self.cfg.train.pair_max_queries)
         return epoch_permutation(n, seed, epoch), [*range(0, n, bs), n]
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
