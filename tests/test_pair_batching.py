@@ -163,6 +163,54 @@ def test_pair_batches_hold_about_as_many_queries_as_triple_batches():
     assert len(offsets) - 1 in (-(-len(q) // bs) - 1, -(-len(q) // bs))
 
 
+def _reference_pieces(pair_of: list[int], k: int) -> list[tuple[int, int]]:
+    """(pair, piece within the pair) of each query by a plain loop: a pair's queries, in order, fill pieces of k."""
+    seen: dict[int, int] = {}
+    out = []
+    for p in pair_of:
+        out.append((p, seen.get(p, 0) // k))
+        seen[p] = seen.get(p, 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_pair_pieces_cut_heavy_pairs_and_keep_light_ones_whole(k):
+    """train.pair_max_queries: pieces of at most k queries; batches then hold pieces, not necessarily whole pairs."""
+    q = torch.from_numpy(clustered_graph(num_entities=90).queries("train"))
+    idx = PairIndex(q)
+    assert idx.counts.max() > 5
+    piece_of, counts = idx.pieces(k)
+    ref = _reference_pieces(idx.pair_of.tolist(), k)
+    labels = [ref[int((piece_of == j).nonzero()[0, 0])] for j in range(len(counts))]
+    assert labels == sorted(set(ref))  # the loop's partition, one piece per label, numbered pair by pair
+    for j in range(len(counts)):
+        members = (piece_of == j).nonzero().flatten().tolist()
+        assert len({ref[i] for i in members}) == 1 and len(members) == counts[j] <= k
+    assert int(counts.sum()) == len(q) and len(counts) == int(((idx.counts + k - 1) // k).sum())
+    order, offsets = idx.epoch_batches(3, 1, 50, k)
+    assert sorted(order.tolist()) == list(range(len(q)))
+    batch_of = torch.empty(len(q), dtype=torch.int64)
+    for b in range(len(offsets) - 1):
+        batch_of[order[offsets[b]:offsets[b + 1]]] = b
+    for j in range(len(counts)):
+        assert len(set(batch_of[piece_of == j].tolist())) == 1  # a piece never spans two batches
+    big = int(idx.counts.argmax())
+    assert len(set(batch_of[idx.pair_of == big].tolist())) > 1  # the heaviest pair is spread over batches
+    # a cut that no pair exceeds is no cut: the same epochs as whole pairs
+    whole = idx.epoch_batches(3, 1, 50)
+    same = idx.epoch_batches(3, 1, 50, int(idx.counts.max()))
+    assert torch.equal(whole[0], same[0]) and whole[1] == same[1]
+
+
+def test_trainers_cut_pairs_by_train_pair_max_queries(tmp_path):
+    ds = clustered_graph(num_entities=90)
+    cfg = _cfg(**{"train.batching": "pairs", "train.pair_max_queries": 2})
+    tr = ComplExTrainer(ds, cfg, tmp_path, progress=False)
+    order, offsets = tr.epoch_batches(2)
+    ref = PairIndex(torch.from_numpy(ds.queries("train"))).epoch_batches(cfg.train.seed, 2, cfg.train.batch_size, 2)
+    assert torch.equal(order, ref[0]) and offsets == ref[1]
+
+
 class Interrupt(Exception):
     pass
 
