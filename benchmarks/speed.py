@@ -329,7 +329,8 @@ def base_config(args: argparse.Namespace, device: torch.device) -> Config:
     cfg = Config()
     for k, v in {"model.rank": args.rank, "train.batch_size": args.batch_size, "train.precision": args.precision,
                  "train.device": str(device), "train.valid_every": 0, "train.batching": args.batching,
-                 "distill.batching": args.batching, "train.compile": args.compile,
+                 "distill.batching": args.batching, "train.pair_max_queries": getattr(args, "pair_max_queries", 0),
+                 "train.compile": args.compile,
                  "train.cuda_graphs": getattr(args, "cuda_graphs", "auto")}.items():
         set_value(cfg, k, v)
     return cfg
@@ -619,6 +620,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--batching", default="triples", choices=["triples", "pairs"],
                    help="train.batching and distill.batching: every training phase (ComplEx, stage 1 and stage 2)")
+    p.add_argument("--pair-max-queries", type=int, default=0,
+                   help="train.pair_max_queries: with --batching pairs, cut pairs into pieces of at most this many "
+                        "queries (0 = whole pairs)")
     p.add_argument("--device", default="auto")
     p.add_argument("--cuda-graphs", default="auto", choices=["auto", "off"],
                    help="train.cuda_graphs for the dsom phases (auto: the ComplEx and stage-1 steps captured on CUDA)")
@@ -657,7 +661,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["setup"] = {"dataset": ds.name, "entities": ds.num_entities, "relations": ds.num_relations,
                     "train_triples": len(ds.train), "test_triples": len(ds.test), "rank": args.rank,
                     "batch_size": args.batch_size, "batches": args.batches, "modalities": args.modalities,
-                    "policy_hidden": args.policy_hidden, "batching": args.batching}
+                    "policy_hidden": args.policy_hidden, "batching": args.batching,
+                    "pair_max_queries": args.pair_max_queries}
     if "complex" not in skip:
         run_phase("dsom_complex", lambda: phase_dsom_complex(ds, args, device, tmp), device, res)
     pk_model = None
