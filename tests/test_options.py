@@ -180,6 +180,15 @@ def test_the_plan_says_where_batches_are_pairs_and_how_many_queries_a_pair_has(t
     plan = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: ")]
     assert len(plan) == 1 and "epochs of about " in plan[0] and " queries, pair batches)" in plan[0]
     assert f"; {per_pair:.2f} training queries per (entity, relation) pair (pair batches:" in plan[0]
+    k = Config().train.pair_max_queries
+    assert (f"pieces of at most {k} queries" if k else "whole pairs, less accurate") in plan[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dsom"):
+        assert main(["pretrain", str(d), "-o", str(tmp_path / "w"), "--rank", "4", "--epochs", "1", "--batch-size",
+                     "20", "--set", "train.batching=pairs", "--set", f"train.pair_max_queries={0 if k else 3}",
+                     "--set", "ensemble.models=[]", "-q"]) == 0
+    plan = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: ")]
+    assert ("whole pairs, less accurate" if k else "pieces of at most 3 queries") in plan[0]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dsom"):
         assert main(["pretrain", str(d), "-o", str(tmp_path / "t"), "--rank", "4", "--epochs", "1", "--batch-size",

@@ -227,9 +227,12 @@ def describe_plan(cfg: Config, ds: KGDataset, variants: list[str], stages: str =
         parts.append(f"{len(students)} student{'s' if len(students) > 1 else ''} ({', '.join(students)}) rank "
                      f"{cfg.distill.student_rank or cfg.model.rank}, {cfg.distill.epochs or t.epochs} epochs each"
                      f"{', pair batches' if cfg.distill.batching == 'pairs' else ''}")
-    if pairs:  # pair batches trained worse models where pairs have many tails (docs/usage.md)
-        parts.append(f"{per_pair:.2f} training queries per (entity, relation) pair (pair batches: as accurate as "
-                     "triples on MKG-Y's 1.87, worse on FB15K-237's 3.64; docs/usage.md)")
+    if pairs:  # whole pairs trained worse models where pairs have many tails (docs/usage.md)
+        k = t.pair_max_queries
+        parts.append(f"{per_pair:.2f} training queries per (entity, relation) pair (pair batches: "
+                     + (f"pairs cut into pieces of at most {k} queries; docs/usage.md)" if k > 0 else
+                        "whole pairs, less accurate than triples on FB15K-237's 3.64 (docs/usage.md); "
+                        "train.pair_max_queries cuts them)"))
     if t.max_minutes != 0:
         cap = (f"{t.max_minutes:g} min" if t.max_minutes > 0
                else f"auto: {AUTO_CPU_MINUTES:g} min on a CPU, none on a GPU")
