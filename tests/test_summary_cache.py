@@ -62,7 +62,11 @@ def test_after_one_epoch_the_trainer_reads_every_state_and_they_equal_a_direct_c
     st.fit()
     per_epoch = {e: sum(n for n, ep in zip(rows_computed, epochs) if ep == e) for e in (1, 2)}
     queries = st.query_pairs
-    expected_rows = queries.num_pairs if batching == "pairs" else len(st.train_queries)
+    expected_rows = len(st.train_queries)
+    if batching == "pairs":  # each batch's distinct pairs (a pair cut into pieces, train.pair_max_queries, may recur)
+        order, offsets = st.epoch_batches(1)
+        expected_rows = sum(len(torch.unique(queries.pair_of[order[a:b]])) for a, b in zip(offsets, offsets[1:]))
+        assert queries.num_pairs < expected_rows < len(st.train_queries)
     assert per_epoch == {1: expected_rows, 2: 0}
     cache = st.model.policy
     assert cache.cache.sealed and cache.cache.shape[0] == queries.num_pairs
