@@ -96,7 +96,8 @@ class TrainConfig:
                         "each pair is scored once and its row is shared by its targets (PyKEEN's LCWA batching, "
                         "except that batch_size counts queries, not pairs). The loss is the same mean CE + regulariser "
                         "over the batch's triples and an epoch has about as many steps, with fewer products (DB15K: "
-                        "75,105 pairs for 158,444 queries). "
+                        "75,105 pairs for 158,444 queries; 88,609 score rows when train.pair_max_queries=4 cuts the pairs "
+                        "with more tails into pieces). "
                         "In stage 2 the student and the teachers score each pair once, the policy reads each "
                         "pair's state once and NDKD runs once per distinct (pair, teacher subset); the policy still "
                         "chooses, and is rewarded, per query (speed and accuracy: docs/performance.md)", ("triples", "pairs"))
