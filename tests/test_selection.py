@@ -268,27 +268,29 @@ def test_entity_reliability_by_brute_force():
     from dsom.distill.holdout import entity_reliability
 
     g = torch.Generator().manual_seed(3)
-    n, E, M = 60, 12, 2
-    z = torch.randn(M, n, E, generator=g) * 2
+    n, E, M, R = 60, 12, 2, 3
+    table = torch.randn(M, E * R, E, generator=g) * 2  # the teachers' logits of each (entity, relation) pair
     heads = torch.randint(0, E - 2, (n,), generator=g)  # entities E-2 and E-1 never appear
-    rels = torch.randint(0, 3, (n,), generator=g)
+    rels = torch.randint(0, R, (n,), generator=g)
     tails = torch.randint(0, E - 2, (n,), generator=g)
+    assert len(torch.unique(heads * R + rels)) < n  # some pairs have several queries
 
-    class Rows:  # logits of query i are row i, whatever its entity
+    class Table:
         num_teachers = M
 
         def __init__(self):
-            self.i = 0
+            self.calls: list[int] = []
 
         def score_all(self, head, relation, precision="fp32"):
-            out = z[:, self.i:self.i + len(head)]
-            self.i += len(head)
-            return out
+            self.calls.append(len(head))
+            return table[:, head * R + relation]
 
     q = torch.stack([heads, rels, tails], 1)
-    got = entity_reliability(Rows(), q, E, batch_size=7)
-    ce = torch.stack([torch.stack([F.cross_entropy(z[m, i:i + 1].double(), tails[i:i + 1]) for i in range(n)])
-                      for m in range(M)], 1)  # (n, M)
+    teachers = Table()
+    got = entity_reliability(teachers, q, E, batch_size=7)
+    assert sum(teachers.calls) == len(torch.unique(heads * R + rels)) and max(teachers.calls) <= 7  # each pair once
+    ce = torch.stack([torch.stack([F.cross_entropy(table[m, int(heads[i] * R + rels[i])][None].double(), tails[i:i + 1])
+                                   for i in range(n)]) for m in range(M)], 1)  # (n, M)
     rel_mean = {r: ce[rels == r].mean(0) for r in range(3)}
     centred = torch.stack([ce[i] - rel_mean[int(rels[i])] for i in range(n)])
     raw = torch.zeros(E, M, dtype=torch.float64)
