@@ -92,3 +92,36 @@ def test_the_cache_off_gives_the_same_training(tmp_path):
     assert runs[True].model.policy.cache.sealed and runs[False].model.policy.cache is None
     for a, b in zip(runs[True].model.parameters(), runs[False].model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("state", ["summary", "logits"])
+def test_greedy_actions_score_each_pair_once_and_equal_a_per_query_loop(tmp_path, state):
+    """The Fig. 3 analysis (``greedy_actions``): pairs scored once per batch, or not at all where the sealed summary
+    cache serves every state, and the same actions as scoring each query on its own."""
+    ds = clustered_graph(num_entities=60)
+    st = StudentTrainer(ds, _cfg(**{"distill.policy_state": state}), tmp_path / "run", _frozen(ds), progress=False)
+    st.fit()
+    model = st.model
+    q = st.train_queries_cpu
+    scored: list[int] = []
+    real = model.teacher_scores
+
+    def counting(head, relation, *args, **kw):
+        scored.append(len(head))
+        return real(head, relation, *args, **kw)
+
+    model.teacher_scores = counting
+    with torch.no_grad():
+        loop = torch.stack([model.selector.greedy(real(q[i:i + 1, 0], q[i:i + 1, 1]), q[i:i + 1, 0], q[i:i + 1, 1],
+                                                  q[i:i + 1, 2]) for i in range(len(q))]).flatten()
+        by_pair = model.greedy_actions(q, 64)
+        pairs = st.query_pairs
+        assert pairs.num_pairs <= sum(scored) <= pairs.num_pairs + -(-len(q) // 64) < len(q)
+        scored.clear()
+        keyed = model.greedy_actions(q, 64, st._query_pair_ids)
+    assert torch.equal(by_pair, loop) and torch.equal(keyed, loop)
+    assert len(set(loop.tolist())) > 1  # not a constant policy
+    if state == "summary":
+        assert scored == []  # the sealed cache served every pair's state
+    else:
+        assert pairs.num_pairs <= sum(scored) < len(q)

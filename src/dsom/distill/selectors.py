@@ -437,10 +437,13 @@ class PolicySelector(Selector):
                              batch.head, batch.relation, batch.target, batch.pair_of, batch.pair_keys)
 
     @torch.no_grad()
-    def greedy(self, teacher_logits: torch.Tensor, head: torch.Tensor, relation: torch.Tensor,
-               target: torch.Tensor | None = None) -> torch.Tensor:
+    def greedy(self, teacher_logits: torch.Tensor | None, head: torch.Tensor, relation: torch.Tensor,
+               target: torch.Tensor | None = None, pair_of: torch.Tensor | None = None,
+               keys: torch.Tensor | None = None) -> torch.Tensor:
+        """Arg-max actions ``(B,)``; ``pair_of``/``keys`` as in :func:`policy_logits` (teacher logits one row per pair,
+        or ``None`` where a sealed summary cache holds every key)."""
         return policy_logits(self.policy, self.ctx.config.policy_state, teacher_logits, head, relation,
-                             target).argmax(-1)
+                             target, pair_of, keys).argmax(-1)
 
     def select(self, batch: SelectionBatch) -> Selection:
         c = self.ctx.config

@@ -461,7 +461,7 @@ class StudentTrainer(Trainer):
             return None
         model.eval()
         q = torch.from_numpy(self.ds.queries("train")).to(self.device)
-        actions = model.greedy_actions(q, self.cfg.eval.batch_size).cpu()
+        actions = model.greedy_actions(q, self.cfg.eval.batch_size, self._query_pair_ids).cpu()
         names = action_names(self.teachers.modalities)
         A = len(names)
         overall = torch.bincount(actions, minlength=A).double() / max(len(actions), 1)
