@@ -43,36 +43,55 @@ def reward_rows(ds: KGDataset, fraction: float, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fit_temperatures(teachers, queries: torch.Tensor, batch_size: int = 1000, iterations: int = 30) -> torch.Tensor:
+def fit_temperatures(teachers, queries: torch.Tensor, batch_size: int = 1000, iterations: int = 30,
+                     tol: float = 1e-10) -> torch.Tensor:
     """Per-teacher temperatures ``T_m`` minimising the mean CE of ``F^m / T_m`` on ``queries (n, 3)``.
 
-    ``CE(beta) = logsumexp(beta z) - beta z_t`` is convex in ``beta = 1 / T``, so its derivative
-    ``E_p[z] - z_t`` increases with ``beta``: bisection on ``log beta`` in ``[-7, 7]`` (T from 1e-3 to 1e3)
-    finds the minimum to ``14 / 2^iterations`` in ``log T``. (An undamped Newton step oscillates on teachers
-    with a few very confident mistakes; bisection cannot.)"""
+    ``CE(beta) = logsumexp(beta z) - beta z_t`` is convex in ``beta = 1 / T``: its derivative ``E_p[z] - z_t``
+    increases with ``beta`` and its second derivative is ``Var_p[z]``. Safeguarded Newton on ``x = log beta`` in
+    ``[-7, 7]`` (T from 1e-3 to 1e3): every pass over the queries gives both derivatives at the current point, which
+    narrows a bracket of the minimum as bisection does; the next point is the Newton step in ``beta`` where it falls
+    inside the bracket, else the bracket's midpoint (an undamped Newton step oscillates on teachers with a few very
+    confident mistakes; the bracket cannot). It stops when every teacher's Newton step (or bracket) is below ``tol`` in ``x`` or after
+    ``iterations`` passes: a few passes where bisection took 30 (each pass scores the teachers on every query and
+    exponentiates ``M x n x E`` float64 logits: 48 s of a FB15K-237 stage-2 run)."""
     M = teachers.num_teachers
     lo = torch.full((M,), -7.0, dtype=torch.float64)
     hi = torch.full((M,), 7.0, dtype=torch.float64)
+    x = (lo + hi) / 2
     for _ in range(iterations):
-        mid = (lo + hi) / 2
-        grad = _ce_gradient(teachers, queries, mid.exp(), batch_size)
-        up = grad < 0  # CE still falls as beta grows: the minimum lies above mid
-        lo = torch.where(up, mid, lo)
-        hi = torch.where(up, hi, mid)
-    return (-(lo + hi) / 2).exp().float()
+        beta = x.exp()
+        grad, curv = _ce_derivatives(teachers, queries, beta, batch_size)
+        up = grad < 0  # CE still falls as beta grows: the minimum lies above x
+        lo = torch.where(up, x, lo)
+        hi = torch.where(up, hi, x)
+        newton = torch.log((beta - grad / curv.clamp(min=1e-300)).clamp(min=1e-300))
+        inside = (curv > 0) & (newton > lo) & (newton < hi)
+        # converged: Newton's own step, or the bracket, below tol (the sign of a float64 derivative this close to the
+        # minimum is rounding noise, which can put the Newton point just outside the bracket)
+        converged = ((newton - x).abs() < tol) | (hi - lo < tol)
+        x = torch.where(inside, newton, torch.where(converged, x, (lo + hi) / 2))
+        if bool(converged.all()):
+            break
+    return (-x).exp().float()
 
 
-def _ce_gradient(teachers, queries: torch.Tensor, beta: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """``(M,)`` derivative of the summed CE of ``beta_m F^m`` with respect to ``beta_m``."""
+def _ce_derivatives(teachers, queries: torch.Tensor, beta: torch.Tensor,
+                    batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M,)`` first and second derivatives of the summed CE of ``beta_m F^m`` with respect to ``beta_m``."""
     M = teachers.num_teachers
     grad = torch.zeros(M, dtype=torch.float64)
+    curv = torch.zeros(M, dtype=torch.float64)
     for s in range(0, len(queries), batch_size):
         q = queries[s:s + batch_size]
         z = teachers.score_all(q[:, 0], q[:, 1]).double()  # (M, b, E)
         p = torch.softmax(z * beta.to(z.device).view(-1, 1, 1), -1)
+        pz = p * z
+        mean = pz.sum(-1)
         zt = z.gather(-1, q[:, 2].view(1, -1, 1).expand(M, -1, 1)).squeeze(-1)
-        grad += ((p * z).sum(-1) - zt).sum(1).cpu()
-    return grad
+        grad += (mean - zt).sum(1).cpu()
+        curv += ((pz * z).sum(-1) - mean * mean).clamp(min=0).sum(1).cpu()
+    return grad, curv
 
 
 @torch.no_grad()
