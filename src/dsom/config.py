@@ -230,7 +230,8 @@ class DistillConfig:
     epochs: int = opt(0, "student epochs (0 = train.epochs); validation, early stopping and LR as in train.*")
     batching: str = opt("triples", "how stage 2 (the student and its variants) batches its training queries, as "
                         "train.batching does stage 1's: 'triples' or 'pairs' (each pair's student and teacher rows "
-                        "scored once; cost accuracy on MKG-W and FB15K-237: docs/performance.md)",
+                        "scored once, pairs cut by train.pair_max_queries; whole pairs cost accuracy on MKG-W and "
+                        "FB15K-237, pieces of 4 did not on FB15K-237: docs/performance.md)",
                         ("triples", "pairs"))
     mulde_attention_temperature: float = opt(1.0, "MulDE sketch: temperature of the contrast attention")
     variants: list = opt([], "extra student variants trained on the same teachers (names in docs/training.md, e.g. "
