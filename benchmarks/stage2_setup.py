@@ -23,13 +23,14 @@ from dsom.runs.setup import build_config
 from dsom.train.teachers import load_frozen_teachers
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Prints the timings; returns the last round's seconds (``temperatures``, ``reliability``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dataset")
     p.add_argument("--teachers", required=True, help="a dsom pretrain or run directory")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--save", help="write the (E, M) reliability table here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     ds = registry.load(args.dataset)
     cfg = build_config(args.dataset, config_file=str(Path(args.teachers) / "config.yaml"))  # its holdout
     frozen, _ = load_frozen_teachers(args.teachers)
@@ -45,6 +46,7 @@ def main() -> None:
         print(f"round {r + 1}: temperatures {t1 - t0:.1f} s, entity reliability {t2 - t1:.1f} s")
     if args.save:
         torch.save(stats, args.save)
+    return {"temperatures": t1 - t0, "reliability": t2 - t1}
 
 
 if __name__ == "__main__":

@@ -297,3 +297,44 @@ def test_neighbour_pairs_benchmark_times_the_three_ways():
     res = _script("neighbour_pairs").main(["synthetic", "--batch-size", "64", "--batches", "3", "--repeats", "1"])
     assert set(res["ms"]) == {"host list", "host count", "device list (count)", "device list (capacity)"}
     assert all(v > 0 for v in res["ms"].values()) and res["capacity"] > res["pairs_per_batch"] > 0
+
+
+def test_pair_pieces_counts_the_rows_of_each_cut():
+    from collections import Counter
+
+    from dsom.data import registry
+
+    res = _script("pair_pieces").main(["synthetic", "--k", "1,2,5"])["synthetic"]
+    q = registry.load("synthetic").queries("train")
+    per_pair = Counter((int(h), int(r)) for h, r, _ in q)
+    assert res["pairs"] == len(per_pair) < res["triples"] == len(q)
+    for k in (1, 2, 5):
+        assert res[f"K={k}"] == sum(-(-c // k) for c in per_pair.values())
+    assert res["K=1"] == len(q)
+
+
+def test_stage2_setup_times_the_temperatures_and_the_reliability_table(tmp_path):
+    import torch
+
+    from dsom.cli import main
+    from dsom.data import registry
+    from dsom.distill.holdout import entity_reliability
+    from dsom.runs.pipeline import selection_inputs
+    from dsom.runs.setup import build_config
+    from dsom.train.teachers import load_frozen_teachers
+
+    run = tmp_path / "teachers"
+    assert main(["pretrain", "synthetic", "-o", str(run), "--modalities", "structure,text", "--rank", "4", "--epochs",
+                 "1", "--set", "ensemble.models=[]", "-q"]) == 0
+    res = _script("stage2_setup").main(["synthetic", "--teachers", str(run), "--save", str(tmp_path / "s.pt")])
+    assert res["temperatures"] > 0 and res["reliability"] > 0
+    ds = registry.load("synthetic")
+    frozen, _ = load_frozen_teachers(run)
+    saved = torch.load(tmp_path / "s.pt")
+    assert saved.shape == (ds.num_entities, 2)
+    # the reliability of the teachers calibrated as stage 2 calibrates them (the run's own held-out triples)
+    cfg = build_config("synthetic", config_file=str(run / "config.yaml"))
+    _, temperatures, _ = selection_inputs(frozen, ds, cfg, torch.device("cpu"))
+    queries = torch.from_numpy(ds.queries("train"))
+    torch.testing.assert_close(saved, entity_reliability(frozen, queries, ds.num_entities, temperatures))
+    assert not torch.allclose(saved, entity_reliability(frozen, queries, ds.num_entities))
