@@ -137,13 +137,15 @@ def matmul_peak(dtype: torch.dtype, m: int, k: int, n: int, device: torch.device
 
 
 def score_rows(tr: Trainer) -> int:
-    """Score rows (products' M dimension) of one epoch: the distinct (entity, relation) pairs under pair batching
-    (a pair is never split between batches), else one per training query."""
+    """Score rows (products' M dimension) of epoch 1: under pair batching the distinct (entity, relation) pairs of
+    each batch, summed (the pairs themselves when they are whole; more where train.pair_max_queries cuts a pair into
+    pieces that land in different batches), else one per training query."""
     order, offsets = tr.epoch_batches(1)
     if tr.batching != "pairs":
         return len(order)
     assert tr._pairs is not None
-    return tr._pairs.num_pairs
+    pair_of = tr._pairs.pair_of[order]
+    return sum(len(torch.unique(pair_of[a:b])) for a, b in zip(offsets, offsets[1:]))
 
 
 SKIPPABLE = ("complex", "pykeen", "teachers", "distill", "eval")
@@ -329,10 +331,11 @@ def base_config(args: argparse.Namespace, device: torch.device) -> Config:
     cfg = Config()
     for k, v in {"model.rank": args.rank, "train.batch_size": args.batch_size, "train.precision": args.precision,
                  "train.device": str(device), "train.valid_every": 0, "train.batching": args.batching,
-                 "distill.batching": args.batching, "train.pair_max_queries": getattr(args, "pair_max_queries", 0),
-                 "train.compile": args.compile,
+                 "distill.batching": args.batching, "train.compile": args.compile,
                  "train.cuda_graphs": getattr(args, "cuda_graphs", "auto")}.items():
         set_value(cfg, k, v)
+    if getattr(args, "pair_max_queries", None) is not None:
+        set_value(cfg, "train.pair_max_queries", args.pair_max_queries)
     return cfg
 
 
@@ -620,9 +623,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--batching", default="triples", choices=["triples", "pairs"],
                    help="train.batching and distill.batching: every training phase (ComplEx, stage 1 and stage 2)")
-    p.add_argument("--pair-max-queries", type=int, default=0,
+    p.add_argument("--pair-max-queries", type=int, default=None,
                    help="train.pair_max_queries: with --batching pairs, cut pairs into pieces of at most this many "
-                        "queries (0 = whole pairs)")
+                        "queries (0 = whole pairs; default: the configuration's default)")
     p.add_argument("--device", default="auto")
     p.add_argument("--cuda-graphs", default="auto", choices=["auto", "off"],
                    help="train.cuda_graphs for the dsom phases (auto: the ComplEx and stage-1 steps captured on CUDA)")
@@ -662,7 +665,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "train_triples": len(ds.train), "test_triples": len(ds.test), "rank": args.rank,
                     "batch_size": args.batch_size, "batches": args.batches, "modalities": args.modalities,
                     "policy_hidden": args.policy_hidden, "batching": args.batching,
-                    "pair_max_queries": args.pair_max_queries}
+                    "pair_max_queries": args.pair_max_queries if args.pair_max_queries is not None
+                    else Config().train.pair_max_queries}
     if "complex" not in skip:
         run_phase("dsom_complex", lambda: phase_dsom_complex(ds, args, device, tmp), device, res)
     pk_model = None

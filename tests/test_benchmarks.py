@@ -39,6 +39,18 @@ def test_speed_benchmark_stage_phases_run_and_report(tmp_path, batching, state, 
     assert (d["teacher_rows_scored"] == 1.0) == (state == "logits")
     assert d["score_rows_per_epoch"] <= d["batches_per_epoch"] * 10**6 and d["profile"]["step_s"] > 0
     assert all(saved[p]["median_epoch_s"] > 0 for p in ("dsom_complex", "dsom_teachers", "dsom_distill"))
+    # plain ComplEx's score rows: one per query, or per batch's distinct pair (pairs cut at train.pair_max_queries=4)
+    from collections import Counter
+
+    from dsom.data import registry
+
+    queries = registry.load("synthetic").queries("train")
+    per_pair = Counter((int(h), int(r)) for h, r, _ in queries)
+    rows = saved["dsom_complex"]["score_rows_per_epoch"]
+    if batching == "pairs":
+        assert len(per_pair) < rows <= sum(-(-c // 4) for c in per_pair.values()) < len(queries)
+    else:
+        assert rows == len(queries)
 
 
 def test_speed_benchmark_rejects_an_unknown_phase_to_skip(capsys):
