@@ -127,6 +127,7 @@ class PairIndex:
         width = int(q[:, 1].max()) + 1 if len(q) else 1
         _, self.pair_of, self.counts = torch.unique(q[:, 0] * width + q[:, 1], return_inverse=True,
                                                     return_counts=True)
+        self._pieces: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def num_pairs(self) -> int:
@@ -138,6 +139,8 @@ class PairIndex:
         pieces are numbered pair by pair, so with no pair cut they are the pairs themselves."""
         if max_queries <= 0 or len(self.counts) == 0 or int(self.counts.max()) <= max_queries:
             return self.pair_of, self.counts
+        if max_queries in self._pieces:  # the same every epoch
+            return self._pieces[max_queries]
         order = torch.argsort(self.pair_of, stable=True)
         first = torch.cumsum(self.counts, 0) - self.counts  # each pair's first position in ``order``
         rank = torch.arange(len(order)) - first[self.pair_of[order]]  # a query's place among its pair's queries
@@ -145,7 +148,8 @@ class PairIndex:
         first_piece = torch.cumsum(per_pair, 0) - per_pair
         piece_of = torch.empty_like(self.pair_of)
         piece_of[order] = first_piece[self.pair_of[order]] + rank // max_queries
-        return piece_of, torch.bincount(piece_of, minlength=int(per_pair.sum()))
+        self._pieces[max_queries] = piece_of, torch.bincount(piece_of, minlength=int(per_pair.sum()))
+        return self._pieces[max_queries]
 
     def epoch_batches(self, seed: int, epoch: int, batch_size: int,
                       max_queries: int = 0) -> tuple[torch.Tensor, list[int]]:
