@@ -1,5 +1,5 @@
 """How many score rows an epoch of ``train.batching=pairs`` computes, per ``train.pair_max_queries`` K: the (entity,
-relation) pairs of the training queries cut into pieces of at most K queries (:meth:`~dsom.train.loop.PairIndex.pieces`),
+relation) pairs of the training queries cut into pieces of at most K queries (:meth:`~dsom.data.pairs.PairIndex.pieces`),
 against whole pairs and one row per query (``triples``). Also the largest pair and the share of queries in pairs with
 more than K, which whole-pair batching puts into one step per epoch.
 
@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from dsom.data import registry
-from dsom.train.loop import PairIndex
+from dsom.data.pairs import PairIndex
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, int]]:

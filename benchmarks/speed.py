@@ -55,13 +55,14 @@ from dsom.config import Config, set_value
 from dsom.data import registry
 from dsom.data.graph import KGDataset
 from dsom.data.modality import ModalityTable
+from dsom.data.pairs import PairIndex
 from dsom.distill.holdout import reward_rows
 from dsom.evaluate import evaluate
 from dsom.models.complex import ComplEx
 from dsom.models.products import resolve_precision
 from dsom.models.teachers import FrozenTeachers
 from dsom.perf import PROFILE_PREFIX, tune_allocator
-from dsom.train.loop import ComplExTrainer, PairIndex, Trainer
+from dsom.train.loop import ComplExTrainer, Trainer
 from dsom.train.student import StudentTrainer
 from dsom.train.teachers import TeacherTrainer
 

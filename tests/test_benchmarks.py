@@ -302,7 +302,7 @@ def test_host_reads_finds_none_in_the_gpu_steps_of_complex_stage_one_and_stage_t
         assert hr.main(["--phases", "distill", "--captured", *extra]) == {"distill": []}
     # the tool does find reads where there are some: pair batching groups the batch with torch.unique
     pairs = hr.main(["--phases", "complex", "--batching", "pairs"])["complex"]
-    assert any(r["op"] == "unique" and "loop.py" in r["where"] for r in pairs)
+    assert any(r["op"] == "unique" and "pairs.py" in r["where"] for r in pairs)
 
 
 def test_neighbour_pairs_benchmark_times_the_three_ways():

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from dsom.config import Config
+from dsom.data.pairs import PairIndex, group_pairs
 from dsom.evaluate import evaluate
-from dsom.train.loop import ComplExTrainer, PairIndex, group_pairs
+from dsom.train.loop import ComplExTrainer
 from dsom.train.teachers import TeacherTrainer
 
 from toy import clustered_graph, config
@@ -116,6 +117,28 @@ def _reference_cuts(sizes: list[int], batch_size: int) -> list[int]:
     if offsets[-1] != total:
         offsets.append(total)
     return offsets
+
+
+@pytest.mark.parametrize("size", [1, 3, 1000])
+def test_pair_index_names_each_pair_and_blocks_hold_exactly_their_pairs_queries(size):
+    """Against a plain dictionary of the queries' (entity, relation): the pairs in sorted order, each query's pair, the
+    counts; ``blocks`` covers the pairs once, each block with exactly its pairs' queries, pair by pair in query order."""
+    q = torch.from_numpy(clustered_graph(num_entities=50).queries("train"))
+    q = q[torch.randperm(len(q), generator=torch.Generator().manual_seed(1))]
+    idx = PairIndex(q)
+    keys = sorted({(h, r) for h, r, _ in q.tolist()})
+    assert list(zip(idx.entities.tolist(), idx.relations.tolist(), strict=True)) == keys
+    number = {k: i for i, k in enumerate(keys)}
+    assert idx.pair_of.tolist() == [number[(h, r)] for h, r, _ in q.tolist()]
+    assert idx.counts.tolist() == [sum(1 for h, r, _ in q.tolist() if (h, r) == k) for k in keys]
+    seen, p_next = [], 0
+    for p0, p1, sel in idx.blocks(size):
+        assert p0 == p_next and p1 - p0 == min(size, idx.num_pairs - p0)
+        p_next = p1
+        expect = [i for p in range(p0, p1) for i, (h, r, _) in enumerate(q.tolist()) if (h, r) == keys[p]]
+        assert sel.tolist() == expect
+        seen += expect
+    assert p_next == idx.num_pairs and sorted(seen) == list(range(len(q)))
 
 
 @pytest.mark.parametrize("bs", [1, 7, 50, 10_000])
@@ -250,7 +273,6 @@ def test_stage_two_scores_each_pair_once_with_the_same_losses_and_gradients(tmp_
     (CE, KD, the policy's RC) and every gradient equal those of scoring each query on its own; the policy still samples
     one action per query."""
     from dsom.models.teachers import FrozenTeachers
-    from dsom.train.loop import group_pairs
     from dsom.train.student import StudentTrainer
 
     ds = clustered_graph(num_entities=40)

@@ -529,7 +529,7 @@ def test_the_student_reward_ce_is_computed_on_the_reward_rows_only_and_gives_the
     computes it there (NaN elsewhere): equal to a brute-force cross-entropy on those rows, and a step with it has the
     losses, gradients and statistics of a step handed the CE of every row (the path before)."""
     from dsom.config import set_value
-    from dsom.train.loop import group_pairs
+    from dsom.data.pairs import group_pairs
     from dsom.train.student import StudentTrainer
 
     ds = clustered_graph(num_entities=40)

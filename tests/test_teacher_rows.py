@@ -159,7 +159,7 @@ def test_a_step_scores_only_the_teachers_its_queries_read_with_unchanged_losses_
     gradient equal those of the same step with every teacher scored everywhere into the ``(M, B, E)`` block. Per-query
     batches keep each teacher's rows as its own block, read in place by the loss (``teacher_row_blocks``), or write
     them into the stacked block."""
-    from dsom.train.loop import PairIndex, group_pairs
+    from dsom.data.pairs import PairIndex, group_pairs
 
     st = _trainer(tmp_path, **{"distill.selector": selector, "distill.batching": batching})
     model = st.model

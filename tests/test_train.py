@@ -5,10 +5,11 @@ import torch
 from safetensors.torch import load_file
 
 from dsom.config import Config, apply_dict, set_value
+from dsom.data.pairs import epoch_permutation
 from dsom.evaluate import evaluate
 from dsom.perf import set_deterministic
 from dsom.train.checkpoint import load_checkpoint
-from dsom.train.loop import ComplExTrainer, epoch_permutation
+from dsom.train.loop import ComplExTrainer
 
 from toy import clustered_graph, random_graph
 

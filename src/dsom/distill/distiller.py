@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from dsom.config import DistillConfig
+from dsom.data.pairs import PairIndex
 from dsom.distill.actions import combine, full_action
 from dsom.distill.kd import KD_LOSSES, NO_KD, kd_loss
 from dsom.distill.losses import per_query_ce
@@ -389,8 +390,7 @@ class Distiller(nn.Module):
         n = len(queries)
         keyed = pair_ids is not None
         if pair_ids is None:
-            width = int(queries[:, 1].max()) + 1 if n else 1
-            pair_ids = torch.unique(queries[:, 0].long() * width + queries[:, 1], return_inverse=True)[1]
+            pair_ids = PairIndex(queries).pair_of
         order = torch.argsort(pair_ids, stable=True)
         out = torch.empty(n, dtype=torch.int64, device=queries.device)
         policy = self.selector.policy

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from dsom.data.graph import KGDataset
+from dsom.data.pairs import PairIndex
 from dsom.distill.losses import per_query_ce
 from dsom.errors import ConfigError
 
@@ -124,17 +125,12 @@ def entity_reliability(teachers, queries: torch.Tensor, num_entities: int, tempe
     q = queries.cpu()
     # each distinct (entity, relation) pair is scored once, blocks of batch_size pairs; its queries read its row (a
     # pass over every training query, FB15K-237's 544,230 in 149,689 pairs, took longer than the student's training)
-    width = int(q[:, 1].max()) + 1 if len(q) else 1
-    keys, pair_of = torch.unique(q[:, 0] * width + q[:, 1], return_inverse=True)
-    order = torch.argsort(pair_of, stable=True)
-    starts = torch.searchsorted(pair_of[order], torch.arange(0, len(keys) + batch_size, batch_size).clamp(max=len(keys)))
-    for b, p0 in enumerate(range(0, len(keys), batch_size)):
-        sel = order[int(starts[b]):int(starts[b + 1])]
-        k = keys[p0:p0 + batch_size].to(queries.device)
-        z = teachers.score_all(k // width, k % width)
+    pairs = PairIndex(q)
+    for p0, p1, sel in pairs.blocks(batch_size):
+        z = teachers.score_all(pairs.entities[p0:p1].to(queries.device), pairs.relations[p0:p1].to(queries.device))
         if temperatures is not None:
             z = z / temperatures.to(z.device).view(-1, 1, 1)
-        ces[sel] = per_query_ce(z, q[sel, 2].to(z.device), rows=(pair_of[sel] - p0).to(z.device)).T.double().cpu()
+        ces[sel] = per_query_ce(z, q[sel, 2].to(z.device), rows=(pairs.pair_of[sel] - p0).to(z.device)).T.double().cpu()
     rel = q[:, 1]
     R = int(rel.max()) + 1 if len(rel) else 1
     rel_mean = torch.zeros(R, M, dtype=torch.float64).index_add_(0, rel, ces)

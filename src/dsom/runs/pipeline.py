@@ -19,6 +19,7 @@ import torch
 from dsom import distributed
 from dsom.config import Config
 from dsom.data.graph import KGDataset, triple_keys
+from dsom.data.pairs import PairIndex
 from dsom.distill.holdout import (
     entity_reliability,
     fit_temperatures,
@@ -43,7 +44,7 @@ from dsom.runs.setup import build_features, dataset_warnings, load_dataset
 from dsom.runs.variants import EVAL_BASELINES, resolve_variants, variant_overrides
 from dsom.schema import Results
 from dsom.train.checkpoint import check_vocabulary
-from dsom.train.loop import AUTO_CPU_MINUTES, PairIndex, resolve_device
+from dsom.train.loop import AUTO_CPU_MINUTES, resolve_device
 from dsom.train.student import StudentTrainer, student_config
 from dsom.train.teachers import TeacherTrainer, load_frozen_teachers
 from dsom.train.tracker import log_final

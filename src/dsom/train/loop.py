@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from dsom import distributed
 from dsom.config import Config
 from dsom.data.graph import KGDataset
+from dsom.data.pairs import PairIndex, epoch_permutation, group_pairs
 from dsom.errors import DsomError
 from dsom.evaluate import evaluate
 from dsom.models.chunked import chunked_cross_entropy, entity_chunk
@@ -110,79 +111,6 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DsomError(f"train.device={name!r} but CUDA is not available; use train.device=cpu or auto")
     return distributed.device(dev)
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffling of epoch ``epoch`` (1-based): a function of (seed, epoch) only."""
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-    return torch.randperm(n, generator=g)
-
-
-class PairIndex:
-    """The distinct (entity, relation) pairs of a set of reciprocal queries ``(N, 3)``: ``pair_of (N,)`` the pair of
-    each query and ``counts (P,)`` the queries per pair, pairs numbered in (entity, relation) order."""
-
-    def __init__(self, queries: torch.Tensor) -> None:
-        q = queries.to(torch.int64)
-        width = int(q[:, 1].max()) + 1 if len(q) else 1
-        _, self.pair_of, self.counts = torch.unique(q[:, 0] * width + q[:, 1], return_inverse=True,
-                                                    return_counts=True)
-        self._pieces: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @property
-    def num_pairs(self) -> int:
-        return len(self.counts)
-
-    def pieces(self, max_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pairs cut into pieces of at most ``max_queries`` queries (0 = no cut): ``piece_of (N,)`` the piece of
-        each query and ``counts (Q,)`` the queries per piece. A pair's queries fill its pieces in their original order;
-        pieces are numbered pair by pair, so with no pair cut they are the pairs themselves."""
-        if max_queries <= 0 or len(self.counts) == 0 or int(self.counts.max()) <= max_queries:
-            return self.pair_of, self.counts
-        if max_queries in self._pieces:  # the same every epoch
-            return self._pieces[max_queries]
-        order = torch.argsort(self.pair_of, stable=True)
-        first = torch.cumsum(self.counts, 0) - self.counts  # each pair's first position in ``order``
-        rank = torch.arange(len(order)) - first[self.pair_of[order]]  # a query's place among its pair's queries
-        per_pair = (self.counts + max_queries - 1) // max_queries
-        first_piece = torch.cumsum(per_pair, 0) - per_pair
-        piece_of = torch.empty_like(self.pair_of)
-        piece_of[order] = first_piece[self.pair_of[order]] + rank // max_queries
-        self._pieces[max_queries] = piece_of, torch.bincount(piece_of, minlength=int(per_pair.sum()))
-        return self._pieces[max_queries]
-
-    def epoch_batches(self, seed: int, epoch: int, batch_size: int,
-                      max_queries: int = 0) -> tuple[torch.Tensor, list[int]]:
-        """Epoch ``epoch``'s query order and batch offsets: the pairs shuffled by :func:`epoch_permutation` (a function
-        of (seed, epoch) only), each pair's queries together in their original order, cut into batches of about
-        ``batch_size`` queries: batch ``b`` ends at the first pair boundary at or past ``(b + 1) * batch_size``
-        queries, so an epoch has about as many steps of about as many triples as with ``triples`` batching (the
-        boundaries do not drift; a batch holding a pair with more queries than ``batch_size`` covers several marks, and
-        the last batch is short). ``max_queries`` > 0 shuffles the :meth:`pieces` of at most that many queries
-        instead of whole pairs, so a pair with thousands of answers is spread over the epoch's steps as with
-        ``triples`` batching (its pieces that meet in one batch are still scored once)."""
-        piece_of, counts = self.pieces(max_queries)
-        P = len(counts)
-        perm = epoch_permutation(P, seed, epoch)
-        position = torch.empty(P, dtype=torch.int64)
-        position[perm] = torch.arange(P)
-        order = torch.argsort(position[piece_of], stable=True)
-        ends = torch.cumsum(counts[perm], 0)
-        n = len(order)
-        marks = torch.arange(batch_size, max(n, batch_size), batch_size, dtype=torch.int64)
-        cuts = torch.unique_consecutive(ends[torch.searchsorted(ends, marks)]).tolist()
-        offsets = [0, *cuts]
-        if offsets[-1] != n:
-            offsets.append(n)
-        return order, offsets
-
-
-def group_pairs(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Distinct (entity, relation) pairs of a batch of queries ``(T, 3)``: their entities ``(P,)``, relations ``(P,)``
-    and the pair of each query ``(T,)`` (pairs in (entity, relation) order)."""
-    width = int(batch[:, 1].max()) + 1 if len(batch) else 1
-    keys, rows = torch.unique(batch[:, 0].to(torch.int64) * width + batch[:, 1], return_inverse=True)
-    return keys // width, keys % width, rows
 
 
 def make_optimizer(params: Any, cfg: Config, precision: str = "fp32", compile: bool = False) -> torch.optim.Optimizer:
@@ -759,7 +687,7 @@ def _state_from_tensors(d: dict[str, Any]) -> TrainState:
     return TrainState(**d)
 
 
-__all__ = ["BatchShare", "ComplExTrainer", "PairIndex", "Trainer", "TrainState", "epoch_permutation", "group_pairs", "resolve_device"]
+__all__ = ["BatchShare", "ComplExTrainer", "Trainer", "TrainState", "resolve_device"]
 
 
 def _duration(seconds: float) -> str:

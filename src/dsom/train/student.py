@@ -21,6 +21,7 @@ from torch import nn
 from dsom import distributed, perf
 from dsom.config import Config, apply_dict
 from dsom.data.graph import KGDataset
+from dsom.data.pairs import PairIndex, epoch_permutation, group_pairs
 from dsom.distill.actions import action_names
 from dsom.distill.distiller import NEIGHBOUR_MASK_DTYPE, Distiller
 from dsom.distill.kd import KD_LOSSES, NO_KD
@@ -31,7 +32,7 @@ from dsom.errors import DsomError
 from dsom.models.teachers import FrozenTeachers
 from dsom.perf import compile_enabled
 from dsom.train.checkpoint import save_checkpoint
-from dsom.train.loop import BatchHook, PairIndex, StepLoss, Trainer, epoch_permutation, group_pairs
+from dsom.train.loop import BatchHook, StepLoss, Trainer
 
 TRAIN_FORMAT = "dsom-student-train/2"
 
@@ -216,7 +217,7 @@ class StudentTrainer(Trainer):
                         pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``(B, E)`` mask of each query's training answers and its target, on the batch's device (bool, or 0/1
         bfloat16 where :data:`~dsom.distill.distiller.NEIGHBOUR_MASK_DTYPE` says so: CPUs); with
-        ``pairs`` (:func:`~dsom.train.loop.group_pairs` of the batch) ``(P, E)``, one row per pair (its answers and
+        ``pairs`` (:func:`~dsom.data.pairs.group_pairs` of the batch) ``(P, E)``, one row per pair (its answers and
         all its queries' targets).
 
         The CSR lookup has a data-dependent size. On a GPU the host counts the batch's pairs from its copy of the batch

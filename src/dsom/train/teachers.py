@@ -18,6 +18,7 @@ import torch
 from dsom.config import Config
 from dsom.data.graph import KGDataset
 from dsom.data.modality import ModalityTable
+from dsom.data.pairs import group_pairs
 from dsom.errors import DsomError
 from dsom.evaluate import split_counts, split_metrics
 from dsom.models.chunked import chunked_cross_entropy, entity_chunk
@@ -26,7 +27,7 @@ from dsom.models.fused import complex_cross_entropy, fused_penalty
 from dsom.models.teachers import TEACHERS_FORMAT, AllViews, FrozenTeachers, ModalityTeachers
 from dsom.ranks import TIE_POLICIES, RankCounts, metrics_from_ranks, min_rank_counts
 from dsom.train.checkpoint import check_teachers, read_checkpoint, write_checkpoint
-from dsom.train.loop import BatchHook, StepLoss, Trainer, group_pairs
+from dsom.train.loop import BatchHook, StepLoss, Trainer
 
 TRAIN_FORMAT = "dsom-teachers-train/1"
 
