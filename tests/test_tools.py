@@ -42,3 +42,29 @@ def test_seed_table_prints_each_groups_mean_std_and_the_difference(tmp_path, cap
     assert f"new: {statistics.mean(b.values()) / 2:.4f}" in student
     with pytest.raises(SystemExit, match="no run"):
         tool.main([f"old={tmp_path}/nothing-*"])
+
+
+def test_dev_split_holds_out_a_seeded_slice_of_train_that_dsom_reads_as_valid(tmp_path):
+    from dsom.data.registry import load
+
+    from toy import clustered_graph, write_canonical
+
+    src = tmp_path / "src"
+    write_canonical(clustered_graph(num_entities=60), src)
+    tool = _tool("dev_split")
+    train = src.joinpath("train.tsv").read_text().splitlines()
+    assert tool.main([str(src), str(tmp_path / "a"), "--triples", "25", "--seed", "3"]) == (len(train) - 25, 25)
+    held = (tmp_path / "a" / "valid.tsv").read_text().splitlines()
+    kept = (tmp_path / "a" / "train.tsv").read_text().splitlines()
+    assert len(held) == 25 and sorted(held + kept) == sorted(train) and not set(held) & set(kept)
+    assert (tmp_path / "a" / "test.tsv").read_text() == (src / "test.tsv").read_text()  # linked as it is
+    tool.main([str(src), str(tmp_path / "b"), "--triples", "25", "--seed", "3"])
+    tool.main([str(src), str(tmp_path / "c"), "--triples", "25", "--seed", "4"])
+    assert (tmp_path / "b" / "valid.tsv").read_text() == "\n".join(held) + "\n"  # a seed is a split
+    assert (tmp_path / "c" / "valid.tsv").read_text() != "\n".join(held) + "\n"
+    ds = load(str(tmp_path / "a"))
+    assert len(ds.valid) == 25 and len(ds.train) == len(kept)
+    with pytest.raises(SystemExit, match="not empty"):
+        tool.main([str(src), str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="between 1 and"):
+        tool.main([str(src), str(tmp_path / "d"), "--triples", str(len(train))])
