@@ -145,8 +145,7 @@ def score_rows(tr: Trainer) -> int:
     if tr.batching != "pairs":
         return len(order)
     assert tr._pairs is not None
-    pair_of = tr._pairs.pair_of[order]
-    return sum(len(torch.unique(pair_of[a:b])) for a, b in zip(offsets, offsets[1:]))
+    return sum(batch_rows(tr, order, offsets, b) for b in range(len(offsets) - 1))
 
 
 SKIPPABLE = ("complex", "pykeen", "teachers", "distill", "eval")
@@ -324,7 +323,19 @@ def time_trainer_steps(tr: Trainer, batches: int, device: torch.device,
             times.append(time.perf_counter() - t0)
     prof = split_profile(step, device, profile_steps, profile_rounds, reset) if profile_steps > 0 else {}
     prof["median_step_s"] = float(np.median(times)) if times else math.nan
+    # each timed step's seconds and score rows (a slow step of a pair epoch: more rows, or something else)
+    timed = [v % n_epoch for v in range(warm, batches + warm)]  # the counter values of the timed steps
+    prof["timed_step_s"] = [round(t, 4) for t in times]
+    prof["timed_step_rows"] = [batch_rows(tr, order, offsets, b) for b in timed]
     return sum(times), batches, prof
+
+
+def batch_rows(tr: Trainer, order: torch.Tensor, offsets: list[int], b: int) -> int:
+    """Score rows of batch ``b`` of epoch 1: its distinct pairs under pair batching, else its queries."""
+    if tr.batching != "pairs":
+        return offsets[b + 1] - offsets[b]
+    assert tr._pairs is not None
+    return len(torch.unique(tr._pairs.pair_of[order[offsets[b]:offsets[b + 1]]]))
 
 
 # ------------------------------------------------------------------------------------------- phases
@@ -744,7 +755,15 @@ def print_table(res: dict[str, Any], outside_ops: int = 4) -> None:
         print(f"{name:<16} {secs:9.1f} {r.get('median_epoch_s', math.nan):7.1f} {r['queries_per_s']:10.0f} {flop / 1e12:8.2f} {r['roofline_s']:10.1f} "
               f"{r['roofline_fraction']:8.3f} {dedup / 1e12:11.2f} {r.get('dedup_roofline_fraction', math.nan):10.3f} "
               f"{r['peak_rss_mb']:11.0f}" + (f"  GPU {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else ""))
-    profiled = {k: r["profile"] for k, r in res.items() if isinstance(r, dict) and r.get("profile")}
+    stepped = {k: r["profile"] for k, r in res.items() if isinstance(r, dict) and r.get("profile", {}).get("timed_step_s")}
+    if stepped:
+        print("timed steps: seconds (min / median / max) and the three slowest with their score rows")
+        for name, pr in stepped.items():
+            t, rows = np.asarray(pr["timed_step_s"]), pr["timed_step_rows"]
+            slow = ", ".join(f"{t[i]:.3f} s ({rows[i]} rows)" for i in np.argsort(-t)[:3])
+            print(f"{name:<16} {t.min():.3f} / {np.median(t):.3f} / {t.max():.3f} s; rows {min(rows)}-{max(rows)}; "
+                  f"slowest {slow}")
+    profiled = {k: r["profile"] for k, r in res.items() if isinstance(r, dict) and "matmul_s" in r.get("profile", {})}
     if profiled:
         print("time per step under torch.profiler: inside the matrix products (self time of "
               f"{', '.join(x.removeprefix('aten::') for x in MATMUL_OPS)}) and outside (the rest of the wall time)")

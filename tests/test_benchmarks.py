@@ -51,6 +51,20 @@ def test_speed_benchmark_stage_phases_run_and_report(tmp_path, batching, state, 
         assert len(per_pair) < rows <= sum(-(-c // 4) for c in per_pair.values()) < len(queries)
     else:
         assert rows == len(queries)
+    # each timed step's rows: batches 1 and 2 of epoch 1 (after the warm-up batch 0), counted from the batches
+    from dsom.config import Config, set_value
+    from dsom.train.loop import ComplExTrainer
+
+    cfg = Config()
+    for k, v in {"model.rank": 8, "train.batching": batching, "train.precision": "fp32"}.items():
+        set_value(cfg, k, v)
+    tr = ComplExTrainer(registry.load("synthetic"), cfg, tmp_path / "tr", progress=False)
+    order, offsets = tr.epoch_batches(1)
+    q = tr.train_queries_cpu
+    expect = [len({(int(h), int(r)) for h, r, _ in q[order[offsets[b]:offsets[b + 1]]]}) if batching == "pairs"
+              else offsets[b + 1] - offsets[b] for b in (1, 2)]
+    assert saved["dsom_complex"]["profile"]["timed_step_rows"] == expect
+    assert len(saved["dsom_complex"]["profile"]["timed_step_s"]) == 2
 
 
 def test_speed_benchmark_rejects_an_unknown_phase_to_skip(capsys):
