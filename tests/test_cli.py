@@ -29,6 +29,13 @@ def test_run_writes_the_run_directory(folder, tmp_path, capsys):
     assert 0 < test["realistic"]["mrr"] <= 1
     assert "test_head" in res["models"]["teacher/structure"]
     assert res["timing"]["pretrain_epoch_s"] > 0 and res["versions"]["torch"]
+    # the batching each stage used, train.batching / distill.batching resolved (auto: pairs on this CPU)
+    from dsom.config import Config
+
+    default = {"auto": "pairs"}.get(Config().train.batching, Config().train.batching)
+    assert res["batching"] == {"teachers": default}
+    assert res["distill"]["students"]["student"]["batching"] == {"auto": "pairs"}.get(Config().distill.batching,
+                                                                                    Config().distill.batching)
     cfg = (out / "config.yaml").read_text()
     assert "rank: 8" in cfg and "lr: 0.1" in cfg  # fully expanded
     assert (out / "checkpoints" / "teachers" / "best" / "model.safetensors").exists()

@@ -373,11 +373,24 @@ def test_each_stage_reads_its_own_batching_key(tmp_path):
         batch_of = torch.repeat_interleave(torch.arange(len(offsets) - 1), torch.tensor(np.diff(offsets)))
         return any(len(batch_of[of == p].unique()) > 1 for p in of.unique().tolist())
 
-    for stage1, stage2 in (("pairs", "triples"), ("triples", "pairs")):
+    for stage1, stage2 in (("pairs", "triples"), ("triples", "pairs"), ("auto", "triples"), ("triples", "auto")):
         cfg = _cfg(**{"train.batching": stage1, "distill.batching": stage2, "distill.policy_hidden": 8,
                       "modalities": ["structure", "text"]})
-        assert ComplExTrainer(ds, cfg, tmp_path / f"c-{stage1}", progress=False).batching == stage1
+        used1, used2 = (("pairs" if b == "auto" else b) for b in (stage1, stage2))  # auto on a CPU: pairs
+        assert ComplExTrainer(ds, cfg, tmp_path / f"c-{stage1}", progress=False).batching == used1
         teacher = TeacherTrainer(ds, cfg, tmp_path / f"t-{stage1}", feats, progress=False)
         st = StudentTrainer(ds, cfg, tmp_path / f"s-{stage1}", frozen, progress=False)
-        assert (teacher.batching, st.batching) == (stage1, stage2)
-        assert spans(teacher) == (stage1 == "triples") and spans(st) == (stage2 == "triples")
+        assert (teacher.batching, st.batching) == (used1, used2)
+        assert spans(teacher) == (used1 == "triples") and spans(st) == (used2 == "triples")
+
+
+def test_auto_batching_is_pairs_on_a_cpu_and_triples_on_a_gpu():
+    from dsom.errors import DsomError
+    from dsom.train.loop import resolve_batching
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_batching("auto", cpu) == "pairs" and resolve_batching("auto", gpu) == "triples"
+    for name in ("triples", "pairs"):
+        assert resolve_batching(name, cpu) == resolve_batching(name, gpu) == name
+    with pytest.raises(DsomError, match="not one of"):
+        resolve_batching("pair", cpu)

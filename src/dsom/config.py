@@ -100,7 +100,9 @@ class TrainConfig:
                         "with more tails into pieces). "
                         "In stage 2 the student and the teachers score each pair once, the policy reads each "
                         "pair's state once and NDKD runs once per distinct (pair, teacher subset); the policy still "
-                        "chooses, and is rewarded, per query (speed and accuracy: docs/performance.md)", ("triples", "pairs"))
+                        "chooses, and is rewarded, per query (speed and accuracy: docs/performance.md). 'auto': pairs "
+                        "on a CPU, triples on a GPU (whose step is captured as a CUDA graph for triple batches only); "
+                        "results.json records the one used", ("auto", "triples", "pairs"))
     pair_max_queries: int = opt(4, "under pairs batching (train.batching, distill.batching): a pair with more training "
                                 "queries than this is cut into pieces of at most this many, shuffled apart, so a pair "
                                 "with thousands of answers is spread over an epoch's steps as under triples batching "
@@ -231,8 +233,8 @@ class DistillConfig:
     batching: str = opt("triples", "how stage 2 (the student and its variants) batches its training queries, as "
                         "train.batching does stage 1's: 'triples' or 'pairs' (each pair's student and teacher rows "
                         "scored once, pairs cut by train.pair_max_queries; whole pairs cost accuracy on MKG-W and "
-                        "FB15K-237, pieces of 4 did not on FB15K-237: docs/performance.md)",
-                        ("triples", "pairs"))
+                        "FB15K-237, pieces of 4 did not on FB15K-237: docs/performance.md) or 'auto' (pairs on a "
+                        "CPU, triples on a GPU)", ("auto", "triples", "pairs"))
     mulde_attention_temperature: float = opt(1.0, "MulDE sketch: temperature of the contrast attention")
     variants: list = opt([], "extra student variants trained on the same teachers (names in docs/training.md, e.g. "
                          "plain, ndkd_avg, vanilla_kd, dkd, nekd, nnkd, conf, best_teacher, best_strategy, mulde, "

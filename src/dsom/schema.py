@@ -65,6 +65,7 @@ class Results(TypedDict, total=False):
     versions: dict[str, str]
     device: str
     precision: dict[str, str]
+    batching: dict[str, str]  # stage 1's resolved train.batching ({"teachers": "pairs"}); each student's is in distill
     policy: PolicySummary
     distill: dict[str, Any]
     missing_study: dict[str, dict[str, SplitMetrics]]

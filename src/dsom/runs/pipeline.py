@@ -44,7 +44,7 @@ from dsom.runs.setup import build_features, dataset_warnings, load_dataset
 from dsom.runs.variants import EVAL_BASELINES, resolve_variants, variant_overrides
 from dsom.schema import Results
 from dsom.train.checkpoint import check_vocabulary
-from dsom.train.loop import AUTO_CPU_MINUTES, resolve_device
+from dsom.train.loop import AUTO_CPU_MINUTES, resolve_batching, resolve_device
 from dsom.train.student import StudentTrainer, student_config
 from dsom.train.teachers import TeacherTrainer, load_frozen_teachers
 from dsom.train.tracker import log_final
@@ -100,7 +100,7 @@ def distill_stage(frozen: Any, ds: KGDataset, cfg: Config, out: Path, device: to
             "selector": vcfg.distill.selector, "kd": vcfg.distill.kd, "rank": trainer.model.student.rank,
             "parameters": trainer.num_parameters(), "extra_parameters": trainer.extra_parameters(),
             "epochs_run": state.epoch, "best_epoch": state.best_epoch or state.epoch,
-            "stopped_early": state.stopped_early, "epoch_cap": state.epoch_cap,
+            "stopped_early": state.stopped_early, "epoch_cap": state.epoch_cap, "batching": trainer.batching,
             "train_s": round(state.train_seconds, 3),
             "epoch_s": round(state.train_seconds / max(len(state.epoch_seconds), 1), 3),
             "wall_s": round(time.perf_counter() - t0, 3)}
@@ -209,13 +209,15 @@ def describe_plan(cfg: Config, ds: KGDataset, variants: list[str], stages: str =
     batches = -(-queries // cfg.train.batch_size)
     t = cfg.train
     parts = []
-    pairs = "pairs" in (t.batching, cfg.distill.batching)
+    device = resolve_device(t.device)
+    stage1, stage2 = resolve_batching(t.batching, device), resolve_batching(cfg.distill.batching, device)
+    pairs = "pairs" in (stage1, stage2)
     train_queries = ds.queries("train")
     per_pair = len(train_queries) / max(PairIndex(torch.from_numpy(train_queries)).num_pairs, 1) if pairs else 0.0
     if teachers_from is None:
         parts.append(f"teachers {'+'.join(cfg.modalities)} rank {cfg.model.rank}, up to {t.epochs} epochs of "
-                     f"{'about ' if t.batching == 'pairs' else ''}{batches:,} batches ({queries:,} queries"
-                     f"{', pair batches' if t.batching == 'pairs' else ''})"
+                     f"{'about ' if stage1 == 'pairs' else ''}{batches:,} batches ({queries:,} queries"
+                     f"{', pair batches' if stage1 == 'pairs' else ''})"
                      + (f", early stopping after {t.patience} epochs without gain" if t.patience > 0
                         and t.valid_every > 0 else ""))
         ens = list(cfg.ensemble.models)
@@ -227,7 +229,7 @@ def describe_plan(cfg: Config, ds: KGDataset, variants: list[str], stages: str =
         students = ["student", *variants]
         parts.append(f"{len(students)} student{'s' if len(students) > 1 else ''} ({', '.join(students)}) rank "
                      f"{cfg.distill.student_rank or cfg.model.rank}, {cfg.distill.epochs or t.epochs} epochs each"
-                     f"{', pair batches' if cfg.distill.batching == 'pairs' else ''}")
+                     f"{', pair batches' if stage2 == 'pairs' else ''}")
     if pairs:  # whole pairs trained worse models where pairs have many tails (docs/usage.md)
         k = t.pair_max_queries
         parts.append(f"{per_pair:.2f} training queries per (entity, relation) pair (pair batches: "
@@ -276,6 +278,7 @@ def _run_stages(cfg: Config, ds: KGDataset, out: Path, warnings_: list[str], tab
                 "pretrain_epoch_s": round(state.train_seconds / max(len(state.epoch_seconds), 1), 3),
                 "distill_s": None, "distill_epoch_s": None},
         precision={"train": trainer.precision, "eval": cfg.eval.precision},
+        batching={"teachers": trainer.batching},
     )
     trainer.tracker.end_run(True)
     finish_run(out, cfg, results)

@@ -113,6 +113,20 @@ def resolve_device(name: str) -> torch.device:
     return distributed.device(dev)
 
 
+BATCHINGS = ("auto", "triples", "pairs")
+
+
+def resolve_batching(name: str, device: torch.device) -> str:
+    """``train.batching`` / ``distill.batching`` on ``device``: ``auto`` is ``pairs`` on a CPU (fewer products, as
+    accurate on four benchmarks: docs/performance.md) and ``triples`` on a GPU, whose step is captured as a CUDA graph
+    only for triple batches (train.cuda_graphs)."""
+    if name not in BATCHINGS:
+        raise DsomError(f"batching={name!r} is not one of {', '.join(BATCHINGS)}")
+    if name != "auto":
+        return name
+    return "triples" if device.type == "cuda" else "pairs"
+
+
 def make_optimizer(params: Any, cfg: Config, precision: str = "fp32", compile: bool = False) -> torch.optim.Optimizer:
     """The configured optimizer, using PyTorch's fused kernels where they exist for the parameters' device:
     fused Adagrad (CPU) updates a 12,842 x 1,000 table in 6 ms instead of 36 ms on the dev machine;
@@ -194,7 +208,8 @@ class Trainer(abc.ABC):
         self.current_batch_cpu: torch.Tensor | None = None  # the batch being trained, as a CPU tensor
         self.current_batch_index: torch.Tensor | None = None  # its rows of train_queries, on the device
         self.current_batch_index_cpu: torch.Tensor | None = None  # the same, on the host
-        self.batching = self.configured_batching(cfg) if self.supports_pair_batching else "triples"
+        self.batching = (resolve_batching(self.configured_batching(cfg), self.device) if self.supports_pair_batching
+                         else "triples")
         self._pairs: PairIndex | None = None
 
     def configured_batching(self, cfg: Config) -> str:
@@ -687,7 +702,7 @@ def _state_from_tensors(d: dict[str, Any]) -> TrainState:
     return TrainState(**d)
 
 
-__all__ = ["BatchShare", "ComplExTrainer", "Trainer", "TrainState", "resolve_device"]
+__all__ = ["BATCHINGS", "BatchShare", "ComplExTrainer", "Trainer", "TrainState", "resolve_batching", "resolve_device"]
 
 
 def _duration(seconds: float) -> str:
