@@ -89,7 +89,7 @@ class TrainConfig:
                            "same but an error where it cannot; the short last batch of an epoch runs eagerly, and stage 2 "
                            "is captured again when its caches seal or the KD warm-up's weight changes",
                            ("auto", "on", "off"))
-    batching: str = opt("triples", "how the trainers batch their training queries. 'triples': "
+    batching: str = opt("auto", "how the trainers batch their training queries. 'triples': "
                         "batch_size shuffled reciprocal triples per step, each scored on its own (the paper's loop). "
                         "'pairs': the distinct (entity, relation) pairs shuffled, each with all its training tails, "
                         "cut into steps of about batch_size queries (at the pair boundary at or past each multiple); "
@@ -230,7 +230,7 @@ class DistillConfig:
     calibrate_max_queries: int = opt(4096, "at most this many held-out queries for the temperature fit")
     student_rank: int = opt(0, "student ComplEx rank (0 = model.rank; the dim study varies only this)")
     epochs: int = opt(0, "student epochs (0 = train.epochs); validation, early stopping and LR as in train.*")
-    batching: str = opt("triples", "how stage 2 (the student and its variants) batches its training queries, as "
+    batching: str = opt("auto", "how stage 2 (the student and its variants) batches its training queries, as "
                         "train.batching does stage 1's: 'triples' or 'pairs' (each pair's student and teacher rows "
                         "scored once, pairs cut by train.pair_max_queries; whole pairs cost accuracy on MKG-W and "
                         "FB15K-237, pieces of 4 did not on FB15K-237: docs/performance.md) or 'auto' (pairs on a "
