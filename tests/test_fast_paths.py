@@ -284,3 +284,32 @@ def test_student_scores_in_column_blocks_keep_values_and_gradients(monkeypatch):
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(gt.double(), rt, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(gr.double(), rr, rtol=1e-5, atol=1e-4)
+
+
+def test_compiled_losses_do_not_recompile_when_a_first_batch_dim_equals_another_dim(monkeypatch):
+    """MaybeCompiled traces without duck sizing: a first call whose batch dim equals the width (a pair batch of 1,000
+    queries at rank 500) must not tie the two, or the next batch size compiles again. Counted with a backend that
+    records each graph it is given; the process's duck-sizing setting is left as it was."""
+    from torch.fx.experimental import _config as fx_config
+
+    from dsom.perf import MaybeCompiled
+
+    graphs = []
+    real = torch.compile
+
+    def counting(fn, **kw):
+        return real(fn, backend=lambda gm, _: graphs.append(gm) or gm.forward, **kw)
+
+    monkeypatch.setattr(torch, "compile", counting)
+    torch._dynamo.reset()
+
+    def tail(x, w):
+        return torch.logsumexp(x @ w, 1).sum()
+
+    f = MaybeCompiled(tail, enabled=True)
+    before = fx_config.use_duck_shape
+    for rows in (8, 9, 10, 3):  # the first call has rows == the width 8
+        out = f(torch.ones(rows, 8), torch.ones(8, 8))
+        assert torch.allclose(out, tail(torch.ones(rows, 8), torch.ones(8, 8)))
+    assert len(graphs) == 1 and fx_config.use_duck_shape == before
+    torch._dynamo.reset()

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.fx.experimental import _config as fx_config
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -94,6 +95,11 @@ class MaybeCompiled:
     While ``torch.profiler`` records, each compiled call runs inside a range named :attr:`label`
     (``dsom:<function name>``), so a profile can name the compiled graphs it calls (``## Call CompiledFxGraph <hash>``
     otherwise); ``benchmarks/speed.py`` reads it (``compiled_graph_labels``). Without a profiler nothing is added.
+
+    Shapes are traced without "duck sizing" (``torch.fx.experimental._config.use_duck_shape``): with it, dims that
+    happen to be equal in the first call are assumed equal for good, and the first later call where they differ
+    compiles again. A pair batch of exactly 1,000 queries at rank 500 (2d = 1,000) made the next DB15K step recompile
+    (3.5 s instead of 0.28: ``benchmarks/speed.py``'s timed steps, docs/performance.md).
     """
 
     def __init__(self, fn: Callable[..., Any], enabled: bool) -> None:
@@ -108,6 +114,8 @@ class MaybeCompiled:
         if self._compiled is None:
             isolate_compile_cache()
             self._compiled = torch.compile(self.fn, dynamic=True)
+        duck = fx_config.use_duck_shape
+        fx_config.use_duck_shape = False  # see the class docstring; set around the call only (3 us), not for the process
         try:
             if _profiling():
                 with torch.profiler.record_function(self.label):
@@ -120,6 +128,8 @@ class MaybeCompiled:
                           "running eagerly (set train.compile=off to skip the attempt)", stacklevel=2)
             self.enabled = False
             return self.fn(*args, **kwargs)
+        finally:
+            fx_config.use_duck_shape = duck
 
 
 def compile_cache_dir(isa: str, base: str | None = None) -> str:
