@@ -22,7 +22,7 @@ from dsom.train.teachers import TeacherTrainer
 from toy import clustered_graph, config
 
 # 90 entities: 3 x 90 x 6 x ... training queries, not a multiple of 64, so every epoch ends with a short batch
-_BASE = {"model.rank": 8, "train.epochs": 3, "train.batch_size": 64, "train.valid_every": 0,
+_BASE = {"model.rank": 8, "train.epochs": 3, "train.batch_size": 64, "train.valid_every": 0, "train.batching": "triples",
          "train.seed": 3, "model.init_scale": 0.3, "train.compile": "off", "train.precision": "fp32"}
 
 

@@ -152,7 +152,8 @@ def test_a_run_logs_its_plan_and_an_estimate_per_stage(tmp_path, caplog):
     write_canonical(clustered_graph(num_entities=40), d)
     with caplog.at_level(logging.INFO, logger="dsom"):
         assert main(["run", str(d), "-o", str(tmp_path / "r"), "--rank", "4", "--epochs", "3", "--batch-size", "20",
-                     "--set", "distill.holdout=0", "--set", "distill.epochs=2", "-q"]) == 0
+                     "--set", "distill.holdout=0", "--set", "distill.epochs=2", "--set", "train.batching=triples",
+                     "-q"]) == 0
     lines = [r.getMessage() for r in caplog.records]
     plan = [x for x in lines if x.startswith("plan: ")]
     train = 2 * len(clustered_graph(num_entities=40).train)
@@ -192,6 +193,12 @@ def test_the_plan_says_where_batches_are_pairs_and_how_many_queries_a_pair_has(t
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dsom"):
         assert main(["pretrain", str(d), "-o", str(tmp_path / "t"), "--rank", "4", "--epochs", "1", "--batch-size",
-                     "20", "--set", "ensemble.models=[]", "-q"]) == 0
+                     "20", "--set", "train.batching=triples", "--set", "ensemble.models=[]", "-q"]) == 0
     plan = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: ")]
     assert len(plan) == 1 and "pair" not in plan[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dsom"):  # the default, auto: pairs on this CPU
+        assert main(["pretrain", str(d), "-o", str(tmp_path / "a"), "--rank", "4", "--epochs", "1", "--batch-size",
+                     "20", "--set", "ensemble.models=[]", "-q"]) == 0
+    plan = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: ")]
+    assert len(plan) == 1 and " queries, pair batches)" in plan[0]

@@ -89,20 +89,18 @@ class TrainConfig:
                            "same but an error where it cannot; the short last batch of an epoch runs eagerly, and stage 2 "
                            "is captured again when its caches seal or the KD warm-up's weight changes",
                            ("auto", "on", "off"))
-    batching: str = opt("triples", "how the trainers batch their training queries. 'triples': "
-                        "batch_size shuffled reciprocal triples per step, each scored on its own (the paper's loop). "
-                        "'pairs': the distinct (entity, relation) pairs shuffled, each with all its training tails, "
-                        "cut into steps of about batch_size queries (at the pair boundary at or past each multiple); "
-                        "each pair is scored once and its row is shared by its targets (PyKEEN's LCWA batching, "
-                        "except that batch_size counts queries, not pairs). The loss is the same mean CE + regulariser "
-                        "over the batch's triples and an epoch has about as many steps, with fewer products (DB15K: "
-                        "75,105 pairs for 158,444 queries; 88,609 score rows when train.pair_max_queries=4 cuts the pairs "
-                        "with more tails into pieces). "
-                        "In stage 2 the student and the teachers score each pair once, the policy reads each "
-                        "pair's state once and NDKD runs once per distinct (pair, teacher subset); the policy still "
-                        "chooses, and is rewarded, per query (speed and accuracy: docs/performance.md). 'auto': pairs "
-                        "on a CPU, triples on a GPU (whose step is captured as a CUDA graph for triple batches only); "
-                        "results.json records the one used", ("auto", "triples", "pairs"))
+    batching: str = opt("auto", "how the trainers batch their training queries. 'triples': "
+                        "batch_size shuffled reciprocal triples per step, each scored on its own (the paper's loop; "
+                        "dsom reproduce uses it). 'pairs': the distinct (entity, relation) pairs shuffled, each with "
+                        "its training tails (cut into pieces of train.pair_max_queries), cut into steps of about "
+                        "batch_size queries; each pair is scored once and its row is shared by its targets (PyKEEN's "
+                        "LCWA batching, except that batch_size counts queries, not pairs). The loss is the same mean "
+                        "CE + regulariser over the batch's triples and an epoch has about as many steps, with fewer "
+                        "products (DB15K: 88,609 score rows for 158,444 queries). 'auto': pairs on a CPU, triples on a "
+                        "GPU (whose step is captured as a CUDA graph for triple batches only). With pairs the teachers "
+                        "were as accurate on four benchmarks (structure +0.1 to +0.4 points, text -0.1 to -0.3) and "
+                        "stage 1 ran 1.5-2.4x faster per epoch (docs/performance.md); results.json records the one "
+                        "used. Stage 2 reads distill.batching", ("auto", "triples", "pairs"))
     pair_max_queries: int = opt(4, "under pairs batching (train.batching, distill.batching): a pair with more training "
                                 "queries than this is cut into pieces of at most this many, shuffled apart, so a pair "
                                 "with thousands of answers is spread over an epoch's steps as under triples batching "
@@ -232,9 +230,10 @@ class DistillConfig:
     epochs: int = opt(0, "student epochs (0 = train.epochs); validation, early stopping and LR as in train.*")
     batching: str = opt("triples", "how stage 2 (the student and its variants) batches its training queries, as "
                         "train.batching does stage 1's: 'triples' or 'pairs' (each pair's student and teacher rows "
-                        "scored once, pairs cut by train.pair_max_queries; whole pairs cost accuracy on MKG-W and "
-                        "FB15K-237, pieces of 4 did not on FB15K-237: docs/performance.md) or 'auto' (pairs on a "
-                        "CPU, triples on a GPU)", ("auto", "triples", "pairs"))
+                        "scored once, its policy state read once, NDKD once per distinct (pair, teacher subset); the "
+                        "policy still chooses, and is rewarded, per query; pairs cut by train.pair_max_queries) or "
+                        "'auto' (pairs on a CPU, triples on a GPU). Triples by default: with pieces of 4 the student was as accurate on FB15K-237 and "
+                        "MKG-W but 0.5 points worse on DB15K (docs/performance.md)", ("auto", "triples", "pairs"))
     mulde_attention_temperature: float = opt(1.0, "MulDE sketch: temperature of the contrast attention")
     variants: list = opt([], "extra student variants trained on the same teachers (names in docs/training.md, e.g. "
                          "plain, ndkd_avg, vanilla_kd, dkd, nekd, nnkd, conf, best_teacher, best_strategy, mulde, "
