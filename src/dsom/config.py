@@ -98,8 +98,8 @@ class TrainConfig:
                         "CE + regulariser over the batch's triples and an epoch has about as many steps, with fewer "
                         "products (DB15K: 88,609 score rows for 158,444 queries). 'auto': pairs on a CPU, triples on a "
                         "GPU (whose step is captured as a CUDA graph for triple batches only). With pairs the teachers "
-                        "were as accurate on four benchmarks (structure +0.1 to +0.4 points, text -0.1 to -0.3) and "
-                        "stage 1 ran 1.5-2.4x faster per epoch (docs/performance.md); results.json records the one "
+                        "were as accurate on four benchmarks (structure +0.07 to +0.45 points, text -0.11 to -0.18) and "
+                        "stage 1 ran 1.5-2.2x faster per epoch (docs/performance.md); results.json records the one "
                         "used. Stage 2 reads distill.batching", ("auto", "triples", "pairs"))
     pair_max_queries: int = opt(4, "under pairs batching (train.batching, distill.batching): a pair with more training "
                                 "queries than this is cut into pieces of at most this many, shuffled apart, so a pair "
@@ -232,8 +232,9 @@ class DistillConfig:
                         "train.batching does stage 1's: 'triples' or 'pairs' (each pair's student and teacher rows "
                         "scored once, its policy state read once, NDKD once per distinct (pair, teacher subset); the "
                         "policy still chooses, and is rewarded, per query; pairs cut by train.pair_max_queries) or "
-                        "'auto' (pairs on a CPU, triples on a GPU). Triples by default: with pieces of 4 the student was as accurate on FB15K-237 and "
-                        "MKG-W but 0.5 points worse on DB15K (docs/performance.md)", ("auto", "triples", "pairs"))
+                        "'auto' (pairs on a CPU, triples on a GPU). Triples by default: with pieces of 4 the student "
+                        "was as accurate on FB15K-237 and MKG-W but 0.3 points lower on DB15K (3 seeds, one 0.8 lower: "
+                        "docs/performance.md)", ("auto", "triples", "pairs"))
     mulde_attention_temperature: float = opt(1.0, "MulDE sketch: temperature of the contrast attention")
     variants: list = opt([], "extra student variants trained on the same teachers (names in docs/training.md, e.g. "
                          "plain, ndkd_avg, vanilla_kd, dkd, nekd, nnkd, conf, best_teacher, best_strategy, mulde, "
