@@ -4,7 +4,9 @@ products run at the forward's speed?).
     python benchmarks/gemm_layouts.py --queries 1000 --entities 12842 --dim 1000
 
 ``fwd``: scores ``q @ T^T``; ``dq``: ``G @ T``; ``dT``: ``G^T @ q`` (as the backward computes them), plus two
-alternative layouts of ``dT``, and the three products of the transposed ``(E, P)`` score layout. In float32 also the
+alternative layouts of ``dT``, and the three products of the transposed ``(E, P)`` score layout, its forward also with
+the queries copied transposed (contiguous) and padded to a multiple of 8 columns (the training step's operand; try an
+unaligned ``--queries 567``). In float32 also the
 products written into preallocated blocks, as stage 2 writes them: the forward as ``q @ T^T`` and as dsom's
 :func:`~dsom.models.products.column_scores` (``T @ q^T`` by blocks of table rows copied transposed into the ``(P, E)``
 block) and by blocks of queries (not used), the table gradient as ``G^T @ q`` and by blocks of ``G``'s columns. Best of ``--repeats``
@@ -19,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from dsom.models.products import column_scores
+from dsom.models.products import column_scores, padded_queries_t
 from dsom.perf import tune_allocator
 
 
@@ -81,7 +83,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "dT (G^T copied) @ q": lambda G=G, q=q: G.T.contiguous() @ q,
             # the (E, P) layout (models/fused.py, transposed=True): scores T @ q^T, then Gt^T @ T and Gt @ q
             "(E,P) fwd T @ q^T": lambda q=q, T=T: T @ q.T, "(E,P) dq Gt^T @ T": lambda Gt=Gt, T=T: Gt.T @ T,
-            "(E,P) dT Gt @ q": lambda Gt=Gt, q=q: Gt @ q}
+            "(E,P) dT Gt @ q": lambda Gt=Gt, q=q: Gt @ q,
+            # the training step's forward (models/fused.py): the queries copied transposed, padded to a multiple of 8
+            "(E,P) fwd T @ q^T copied": lambda q=q, T=T: T @ q.T.contiguous(),
+            "(E,P) fwd T @ padded q^T": lambda q=q, T=T: T @ padded_queries_t(q)}
         if dt == torch.float32:  # the (P, E) scores and table gradient written into preallocated blocks
             S, dT = torch.empty(P, E), torch.empty(E, D)
             cases.update({

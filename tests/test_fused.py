@@ -248,3 +248,19 @@ def test_column_logsumexp_in_row_blocks_equals_float64_logsumexp(E, dtype, compi
     ref = torch.logsumexp(s.double(), 0)
     assert got.dtype == torch.float32 and got.shape == (7,)
     torch.testing.assert_close(got.double(), ref, rtol=2e-6, atol=2e-5)
+
+
+@pytest.mark.parametrize("P", [1, 8, 9, 15, 16])
+def test_padded_queries_are_the_transposed_queries_then_zero_columns(P):
+    """The training step's ``(2d, W)`` operand: W the next multiple of 8, the queries transposed, zeros after; its
+    scores are the row layout's, transposed, and 0 in the padded columns."""
+    from dsom.models.products import COLUMN_PAD, padded_queries_t
+
+    g = torch.Generator().manual_seed(P)
+    q, table = torch.randn(P, 6, generator=g), torch.randn(11, 6, generator=g)
+    q_t = padded_queries_t(q)
+    assert q_t.shape == (6, -(-P // COLUMN_PAD) * COLUMN_PAD) and q_t.shape[1] % 8 == 0 and q_t.is_contiguous()
+    assert torch.equal(q_t[:, :P], q.T) and not q_t[:, P:].any()
+    s = table @ q_t
+    torch.testing.assert_close(s[:, :P], (q @ table.T).T)
+    assert not s[:, P:].any()

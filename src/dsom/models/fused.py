@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from dsom.models.complex import REGULARIZERS
 from dsom.models.interaction import complex_modulus, complex_query
-from dsom.models.products import PRECISIONS, as_bf16, bf16_round, column_scores
+from dsom.models.products import PRECISIONS, as_bf16, bf16_round, column_scores, padded_queries_t
 from dsom.numerics import EXP_FLOOR
 from dsom.perf import MaybeCompiled
 
@@ -269,20 +269,24 @@ class _ComplExCE(torch.autograd.Function):
         rel = relations[:, relation]  # (K, P, 2d)
         tail = torch.stack([t[target].float() for t in tables])  # (K, T, 2d)
         query = tails.query(ent, rel, precision)
-        cast_tables, scores, lse = [], [], []
+        cast_tables, scores, lse, operands = [], [], [], []
         for k, table in enumerate(tables):
             ct = _cast(table, precision)
-            if transposed:  # (E, P) = T @ q^T: both operands contiguous
-                s = _mm(ct, query[k].T.contiguous(), precision)
+            if transposed:  # (E, W) = T @ q^T: both operands contiguous, W = P padded (padded_queries_t)
+                q_t = padded_queries_t(query[k])
+                s = _mm(ct, q_t, precision)
                 lse.append(tails.lse_t(s))
+                operands.append(q_t)
             else:
                 s = _mm(query[k], ct.T, precision)  # (P, E) in the product precision
                 lse.append(tails.lse(s))
             cast_tables.append(ct)
             scores.append(s)
-        lse_t = torch.stack(lse)  # (K, P)
+        lse_t = torch.stack(lse)  # (K, P), or (K, W) transposed (a padded query's column: log E, never read)
         picked = torch.stack([s[target, rows] if transposed else s[rows, target] for s in scores]).float()  # (K, T)
-        ctx.save_for_backward(ent, rel, query, head, relation, target, rows, lse_t, *cast_tables, *scores)
+        # transposed: the padded (2d, W) operands instead of the (K, P, 2d) queries (the table gradient's operand)
+        saved_queries = operands if transposed else [query]
+        ctx.save_for_backward(ent, rel, head, relation, target, rows, lse_t, *cast_tables, *scores, *saved_queries)
         ctx.precision, ctx.tails, ctx.K, ctx.transposed = precision, tails, len(tables), transposed
         ctx.shapes = [t.shape for t in tables]
         ctx.dtypes = [t.dtype for t in tables]
@@ -294,32 +298,33 @@ class _ComplExCE(torch.autograd.Function):
     def backward(ctx: Any, g_ce: torch.Tensor | None, g_ent: torch.Tensor | None, g_rel: torch.Tensor | None,
                  g_tail: torch.Tensor | None) -> tuple[Any, ...]:
         K, precision, tails = ctx.K, ctx.precision, ctx.tails
-        ent, rel, query, head, relation, target, rows, lse, *rest = ctx.saved_tensors
-        cast_tables, scores = rest[:K], rest[K:]
-        P = query.shape[1]
-        d_query = torch.zeros(K, P, query.shape[-1], dtype=torch.float32, device=query.device)
+        ent, rel, head, relation, target, rows, lse, *rest = ctx.saved_tensors
+        cast_tables, scores, queries = rest[:K], rest[K:2 * K], rest[2 * K:]
+        P, width = ent.shape[1], lse.shape[1]  # width: W (the padded columns) transposed, else P
+        device = ent.device
+        d_query = torch.zeros(K, P, ent.shape[-1], dtype=torch.float32, device=device)
         d_tables: list[torch.Tensor] = []
         for k in range(K):
             need_table = ctx.needs_input_grad[8 + k]
             shape = ctx.shapes[k] if need_table else (0,)
-            d_table = torch.zeros(shape if g_ce is None else (0,), device=query.device)  # else: the product's below
+            d_table = torch.zeros(shape if g_ce is None else (0,), device=device)  # else: the product's below
             if g_ce is not None:
                 g = g_ce[k].float()
-                per_row = torch.zeros(P, dtype=torch.float32, device=g.device).index_add_(0, rows, g)
-                if ctx.transposed:  # (E, P): dT = G^T @ q reads contiguous operands
+                per_row = torch.zeros(width, dtype=torch.float32, device=g.device).index_add_(0, rows, g)
+                if ctx.transposed:  # (E, W): a padded column's gradient is 0 (its per_row is)
                     grad_s = tails.softmax_grad_t(scores[k], lse[k], per_row)
                     grad_s.index_put_((target, rows), (-g).to(grad_s.dtype), accumulate=True)
-                    d_query[k] = _mm(grad_s.T, cast_tables[k], precision)
-                    product = _mm(grad_s, query[k], precision) if need_table else None
+                    d_query[k] = _mm(grad_s[:, :P].T, cast_tables[k], precision)
+                    product = _mm(grad_s, queries[k].T, precision) if need_table else None
                 else:
                     grad_s = tails.softmax_grad(scores[k], lse[k], per_row)  # (P, E), product precision
                     grad_s.index_put_((rows, target), (-g).to(grad_s.dtype), accumulate=True)
                     d_query[k] = _mm(grad_s, cast_tables[k], precision)
-                    product = _mm(grad_s.T, query[k], precision) if need_table else None
+                    product = _mm(grad_s.T, queries[0][k], precision) if need_table else None
                 if product is not None:
                     # a bf16 table (bf16 projected features) takes the bf16 product as its gradient: no float32 copy
                     # of the block and no cast back; else the product is copied into a float32 block
-                    d_table = product if product.dtype == ctx.dtypes[k] else torch.empty(shape, device=query.device
+                    d_table = product if product.dtype == ctx.dtypes[k] else torch.empty(shape, device=device
                                                                                           ).copy_(product)
             d_tables.append(d_table)
         d_ent, d_rel = tails.query_grads(d_query, ent, rel, g_ent, g_rel)
@@ -334,7 +339,7 @@ class _ComplExCE(torch.autograd.Function):
                 _add_rows(d_tables[k], torch.cat([head, target]), torch.cat([d_ent[k], g_tail[k].float()]))
         d_relations = None
         if ctx.needs_input_grad[0]:
-            d_relations = torch.zeros(ctx.relations_shape, dtype=torch.float32, device=query.device)
+            d_relations = torch.zeros(ctx.relations_shape, dtype=torch.float32, device=device)
             for k in range(K):
                 d_relations[k].index_add_(0, relation, d_rel[k])
             d_relations = d_relations.to(ctx.relations_dtype)

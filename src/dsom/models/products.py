@@ -115,6 +115,25 @@ COLUMN_MIN_ROWS = 256  # the fewest table rows per block
 COLUMN_PAD = 8  # the block's width (queries) is a multiple of this: MKL's sgemm into rows of odd length is slow
 
 
+def padded_queries_t(query: torch.Tensor) -> torch.Tensor:
+    """``query (P, 2d)`` as a contiguous ``(2d, W)`` product operand, ``W`` = P rounded up to a multiple of
+    :data:`COLUMN_PAD`, the padded columns zero: ``table @ padded_queries_t(query)`` is the ``(N, W)`` score block
+    whose first P columns are ``(query @ table^T)^T`` and whose others are 0.
+
+    MKL's sgemm writing rows of a length that is not a multiple of 8 runs much slower: a DB15K rank-500 table
+    (N = 12,842, 2d = 1,000) times 567 queries took 123.7 ms into ``(N, 567)`` and 76.2 ms into ``(N, 568)`` under the
+    AVX2 emulation on a 2-core AMD EPYC (``benchmarks/gemm_layouts.py --queries 567 --dtypes float32``).
+    Pair batches (``train.batching=pairs``) score a different, mostly unaligned, number of queries every step."""
+    P, D = query.shape
+    width = -(-P // COLUMN_PAD) * COLUMN_PAD
+    if width == P:
+        return query.T.contiguous()
+    out = query.new_empty(D, width)
+    out[:, P:] = 0
+    out[:, :P] = query.T
+    return out
+
+
 def column_scores(query: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``query (B, 2d) @ table (N, 2d)^T`` as float32 ``(B, N)`` (written into ``out``, any strides, when given),
     computed as ``table @ query^T`` one block of table rows at a time, each ``(rows, B)`` block copied transposed into
