@@ -115,3 +115,25 @@ def test_stacked_interaction_equals_one_model_at_a_time():
     cr = torch.complex(rel[..., :d].double(), rel[..., d:].double())
     ref = ((c[:, h] * cr[:, r]).unsqueeze(2) * c.conj().unsqueeze(1)).sum(-1).real
     torch.testing.assert_close(stacked.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("start,stop", [(0, None), (7, 29)])
+def test_scores_without_autograd_in_the_column_layout_equal_complex_arithmetic(start, stop):
+    """Evaluation's scores (no autograd, fp32: the ``(N, B)`` column products, 70 queries padded to 72) equal
+    Re(<h, r, conj(t)>) in complex128; with autograd on, the same scores keep their graph."""
+    m = _model(E=40, R2=6, d=8)
+    d = m.rank
+    ent = torch.complex(m.entity[:, :d].double(), m.entity[:, d:].double()).detach()
+    rel = torch.complex(m.relation[:, :d].double(), m.relation[:, d:].double()).detach()
+    g = torch.Generator().manual_seed(3)
+    h, r = torch.randint(0, 40, (70,), generator=g), torch.randint(0, 6, (70,), generator=g)
+    expected = torch.real((ent[h] * rel[r]) @ ent[start:stop].conj().T).float()
+    with torch.no_grad():
+        got = m.score_all(h, r, start=start, stop=stop)
+    assert got.shape == expected.shape and got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    live = m.score_all(h, r, start=start, stop=stop)
+    assert live.requires_grad
+    torch.testing.assert_close(live.detach(), expected, rtol=1e-5, atol=1e-5)
+    live.sum().backward()
+    assert m.entity.grad is not None and m.entity.grad.abs().sum() > 0

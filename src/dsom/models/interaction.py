@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from dsom.models.products import matmul_scores, stacked_scores
+from dsom.models.products import column_scores, matmul_scores, stacked_scores
 
 
 def complex_query(head: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
@@ -31,8 +31,12 @@ def score_all(entities: torch.Tensor, relations: torch.Tensor, head: torch.Tenso
     for stacked tables (one batched product; :func:`~dsom.models.products.stacked_scores`)."""
     whole = start == 0 and stop is None  # no slice node in the autograd graph of a trained table
     if entities.dim() == 2:
-        return matmul_scores(complex_query(entities[head], relations[relation]),
-                             entities if whole else entities[start:stop], precision)
+        query = complex_query(entities[head], relations[relation])
+        candidates = entities if whole else entities[start:stop]
+        if precision == "fp32" and not (torch.is_grad_enabled() and (query.requires_grad or candidates.requires_grad)):
+            # no autograd (evaluation, prediction): the (N, B) product layout, 1.3x faster on a CPU (column_scores)
+            return column_scores(query, candidates)
+        return matmul_scores(query, candidates, precision)
     return stacked_scores(complex_query(entities[:, head], relations[:, relation]),
                           entities if whole else entities[:, start:stop], precision)
 
