@@ -56,17 +56,17 @@ def point(num_entities: int, args: argparse.Namespace) -> dict[str, Any]:
     cfg = Config()
     for k, v in {"model.rank": args.rank, "train.batch_size": args.batch_size, "train.precision": args.precision,
                  "train.device": str(device), "train.valid_every": 0, "train.block_mb": args.block_mb,
-                 "eval.memory_budget_mb": args.eval_budget_mb}.items():
+                 "eval.memory_budget_mb": args.eval_budget_mb, "train.batching": args.batching}.items():
         set_value(cfg, k, v)
     out: dict[str, Any] = {"entities": num_entities, "train_triples": len(ds.train), "graph_build_s": build_s,
                            "chunk": entity_chunk(args.batch_size, num_entities, args.block_mb),
                            "model_state_mb": 3 * num_entities * 2 * args.rank * 4 / 2**20}
     reset_peak(device)
     tr = ComplExTrainer(ds, cfg, f"/tmp/dsom-scale-{os.getpid()}", progress=False)
-    seconds, timed = time_trainer_steps(tr, args.batches, args.batch_size, device)
-    out["train"] = {"s_per_batch": seconds / timed, "queries_per_s": timed * args.batch_size / seconds,
-                    "epoch_s_projected": seconds / timed * -(-len(tr.train_queries) // args.batch_size),
-                    **peak_mb(device)}
+    seconds, timed, _ = time_trainer_steps(tr, args.batches, device)
+    n_epoch = len(tr.epoch_batches(1)[1]) - 1  # batches per epoch (each about batch_size queries)
+    out["train"] = {"s_per_batch": seconds / timed, "queries_per_s": timed * len(tr.train_queries) / n_epoch / seconds,
+                    "epoch_s_projected": seconds / timed * n_epoch, "batching": tr.batching, **peak_mb(device)}
     model = tr.model
     reset_peak(device)
     t0 = time.perf_counter()
@@ -76,7 +76,7 @@ def point(num_entities: int, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--entities", default="10000,100000,1000000")
     p.add_argument("--relations", type=int, default=100)
@@ -88,12 +88,13 @@ def main() -> None:
     p.add_argument("--block-mb", type=float, default=256.0, help="train.block_mb")
     p.add_argument("--eval-budget-mb", type=float, default=1024.0, help="eval.memory_budget_mb")
     p.add_argument("--precision", default="auto")
+    p.add_argument("--batching", default="auto", choices=["auto", "triples", "pairs"], help="train.batching")
     p.add_argument("--device", default="auto")
     p.add_argument("--json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     tune_allocator()
     rows = []
-    print(f"rank {args.rank}, batch {args.batch_size}, train.block_mb {args.block_mb}, eval budget "
+    print(f"rank {args.rank}, batch {args.batch_size}, batching {args.batching}, train.block_mb {args.block_mb}, eval budget "
           f"{args.eval_budget_mb} MB, {torch.get_num_threads()} threads")
     print(f"{'entities':>9} {'chunk':>7} {'state MB':>9} {'train q/s':>10} {'s/batch':>8} {'train peak MB':>13} "
           f"{'eval q/s':>9} {'eval peak MB':>12}")
@@ -106,6 +107,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"settings": vars(args), "points": rows}, fh, indent=2)
+    return rows
 
 
 if __name__ == "__main__":

@@ -256,7 +256,7 @@ def test_gemm_layouts_benchmark_times_the_preallocated_fp32_products():
     mod = _script("gemm_layouts")
     res = mod.main(["--queries", "70", "--entities", "300", "--dim", "8", "--repeats", "1", "--dtypes", "float32"])
     for name in ("fwd q @ T^T into S", "fwd column blocks into S", "fwd query blocks into S", "dT G^T @ q into dT",
-                 "dT column blocks"):
+                 "dT column blocks", "(E,P) fwd T @ padded q^T"):
         assert res[f"torch.float32 {name}"] > 0
     g, q = torch.randn(70, 300), torch.randn(70, 8)
     torch.testing.assert_close(mod._blocked_grad(g, q, torch.empty(300, 8), 64), g.T @ q)  # 4 blocks + a short one
@@ -364,3 +364,19 @@ def test_stage2_setup_times_the_temperatures_and_the_reliability_table(tmp_path)
     queries = torch.from_numpy(ds.queries("train"))
     torch.testing.assert_close(saved, entity_reliability(frozen, queries, ds.num_entities, temperatures))
     assert not torch.allclose(saved, entity_reliability(frozen, queries, ds.num_entities))
+
+
+@pytest.mark.parametrize("batching", ["triples", "pairs"])
+def test_scale_benchmark_trains_a_chunked_graph_and_evaluates_it(tmp_path, batching):
+    """A graph whose score block exceeds train.block_mb trains through the entity-chunked loss and is evaluated."""
+    mod = _script("scale")
+    out = tmp_path / "scale.json"
+    rows = mod.main(["--entities", "600", "--rank", "4", "--batch-size", "50", "--batches", "2", "--test", "20",
+                     "--relations", "5", "--block-mb", "0.01", "--batching", batching, "--device", "cpu",
+                     "--json", str(out)])
+    (point,) = rows
+    assert point["chunk"] < point["entities"] == 600  # 0.01 MB of 50-query rows: 52 entities per block
+    assert point["train"]["batching"] == batching
+    assert point["train"]["s_per_batch"] > 0 and point["train"]["epoch_s_projected"] > point["train"]["s_per_batch"]
+    assert point["eval"]["queries_per_s"] > 0
+    assert json.loads(out.read_text())["points"][0]["entities"] == 600
