@@ -380,3 +380,13 @@ def test_scale_benchmark_trains_a_chunked_graph_and_evaluates_it(tmp_path, batch
     assert point["train"]["s_per_batch"] > 0 and point["train"]["epoch_s_projected"] > point["train"]["s_per_batch"]
     assert point["eval"]["queries_per_s"] > 0
     assert json.loads(out.read_text())["points"][0]["entities"] == 600
+
+
+def test_eval_layout_benchmark_ranks_alike_in_both_layouts_and_restores_the_column_one():
+    import dsom.models.interaction as interaction
+
+    before = interaction.column_scores
+    res = _script("eval_layout").main(["--entities", "300", "--rank", "4", "--rounds", "1", "--batch-size", "100"])
+    assert len(res["seconds"]["row"]) == len(res["seconds"]["column"]) == 1
+    assert res["mrr"]["row"] == pytest.approx(res["mrr"]["column"], rel=1e-6) and res["mrr"]["row"] > 0
+    assert interaction.column_scores is before
