@@ -390,3 +390,9 @@ def test_eval_layout_benchmark_ranks_alike_in_both_layouts_and_restores_the_colu
     assert len(res["seconds"]["row"]) == len(res["seconds"]["column"]) == 1
     assert res["mrr"]["row"] == pytest.approx(res["mrr"]["column"], rel=1e-6) and res["mrr"]["row"] > 0
     assert interaction.column_scores is before
+
+
+def test_step_profile_benchmark_times_the_steps_of_a_random_graph():
+    res = _script("step_profile").main(["--entities", "400", "--rank", "4", "--batch-size", "50", "--batching",
+                                        "triples", "--precision", "fp32", "--warmup", "1", "--steps", "2"])
+    assert len(res["step_s"]) == 2 and all(s > 0 for s in res["step_s"]) and res["rows"] == [50, 50]
