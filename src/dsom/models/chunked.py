@@ -4,7 +4,8 @@ The plain training loss materialises the ``(B, E)`` logits, their softmax and th
 12 bytes per cell, 12 GB for a batch of 1,000 queries against a million entities. :func:`chunked_cross_entropy`
 computes the same loss and gradients block by block:
 
-* forward: a running log-sum-exp over ``(B, chunk)`` score blocks, and the target's score as a row dot product;
+* forward: a running log-sum-exp over ``(chunk, B)`` score blocks (``B`` padded to a multiple of 8), and the
+  target's score as a row dot product;
 * backward: each block's scores are recomputed, ``p = exp(s - lse)`` scaled by the incoming gradient gives
   the block's score gradient, which flows to the queries (``p @ T_c``) and to the block's table rows
   (``p^T @ q``); the target term ``-q . T_t`` is added with one gather and one ``index_add``.
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from dsom.models.products import bf16_round
+from dsom.models.products import bf16_round, padded_queries_t
 from dsom.numerics import EXP_FLOOR
 
 
@@ -41,45 +42,51 @@ def _rounded(x: torch.Tensor, precision: str) -> torch.Tensor:
 
 class _ChunkedCE(torch.autograd.Function):
     """Per model ``k`` (a loop of 2-D ``mm``: faster than ``bmm`` on CPU) and per entity block, with the
-    block's exp / scaling done in place so each block allocates one ``(B, chunk)`` buffer."""
+    block's exp / scaling done in place so each block allocates one ``(chunk, W)`` buffer.
+
+    The blocks are laid out ``(chunk, W)``: ``table_block @ q^T`` with the queries transposed and padded to W, a
+    multiple of 8 (:func:`~dsom.models.products.padded_queries_t`; a padded column's gradient weight is 0). MKL's
+    sgemm runs that product well above ``q @ table_block^T`` (the forward and the recomputation; ``python
+    benchmarks/gemm_layouts.py --entities 67108 --dim 128``: the ``(E,P)`` rows; ``benchmarks/scale.py``)."""
 
     @staticmethod
     def forward(ctx: Any, query: torch.Tensor, table: torch.Tensor, target: torch.Tensor, rows: torch.Tensor,
                 chunk: int, precision: str) -> torch.Tensor:
         K, B, _ = query.shape
         E = table.shape[1]
-        lse = torch.full((K, B), -math.inf, dtype=torch.float32, device=query.device)
+        # (2d, W) operands: the queries transposed, padded to a multiple of 8 (padded_queries_t); scores (chunk, W)
+        q_t = torch.stack([padded_queries_t(query[k]) for k in range(K)])
+        lse = torch.full((K, q_t.shape[2]), -math.inf, dtype=torch.float32, device=query.device)
         for k in range(K):
             for lo in range(0, E, chunk):
-                s = _mm(query[k], table[k, lo:lo + chunk].T, precision)
-                top = s.amax(-1)
-                block = s.sub_(top.unsqueeze(-1)).clamp_min_(EXP_FLOOR).exp_().sum(-1).log_().add_(top)
+                s = _mm(table[k, lo:lo + chunk], q_t[k], precision)
+                top = s.amax(0)
+                block = s.sub_(top).clamp_min_(EXP_FLOOR).exp_().sum(0).log_().add_(top)
                 lse[k] = torch.logaddexp(lse[k], block)
         target_score = (_rounded(query[:, rows], precision) * _rounded(table[:, target], precision)).sum(-1)
-        ctx.save_for_backward(query, table, target, rows, lse)
+        ctx.save_for_backward(query, q_t, table, target, rows, lse)
         ctx.chunk, ctx.precision = chunk, precision
         return lse[:, rows] - target_score
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        query, table, target, rows, lse = ctx.saved_tensors
+        query, q_t, table, target, rows, lse = ctx.saved_tensors
         chunk, precision = ctx.chunk, ctx.precision
-        K, E = table.shape[0], table.shape[1]
+        K, B, E = query.shape[0], query.shape[1], table.shape[1]
         g_t = grad.float()  # (K, T): one per target
-        g = torch.zeros_like(lse).index_add_(1, rows, g_t)  # (K, B): summed over the targets sharing a row
+        g = torch.zeros_like(lse).index_add_(1, rows, g_t)  # (K, W): summed over the targets sharing a row; 0 padded
         need_q, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dq = torch.zeros_like(query, dtype=torch.float32) if need_q else None
         dt = torch.zeros_like(table, dtype=torch.float32) if need_t else None
         for k in range(K):
             for lo in range(0, E, chunk):
                 block = table[k, lo:lo + chunk]
-                # p = softmax probabilities of the block times the incoming gradient, in place
-                p = (_mm(query[k], block.T, precision).sub_(lse[k].unsqueeze(-1)).clamp_min_(EXP_FLOOR).exp_()
-                     .mul_(g[k].unsqueeze(-1)))
+                # p (chunk, W) = the block's softmax probabilities times the incoming gradient, in place
+                p = _mm(block, q_t[k], precision).sub_(lse[k]).clamp_min_(EXP_FLOOR).exp_().mul_(g[k])
                 if dq is not None:
-                    dq[k] += _mm(p, block, precision)
+                    dq[k] += _mm(p[:, :B].T, block, precision)
                 if dt is not None:
-                    dt[k, lo:lo + chunk] = _mm(p.T, query[k], precision)
+                    dt[k, lo:lo + chunk] = _mm(p, q_t[k].T, precision)
         g3 = g_t.unsqueeze(-1)
         if dq is not None:
             dq_rows = -g3 * _rounded(table[:, target], precision)
