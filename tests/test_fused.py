@@ -42,15 +42,19 @@ def _setup(seed=0, E=40, R=5, d=6, P=9, T=17):
     return free, feats, proj, relations, head, relation, rows, target
 
 
+@pytest.mark.parametrize("chunk", [None, 7, 40])
 @pytest.mark.parametrize("with_rows", [True, False])
-def test_fused_matches_plain_graph_fp32(with_rows):
+def test_fused_matches_plain_graph_fp32(with_rows, chunk):
+    """Loss and gradients (free table, projection, relations; CE and N3 on the returned rows) against a float64
+    autograd graph; ``chunk=7``: the entity-chunked node (6 blocks of 7 and one of 5), 40 = E: one block."""
     free, feats, proj, relations, head, relation, rows, target = _setup()
     if not with_rows:
         head, relation, target = head[rows], relation[rows], target
         rows = torch.arange(len(target))
     reg = 0.05
     tables = [free, feats @ proj / 3.0]
-    out = complex_cross_entropy(tables, relations, head, relation, target, None if not with_rows else rows, "fp32")
+    out = complex_cross_entropy(tables, relations, head, relation, target, None if not with_rows else rows, "fp32",
+                                chunk=chunk)
     assert out.ce.shape == (2, len(target))
     loss = out.ce.mean(1).sum() + reg * sum((f ** 3).sum() for f in fused_factors(out, rows if with_rows else None)) \
         / len(target)
@@ -264,3 +268,22 @@ def test_padded_queries_are_the_transposed_queries_then_zero_columns(P):
     s = table @ q_t
     torch.testing.assert_close(s[:, :P], (q @ table.T).T)
     assert not s[:, P:].any()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16sim", "bf16"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_chunked_node_equals_the_unchunked_one(precision, compiled):
+    """The entity-chunked node gives the unchunked node's loss and gradients (within the products' rounding), with
+    pair rows and the N3 penalty on its returned rows."""
+    free, feats, proj, relations, head, relation, rows, target = _setup(seed=4, E=300)
+    res = []
+    for chunk in (None, 64):
+        out = complex_cross_entropy([free, feats @ proj / 3.0], relations, head, relation, target, rows, precision,
+                                    CETails(compiled), chunk=chunk)
+        loss = out.ce.mean(1).sum() + 0.05 * sum((f ** 3).sum() for f in fused_factors(out, rows)) / len(target)
+        res.append((out.ce.detach(), *torch.autograd.grad(loss, [free, proj, relations])))
+    # bf16 numerics: the two nodes round different intermediates (the chunked one also each probability block)
+    tol = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=2e-3)
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, **tol)
+    assert res[1][1].abs().sum() > 0

@@ -36,8 +36,35 @@ def _mm(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
-def _rounded(x: torch.Tensor, precision: str) -> torch.Tensor:
+def rounded_operand(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """``x`` as a product in ``precision`` would read it (bf16-rounded for bf16 and bf16sim), in float32."""
     return bf16_round(x) if precision in ("bf16", "bf16sim") else x.float()
+
+
+def block_logsumexp(table: torch.Tensor, q_t: torch.Tensor, chunk: int, precision: str) -> torch.Tensor:
+    """``(W,)`` float32 log-sum-exp of each column of ``table (E, 2d) @ q_t (2d, W)``, one ``(chunk, W)`` block of
+    table rows at a time (a running ``logaddexp``); exponents floored at ``EXP_FLOOR``."""
+    lse = torch.full((q_t.shape[1],), -math.inf, dtype=torch.float32, device=q_t.device)
+    for lo in range(0, table.shape[0], chunk):
+        s = _mm(table[lo:lo + chunk], q_t, precision)
+        top = s.amax(0)
+        lse = torch.logaddexp(lse, s.sub_(top).clamp_min_(EXP_FLOOR).exp_().sum(0).log_().add_(top))
+    return lse
+
+
+def block_softmax_grads(table: torch.Tensor, q_t: torch.Tensor, lse: torch.Tensor, weight: torch.Tensor, chunk: int,
+                        precision: str, d_query: torch.Tensor | None, d_table: torch.Tensor | None, rows: int) -> None:
+    """The softmax part of the 1-vs-all CE gradient, block by block: each ``(chunk, W)`` block's probabilities
+    ``exp(s - lse)`` times the columns' ``weight (W,)`` (recomputed from the product), added into ``d_query (rows,
+    2d)`` (its first ``rows`` columns) and written into the block's rows of ``d_table (E, 2d)`` (every row is
+    written: it needs no zero fill). The target terms are the caller's."""
+    for lo in range(0, table.shape[0], chunk):
+        block = table[lo:lo + chunk]
+        p = _mm(block, q_t, precision).sub_(lse).clamp_min_(EXP_FLOOR).exp_().mul_(weight)
+        if d_query is not None:
+            d_query += _mm(p[:, :rows].T, block, precision)
+        if d_table is not None:
+            d_table[lo:lo + chunk] = _mm(p, q_t.T, precision)
 
 
 class _ChunkedCE(torch.autograd.Function):
@@ -47,23 +74,16 @@ class _ChunkedCE(torch.autograd.Function):
     The blocks are laid out ``(chunk, W)``: ``table_block @ q^T`` with the queries transposed and padded to W, a
     multiple of 8 (:func:`~dsom.models.products.padded_queries_t`; a padded column's gradient weight is 0). MKL's
     sgemm runs that product well above ``q @ table_block^T`` (the forward and the recomputation; ``python
-    benchmarks/gemm_layouts.py --entities 67108 --dim 128``: the ``(E,P)`` rows; ``benchmarks/scale.py``)."""
+    benchmarks/gemm_layouts.py --entities 67108 --dim 128``: the ``(E,P)`` rows; ``benchmarks/step_profile.py``)."""
 
     @staticmethod
     def forward(ctx: Any, query: torch.Tensor, table: torch.Tensor, target: torch.Tensor, rows: torch.Tensor,
                 chunk: int, precision: str) -> torch.Tensor:
-        K, B, _ = query.shape
-        E = table.shape[1]
-        # (2d, W) operands: the queries transposed, padded to a multiple of 8 (padded_queries_t); scores (chunk, W)
-        q_t = torch.stack([padded_queries_t(query[k]) for k in range(K)])
-        lse = torch.full((K, q_t.shape[2]), -math.inf, dtype=torch.float32, device=query.device)
-        for k in range(K):
-            for lo in range(0, E, chunk):
-                s = _mm(table[k, lo:lo + chunk], q_t[k], precision)
-                top = s.amax(0)
-                block = s.sub_(top).clamp_min_(EXP_FLOOR).exp_().sum(0).log_().add_(top)
-                lse[k] = torch.logaddexp(lse[k], block)
-        target_score = (_rounded(query[:, rows], precision) * _rounded(table[:, target], precision)).sum(-1)
+        K = query.shape[0]
+        q_t = torch.stack([padded_queries_t(query[k]) for k in range(K)])  # (K, 2d, W)
+        lse = torch.stack([block_logsumexp(table[k], q_t[k], chunk, precision) for k in range(K)])  # (K, W)
+        target_score = (rounded_operand(query[:, rows], precision)
+                        * rounded_operand(table[:, target], precision)).sum(-1)
         ctx.save_for_backward(query, q_t, table, target, rows, lse)
         ctx.chunk, ctx.precision = chunk, precision
         return lse[:, rows] - target_score
@@ -72,29 +92,23 @@ class _ChunkedCE(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         query, q_t, table, target, rows, lse = ctx.saved_tensors
         chunk, precision = ctx.chunk, ctx.precision
-        K, B, E = query.shape[0], query.shape[1], table.shape[1]
+        K, B = query.shape[0], query.shape[1]
         g_t = grad.float()  # (K, T): one per target
         g = torch.zeros_like(lse).index_add_(1, rows, g_t)  # (K, W): summed over the targets sharing a row; 0 padded
         need_q, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dq = torch.zeros_like(query, dtype=torch.float32) if need_q else None
-        dt = torch.zeros_like(table, dtype=torch.float32) if need_t else None
+        dt = torch.empty_like(table, dtype=torch.float32) if need_t else None  # every row written by its block
         for k in range(K):
-            for lo in range(0, E, chunk):
-                block = table[k, lo:lo + chunk]
-                # p (chunk, W) = the block's softmax probabilities times the incoming gradient, in place
-                p = _mm(block, q_t[k], precision).sub_(lse[k]).clamp_min_(EXP_FLOOR).exp_().mul_(g[k])
-                if dq is not None:
-                    dq[k] += _mm(p[:, :B].T, block, precision)
-                if dt is not None:
-                    dt[k, lo:lo + chunk] = _mm(p, q_t[k].T, precision)
+            block_softmax_grads(table[k], q_t[k], lse[k], g[k], chunk, precision, None if dq is None else dq[k],
+                                None if dt is None else dt[k], B)
         g3 = g_t.unsqueeze(-1)
         if dq is not None:
-            dq_rows = -g3 * _rounded(table[:, target], precision)
+            dq_rows = -g3 * rounded_operand(table[:, target], precision)
             for k in range(K):  # index_add_ rather than index_put_(accumulate): much faster on CPU (models/fused.py)
                 dq[k].index_add_(0, rows, dq_rows[k])
             dq = dq.to(query.dtype)
         if dt is not None:
-            dt_rows = -g3 * _rounded(query[:, rows], precision)
+            dt_rows = -g3 * rounded_operand(query[:, rows], precision)
             for k in range(K):
                 dt[k].index_add_(0, target, dt_rows[k])
             dt = dt.to(table.dtype)

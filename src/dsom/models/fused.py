@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from dsom.models.chunked import block_logsumexp, block_softmax_grads, rounded_operand
 from dsom.models.complex import REGULARIZERS
 from dsom.models.interaction import complex_modulus, complex_query
 from dsom.models.products import PRECISIONS, as_bf16, bf16_round, column_scores, padded_queries_t
@@ -347,6 +348,72 @@ class _ComplExCE(torch.autograd.Function):
         return (d_relations, None, None, None, None, None, None, None, *grads)
 
 
+class _ChunkedComplExCE(torch.autograd.Function):
+    """:class:`_ComplExCE` over blocks of ``chunk`` entities (graphs whose ``(P, E)`` block exceeds
+    ``train.block_mb``): the log-sum-exp runs over ``(chunk, W)`` blocks (:func:`~dsom.models.chunked.
+    block_logsumexp`), the target's score is a row dot product, and the backward recomputes each block. The rows are
+    gathered here and their gradients (the queries', the N3 penalty's on the returned rows) are added into the table's
+    gradient, one ``(E, 2d)`` block per table and step, as the unchunked node does: gathering them through autograd
+    gave each gather its own zero-filled ``(E, 2d)`` gradient, four such blocks per step that autograd then added."""
+
+    @staticmethod
+    def forward(ctx: Any, relations: torch.Tensor, head: torch.Tensor, relation: torch.Tensor, target: torch.Tensor,
+                rows: torch.Tensor, precision: str, tails: CETails, chunk: int,
+                *tables: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ent = torch.stack([t[head].float() for t in tables])  # (K, P, 2d)
+        rel = relations[:, relation].float()
+        tail = torch.stack([t[target].float() for t in tables])  # (K, T, 2d)
+        query = complex_query(ent, rel)  # float32; each block's product casts (chunked._mm)
+        q_t = [padded_queries_t(query[k]) for k in range(len(tables))]  # (2d, W) each
+        lse = torch.stack([block_logsumexp(table, qt, chunk, precision) for table, qt in zip(tables, q_t)])  # (K, W)
+        picked = (rounded_operand(query[:, rows], precision) * rounded_operand(tail, precision)).sum(-1)  # (K, T)
+        if precision != "fp32":  # the score as a bf16 product returns it, as the unchunked node reads it
+            picked = bf16_round(picked)
+        ctx.save_for_backward(ent, rel, tail, query, head, relation, target, rows, lse, *q_t, *tables)
+        ctx.precision, ctx.tails, ctx.chunk, ctx.K = precision, tails, chunk, len(tables)
+        ctx.relations_shape, ctx.relations_dtype = relations.shape, relations.dtype
+        return lse[:, rows] - picked, ent, rel, tail
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g_ce: torch.Tensor | None, g_ent: torch.Tensor | None, g_rel: torch.Tensor | None,
+                 g_tail: torch.Tensor | None) -> tuple[Any, ...]:
+        K, precision, chunk = ctx.K, ctx.precision, ctx.chunk
+        ent, rel, tail, query, head, relation, target, rows, lse, *rest = ctx.saved_tensors
+        q_t, tables = rest[:K], rest[K:]
+        P, device = query.shape[1], query.device
+        d_query = torch.zeros(query.shape, dtype=torch.float32, device=device)
+        d_tables: list[torch.Tensor | None] = []
+        for k, table in enumerate(tables):
+            need_table = ctx.needs_input_grad[8 + k]
+            # with g_ce every row is written by its block (block_softmax_grads): no zero fill
+            alloc = torch.empty if g_ce is not None else torch.zeros
+            d_table = alloc(table.shape, dtype=torch.float32, device=device) if need_table else None
+            if g_ce is not None:
+                g = g_ce[k].float()
+                per_row = torch.zeros(lse.shape[1], dtype=torch.float32, device=device).index_add_(0, rows, g)
+                block_softmax_grads(table, q_t[k], lse[k], per_row, chunk, precision, d_query[k], d_table, P)
+                d_query[k].index_add_(0, rows, -g.unsqueeze(-1) * rounded_operand(tail[k], precision))
+                if d_table is not None:
+                    d_table.index_add_(0, target, -g.unsqueeze(-1) * rounded_operand(query[k, rows], precision))
+            d_tables.append(d_table)
+        d_ent, d_rel = ctx.tails.query_grads(d_query, ent, rel, g_ent, g_rel)
+        for k, d_table in enumerate(d_tables):
+            if d_table is None:
+                continue
+            d_table.index_add_(0, head, d_ent[k])
+            if g_tail is not None:
+                d_table.index_add_(0, target, g_tail[k].float())
+        d_relations = None
+        if ctx.needs_input_grad[0]:
+            d_relations = torch.zeros(ctx.relations_shape, dtype=torch.float32, device=device)
+            for k in range(K):
+                d_relations[k].index_add_(0, relation, d_rel[k])
+            d_relations = d_relations.to(ctx.relations_dtype)
+        grads = [None if d is None else d.to(t.dtype) for d, t in zip(d_tables, tables)]
+        return (d_relations, None, None, None, None, None, None, None, *grads)
+
+
 class _ComplExScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, table: torch.Tensor, relations: torch.Tensor, head: torch.Tensor, relation: torch.Tensor,
@@ -430,7 +497,7 @@ class ComplExCE:
 def complex_cross_entropy(tables: Sequence[torch.Tensor], relations: torch.Tensor, head: torch.Tensor,
                           relation: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None,
                           precision: str = "fp32", tails: CETails = EAGER,
-                          transposed: bool | None = None) -> ComplExCE:
+                          transposed: bool | None = None, chunk: int | None = None) -> ComplExCE:
     """1-vs-all cross-entropy of K ComplEx models at once, each query scored once against every entity.
 
     Args:
@@ -448,6 +515,8 @@ def complex_cross_entropy(tables: Sequence[torch.Tensor], relations: torch.Tenso
             (241 vs 238 ms), while on a 2-core AMD EPYC (AVX-512, and under the AVX2 emulation) the three fp32 products
             take 520 (AVX2: 496) ms in the ``(E, P)`` layout against 611 (623) in the row layout, the row layout's
             forward ``q @ T^T`` being the slowest (``benchmarks/gemm_layouts.py``).
+        chunk: entities per block (:func:`~dsom.models.chunked.entity_chunk`); fewer than E: the loss never holds a
+            ``(P, E)`` block (:class:`_ChunkedComplExCE`: 4 products per block instead of 3, ``transposed`` ignored).
 
     Equals, in value and gradient up to rounding, ``F.cross_entropy((q @ table.T)[rows], target, reduction="none")``
     with ``q = complex_query(table[head], relations[k, relation])`` for each model ``k``.
@@ -456,6 +525,10 @@ def complex_cross_entropy(tables: Sequence[torch.Tensor], relations: torch.Tenso
         rows = torch.arange(len(target), device=target.device)
     if len(tables) != relations.shape[0]:
         raise ValueError(f"{len(tables)} entity tables but {relations.shape[0]} relation tables")
+    if chunk is not None and chunk < tables[0].shape[0]:
+        ce, ent, rel, tail = _ChunkedComplExCE.apply(relations, head, relation, target, rows, precision, tails,
+                                                     int(chunk), *tables)
+        return ComplExCE(ce, ent, rel, tail)
     if transposed is None:
         transposed = precision == "bf16" or tables[0].device.type == "cpu"
     ce, ent, rel, tail = _ComplExCE.apply(relations, head, relation, target, rows, precision, tails, transposed,

@@ -40,8 +40,8 @@ from dsom.data.graph import KGDataset
 from dsom.data.pairs import PairIndex, epoch_permutation, group_pairs
 from dsom.errors import DsomError
 from dsom.evaluate import evaluate
-from dsom.models.chunked import chunked_cross_entropy, entity_chunk
-from dsom.models.complex import ComplEx, regularizer
+from dsom.models.chunked import entity_chunk
+from dsom.models.complex import ComplEx
 from dsom.models.fused import CETails, complex_cross_entropy, fused_penalty
 from dsom.models.products import resolve_precision
 from dsom.perf import compile_enabled, release_memory, set_deterministic
@@ -659,17 +659,15 @@ class ComplExTrainer(Trainer):
         ph, pr = h, r
         if self.batching == "pairs":  # one query vector and score row per distinct (h, r), shared by its targets
             ph, pr, rows = group_pairs(batch)
+        # entity blocks where the (P, E) scores would exceed train.block_mb (big graphs); else one block
         chunk = entity_chunk(len(ph), model.num_entities, self.cfg.train.block_mb)
         tr = self.cfg.train
-        if chunk < model.num_entities:
-            ce = chunked_cross_entropy(model.query(ph, pr), model.entity, t, chunk, self.precision, rows=rows).mean()
-            reg = regularizer(tr.regularizer, model.factors(h, r, t), tr.reg)
-        else:  # one autograd node: no dense gather gradients, scores kept in the product precision
-            tails = self.ce_tails()
-            out = complex_cross_entropy([model.entity], model.relation.unsqueeze(0), ph, pr, t, rows, self.precision,
-                                        tails)
-            ce = out.ce[0].mean()
-            reg = fused_penalty(out, rows, tr.regularizer, tr.reg, len(t), tails)
+        # one autograd node: no dense gather gradients, scores kept in the product precision
+        tails = self.ce_tails()
+        out = complex_cross_entropy([model.entity], model.relation.unsqueeze(0), ph, pr, t, rows, self.precision,
+                                    tails, chunk=chunk)
+        ce = out.ce[0].mean()
+        reg = fused_penalty(out, rows, tr.regularizer, tr.reg, len(t), tails)
         terms = {"ce": ce}
         if reg is not None:
             terms["reg"] = reg

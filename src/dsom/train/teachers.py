@@ -21,8 +21,7 @@ from dsom.data.modality import ModalityTable
 from dsom.data.pairs import group_pairs
 from dsom.errors import DsomError
 from dsom.evaluate import split_counts, split_metrics
-from dsom.models.chunked import chunked_cross_entropy, entity_chunk
-from dsom.models.complex import regularizer
+from dsom.models.chunked import entity_chunk
 from dsom.models.fused import complex_cross_entropy, fused_penalty
 from dsom.models.teachers import TEACHERS_FORMAT, AllViews, FrozenTeachers, ModalityTeachers
 from dsom.ranks import TIE_POLICIES, RankCounts, metrics_from_ranks, min_rank_counts
@@ -81,18 +80,14 @@ class TeacherTrainer(Trainer):
         ph, pr = h, r
         if self.batching == "pairs":  # one query and score row per distinct (h, r) and teacher, shared by its targets
             ph, pr, rows = group_pairs(batch)
+        # entity blocks where a (P, E) score block would exceed train.block_mb (big graphs); else one block
         chunk = entity_chunk(len(ph), E, self.cfg.train.block_mb)
-        if chunk < E:
-            tables = model.entity_tables()
-            queries = model.queries(tables, ph, pr)
-            ce = chunked_cross_entropy(queries, tables, t, chunk, self.precision, rows=rows).mean(1)
-            reg = regularizer(tr.regularizer, model.factors(tables, h, r, t), tr.reg, batch=B)
-        else:  # one autograd node for every teacher (dsom.models.fused): one (B, E) block per teacher, no stack
-            tails = self.ce_tails()
-            out = complex_cross_entropy(model.entity_table_list(self.precision), model.relations, ph, pr, t, rows,
-                                        self.precision, tails)
-            ce = out.ce.mean(1)
-            reg = fused_penalty(out, rows, tr.regularizer, tr.reg, B, tails)
+        # one autograd node for every teacher (dsom.models.fused): one (B, E) block per teacher, no stack
+        tails = self.ce_tails()
+        out = complex_cross_entropy(model.entity_table_list(self.precision), model.relations, ph, pr, t, rows,
+                                    self.precision, tails, chunk=chunk)
+        ce = out.ce.mean(1)
+        reg = fused_penalty(out, rows, tr.regularizer, tr.reg, B, tails)
         terms = {"ce": ce.sum()}
         if reg is not None:
             terms["reg"] = reg
