@@ -260,6 +260,15 @@ def _add_rows(table: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, dens
     table[ids] = (table[ids].float() + total).to(table.dtype)
 
 
+def _relation_grads(ctx: Any, relation: torch.Tensor, d_rel: torch.Tensor) -> torch.Tensor:
+    """The ``(K, 2R, 2d)`` relation tables' gradient from the rows' ``d_rel (K, P, 2d)`` (ids ``relation (P,)``), in
+    the tables' dtype (``ctx.relations_shape``, ``ctx.relations_dtype``)."""
+    out = torch.zeros(ctx.relations_shape, dtype=torch.float32, device=d_rel.device)
+    for k in range(out.shape[0]):
+        out[k].index_add_(0, relation, d_rel[k])
+    return out.to(ctx.relations_dtype)
+
+
 class _ComplExCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, relations: torch.Tensor, head: torch.Tensor, relation: torch.Tensor, target: torch.Tensor,
@@ -338,12 +347,7 @@ class _ComplExCE(torch.autograd.Function):
                     _add_rows(d_tables[k], target, g_tail[k].float())
             else:  # a bf16 block: every row's additions together, rounded once
                 _add_rows(d_tables[k], torch.cat([head, target]), torch.cat([d_ent[k], g_tail[k].float()]))
-        d_relations = None
-        if ctx.needs_input_grad[0]:
-            d_relations = torch.zeros(ctx.relations_shape, dtype=torch.float32, device=device)
-            for k in range(K):
-                d_relations[k].index_add_(0, relation, d_rel[k])
-            d_relations = d_relations.to(ctx.relations_dtype)
+        d_relations = _relation_grads(ctx, relation, d_rel) if ctx.needs_input_grad[0] else None
         grads = [dt.to(dtype) if need else None for dt, dtype, need in zip(d_tables, ctx.dtypes, ctx.needs_input_grad[8:])]
         return (d_relations, None, None, None, None, None, None, None, *grads)
 
@@ -404,12 +408,7 @@ class _ChunkedComplExCE(torch.autograd.Function):
             d_table.index_add_(0, head, d_ent[k])
             if g_tail is not None:
                 d_table.index_add_(0, target, g_tail[k].float())
-        d_relations = None
-        if ctx.needs_input_grad[0]:
-            d_relations = torch.zeros(ctx.relations_shape, dtype=torch.float32, device=device)
-            for k in range(K):
-                d_relations[k].index_add_(0, relation, d_rel[k])
-            d_relations = d_relations.to(ctx.relations_dtype)
+        d_relations = _relation_grads(ctx, relation, d_rel) if ctx.needs_input_grad[0] else None
         grads = [None if d is None else d.to(t.dtype) for d, t in zip(d_tables, tables)]
         return (d_relations, None, None, None, None, None, None, None, *grads)
 
