@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from dsom.models.products import column_scores, matmul_scores, stacked_scores
+from dsom.models.products import column_scores, matmul_scores, needs_autograd, stacked_scores
 
 
 def complex_query(head: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,7 @@ def score_all(entities: torch.Tensor, relations: torch.Tensor, head: torch.Tenso
     if entities.dim() == 2:
         query = complex_query(entities[head], relations[relation])
         candidates = entities if whole else entities[start:stop]
-        if precision == "fp32" and not (torch.is_grad_enabled() and (query.requires_grad or candidates.requires_grad)):
+        if precision == "fp32" and not needs_autograd(query, candidates):
             # no autograd (evaluation, prediction): the (N, B) product layout, 1.3x faster on a CPU (column_scores)
             return column_scores(query, candidates)
         return matmul_scores(query, candidates, precision)

@@ -115,6 +115,16 @@ COLUMN_MIN_ROWS = 256  # the fewest table rows per block
 COLUMN_PAD = 8  # the block's width (queries) is a multiple of this: MKL's sgemm into rows of odd length is slow
 
 
+def padded_width(n: int) -> int:
+    """``n`` queries rounded up to a multiple of :data:`COLUMN_PAD` (the width of a ``(rows, W)`` score block)."""
+    return -(-n // COLUMN_PAD) * COLUMN_PAD
+
+
+def needs_autograd(*tensors: torch.Tensor) -> bool:
+    """Whether a product of ``tensors`` would be recorded by autograd (grad mode on and one of them requiring it)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def padded_queries_t(query: torch.Tensor) -> torch.Tensor:
     """``query (P, 2d)`` as a contiguous ``(2d, W)`` product operand, ``W`` = P rounded up to a multiple of
     :data:`COLUMN_PAD`, the padded columns zero: ``table @ padded_queries_t(query)`` is the ``(N, W)`` score block
@@ -125,7 +135,7 @@ def padded_queries_t(query: torch.Tensor) -> torch.Tensor:
     AVX2 emulation on a 2-core AMD EPYC (``benchmarks/gemm_layouts.py --queries 567 --dtypes float32``).
     Pair batches (``train.batching=pairs``) score a different, mostly unaligned, number of queries every step."""
     P, D = query.shape
-    width = -(-P // COLUMN_PAD) * COLUMN_PAD
+    width = padded_width(P)
     if width == P:
         return query.T.contiguous()
     out = query.new_empty(D, width)
@@ -156,7 +166,7 @@ def column_scores(query: torch.Tensor, table: torch.Tensor, out: torch.Tensor | 
         out = torch.empty(B, N, dtype=torch.float32, device=query.device)
     if B < COLUMN_MIN_QUERIES or query.device.type != "cpu":
         return torch.mm(q, t.T, out=out)
-    width = -(-B // COLUMN_PAD) * COLUMN_PAD
+    width = padded_width(B)
     if width != B:  # zero queries up to a multiple of COLUMN_PAD: the block's rows stay aligned
         q = torch.cat([q, q.new_zeros(width - B, q.shape[1])])
     rows = max(COLUMN_MIN_ROWS, COLUMN_BLOCK_BYTES // (4 * width))
@@ -197,9 +207,9 @@ def stacked_scores(query: torch.Tensor, candidates: torch.Tensor, precision: str
     (:func:`masked_rows`).
     """
     partial = rows is not None and not bool(rows.all())
-    if partial and torch.is_grad_enabled() and (query.requires_grad or candidates.requires_grad):
+    if partial and needs_autograd(query, candidates):
         raise ValueError("stacked_scores: rows= is for frozen models (no autograd)")
-    if precision != "fp32" or (torch.is_grad_enabled() and (query.requires_grad or candidates.requires_grad)):
+    if precision != "fp32" or needs_autograd(query, candidates):
         if not partial:
             return matmul_scores(query, candidates, precision)
         out = torch.empty(query.shape[0], query.shape[1], candidates.shape[1], dtype=torch.float32,
